@@ -1,0 +1,39 @@
+# normlab: `make demo` runs the main job on the embedded default, `make test` runs the suite.
+# Both bootstrap what they need: a virtual environment with the pinned packages, and Debian's
+# Fashion-MNIST when apt is there.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.normlab-installed
+PYTEST_ARGS ?=
+
+.PHONY: help install data demo test test-fast clean
+
+help:
+	@echo "make demo   - train a ResNet on Fashion-MNIST with the embedded default and print the run folder"
+	@echo "make test   - run the whole test suite (slow end-to-end tests included)"
+	@echo "make test-fast - the suite without the tests marked slow"
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q -e '.[test]'
+	@touch $@
+
+install: $(STAMP)
+
+data:
+	@bash scripts/get-fashion-mnist.sh
+
+demo: $(STAMP) data
+	$(BIN)/normlab train --config configs/demo.yaml --out runs/demo-$$(date +%Y%m%d-%H%M%S)
+
+test: $(STAMP) data
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP) data
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,0 +1,1 @@
+"""Analyses: metrics (pure functions), feature-quantile probes, Grad-CAM, confusion and galleries."""

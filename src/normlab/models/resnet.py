@@ -1,0 +1,164 @@
+"""The CIFAR-style ResNet of He et al. 2016, §4.2: 6n+2 weighted layers, any norm plugged in.
+
+Layout (for a 32×32 input): a 3×3 conv stem (16 filters) + norm + ReLU, then three stages of n basic
+blocks at 16/32/64 filters on 32×32/16×16/8×8 maps, global average pooling and one fully connected
+layer. The first block of stages 2 and 3 down-samples with a stride-2 conv. Nothing depends on the
+input size, so 28×28 (Fashion-MNIST) and 256×256 (birds: stage maps 256/128/64) work unchanged.
+
+Parameter counts with BatchNorm and option-A shortcuts (the paper's table, 10 classes):
+
+    =========  ===  ========  ==========
+    model       n   layers    params
+    =========  ===  ========  ==========
+    ResNet-20   3   20        0.27M
+    ResNet-32   5   32        0.46M
+    ResNet-44   7   44        0.66M
+    ResNet-56   9   56        0.85M
+    =========  ===  ========  ==========
+
+``tests/test_models.py`` checks this table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normlab.errors import NormlabError
+
+NormLayer = Callable[[int], nn.Module]
+SHORTCUTS = ("A", "B")
+
+
+def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    # No bias: every conv is followed by a norm (or, for "nn", by nothing that needs one -- the
+    # paper's no-norm baselines also drop it, keeping the parameter budget comparable).
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+
+
+class PadShortcut(nn.Module):
+    """Option A: parameter-free identity shortcut; subsample by 2 and zero-pad the new channels."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.stride, self.extra = stride, cout - cin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride > 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        if self.extra:
+            half = self.extra // 2
+            x = F.pad(x, (0, 0, 0, 0, half, self.extra - half))
+        return x
+
+
+class BasicBlock(nn.Module):
+    """Two 3×3 convs, a norm after each, ReLU, and a residual connection around both."""
+
+    def __init__(self, cin: int, cout: int, stride: int, norm_layer: NormLayer, shortcut: str = "A",
+                 act: Callable[[], nn.Module] = lambda: nn.ReLU(inplace=True)) -> None:
+        super().__init__()
+        self.conv1 = _conv3x3(cin, cout, stride)
+        self.bn1 = norm_layer(cout)
+        self.act1 = act()
+        self.conv2 = _conv3x3(cout, cout)
+        self.bn2 = norm_layer(cout)
+        self.act2 = act()
+        if stride == 1 and cin == cout:
+            self.shortcut: nn.Module = nn.Identity()
+        elif shortcut == "A":
+            self.shortcut = PadShortcut(cin, cout, stride)
+        else:  # option B: projection
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), norm_layer(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.act2(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """CIFAR ResNet with 6n+2 weighted layers and ``num_classes`` outputs.
+
+    ``norm`` is a registry name (``"bn"``, ``"gn"``, ...) or any callable taking the channel count;
+    ``norm_kwargs`` (e.g. ``num_groups``, ``sync``) go to the registry factory. ``shortcut`` is
+    ``"A"`` (zero padding, the paper's CIFAR choice) or ``"B"`` (1×1 conv + norm).
+    """
+
+    def __init__(self, n: int, num_classes: int, norm: str | NormLayer = "bn", in_channels: int = 3,
+                 widths: tuple[int, ...] = (16, 32, 64), shortcut: str = "A", *,
+                 norm_kwargs: dict | None = None, activation: str = "relu", dropout: float = 0.0) -> None:
+        super().__init__()
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise NormlabError(f"ResNet depth n must be an integer >= 1 (6n+2 layers), got {n!r}: use --n 1, 2, 3, ...")
+        if num_classes < 2:
+            raise NormlabError(f"num_classes must be >= 2, got {num_classes}")
+        if shortcut not in SHORTCUTS:
+            raise NormlabError(f"shortcut must be 'A' (zero padding) or 'B' (1x1 conv), got {shortcut!r}")
+        if isinstance(norm, str):
+            from normlab.norms import norm_layer as registry_norm_layer
+
+            norm_fn: NormLayer = registry_norm_layer(norm, **(norm_kwargs or {}))
+        else:
+            norm_fn = norm
+        act = activation_factory(activation)
+        self.n, self.widths = n, tuple(widths)
+        self.stem = nn.Sequential(_conv3x3(in_channels, widths[0]), norm_fn(widths[0]), act())
+        stages, cin = [], widths[0]
+        for i, w in enumerate(widths):
+            blocks = []
+            for j in range(n):
+                stride = 2 if (i > 0 and j == 0) else 1
+                blocks.append(BasicBlock(cin, w, stride, norm_fn, shortcut, act))
+                cin = w
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.Sequential(*stages)  # stages[i] is stage i+1; probes and Grad-CAM hook here
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.fc = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.Linear):
+                nn.init.kaiming_normal_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.stem(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(torch.flatten(self.pool(self.features(x)), 1)))
+
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": lambda: nn.ReLU(inplace=True),
+    "leaky_relu": lambda: nn.LeakyReLU(0.1, inplace=True),
+    "elu": lambda: nn.ELU(inplace=True),
+    "gelu": nn.GELU,
+    "silu": lambda: nn.SiLU(inplace=True),
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+}
+
+
+def activation_factory(name: str) -> Callable[[], nn.Module]:
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise NormlabError(f"unknown activation {name!r}: choose one of {', '.join(ACTIVATIONS)}") from None
+
+
+def count_weighted_layers(model: nn.Module) -> int:
+    """Convs and linear layers on the main path (option-B projection shortcuts excluded, as in the paper)."""
+    count = 0
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and ".shortcut" not in name:
+            count += 1
+    return count
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

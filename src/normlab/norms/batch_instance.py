@@ -1,0 +1,62 @@
+"""Batch-Instance Normalization (Nam & Kim 2018): a learned per-channel mix of BN and IN."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from normlab.norms._functional import GroupNormFunction, check_input
+from normlab.norms.batch import bn_forward
+
+
+class BatchInstanceNorm2d(nn.Module):
+    """y = (ρ·x̂_BN + (1−ρ)·x̂_IN)·γ + β with a per-channel gate ρ ∈ [0, 1] (parameter ``rho``).
+
+    * ``rho`` starts at 1 (pure BN). It is kept in [0, 1] two ways, as in the paper's code: the
+      forward uses ``rho.clamp(0, 1)`` (so the layer never sees an out-of-range gate), and the
+      training loop calls :func:`normlab.norms.clamp_gates_` after every optimizer step to clip the
+      stored values back into range (so the gate cannot drift far outside [0, 1], where clamp's zero
+      gradient would freeze it).
+    * The BN branch keeps ``running_mean`` / ``running_var`` / ``num_batches_tracked`` (updated as in
+      ``nn.BatchNorm2d``) and uses them in eval; the IN branch always uses per-sample statistics.
+    * ``sync=True`` synchronizes the BN branch's statistics across ranks (no-op when not distributed).
+
+    Implementation: the two branches are the BN and IN autograd Functions with fused weights ρ·γ
+    (plus β) and (1−ρ)·γ, summed; autograd carries the gradients to ρ and γ through the products.
+    """
+
+    track_running_stats = True
+
+    def __init__(self, num_channels: int, *, eps: float = 1e-5, momentum: float | None = 0.1,
+                 sync: bool = False) -> None:
+        super().__init__()
+        self.num_channels = self.num_features = num_channels
+        self.eps, self.momentum, self.sync = eps, momentum, sync
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.rho = nn.Parameter(torch.ones(num_channels))
+        self.register_buffer("running_mean", torch.zeros(num_channels))
+        self.register_buffer("running_var", torch.ones(num_channels))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.num_channels, type(self).__name__)
+        rho = self.rho.clamp(0, 1)
+        y_bn = bn_forward(self, x, rho * self.weight, self.bias)
+        y_in = GroupNormFunction.apply(x, (1 - rho) * self.weight, None, self.num_channels, self.eps)
+        return y_bn + y_in
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, eps={self.eps}, momentum={self.momentum}, sync={self.sync}"
+
+
+@torch.no_grad()
+def clamp_gates_(module: nn.Module) -> nn.Module:
+    """Clamp every BatchInstanceNorm2d gate ``rho`` in ``module`` into [0, 1], in place; returns ``module``.
+
+    Call it after each optimizer step (works through DDP / torch.compile wrappers).
+    """
+    for m in module.modules():
+        if isinstance(m, BatchInstanceNorm2d):
+            m.rho.clamp_(0, 1)
+    return module

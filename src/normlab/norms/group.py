@@ -1,0 +1,41 @@
+"""GroupNorm2d from scratch: per-sample statistics over groups of channels."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from normlab.errors import NormlabError
+from normlab.norms._functional import GroupNormFunction, check_input
+
+DEFAULT_GROUPS = 8  # divides the CIFAR ResNet's 16, 32 and 64 channels (2, 4 and 8 channels per group)
+
+
+class GroupNorm2d(nn.Module):
+    """Group normalization (Wu & He 2018): channels split into ``num_groups`` groups, one mean/std per
+    (sample, group) over (C/G, H, W), per-channel affine. Equals ``nn.GroupNorm(G, C)``.
+
+    ``num_groups=None`` means 8, which divides 16, 32 and 64 (the ResNet's widths). G = 1 is LayerNorm,
+    G = C is InstanceNorm. A ``num_groups`` that does not divide the channel count raises NormlabError.
+    """
+
+    def __init__(self, num_channels: int, num_groups: int | None = None, *, eps: float = 1e-5) -> None:
+        super().__init__()
+        groups = DEFAULT_GROUPS if num_groups is None else num_groups
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise NormlabError(f"GroupNorm: num_groups must be a positive integer, got {groups!r}; "
+                               "use --gn-groups 1, 2, 4, 8, ...")
+        if num_channels % groups:
+            divisors = ", ".join(str(d) for d in range(1, num_channels + 1) if num_channels % d == 0)
+            raise NormlabError(f"GroupNorm: {groups} groups do not divide {num_channels} channels; "
+                               f"use --gn-groups with a divisor of {num_channels} ({divisors})")
+        self.num_channels, self.num_groups, self.eps = num_channels, groups, eps
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.num_channels, type(self).__name__)
+        return GroupNormFunction.apply(x, self.weight, self.bias, self.num_groups, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, num_groups={self.num_groups}, eps={self.eps}"

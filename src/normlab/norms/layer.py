@@ -1,0 +1,30 @@
+"""LayerNorm2d from scratch: per-sample statistics over (C, H, W), per-channel affine."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from normlab.norms._functional import GroupNormFunction, check_input
+
+
+class LayerNorm2d(nn.Module):
+    """Layer normalization (Ba et al. 2016) for conv maps: one mean/std per sample over (C, H, W).
+
+    The affine is per channel (not per element), so this equals ``nn.GroupNorm(1, C)`` and works for
+    any input size. No running statistics; train and eval are the same.
+    """
+
+    def __init__(self, num_channels: int, *, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.num_channels = num_channels
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.num_channels, type(self).__name__)
+        return GroupNormFunction.apply(x, self.weight, self.bias, 1, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, eps={self.eps}"

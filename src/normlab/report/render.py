@@ -1,0 +1,100 @@
+"""One document, two renderings: Markdown (images by relative path) and self-contained HTML (images
+inlined as base64, every string escaped — class names, file names and config values come from users)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Doc:
+    title: str
+    blocks: list[tuple] = field(default_factory=list)
+
+    def h(self, text: str, level: int = 2) -> None:
+        self.blocks.append(("h", level, text))
+
+    def p(self, text: str) -> None:
+        self.blocks.append(("p", text))
+
+    def table(self, headers: list[str], rows: list[list[str]]) -> None:
+        self.blocks.append(("table", headers, rows))
+
+    def img(self, path: Path | None, caption: str) -> None:
+        if path is not None and Path(path).is_file():
+            self.blocks.append(("img", Path(path), caption))
+
+    def code(self, text: str) -> None:
+        self.blocks.append(("code", text))
+
+
+def _md_text(text: str) -> str:
+    """Markdown passes raw HTML through: neutralise it, and the table separator."""
+    return html.escape(str(text), quote=False).replace("|", "\\|")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def to_markdown(doc: Doc, base: Path) -> str:
+    out = [f"# {_md_text(doc.title)}", ""]
+    for block in doc.blocks:
+        kind = block[0]
+        if kind == "h":
+            out += [f"{'#' * block[1]} {_md_text(block[2])}", ""]
+        elif kind == "p":
+            out += [_md_text(block[1]), ""]
+        elif kind == "code":
+            out += ["```", block[1].replace("```", "'''"), "```", ""]
+        elif kind == "table":
+            headers, rows = block[1], block[2]
+            out.append("| " + " | ".join(_md_text(h) for h in headers) + " |")
+            out.append("|" + "---|" * len(headers))
+            out += ["| " + " | ".join(_md_text(c) for c in row) + " |" for row in rows]
+            out.append("")
+        elif kind == "img":
+            rel = block[1].resolve().relative_to(base.resolve()).as_posix()
+            out += [f"![{_md_text(block[2])}]({rel})", f"*{_md_text(block[2])}*", ""]
+    return "\n".join(out)
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;
+color:#222;line-height:1.45}
+h1{border-bottom:2px solid #ddd}h2{border-bottom:1px solid #eee;margin-top:2em}
+table{border-collapse:collapse;margin:1em 0;font-size:0.92em}
+th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f4f4f4}
+td:first-child,th:first-child{text-align:left}
+figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{color:#555;font-size:0.9em}
+pre{background:#f6f8fa;padding:0.8em;overflow-x:auto}nav ul{columns:2}
+"""
+
+
+def to_html(doc: Doc) -> str:
+    esc = html.escape
+    toc = [f'<li><a href="#{_slug(b[2])}">{esc(b[2])}</a></li>' for b in doc.blocks if b[0] == "h" and b[1] == 2]
+    body = []
+    for block in doc.blocks:
+        kind = block[0]
+        if kind == "h":
+            body.append(f'<h{block[1]} id="{_slug(block[2])}">{esc(block[2])}</h{block[1]}>')
+        elif kind == "p":
+            body.append(f"<p>{esc(block[1])}</p>")
+        elif kind == "code":
+            body.append(f"<pre>{esc(block[1])}</pre>")
+        elif kind == "table":
+            head = "".join(f"<th>{esc(str(h))}</th>" for h in block[1])
+            rows = "".join("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in row) + "</tr>" for row in block[2])
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        elif kind == "img":
+            data = base64.b64encode(block[1].read_bytes()).decode("ascii")
+            body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{esc(block[2])}">'
+                        f"<figcaption>{esc(block[2])}</figcaption></figure>")
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{esc(doc.title)}</title><style>{CSS}</style></head><body>"
+            f"<h1>{esc(doc.title)}</h1><nav><ul>{''.join(toc)}</ul></nav>{''.join(body)}</body></html>\n")

@@ -1,0 +1,160 @@
+"""A study = a base training config + the comparisons to run on it, expanded into a deduplicated run plan.
+
+Preset files (``configs/*.yaml``) have two mappings: ``study:`` (the fields of ``StudyConfig``) and
+``train:`` (``TrainConfig`` settings shared by every run). Three comparisons share every setting but the
+one compared:
+
+1. norms: every variant in ``norms`` with the base settings;
+2. batch size: ``batch_norms`` x ``batch_sizes``, capped at ``batch_max_epochs`` with early stopping on
+   val accuracy (``batch_patience``);
+3. augmentation: ``augment_norm`` with each of ``augment_modes``.
+
+Each cell runs for ``seeds`` seeds (0..K-1). Cells that resolve to the same config (e.g. ``torch_bn``
+without augmentation in groups 1 and 3) are one run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from normlab.config import NORM_NAMES, TrainConfig, make_config, read_yaml
+from normlab.errors import NormlabError
+
+PRESET_DIR = Path(__file__).resolve().parents[3] / "configs"
+
+
+@dataclass
+class StudyConfig:
+    name: str = "study"  # shown in the report's title
+    seeds: int = 1  # every cell runs with seeds 0..K-1; tables show mean ± std when K > 1
+    norms: list[str] = field(default_factory=lambda: list(NORM_NAMES))  # group 1: the variants compared
+    batch_norms: list[str] = field(default_factory=lambda: ["bn", "gn"])  # group 2: norms in the batch-size study
+    batch_sizes: list[int] = field(default_factory=lambda: [8, 128])  # group 2: batch sizes compared
+    batch_max_epochs: int = 50  # group 2: epoch cap (early stopping on val accuracy decides before)
+    batch_patience: int = 5  # group 2: early-stopping patience in epochs
+    augment_norm: str = "torch_bn"  # group 3: the model trained with and without augmentation
+    augment_modes: list[str] = field(default_factory=lambda: ["none", "standard"])  # group 3
+    gradcam_classes: list[str] | None = None  # Grad-CAM classes (None = every class, capped at gradcam_max_classes)
+    gradcam_per_class: int = 5  # correct and misclassified val images per class
+    gradcam_max_classes: int = 10  # cap when gradcam_classes is None
+
+    def validate(self) -> StudyConfig:
+        if self.seeds < 1:
+            raise NormlabError(f"study: seeds={self.seeds} must be >= 1")
+        for key in ("norms", "batch_norms"):
+            for name in getattr(self, key):
+                if name not in NORM_NAMES:
+                    close = difflib.get_close_matches(name, NORM_NAMES, n=1)
+                    raise NormlabError(f"study: {key} has unknown norm {name!r}"
+                                       + (f" (did you mean {close[0]!r}?)" if close else f"; use {', '.join(NORM_NAMES)}"))
+        if self.augment_norm not in NORM_NAMES:
+            raise NormlabError(f"study: augment_norm={self.augment_norm!r} is not one of {', '.join(NORM_NAMES)}")
+        if any(b < 1 for b in self.batch_sizes) or self.batch_max_epochs < 1 or self.batch_patience < 1:
+            raise NormlabError("study: batch_sizes, batch_max_epochs and batch_patience must be >= 1")
+        return self
+
+
+@dataclass
+class Run:
+    name: str  # folder name under <study>/runs/
+    config: dict[str, Any]  # the full TrainConfig (out excluded)
+    groups: list[str]  # which comparisons use it: norms | batch | augment
+    cell: str  # the cell's label without the seed, e.g. "bn" or "bn · batch 8"
+
+
+def load_preset(spec: str) -> tuple[dict, dict, Path]:
+    """``spec`` is a preset name (``quick``) or a YAML path -> (study mapping, train mapping, path)."""
+    path = Path(spec)
+    if not path.suffix:
+        path = PRESET_DIR / f"{spec}.yaml"
+        if not path.is_file():
+            names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+            raise NormlabError(f"unknown study preset {spec!r}: choose one of {', '.join(names)} or give a YAML path")
+    data = read_yaml(path)
+    unknown = set(data) - {"study", "train"}
+    if unknown:
+        raise NormlabError(f"{path}: unknown top-level keys {sorted(unknown)}; a study file has `study:` and `train:`")
+    return dict(data.get("study") or {}), dict(data.get("train") or {}), path
+
+
+def make_study_config(data: dict[str, Any], where: str = "study") -> StudyConfig:
+    names = [f.name for f in fields(StudyConfig)]
+    values = {}
+    for key, value in data.items():
+        key = str(key).replace("-", "_")
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            raise NormlabError(f"{where}: unknown study setting {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+        default = getattr(StudyConfig(), key)
+        if isinstance(default, list) or key == "gradcam_classes":
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if value is not None and not isinstance(value, list):
+                raise NormlabError(f"{where}: {key} must be a list")
+            if key == "batch_sizes":
+                value = [int(v) for v in value]
+        elif isinstance(default, int):
+            try:
+                value = int(value)
+            except (TypeError, ValueError):
+                raise NormlabError(f"{where}: {key}={value!r} must be an integer") from None
+        values[key] = value
+    return StudyConfig(**values).validate()
+
+
+def _key(cfg: dict[str, Any]) -> str:
+    return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
+
+
+def plan_runs(study: StudyConfig, base: dict[str, Any]) -> list[Run]:
+    """Every (cell, seed) as a Run; identical configs merged."""
+    cells: list[tuple[str, str, dict[str, Any]]] = []
+    for norm in study.norms:
+        cells.append(("norms", norm, {"norm": norm}))
+    for norm in study.batch_norms:
+        for bs in study.batch_sizes:
+            cells.append(("batch", f"{norm} · batch {bs}", {"norm": norm, "batch_size": bs,
+                                                             "epochs": study.batch_max_epochs,
+                                                             "patience": study.batch_patience}))
+    for mode in study.augment_modes:
+        cells.append(("augment", f"{study.augment_norm} · augment {mode}", {"norm": study.augment_norm, "augment": mode}))
+    runs: dict[str, Run] = {}
+    for seed in range(study.seeds):
+        for group, label, over in cells:
+            cfg = make_config(base, {**over, "seed": seed}, where="study train settings").to_dict()
+            cfg["out"] = None
+            key = _key(cfg)
+            if key in runs:
+                if group not in runs[key].groups:
+                    runs[key].groups.append(group)
+                continue
+            name = f"{cfg['norm']}-b{cfg['batch_size']}-{cfg['augment']}"
+            if cfg["patience"] is not None:
+                name += f"-e{cfg['epochs']}p{cfg['patience']}"
+            runs[key] = Run(f"{name}-s{seed}", cfg, [group], label)
+    names = [r.name for r in runs.values()]
+    if len(set(names)) != len(names):  # pragma: no cover - names encode every compared setting
+        raise NormlabError("study: two different runs got the same folder name; report this as a bug")
+    return list(runs.values())
+
+
+def study_record(study: StudyConfig, base: dict[str, Any]) -> dict[str, Any]:
+    """What is saved as ``study.yaml``: the study settings and the resolved shared train settings."""
+    return {"study": dataclasses.asdict(study), "train": make_config(base).to_dict()}
+
+
+def check_base(train: dict[str, Any]) -> dict[str, Any]:
+    """The shared train settings must be a valid TrainConfig (and must not set `out`)."""
+    train = {str(k).replace("-", "_"): v for k, v in train.items()}
+    train.pop("out", None)
+    make_config(train, where="study train settings")
+    return train
+
+
+__all__ = ["Run", "StudyConfig", "TrainConfig", "load_preset", "make_study_config", "plan_runs", "study_record"]

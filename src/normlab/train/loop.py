@@ -1,0 +1,373 @@
+"""The training loop: one run = one folder, resumable, deterministic on CPU for a given seed.
+
+Data order and augmentation of epoch ``e`` come from generators seeded by ``(seed, e)``, so a run resumed
+from ``last.pt`` after epoch ``e`` sees exactly the batches an uninterrupted run would; the global RNG
+(dropout) is restored from the checkpoint.
+
+Run folder: ``config.yaml`` · ``metrics.csv`` · ``events.*`` (TensorBoard) · ``best.pt`` · ``last.pt``
+· ``quantiles.json`` · ``summary.json`` · ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normlab.analysis.metrics import quantiles, scores_from_confusion
+from normlab.config import TrainConfig, dump_yaml, make_config, read_yaml
+from normlab.data import DataBundle, augment_batch, load_data, normalize
+from normlab.errors import NormlabError
+from normlab.io import read_json, write_json, write_text
+from normlab.models import build_model, count_parameters
+from normlab.norms import clamp_gates_
+from normlab.plots import plot_curves, read_metrics
+from normlab.train import distributed as dist_utils
+from normlab.train.checkpoint import load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state, unwrap
+from normlab.train.optim import build_optimizer, lr_at
+from normlab.train.progress import EpochProgress
+from normlab.train.runtime import RunLock, autocast, grad_scaler, maybe_compile, pick_device
+
+RUN_MARKERS = ("config.yaml", "last.pt", "summary.json")
+QUANTILES = (0.01, 0.2, 0.8, 0.99)
+
+
+def holds_run(folder: Path) -> bool:
+    return any((folder / m).exists() for m in RUN_MARKERS)
+
+
+def epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
+    """A CPU generator for one purpose (0: order, 1: augmentation) of one epoch of one seed."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 101 + stream)
+
+
+def confusion(target: torch.Tensor, pred: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.bincount(target * k + pred, minlength=k * k).reshape(k, k)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, data: DataBundle, device: torch.device,
+             batch_size: int, precision: str = "fp32") -> tuple[float, torch.Tensor, torch.Tensor]:
+    """Mean loss, confusion matrix (rows = true) and predictions of ``model`` in eval mode on uint8 ``x``."""
+    model.eval()
+    k, total, cm, preds = data.num_classes, 0.0, torch.zeros(data.num_classes, data.num_classes, dtype=torch.long), []
+    for i in range(0, len(x), batch_size):
+        xb = normalize(x[i:i + batch_size].to(device, non_blocking=True), data.mean, data.std)
+        yb = y[i:i + batch_size].to(device, non_blocking=True)
+        with autocast(device, precision):
+            logits = model(xb)
+        total += F.cross_entropy(logits.float(), yb, reduction="sum").item()
+        p = logits.argmax(1)
+        cm += confusion(yb, p, k).cpu()
+        preds.append(p.cpu())
+    return total / max(1, len(x)), cm, torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+
+
+def probe_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The layers whose outputs the feature-quantile probe records. ``last_norm`` (the headline layer) is
+    the second norm of the last block: the normalization's output right before the final residual add."""
+    m = unwrap(model)
+    layers = {"stem": m.stem, **{f"stage{i + 1}": s for i, s in enumerate(m.stages)}}
+    layers["last_norm"] = m.stages[-1][-1].bn2
+    return layers
+
+
+@torch.no_grad()
+def probe_quantiles(model: nn.Module, probe: torch.Tensor) -> dict[str, list[float]]:
+    model.eval()
+    out: dict[str, list[float]] = {}
+    hooks = [layer.register_forward_hook(lambda _m, _i, o, name=name: out.__setitem__(name, quantiles(o, QUANTILES)))
+             for name, layer in probe_layers(model).items()]
+    try:
+        model(probe)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
+def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buf.getvalue())
+
+
+def prepare_run_dir(cfg: TrainConfig, force: bool) -> Path:
+    out = Path(cfg.out or Path("runs") / cfg.run_name())
+    if out.exists() and not out.is_dir():
+        raise NormlabError(f"output {out} exists and is not a folder: choose another --out")
+    if out.is_dir() and holds_run(out):
+        if not force:
+            raise NormlabError(f"output folder {out} already holds a run: continue it with `normlab train --resume "
+                               f"{out}`, choose another --out, or pass --force to overwrite it")
+        for child in out.iterdir():
+            if child.name != ".lock":
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def train(cfg: TrainConfig, *, force: bool = False, resume_dir: str | Path | None = None,
+          log=None) -> Path:
+    """Train one run (or resume ``resume_dir``) and return its folder."""
+    if resume_dir is not None:
+        out = Path(resume_dir)
+        if not (out / "config.yaml").is_file():
+            raise NormlabError(f"--resume {out}: no config.yaml there; point it at a run folder made by normlab train")
+        cfg = make_config(read_yaml(out / "config.yaml"), where=str(out / "config.yaml"))
+    dinfo = dist_utils.setup("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    progress = EpochProgress(cfg.progress, enabled=dinfo.is_main)
+    log = log or progress.log
+    if resume_dir is not None:
+        if (out / "summary.json").is_file():
+            log(f"run {out} is already finished (summary.json exists); nothing to do")
+            return out
+    elif dinfo.is_main:
+        out = prepare_run_dir(cfg, force)
+    else:
+        out = Path(cfg.out or Path("runs") / cfg.run_name())
+    with RunLock(out, log) if dinfo.is_main else _null():
+        return _train(cfg, out, dinfo, progress, log)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def _train(cfg: TrainConfig, out: Path, dinfo, progress: EpochProgress, log) -> Path:
+    t_start = time.perf_counter()
+    device = pick_device(cfg.device)
+    if dinfo.enabled and device.type == "cuda":
+        device = torch.device("cuda", dinfo.local_rank)
+        torch.cuda.set_device(device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    data = load_data(cfg)
+    if dinfo.is_main:
+        write_text(out / "config.yaml", dump_yaml(cfg.to_dict()))
+    model = build_model(cfg, data.in_channels, data.num_classes,
+                        sync=cfg.sync_bn and dinfo.enabled).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg)
+    scaler = grad_scaler(device, cfg.precision)
+
+    # Device-resident uint8 data: one copy, no loader processes.
+    train_x, train_y = data.train_x.to(device), data.train_y.to(device)
+    probe = normalize(data.val_x[: cfg.probe_size].to(device), data.mean, data.std)
+    n_train = len(train_x)
+    per_rank = cfg.batch_size // dinfo.world_size
+    if per_rank < 1:
+        raise NormlabError(f"batch_size={cfg.batch_size} is smaller than the {dinfo.world_size} processes: raise it")
+    steps_per_epoch = max(1, math.ceil(n_train / cfg.batch_size))
+    total_steps = steps_per_epoch * cfg.epochs
+
+    state: dict[str, Any] = {"epoch": 0, "rows": [], "best_acc": -1.0, "best_epoch": 0, "bad_epochs": 0,
+                             "quantiles": [], "diverged": None, "train_seconds": 0.0}
+    last = out / "last.pt"
+    if last.is_file():
+        ckpt = load_checkpoint(last, map_location=device)
+        load_weights(model, ckpt, last)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        state.update(ckpt["state"])
+        set_rng_state(ckpt["rng"])
+        log(f"resuming {out} after epoch {state['epoch']}")
+    ddp_model = model
+    if dinfo.enabled:
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    run_model = maybe_compile(ddp_model, cfg.compile, device, log)
+    writer = _tensorboard(out, state["epoch"]) if dinfo.is_main else None
+    if dinfo.is_main and not state["quantiles"]:
+        state["quantiles"].append({"epoch": 0, **probe_quantiles(model, probe)})
+    n_params = count_parameters(model)
+    log(f"{out}: {cfg.dataset} {tuple(data.train_x.shape[1:])}, {data.num_classes} classes, "
+        f"train/val/test {n_train}/{len(data.val_x)}/{0 if data.test_x is None else len(data.test_x)}, "
+        f"ResNet-{cfg.layers} norm={cfg.norm} ({n_params:,} params), {device}, batch {cfg.batch_size}")
+    k = data.num_classes
+
+    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+        run_model.train()
+        t0 = time.perf_counter()
+        order = torch.randperm(n_train, generator=epoch_generator(cfg.seed, epoch, 0))
+        aug_gen = epoch_generator(cfg.seed, epoch, 1)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        cm = torch.zeros(k, k, dtype=torch.long, device=device)
+        seen = 0
+        progress.start(f"epoch {epoch}/{cfg.epochs}", steps_per_epoch)
+        for step in range(steps_per_epoch):
+            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            if len(idx) < 2 * dinfo.world_size:  # a 1-image batch cannot be batch-normalized
+                continue
+            idx = idx.tensor_split(dinfo.world_size)[dinfo.rank].to(device)
+            xb = train_x[idx]
+            if cfg.augment == "standard":
+                xb = augment_batch(xb, aug_gen)
+            xb = normalize(xb, data.mean, data.std)
+            if device.type == "cuda":
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            yb = train_y[idx]
+            global_step = (epoch - 1) * steps_per_epoch + step
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(global_step, total_steps, cfg, steps_per_epoch)
+            with autocast(device, cfg.precision):
+                logits = run_model(xb)
+                loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
+            if not torch.isfinite(loss):
+                state["diverged"] = {"epoch": epoch, "step": step, "loss": float(loss.item())}
+                break
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            if cfg.grad_clip is not None:
+                gnorm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            else:
+                gnorm = None
+            if gnorm is not None and not torch.isfinite(gnorm) and scaler is None:
+                state["diverged"] = {"epoch": epoch, "step": step, "loss": float(loss.item()), "grad": "non-finite"}
+                break
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            clamp_gates_(model)
+            with torch.no_grad():
+                loss_sum += loss.detach().double() * len(yb)
+                cm += confusion(yb, logits.detach().argmax(1), k)
+            seen += len(yb)
+            progress.advance(len(yb) * dinfo.world_size, loss.item() if progress.mode == "bar" else None)
+        progress.stop()
+        if state["diverged"] is not None:
+            log(f"diverged at epoch {epoch}, step {state['diverged']['step']} (non-finite loss or gradient): "
+                "stopping this run")
+            break
+        seen_t = dist_utils.all_reduce_sum(torch.tensor([float(seen)], device=device), dinfo)
+        loss_sum = dist_utils.all_reduce_sum(loss_sum, dinfo)
+        cm = dist_utils.all_reduce_sum(cm, dinfo)
+        train_seconds = time.perf_counter() - t0
+        state["train_seconds"] += train_seconds
+        if not dinfo.is_main:
+            state["epoch"] = epoch
+            continue
+        val_loss, val_cm, _ = evaluate(model, data.val_x, data.val_y, data, device, cfg.eval_batch_size, cfg.precision)
+        tr, va = scores_from_confusion(cm), scores_from_confusion(val_cm)
+        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
+               "train_loss": loss_sum.item() / max(1.0, seen_t.item()), "train_error": 1 - tr["acc"],
+               **{f"train_{m}": v for m, v in tr.items()},
+               "val_loss": val_loss, "val_error": 1 - va["acc"], **{f"val_{m}": v for m, v in va.items()},
+               "epoch_seconds": train_seconds, "images_per_s": seen_t.item() / max(train_seconds, 1e-9),
+               "eval_seconds": time.perf_counter() - t0 - train_seconds}
+        state["rows"].append(row)
+        state["quantiles"].append({"epoch": epoch, **probe_quantiles(model, probe)})
+        state["epoch"] = epoch
+        improved = va["acc"] > state["best_acc"]
+        if improved:
+            state.update(best_acc=va["acc"], best_epoch=epoch, bad_epochs=0)
+            save_checkpoint(out / "best.pt", model, cfg, epoch=epoch, val_acc=va["acc"])
+        else:
+            state["bad_epochs"] += 1
+        _log_epoch(writer, row, log, cfg)
+        write_metrics(out / "metrics.csv", state["rows"])
+        write_json(out / "quantiles.json", {"q": list(QUANTILES), "headline": "last_norm", "epochs": state["quantiles"]})
+        save_checkpoint(last, model, cfg, optimizer=optimizer.state_dict(), rng=rng_state(), state=state,
+                        scaler=scaler.state_dict() if scaler is not None else None)
+        if cfg.patience is not None and state["bad_epochs"] >= cfg.patience:
+            log(f"early stop: val accuracy has not improved for {cfg.patience} epochs (best {state['best_acc']:.4f} "
+                f"at epoch {state['best_epoch']})")
+            state["stopped_early"] = True
+            break
+    if writer is not None:
+        writer.close()
+    if dinfo.is_main:
+        _finish(cfg, out, model, data, device, state, n_params, time.perf_counter() - t_start, log)
+    dist_utils.teardown()
+    return out
+
+
+def _tensorboard(out: Path, epoch: int):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(out), purge_step=epoch + 1 if epoch else None)
+
+
+def _log_epoch(writer, row: dict[str, float], log, cfg: TrainConfig) -> None:
+    e = int(row["epoch"])
+    if writer is not None:
+        for key, value in row.items():
+            if key != "epoch":
+                writer.add_scalar(key.replace("_", "/", 1) if key.startswith(("train_", "val_")) else key, value, e)
+        writer.flush()
+    log(f"epoch {e:>3}/{cfg.epochs}  loss {row['train_loss']:.4f}/{row['val_loss']:.4f}  "
+        f"acc {row['train_acc']:.4f}/{row['val_acc']:.4f}  macro-F1 {row['val_macro_f1']:.4f}  "
+        f"{row['epoch_seconds']:.1f}s ({row['images_per_s']:,.0f} img/s)")
+
+
+def _finish(cfg, out, model, data, device, state, n_params, wall, log) -> None:
+    """Evaluate the best-on-val weights on train, val and test; write summary.json and curves.png."""
+    best = out / "best.pt"
+    splits: dict[str, Any] = {}
+    if best.is_file():
+        load_weights(model, load_checkpoint(best, map_location=device), best)
+        for split, (x, y) in {"train": (data.train_x, data.train_y), "val": (data.val_x, data.val_y),
+                              "test": (data.test_x, data.test_y)}.items():
+            if x is None:
+                continue
+            loss, cm, _ = evaluate(model, x, y, data, device, cfg.eval_batch_size, cfg.precision)
+            splits[split] = {"loss": loss, **scores_from_confusion(cm), "confusion": cm.tolist()}
+    status = "diverged" if state["diverged"] else "stopped_early" if state.get("stopped_early") else "finished"
+    rows = state["rows"]
+    summary = {
+        "status": status, "diverged": state["diverged"], "run": out.name, "epochs_run": state["epoch"],
+        "best_epoch": state["best_epoch"], "classes": data.classes, "params": n_params, "layers": cfg.layers,
+        **{split: splits.get(split) for split in ("train", "val", "test")},
+        "seconds_per_epoch": (sum(r["epoch_seconds"] for r in rows) / len(rows)) if rows else None,
+        "images_per_s": (sum(r["images_per_s"] for r in rows) / len(rows)) if rows else None,
+        "wall_seconds": wall, "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
+        "threads": torch.get_num_threads(), "data": _data_info(data.info),
+    }
+    write_json(out / "summary.json", summary)
+    if rows:
+        plot_curves(read_metrics(out / "metrics.csv"), out / "curves.png",
+                    title=f"{cfg.dataset} · ResNet-{cfg.layers} · {cfg.norm} · seed {cfg.seed}")
+    test = splits.get("test") or splits.get("val") or {}
+    log(f"done: {status}; best epoch {state['best_epoch']}; "
+        + (f"test acc {test['acc']:.4f}, macro-F1 {test['macro_f1']:.4f}; " if test else "")
+        + f"run folder {out}")
+
+
+DATA_INFO_KEYS = ("source", "format", "cache_hit", "val_held_out", "val_fraction", "train_subset", "counts",
+                  "num_skipped", "num_ignored", "warnings", "load_seconds")
+
+
+def _data_info(info: dict[str, Any]) -> dict[str, Any]:
+    """What the summary keeps about the data: provenance, counts, and the first skipped files."""
+    out = {k: info[k] for k in DATA_INFO_KEYS if k in info}
+    out["skipped"] = [list(map(str, s)) for s in info.get("skipped", [])[:20]]
+    return out
+
+
+def summary_of(folder: str | Path) -> dict[str, Any] | None:
+    path = Path(folder) / "summary.json"
+    return read_json(path) if path.is_file() else None

@@ -1,0 +1,51 @@
+"""Shared fixtures: an isolated data cache and a small generated image folder that a ResNet can learn."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+CIFAR_TARBALL = SHARED_DATA / "cifar10-jpg.tar.gz"
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require(path: Path, what: str) -> None:
+    """Skip outside CI when real data is absent; under CI=true a missing data set is a failure."""
+    if not path.exists():
+        if IN_CI:
+            pytest.fail(f"{what} not found at {path}; CI must have it (see ../shared/data/README.md)")
+        pytest.skip(f"{what} not found at {path}")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("NORMLAB_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def make_image_folder(root: Path, classes=("red", "green", "blue"), per_split=None, size: int = 16,
+                      seed: int = 0) -> Path:
+    """Colour-coded classes with noise and a class-dependent stripe: learnable in a couple of epochs."""
+    per_split = per_split or {"train": 24, "val": 8, "test": 8}
+    rng = np.random.default_rng(seed)
+    for split, count in per_split.items():
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                img = rng.integers(0, 90, size=(size, size, 3), dtype=np.uint8)
+                img[..., c % 3] = np.clip(img[..., c % 3].astype(int) + 150, 0, 255)
+                img[(c * 4) % size: (c * 4) % size + 3, :, :] = 255
+                Image.fromarray(img).save(folder / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("imgs"))
