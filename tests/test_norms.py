@@ -434,3 +434,23 @@ def test_sync_is_a_no_op_without_distributed():
     a, b = BatchNorm2d(3, sync=True), BatchNorm2d(3)
     close(a(x), b(x))
     close(a.running_var, b.running_var)
+
+
+def test_bin_gate_gets_a_gradient_at_its_initial_bound_and_moves():
+    """rho starts at exactly 1: the gate must still receive a gradient there (torch.clamp's is 0)."""
+    from normlab.norms import BatchInstanceNorm2d, clamp_gates_
+
+    torch.manual_seed(0)
+    m = BatchInstanceNorm2d(4)
+    x = torch.randn(8, 4, 5, 5) * 3 + 1
+    y = m(x)
+    (y * torch.randn_like(y)).sum().backward()
+    assert m.rho.grad is not None and m.rho.grad.abs().sum() > 0
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    target = (x - x.mean((2, 3), keepdim=True)) / x.std((2, 3), keepdim=True)  # an IN-like target pulls rho down
+    for _ in range(20):
+        opt.zero_grad()
+        ((m(x) - target) ** 2).mean().backward()
+        opt.step()
+        clamp_gates_(m)
+    assert (m.rho < 0.99).all() and (m.rho >= 0).all() and (m.rho <= 1).all()

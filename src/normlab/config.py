@@ -29,6 +29,7 @@ class TrainConfig:
     image_size: int | None = None  # resize folder images to this square size (None = data set's own; folder: 256)
     val_fraction: float | None = None  # held-out part of train when the source has no val split (None = 0.1)
     train_subset: int | None = None  # keep a seeded stratified subset of N training images (quick runs)
+    eval_subset: int | None = None  # cap val and test at a seeded stratified subset of N images each (quick runs)
     on_bad_image: str = "skip"  # skip | error: what to do with an unreadable image in a folder
     augment: str = "none"  # none | standard (pad 4 + random crop + horizontal flip, per image)
     # --- model ---
@@ -99,7 +100,7 @@ class TrainConfig:
         for name in ("n", "epochs", "batch_size", "eval_batch_size", "probe_size"):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
-        for name in ("image_size", "train_subset", "gn_groups", "patience", "threads"):
+        for name in ("image_size", "train_subset", "eval_subset", "gn_groups", "patience", "threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 bad(name, "must be >= 1 (or left unset)")
         if self.lr <= 0:

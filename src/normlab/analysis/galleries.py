@@ -64,7 +64,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
     dev = device if isinstance(device, torch.device) else pick_device(str(device))
     ckpt = load_checkpoint(path, map_location=dev)
     cfg = config_of(ckpt)
-    data = load_data(cfg)
+    data = load_data(cfg, max_eval=cfg.eval_subset)
     model = build_model(cfg, data.in_channels, data.num_classes)
     load_weights(model, ckpt, path)
     model.to(dev).eval()

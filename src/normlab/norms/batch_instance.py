@@ -13,7 +13,8 @@ class BatchInstanceNorm2d(nn.Module):
     """y = (ρ·x̂_BN + (1−ρ)·x̂_IN)·γ + β with a per-channel gate ρ ∈ [0, 1] (parameter ``rho``).
 
     * ``rho`` starts at 1 (pure BN). It is kept in [0, 1] two ways, as in the paper's code: the
-      forward uses ``rho.clamp(0, 1)`` (so the layer never sees an out-of-range gate), and the
+      forward uses ``rho`` clamped to [0, 1] with a straight-through gradient (so the layer never sees
+      an out-of-range gate, yet a gate at a bound still gets a gradient), and the
       training loop calls :func:`normlab.norms.clamp_gates_` after every optimizer step to clip the
       stored values back into range (so the gate cannot drift far outside [0, 1], where clamp's zero
       gradient would freeze it).
@@ -41,7 +42,9 @@ class BatchInstanceNorm2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.num_channels, type(self).__name__)
-        rho = self.rho.clamp(0, 1)
+        # Clamped value, identity gradient: torch.clamp's gradient is 0 at the bounds, and rho starts
+        # at exactly 1, so a plain clamp would freeze every gate at 1 (BIN would train as BN).
+        rho = self.rho + (self.rho.detach().clamp(0, 1) - self.rho.detach())
         y_bn = bn_forward(self, x, rho * self.weight, self.bias)
         y_in = GroupNormFunction.apply(x, (1 - rho) * self.weight, None, self.num_channels, self.eps)
         return y_bn + y_in

@@ -158,7 +158,7 @@ def _train(cfg: TrainConfig, out: Path, dinfo, progress: EpochProgress, log) -> 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    data = load_data(cfg)
+    data = load_data(cfg, max_eval=cfg.eval_subset)
     if dinfo.is_main:
         write_text(out / "config.yaml", dump_yaml(cfg.to_dict()))
     model = build_model(cfg, data.in_channels, data.num_classes,
