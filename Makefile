@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 .PHONY: help install data demo test test-fast clean
 
 help:
-	@echo "make demo   - train a ResNet on Fashion-MNIST with the embedded default and print the run folder"
+	@echo "make demo   - the normalization study on the quick preset (Fashion-MNIST subset); prints the report path"
 	@echo "make test   - run the whole test suite (slow end-to-end tests included)"
 	@echo "make test-fast - the suite without the tests marked slow"
 
@@ -27,7 +27,8 @@ data:
 	@bash scripts/get-fashion-mnist.sh
 
 demo: $(STAMP) data
-	$(BIN)/normlab train --config configs/demo.yaml --out runs/demo-$$(date +%Y%m%d-%H%M%S)
+	$(BIN)/normlab study --preset quick --out studies/quick
+	@echo "report: $$(pwd)/studies/quick/report.html  (run again: finished runs are skipped)"
 
 test: $(STAMP) data
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

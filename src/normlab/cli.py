@@ -34,7 +34,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("settings (override the config file)")
     for f in fields(TrainConfig):
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, metavar="V",
+        # --depth: the same as --n, for torchrun, whose own parser rejects `--n` as an ambiguous abbreviation
+        names = [f"--{f.name.replace('_', '-')}"] + (["--depth"] if f.name == "n" else [])
+        group.add_argument(*names, dest=f.name, default=None, metavar="V",
                            help=f"{comments.get(f.name, '')} [default: {default}]")
 
 
@@ -59,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", help="comma-separated class names for Grad-CAM (default: every class, capped)")
     p.add_argument("--norms", help="comma-separated norms to compare (default: all seven)")
     p.add_argument("--force", action="store_true", help="accept a study folder made with other settings")
+    p.add_argument("--plan-only", action="store_true",
+                   help="write the plan (plan/<run>.yaml) and print one `normlab train` command per run, e.g. for a cluster")
     group = p.add_argument_group("train settings shared by every run (override the preset)")
     for f in fields(TrainConfig):
         if f.name != "out":
@@ -90,7 +94,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     study_over = {k: v for k, v in {"seeds": args.seeds, "gradcam_classes": _split_list(args.classes),
                                      "norms": _split_list(args.norms)}.items() if v is not None}
     report = run_study(args.preset, args.out, study_overrides=study_over, train_overrides=config_overrides(args),
-                       jobs=args.jobs, force=args.force)
+                       jobs=args.jobs, force=args.force, plan_only=args.plan_only)
     print(report)
     return 0
 

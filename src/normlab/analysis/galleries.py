@@ -200,7 +200,7 @@ def gradcam_gallery(rows: dict[str, list[tuple[Any, np.ndarray, int, int]]], cla
 
     kinds = (("correct", "correct"), ("wrong", "misclassified"))
     cols = max(1, max(len(rows.get(k, [])) for k, _ in kinds))
-    fig, axes = plt.subplots(2, cols, figsize=(3.0 * cols + 0.8, 3.6 * 2 + 0.6), squeeze=False,
+    fig, axes = plt.subplots(2, cols, figsize=(3.0 * cols + 0.8, 2.0 * 2 + 0.9), squeeze=False,
                              constrained_layout=True)
     for r, (kind, name) in enumerate(kinds):
         items = rows.get(kind, [])

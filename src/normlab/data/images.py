@@ -140,16 +140,38 @@ def class_dirs(split_dir: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
 
 
+def _unreadable_folder(exc: OSError) -> None:
+    raise NormlabError(f"cannot read folder {exc.filename} ({type(exc).__name__}: {exc.strerror}): fix its "
+                       "permissions (chmod) or remove it from the data folder") from None
+
+
 def scan_split(split_dir: Path) -> tuple[dict[str, list[str]], list[str]]:
-    """{class: sorted image paths (recursive)} and the list of ignored files (not images / loose files)."""
+    """{class: sorted image paths (recursive)} and the list of ignored files (not images / loose files).
+
+    Symlinked folders are followed, but a folder already visited or an ancestor (a symlink loop, or a second
+    link to the same folder) is not entered: it is listed with the ignored files instead of duplicating images.
+    """
     files: dict[str, list[str]] = {}
     ignored: list[str] = []
-    for e in os.scandir(split_dir):
+    try:
+        entries = list(os.scandir(split_dir))
+        names = class_dirs(split_dir)
+    except OSError as exc:
+        _unreadable_folder(exc)
+    for e in entries:
         if e.is_file() and not e.name.startswith("."):
             ignored.append(e.path)
-    for name in class_dirs(split_dir):
+    for name in names:
         found: list[str] = []
-        for dirpath, dirnames, filenames in os.walk(split_dir / name, followlinks=True):
+        top = (split_dir / name).resolve()
+        seen = {(st.st_dev, st.st_ino) for st in map(os.stat, top.parents)}  # a link to an ancestor is a loop
+        for dirpath, dirnames, filenames in os.walk(split_dir / name, followlinks=True, onerror=_unreadable_folder):
+            st = os.stat(dirpath)
+            if (st.st_dev, st.st_ino) in seen:  # symlink loop / duplicate link: do not walk it twice
+                ignored.append(dirpath)
+                dirnames[:] = []
+                continue
+            seen.add((st.st_dev, st.st_ino))
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for f in sorted(filenames):
                 if f.startswith("."):
@@ -164,8 +186,12 @@ def fingerprint_files(root: Path, paths: list[str]) -> str:
     removed, renamed, resized or touched."""
     h = hashlib.sha256()
     for p in sorted(paths):
-        st = os.stat(p)
-        h.update(f"{os.path.relpath(p, root)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        try:
+            st = os.stat(p)
+            ident = f"{st.st_size}\t{st.st_mtime_ns}"
+        except OSError as exc:  # dangling or looping symlink: decoding skips it with the reason
+            ident = f"unreadable:{type(exc).__name__}"
+        h.update(f"{os.path.relpath(p, root)}\t{ident}\n".encode())
     return h.hexdigest()
 
 

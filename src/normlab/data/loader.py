@@ -18,7 +18,8 @@ Sources
 Folders: class list = sorted sub-folders of ``train/``; a class of val/test missing from train is an
 error, a train class missing from val is a warning (``info["warnings"]``). Images are found
 recursively inside a class folder; files without an image extension are ignored and counted
-(``info["num_ignored"]``); unreadable images (corrupt, truncated, empty, not an image) are skipped and
+(``info["num_ignored"]``; so are symlinked folders that loop back, which are not walked twice; an
+unreadable folder is an error); unreadable images (corrupt, truncated, empty, not an image) are skipped and
 listed in ``info["skipped"]`` as (path, reason) with ``on_bad_image="skip"``, or raise with ``"error"``.
 Every class folder must hold at least one readable image.
 

@@ -18,7 +18,7 @@ __all__ = ["StudyConfig", "analyse_study", "run_study"]
 
 def run_study(spec: str, out: str | Path | None = None, *, study_overrides: dict[str, Any] | None = None,
               train_overrides: dict[str, Any] | None = None, jobs: int = 1, force: bool = False,
-              log=print) -> Path:
+              plan_only: bool = False, log=print) -> Path:
     """Run the study described by preset/YAML ``spec`` (with overrides) in ``out``; return the report path."""
     t0 = time.perf_counter()
     study_data, train_data, path = load_preset(spec)
@@ -35,7 +35,9 @@ def run_study(spec: str, out: str | Path | None = None, *, study_overrides: dict
     write_json(study_dir / "plan.json", [dataclasses.asdict(r) for r in runs])
     state_path = study_dir / "state.json"
     previous = read_json(state_path).get("wall_seconds", 0.0) if state_path.is_file() else 0.0
-    outcome = execute(study_dir, runs, jobs=jobs, log=log)
+    outcome = execute(study_dir, runs, jobs=jobs, log=log, plan_only=plan_only)
+    if plan_only:
+        return study_dir / "plan.json"
     analyse_study(study_dir, log=log)
     state = read_json(state_path) if state_path.is_file() else {}
     state.update(last_outcome=outcome, wall_seconds=previous + time.perf_counter() - t0)

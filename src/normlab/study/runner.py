@@ -53,8 +53,9 @@ def _env(slot: int, jobs: int, device: str) -> dict[str, str]:
     return env
 
 
-def execute(study_dir: Path, runs: list[Run], jobs: int = 1, log=print) -> dict[str, str]:
-    """Run (or skip, or resume) every run; return name -> final state (finished | failed | skipped)."""
+def execute(study_dir: Path, runs: list[Run], jobs: int = 1, log=print, plan_only: bool = False) -> dict[str, str]:
+    """Run (or skip, or resume) every run; return name -> final state (finished | failed | skipped).
+    ``plan_only`` writes ``plan/<name>.yaml`` and prints one ``normlab train`` command per run instead."""
     runs_dir, plan_dir = study_dir / "runs", study_dir / "plan"
     outcome: dict[str, str] = {}
     todo = []
@@ -66,6 +67,10 @@ def execute(study_dir: Path, runs: list[Run], jobs: int = 1, log=print) -> dict[
             outcome[run.name] = "skipped"
         else:
             todo.append((run, folder, plan_file))
+    if plan_only:
+        for run, folder, plan_file in todo:
+            log(" ".join(c for c in _command(run, folder, plan_file)[2:] if c != "--force"))
+        return {run.name: "planned" for run, _, _ in todo}
     skipped = len(runs) - len(todo)
     log(f"study {study_dir}: {len(runs)} runs, {skipped} already finished, {len(todo)} to run"
         + (f" ({jobs} at a time)" if jobs > 1 else ""))

@@ -59,8 +59,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated zip, foreign pickle, ...
-        raise NormlabError(f"checkpoint {path} cannot be read ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0][:120]}); it is truncated or not a normlab checkpoint: "
+        first = (str(exc).strip().splitlines() or [""])[0][:120]  # some errors (empty file) have no message
+        raise NormlabError(f"checkpoint {path} cannot be read ({type(exc).__name__}{': ' + first if first else ''}); "
+                           "it is truncated or not a normlab checkpoint: "
                            "delete it and resume from the other one or retrain") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise NormlabError(f"checkpoint {path} is not a normlab checkpoint (no model/config inside)")

@@ -46,7 +46,12 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
-def broadcast_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
     """True on every rank if it is True on any rank (used to stop all ranks together)."""
     if not info.enabled:
         return flag

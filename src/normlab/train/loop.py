@@ -111,6 +111,7 @@ def prepare_run_dir(cfg: TrainConfig, force: bool) -> Path:
         if not force:
             raise NormlabError(f"output folder {out} already holds a run: continue it with `normlab train --resume "
                                f"{out}`, choose another --out, or pass --force to overwrite it")
+        RunLock.check_free(out)  # --force must not delete the files of a run still being written
         for child in out.iterdir():
             if child.name != ".lock":
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
@@ -137,8 +138,13 @@ def train(cfg: TrainConfig, *, force: bool = False, resume_dir: str | Path | Non
         out = prepare_run_dir(cfg, force)
     else:
         out = Path(cfg.out or Path("runs") / cfg.run_name())
-    with RunLock(out, log) if dinfo.is_main else _null():
-        return _train(cfg, out, dinfo, progress, log)
+    dist_utils.barrier(dinfo)  # the other ranks look at the folder only once rank 0 has prepared it
+    try:
+        with RunLock(out, log) if dinfo.is_main else _null():
+            return _train(cfg, out, dinfo, progress, log)
+    finally:
+        if dinfo.enabled:
+            dist_utils.teardown()
 
 
 class _null:
@@ -231,7 +237,7 @@ def _train(cfg: TrainConfig, out: Path, dinfo, progress: EpochProgress, log) -> 
             with autocast(device, cfg.precision):
                 logits = run_model(xb)
                 loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
-            if not torch.isfinite(loss):
+            if dist_utils.any_rank(not torch.isfinite(loss), dinfo, device):
                 state["diverged"] = {"epoch": epoch, "step": step, "loss": float(loss.item())}
                 break
             optimizer.zero_grad(set_to_none=True)
@@ -242,9 +248,9 @@ def _train(cfg: TrainConfig, out: Path, dinfo, progress: EpochProgress, log) -> 
                 loss.backward()
             if cfg.grad_clip is not None:
                 gnorm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            else:
-                gnorm = None
-            if gnorm is not None and not torch.isfinite(gnorm) and scaler is None:
+            else:  # still checked: an inf gradient at the last step would otherwise be saved as nan weights
+                gnorm = nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+            if gnorm is not None and scaler is None and dist_utils.any_rank(not torch.isfinite(gnorm), dinfo, device):
                 state["diverged"] = {"epoch": epoch, "step": step, "loss": float(loss.item()), "grad": "non-finite"}
                 break
             if scaler is not None:
@@ -268,8 +274,10 @@ def _train(cfg: TrainConfig, out: Path, dinfo, progress: EpochProgress, log) -> 
         cm = dist_utils.all_reduce_sum(cm, dinfo)
         train_seconds = time.perf_counter() - t0
         state["train_seconds"] += train_seconds
-        if not dinfo.is_main:
-            state["epoch"] = epoch
+        state["epoch"] = epoch
+        if not dinfo.is_main:  # rank 0 evaluates and decides; the others follow its early-stopping decision
+            if dist_utils.any_rank(False, dinfo, device):
+                break
             continue
         val_loss, val_cm, _ = evaluate(model, data.val_x, data.val_y, data, device, cfg.eval_batch_size, cfg.precision)
         tr, va = scores_from_confusion(cm), scores_from_confusion(val_cm)
@@ -281,7 +289,6 @@ def _train(cfg: TrainConfig, out: Path, dinfo, progress: EpochProgress, log) -> 
                "eval_seconds": time.perf_counter() - t0 - train_seconds}
         state["rows"].append(row)
         state["quantiles"].append({"epoch": epoch, **probe_quantiles(model, probe)})
-        state["epoch"] = epoch
         improved = va["acc"] > state["best_acc"]
         if improved:
             state.update(best_acc=va["acc"], best_epoch=epoch, bad_epochs=0)
@@ -293,7 +300,8 @@ def _train(cfg: TrainConfig, out: Path, dinfo, progress: EpochProgress, log) -> 
         write_json(out / "quantiles.json", {"q": list(QUANTILES), "headline": "last_norm", "epochs": state["quantiles"]})
         save_checkpoint(last, model, cfg, optimizer=optimizer.state_dict(), rng=rng_state(), state=state,
                         scaler=scaler.state_dict() if scaler is not None else None)
-        if cfg.patience is not None and state["bad_epochs"] >= cfg.patience:
+        stop = cfg.patience is not None and state["bad_epochs"] >= cfg.patience
+        if dist_utils.any_rank(stop, dinfo, device):
             log(f"early stop: val accuracy has not improved for {cfg.patience} epochs (best {state['best_acc']:.4f} "
                 f"at epoch {state['best_epoch']})")
             state["stopped_early"] = True
@@ -302,7 +310,6 @@ def _train(cfg: TrainConfig, out: Path, dinfo, progress: EpochProgress, log) -> 
         writer.close()
     if dinfo.is_main:
         _finish(cfg, out, model, data, device, state, n_params, time.perf_counter() - t_start, log)
-    dist_utils.teardown()
     return out
 
 

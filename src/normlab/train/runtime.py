@@ -12,6 +12,11 @@ from torch import nn
 
 from normlab.errors import NormlabError
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: pid check only
+    fcntl = None  # type: ignore[assignment]
+
 
 def pick_device(name: str) -> torch.device:
     """``auto`` prefers CUDA, then Apple's MPS, then the CPU; an unavailable explicit choice is an error."""
@@ -42,16 +47,66 @@ def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | 
 
 def maybe_compile(model: nn.Module, mode: str, device: torch.device, log=print) -> nn.Module:
     """``torch.compile`` the model (``on``; ``auto`` = on for CUDA only), falling back to eager with a
-    warning when no compiler works here."""
+    warning when no compiler works here.
+
+    ``torch.compile`` itself never fails for a missing toolchain: errors surface at the first call. So
+    the fallback is made real twice: (1) a tiny function is compiled *and run* on ``device`` first
+    (catches a missing or broken C++ compiler / Triton in seconds, before the model is traced), and
+    (2) the compiled model is wrapped so that if its first call fails inside the compiler, the run
+    continues eager with the same warning instead of crashing.
+    """
     if mode == "off" or (mode == "auto" and device.type != "cuda"):
         return model
     try:
+        torch.compile(_probe, fullgraph=True)(torch.ones(8, device=device))
         compiled = torch.compile(model)
-        return compiled
-    except Exception as exc:  # pragma: no cover - depends on the machine's toolchain
-        warnings.warn(f"torch.compile is not available here ({type(exc).__name__}); running eager", stacklevel=2)
-        log(f"warning: torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:100]}); running eager")
+    except Exception as exc:  # noqa: BLE001 - any toolchain failure means "run eager"
+        _fallback_warning(exc, log)
         return model
+    return _CompileFallback(model, compiled, log)
+
+
+def _probe(x: torch.Tensor) -> torch.Tensor:
+    return torch.sin(x) * 2 + 1
+
+
+def _fallback_warning(exc: BaseException, log) -> None:
+    first = (str(exc).strip().splitlines() or [""])[0][:160]
+    warnings.warn(f"torch.compile does not work here ({type(exc).__name__}: {first}); running eager",
+                  RuntimeWarning, stacklevel=3)
+    log(f"warning: torch.compile failed ({type(exc).__name__}: {first}); running eager")
+
+
+class _CompileFallback(nn.Module):
+    """Calls the compiled model; if the *first* call fails in the compiler, warns and stays eager.
+
+    An error on the first call is retried eagerly: if eager fails too, that (the user's) error is raised.
+    Only the first call is guarded, so later errors are never masked. Parameters and buffers are the
+    eager model's (``.model``), shared with the compiled wrapper.
+    """
+
+    def __init__(self, model: nn.Module, compiled: nn.Module, log=print) -> None:
+        super().__init__()
+        self.model = model
+        self._compiled = [compiled]  # a list: not registered as a submodule twice
+        self._log = log
+        self._checked = False
+
+    @property
+    def _orig_mod(self) -> nn.Module:  # what checkpoint.unwrap looks for
+        return self.model
+
+    def forward(self, *args, **kwargs):
+        if self._checked:
+            return self._compiled[0](*args, **kwargs)
+        try:
+            out = self._compiled[0](*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            out = self.model(*args, **kwargs)  # raises the real error if the input itself is bad
+            _fallback_warning(exc, self._log)
+            self._compiled[0] = self.model
+        self._checked = True
+        return out
 
 
 class RunLock:
@@ -62,33 +117,76 @@ class RunLock:
         self.log = log
 
     def __enter__(self) -> RunLock:
+        """Take the lock: an OS lock (``flock``) on ``.lock`` makes two starters race safely and dies with its
+        process; the pid written inside names the holder, and a live pid also counts (other writers)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
+        for _ in range(10):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
+                if fcntl is not None:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except OSError:
+                        self._in_use(_read_pid(self.path))
+                    try:
+                        replaced = os.fstat(fd).st_ino != os.stat(self.path).st_ino
+                    except FileNotFoundError:
+                        replaced = True
+                    if replaced:  # its holder released and removed it meanwhile: lock the new file
+                        os.close(fd)
+                        continue
                 pid = _read_pid(self.path)
-                if pid is not None and _alive(pid) and pid != os.getpid():
-                    raise NormlabError(f"run folder {self.path.parent} is in use by process {pid}: wait for it "
-                                       f"to finish or stop it (or use another --out)") from None
-                self.log(f"taking over a stale lock in {self.path.parent} (process {pid} is gone)")
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
+                if pid is not None and pid != os.getpid():
+                    if _alive(pid):
+                        self._in_use(pid)
+                    self.log(f"taking over a stale lock in {self.path.parent} (process {pid} is gone)")
+                elif pid is None and os.fstat(fd).st_size:
+                    self.log(f"taking over a stale lock in {self.path.parent} (unreadable lock file)")
+                os.ftruncate(fd, 0)
+                os.write(fd, str(os.getpid()).encode())
+                os.fsync(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fd = fd
+            self._remove_stale_temp_files()
             return self
         raise NormlabError(f"could not lock {self.path}: remove the file if no normlab process uses the folder")
 
+    def _in_use(self, pid: int | None) -> None:
+        who = f"process {pid}" if pid is not None else "another process"
+        raise NormlabError(f"run folder {self.path.parent} is in use by {who}: wait for it to finish or stop it "
+                           "(or use another --out)") from None
+
+    def _remove_stale_temp_files(self) -> None:
+        """Half-written ``.<name>.*.tmp`` files (see ``normlab.io.atomic_write``) left by a killed process: with
+        the lock held no one else writes here, so they are garbage."""
+        for tmp in self.path.parent.glob(".*.tmp"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    @staticmethod
+    def check_free(folder: Path) -> None:
+        """Raise if a live process other than this one holds the lock of ``folder`` (before touching it)."""
+        pid = _read_pid(Path(folder) / ".lock")
+        if pid is not None and pid != os.getpid() and _alive(pid):
+            raise NormlabError(f"run folder {folder} is in use by process {pid}: wait for it to finish or stop "
+                               "it (or use another --out)")
+
     def __exit__(self, *exc) -> None:
-        if _read_pid(self.path) == os.getpid():
-            self.path.unlink(missing_ok=True)
+        try:
+            if _read_pid(self.path) == os.getpid():
+                self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self._fd)  # releases the flock
 
 
 def _read_pid(path: Path) -> int | None:
     try:
-        return int(path.read_text().strip() or "-1")
-    except (OSError, ValueError):
+        pid = int(path.read_text().strip())
+    except (OSError, ValueError):  # missing, empty (being written) or garbage
         return None
+    return pid if pid > 0 else None
 
 
 def _alive(pid: int) -> bool:

@@ -1,0 +1,159 @@
+"""Target 1: one ResNet-20 training step with each normlab norm vs the same model with PyTorch's native layer.
+
+Per norm and memory format (NCHW, channels_last), the normlab and native models are built from the same
+seed, fed the same batch, and timed in interleaved repeats inside this one process (A B, B A, A B, ...),
+so machine noise hits both sides alike. A step = forward + cross-entropy + backward + SGD step
+(momentum 0.9, weight decay 5e-4). Reported: median step time of each side, and the median (min–max)
+over repeats of the per-repeat ratio normlab / native.
+
+Memory: the bytes of distinct tensor storages autograd saves for backward during one step's forward
+(torch.autograd.graph.saved_tensors_hooks). That is the activation memory held at a step's peak -- the
+part a norm decides; weights, gradients and optimizer state are the same on both sides. (CPU has no
+allocator peak counter, and RSS deltas are too coarse for a 0.27M-parameter model.)
+
+Native references: bn -> nn.BatchNorm2d, in -> nn.InstanceNorm2d(affine=True), ln -> nn.GroupNorm(1, C),
+gn -> nn.GroupNorm(8, C), bin -> "BN + IN together": the same gated mix built from F.batch_norm and
+F.instance_norm (both native kernels), i.e. what BIN costs with PyTorch's own layers.
+
+    python bench/bench_norms.py            # all norms, NCHW and channels_last (~4 min here)
+    python bench/bench_norms.py --quick    # fewer repeats
+    python bench/bench_norms.py --compile  # also torch.compile both sides (compile time reported apart)
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from _common import fmt, machine, saved_bytes, summary, write_json
+from normlab.models.resnet import ResNet
+
+
+class NativeBIN(nn.Module):
+    """BIN with PyTorch's native kernels: rho * BN(x) + (1 - rho) * IN(x), then the affine."""
+
+    def __init__(self, c: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.eps, self.momentum = eps, momentum
+        self.weight = nn.Parameter(torch.ones(c))
+        self.bias = nn.Parameter(torch.zeros(c))
+        self.rho = nn.Parameter(torch.ones(c))
+        self.register_buffer("running_mean", torch.zeros(c))
+        self.register_buffer("running_var", torch.ones(c))
+
+    def forward(self, x):
+        rho = self.rho + (self.rho.detach().clamp(0, 1) - self.rho.detach())
+        w = self.weight
+        y_bn = F.batch_norm(x, self.running_mean, self.running_var, rho * w, self.bias, self.training,
+                            self.momentum, self.eps)
+        y_in = F.instance_norm(x, None, None, (1 - rho) * w, None, eps=self.eps)
+        return y_bn + y_in
+
+
+NATIVE = {
+    "bn": lambda c: nn.BatchNorm2d(c),
+    "in": lambda c: nn.InstanceNorm2d(c, affine=True),
+    "ln": lambda c: nn.GroupNorm(1, c),
+    "gn": lambda c: nn.GroupNorm(8, c),
+    "bin": NativeBIN,
+}
+
+
+def build(norm, fmt_name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = ResNet(3, 10, norm=norm)
+    if fmt_name == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+    return model.train()
+
+
+def make_step(model, x, y):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def run(norms, formats, repeats, steps, warmup, batch, compile_):
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(batch, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (batch,), generator=g)
+    results = []
+    for fmt_name in formats:
+        x = x0.contiguous(memory_format=torch.channels_last) if fmt_name == "channels_last" else x0
+        for norm in norms:
+            sides = {"normlab": build(norm, fmt_name), "native": build(NATIVE[norm], fmt_name)}
+            mem = {k: saved_bytes(lambda m=m: F.cross_entropy(m(x), y)) for k, m in sides.items()}
+            compile_s = {}
+            if compile_:
+                for k in sides:
+                    torch._dynamo.reset()
+                    sides[k] = torch.compile(sides[k])
+            stepfns = {k: make_step(m, x, y) for k, m in sides.items()}
+            for k, fn in stepfns.items():
+                t0 = time.perf_counter()
+                fn()
+                compile_s[k] = time.perf_counter() - t0  # first step (includes compilation when compiling)
+                for _ in range(warmup):
+                    fn()
+            times = {k: [] for k in sides}
+            ratios = []
+            order = list(stepfns)
+            for r in range(repeats):
+                for k in (order if r % 2 == 0 else order[::-1]):
+                    fn = stepfns[k]
+                    t0 = time.perf_counter()
+                    for _ in range(steps):
+                        fn()
+                    times[k].append((time.perf_counter() - t0) / steps)
+                ratios.append(times["normlab"][-1] / times["native"][-1])
+            row = {"norm": norm, "format": fmt_name, "compiled": compile_,
+                   "normlab_s": summary(times["normlab"]), "native_s": summary(times["native"]),
+                   "ratio": summary(ratios), "normlab_saved_MB": mem["normlab"] / 2**20,
+                   "native_saved_MB": mem["native"] / 2**20, "mem_ratio": mem["normlab"] / mem["native"],
+                   "first_step_s": compile_s}
+            results.append(row)
+            print(f"{norm:>4} {fmt_name:>13}{' compiled' if compile_ else ''}: normlab {fmt(row['normlab_s'], 4)} s  "
+                  f"native {fmt(row['native_s'], 4)} s  ratio {fmt(row['ratio'])}  "
+                  f"saved {row['normlab_saved_MB']:.1f}/{row['native_saved_MB']:.1f} MB ({row['mem_ratio']:.3f}x)"
+                  + (f"  first step {compile_s['normlab']:.1f}/{compile_s['native']:.1f} s" if compile_ else ""),
+                  flush=True)
+    return results
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--norms", default="bn,in,ln,gn,bin")
+    ap.add_argument("--formats", default="nchw,channels_last")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=3, help="steps per timed repeat")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--compile", action="store_true", help="torch.compile both models (adds compile time)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: on this shared 2-core machine 2 threads oversubscribe "
+                         "and a step gets 3-4x slower and far noisier)")
+    ap.add_argument("--quick", action="store_true", help="3 repeats of 2 steps")
+    ap.add_argument("--out", default="norms.json")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.repeats, a.steps, a.warmup = 3, 2, 1
+    torch.set_num_threads(a.threads)
+    formats = [f.replace("nchw", "NCHW") for f in a.formats.split(",")]
+    info = machine()
+    print(info)
+    res = run(a.norms.split(","), formats, a.repeats, a.steps, a.warmup, a.batch, a.compile)
+    write_json(a.out, {"machine": info, "args": vars(a), "results": res})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""`normlab study` end to end on a miniature study, re-runs, interruption, and the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from normlab.errors import NormlabError
+from normlab.report.build import SECTIONS
+from normlab.report.collect import fmt, mean_std, rank
+from normlab.report.render import Doc, to_html, to_markdown
+from normlab.study import run_study
+from normlab.study.plan import make_study_config, plan_runs
+
+from conftest import make_image_folder
+
+EVIL = "<img src=x onerror=alert(1)>"  # a class folder name that is live HTML if not escaped
+
+
+def write_spec(path: Path, data_root: Path, **study) -> Path:
+    spec = {
+        "study": {"name": "mini", "batch_sizes": [4, 16], "batch_max_epochs": 1, "batch_patience": 1,
+                  "gradcam_per_class": 2, **study},
+        "train": {"dataset": "folder", "data_root": str(data_root), "image_size": 16, "n": 1, "epochs": 1,
+                  "batch_size": 16, "lr": 0.05, "eval_batch_size": 64, "probe_size": 16, "progress": "plain"},
+    }
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mini")
+    os.environ["NORMLAB_CACHE"] = str(root / "cache")  # module scope: the autouse fixture is per test
+    data = make_image_folder(root / "data", classes=("cat", "dog", EVIL),
+                             per_split={"train": 16, "val": 6, "test": 6})
+    spec = write_spec(root / "mini.yaml", data)
+    lines: list[str] = []
+    report = run_study(str(spec), root / "study", log=lines.append)
+    return root / "study", report, spec, lines
+
+
+def test_miniature_study_writes_every_section_and_figure(mini):
+    study_dir, report, _, lines = mini
+    assert report == study_dir / "report.html"
+    plan = json.loads((study_dir / "plan.json").read_text())
+    # 7 norms + bn/gn x 2 batch sizes (+ early stopping) + torch_bn with augmentation; torch_bn without
+    # augmentation is shared by the norm and augmentation comparisons
+    assert len(plan) == 7 + 4 + 1
+    for p in plan:
+        assert (study_dir / "runs" / p["name"] / "summary.json").is_file(), p["name"]
+    md = (study_dir / "report.md").read_text()
+    for section in SECTIONS:
+        assert f"## {section}" in md, section
+    figures = ["sanity_bn_vs_torch_bn.png", "loss_curves.png", "accuracy_f1_curves.png", "batch_size_curves.png",
+               "augmentation_curves.png", "quantiles.png", "time_per_epoch.png"]
+    for fig in figures:
+        assert (study_dir / "figures" / fig).stat().st_size > 5000, fig
+        assert f"figures/{fig}" in md
+    for norm in ("torch_bn", "bn", "in", "bin", "ln", "gn", "nn"):
+        assert f"| {norm} | 1 |" in md, norm  # a table row per variant
+    assert md.count("confusion_val.png)") == 7 and md.count("misclassified_val.png)") == 7
+    assert "Grad-CAM: cat" in md and "Ranking by mean test accuracy" in md
+    html = report.read_text()
+    assert html.count("data:image/png;base64,") >= len(figures) + 14
+    assert 'src="figures/' not in html  # self-contained
+
+
+def test_report_escapes_names_from_the_data(mini):
+    study_dir, report, _, _ = mini
+    html = report.read_text()
+    assert EVIL not in html
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html
+    md = (study_dir / "report.md").read_text()
+    assert EVIL not in md
+
+
+def test_rerun_skips_finished_runs(mini):
+    study_dir, _, spec, _ = mini
+    stamps = {p: p.stat().st_mtime_ns for p in (study_dir / "runs").glob("*/summary.json")}
+    lines: list[str] = []
+    run_study(str(spec), study_dir, log=lines.append)
+    assert any("12 already finished, 0 to run" in line for line in lines), lines
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_study_folder_with_other_settings_is_refused(mini, tmp_path):
+    study_dir, _, spec, _ = mini
+    data = yaml.safe_load(spec.read_text())
+    data["train"]["lr"] = 0.2
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(data))
+    with pytest.raises(NormlabError, match="other settings.*train.lr"):
+        run_study(str(other), study_dir, log=lambda _: None)
+
+
+def test_killed_study_does_not_redo_finished_runs(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_split={"train": 16, "val": 6, "test": 6})
+    spec = write_spec(tmp_path / "s.yaml", data, norms=["bn", "gn", "ln"], batch_norms=[], augment_modes=[])
+    study_dir = tmp_path / "study"
+    cmd = [sys.executable, "-m", "normlab", "study", "--preset", str(spec), "--out", str(study_dir)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first = study_dir / "runs" / "bn-b16-none-s0" / "summary.json"
+    deadline = time.time() + 240
+    while not first.is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert first.is_file(), "the first run never finished"
+    os.killpg(proc.pid, signal.SIGKILL)  # the study and its current training child
+    proc.wait()
+    stamp = first.stat().st_mtime_ns
+    before = first.read_bytes()
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "1 already finished, 2 to run" in res.stdout + res.stderr
+    assert first.stat().st_mtime_ns == stamp and first.read_bytes() == before
+    for name in ("gn-b16-none-s0", "ln-b16-none-s0"):
+        assert (study_dir / "runs" / name / "summary.json").is_file()
+    assert (study_dir / "report.html").is_file()
+
+
+def test_plan_merges_identical_cells_and_names_runs():
+    study = make_study_config({"seeds": 2})
+    base = {"dataset": "fashion-mnist", "epochs": 3, "batch_size": 128}
+    runs = plan_runs(study, base)
+    names = [r.name for r in runs]
+    assert len(names) == len(set(names)) == 2 * (7 + 4 + 1)
+    shared = next(r for r in runs if r.name == "torch_bn-b128-none-s0")
+    assert sorted(shared.groups) == ["augment", "norms"]
+    assert {r.config["seed"] for r in runs} == {0, 1}
+
+
+def test_study_settings_are_validated():
+    with pytest.raises(NormlabError, match="did you mean 'seeds'"):
+        make_study_config({"seedz": 2})
+    with pytest.raises(NormlabError, match="unknown norm 'bm'"):
+        make_study_config({"norms": ["bn", "bm"]})
+    with pytest.raises(NormlabError, match="unknown study preset 'quik'"):
+        run_study("quik", log=lambda _: None)
+
+
+def test_report_helpers_are_pure_and_honest():
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5))
+    assert fmt(0.5, 0.1, 2) == "0.5000 ± 0.1000" and fmt(0.5, 0.0, 1) == "0.5000"
+    assert [k for _, k, _ in rank({"a": 0.2, "b": 0.9, "c": float("nan")})] == ["b", "a"]
+    doc = Doc("t <x>")
+    doc.table(["h"], [["<script>alert(1)</script> | pipe"]])
+    assert "<script>" not in to_html(doc) and "<script>" not in to_markdown(doc, Path("."))
