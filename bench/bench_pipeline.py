@@ -194,6 +194,7 @@ def accuracy(args) -> dict:
     from normlab.train.loop import summary_of, train
 
     root = unpacked(TARBALL)
+    torch.set_num_threads(args.conv_threads or args.threads)
     # conventional: 1 epoch on a stratified 10k subset, cosine lr, test on the full test folder
     full = ImageFolder(str(root / "train"))
     subset = stratified(full.targets, args.subset // 10)
@@ -222,7 +223,7 @@ def accuracy(args) -> dict:
     conv_acc = correct / n
     # normlab: its own training loop, same budget
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = normlab_cfg(threads=args.threads, train_subset=args.subset, epochs=args.epochs, out=tmp + "/run",
+        cfg = normlab_cfg(threads=args.normlab_threads or args.threads, train_subset=args.subset, epochs=args.epochs, out=tmp + "/run",
                           compile=args.compile)
         t0 = time.perf_counter()
         train(cfg, force=True, log=lambda *_: None)

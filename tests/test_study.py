@@ -42,7 +42,8 @@ def mini(tmp_path_factory):
     os.environ["NORMLAB_CACHE"] = str(root / "cache")  # module scope: the autouse fixture is per test
     data = make_image_folder(root / "data", classes=("cat", "dog", EVIL),
                              per_split={"train": 16, "val": 6, "test": 6})
-    spec = write_spec(root / "mini.yaml", data)
+    spec = write_spec(root / "mini.yaml", data,
+                      compare={"optimizers": [{"optimizer": "sgd"}, {"optimizer": "adam", "lr": 0.001}]})
     lines: list[str] = []
     report = run_study(str(spec), root / "study", log=lines.append)
     return root / "study", report, spec, lines
@@ -53,13 +54,16 @@ def test_miniature_study_writes_every_section_and_figure(mini):
     assert report == study_dir / "report.html"
     plan = json.loads((study_dir / "plan.json").read_text())
     # 7 norms + bn/gn x 2 batch sizes (+ early stopping) + torch_bn with augmentation; torch_bn without
-    # augmentation is shared by the norm and augmentation comparisons
-    assert len(plan) == 7 + 4 + 1
+    # augmentation is shared by the norm and augmentation comparisons; {optimizer: sgd} is the bn run
+    assert len(plan) == 7 + 4 + 1 + 1
+    bn = next(p for p in plan if p["name"] == "bn-b16-none-s0")
+    assert bn["groups"] == ["norms", "compare:optimizers"] and bn["cells"]["compare:optimizers"] == "optimizer=sgd"
     for p in plan:
         assert (study_dir / "runs" / p["name"] / "summary.json").is_file(), p["name"]
     md = (study_dir / "report.md").read_text()
-    for section in SECTIONS:
+    for section in SECTIONS + ("Comparison: optimizers",):
         assert f"## {section}" in md, section
+    assert "| optimizer=adam, lr=0.001 | 1 |" in md and "figures/compare_0.png" in md
     figures = ["sanity_bn_vs_torch_bn.png", "loss_curves.png", "accuracy_f1_curves.png", "batch_size_curves.png",
                "augmentation_curves.png", "quantiles.png", "time_per_epoch.png"]
     for fig in figures:
@@ -88,7 +92,7 @@ def test_rerun_skips_finished_runs(mini):
     stamps = {p: p.stat().st_mtime_ns for p in (study_dir / "runs").glob("*/summary.json")}
     lines: list[str] = []
     run_study(str(spec), study_dir, log=lines.append)
-    assert any("12 already finished, 0 to run" in line for line in lines), lines
+    assert any("13 already finished, 0 to run" in line for line in lines), lines
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 

@@ -130,6 +130,7 @@ def cli(*args, cwd=None):
     (["--batch-size", "1", "--norm", "bn"], "BatchNorm"),
     (["--epochs", "two"], "wrong type"),
     (["--data-root", "/nonexistent/data"], "/nonexistent/data"),
+    (["--nrom", "bn"], "did you mean --norm?"),
 ])
 def test_cli_bad_input_is_one_line(args, needle, image_folder, tmp_path):
     base = ["train", "--dataset", "folder", "--data-root", str(image_folder), "--out", str(tmp_path / "r")]

@@ -7,6 +7,7 @@ flags override ``--config FILE`` which overrides the defaults.
 from __future__ import annotations
 
 import argparse
+import difflib
 import inspect
 import re
 import sys
@@ -44,9 +45,25 @@ def config_overrides(args: argparse.Namespace) -> dict:
     return {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``normlab: error: ...``) and a did-you-mean for unknown flags."""
+
+    def error(self, message: str):  # type: ignore[override]
+        m = re.match(r"unrecognized arguments: (\S+)", message)
+        if m:
+            flags = [o for a in self._actions for o in a.option_strings]
+            for sub in self._subparsers._group_actions if self._subparsers else []:
+                for p in getattr(sub, "choices", {}).values():
+                    flags += [o for a in p._actions for o in a.option_strings]
+            close = difflib.get_close_matches(m.group(1).split("=")[0], flags, n=1)
+            if close:
+                message += f" (did you mean {close[0]}?)"
+        self.exit(2, f"normlab: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="normlab", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = Parser(prog="normlab", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     p = sub.add_parser("train", help="train one model; writes a run folder")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
     p.add_argument("--force", action="store_true", help="overwrite an output folder that already holds a run")
@@ -81,7 +98,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val", choices=("val", "test", "train"))
     p.add_argument("--out", metavar="DIR", help="output folder (default: RUN_DIR/gradcam)")
     p.set_defaults(func=cmd_gradcam)
+
+    p = sub.add_parser("augment-preview", help="a grid of one image under each augmentation of the catalogue")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image", metavar="FILE", help="the image to augment")
+    src.add_argument("--dataset", help="take the first training image of this data set (with --data-root)")
+    p.add_argument("--data-root", metavar="DIR", help="data folder/tarball for --dataset")
+    p.add_argument("--image-size", type=int, help="resize the image to this square size first")
+    p.add_argument("--augment", help="comma-separated augmentations (default: the whole catalogue)")
+    p.add_argument("--augment-params", help="settings, e.g. cutout.size=8,rotation.degrees=15")
+    p.add_argument("--samples", type=int, default=6, help="random draws per augmentation (columns)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", metavar="FILE", default="augment-preview.png", help="output PNG")
+    p.set_defaults(func=cmd_augment_preview)
+
+    p = sub.add_parser("activations", help="feature maps after the stem and each stage of a run for one image")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--image", metavar="FILE", required=True, help="image file (resized/normalised like the run's data)")
+    p.add_argument("--channels", type=int, default=16, help="feature maps per figure (first N channels)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: RUN_DIR/activations)")
+    p.set_defaults(func=cmd_activations)
     return parser
+
+
+def cmd_augment_preview(args: argparse.Namespace) -> int:
+    from normlab.data.augmentations import parse_spec, preview_augmentations
+
+    if args.samples < 1 or (args.image_size is not None and args.image_size < 1):
+        raise NormlabError("--samples and --image-size must be >= 1")
+    names = parse_spec(args.augment) if args.augment else None
+    if args.image:
+        from normlab.analysis.activations import read_image
+
+        img = read_image(args.image, size=args.image_size)
+    else:
+        from normlab.config import make_config
+        from normlab.data import load_data
+
+        over = {"dataset": args.dataset, "data_root": args.data_root, "image_size": args.image_size}
+        data = load_data(make_config({k: v for k, v in over.items() if v is not None}, where="augment-preview"))
+        img = data.train_x[0]
+    print(preview_augmentations(img, args.out, names, args.augment_params, samples=args.samples, seed=args.seed))
+    return 0
+
+
+def cmd_activations(args: argparse.Namespace) -> int:
+    from normlab.analysis.activations import run_activations
+
+    files = run_activations(_existing(args.run_dir, "run folder"), args.image, args.out, channels=args.channels)
+    for entry in files.values():
+        print(entry["file"])
+    return 0
 
 
 def _split_list(text: str | None) -> list[str] | None:
@@ -143,6 +210,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         train(None, resume_dir=args.resume)  # type: ignore[arg-type]
         return 0
     cfg = load_config(args.config, **config_overrides(args))
+    from normlab.models.transfer import check_pretrained_file
+
+    check_pretrained_file(cfg)  # before any data is loaded
     out = train(cfg, force=args.force)
     print(out)
     return 0

@@ -31,15 +31,21 @@ class TrainConfig:
     train_subset: int | None = None  # keep a seeded stratified subset of N training images (quick runs)
     eval_subset: int | None = None  # cap val and test at a seeded stratified subset of N images each (quick runs)
     on_bad_image: str = "skip"  # skip | error: what to do with an unreadable image in a folder
-    augment: str = "none"  # none | standard (pad 4 + random crop + horizontal flip, per image)
+    augment: str = "none"  # none | standard (pad 4 + random crop + horizontal flip, per image) | comma list of: crop, hflip, vflip, rotation, jitter, resized_crop, cutout, blur, saltpepper, mask
+    augment_params: str | None = None  # augmentation settings NAME.KEY=VALUE, e.g. cutout.size=8,rotation.degrees=15,mask.p=0.3,mask.block=4
     # --- model ---
-    model: str = "resnet"  # resnet (the 6n+2 CIFAR ResNet)
+    model: str = "resnet"  # resnet (the 6n+2 CIFAR ResNet) | resnet18 (torchvision, any norm) | compact (narrow ResNet, see --width)
     n: int = 3  # blocks per stage: 6n+2 layers (n=3 -> ResNet-20)
     norm: str = "bn"  # bn | in | bin | ln | gn | nn | torch_bn
     gn_groups: int | None = None  # GroupNorm groups (None = 8, which divides 16, 32 and 64)
     shortcut: str = "A"  # A: zero-padding identity (paper) | B: 1x1 conv + norm
     activation: str = "relu"  # relu | leaky_relu | elu | gelu | silu | tanh | sigmoid
     dropout: float = 0.0  # dropout before the classifier
+    width: int = 16  # compact: base width w, stage widths w/2w/2.5w (w=16, n=1: ~46k params)
+    head: str = "linear"  # classifier head: linear | mlp:H1,H2,... (Linear-ReLU-Dropout per hidden width, uses --dropout)
+    pretrained: str | None = None  # resnet18: PATH to a torchvision resnet18 state_dict, or imagenet (needs internet)
+    freeze: int = 0  # freeze the first K stages: 1 = stem (resnet18: conv1+bn1), 2 = + stage1/layer1, ... (resnet18 up to 5)
+    max_params: int | None = None  # refuse to build a model with more parameters than this
     sync_bn: bool = True  # under DDP, synchronise batch statistics across ranks (bn, bin)
     # --- optimisation ---
     epochs: int = 10  # maximum number of epochs
@@ -85,10 +91,10 @@ class TrainConfig:
 
         choices = {
             "dataset": DATASETS, "norm": NORM_NAMES, "optimizer": ("sgd", "adam", "adamw"),
-            "schedule": ("cosine", "step", "onecycle", "constant"), "augment": ("none", "standard"),
+            "schedule": ("cosine", "step", "onecycle", "constant"),
             "device": ("auto", "cpu", "cuda", "mps"), "precision": ("fp32", "bf16", "fp16"),
             "compile": ("auto", "on", "off"), "on_bad_image": ("skip", "error"), "shortcut": ("A", "B"),
-            "model": ("resnet",), "progress": ("auto", "bar", "plain", "off"),
+            "model": ("resnet", "resnet18", "compact"), "progress": ("auto", "bar", "plain", "off"),
             "activation": ("relu", "leaky_relu", "elu", "gelu", "silu", "tanh", "sigmoid"),
         }
         for name, allowed in choices.items():
@@ -116,11 +122,14 @@ class TrainConfig:
         if self.batch_size == 1 and self.norm in ("bn", "bin", "torch_bn"):
             bad("batch_size", f"cannot train with norm={self.norm!r}: BatchNorm needs more than one value per "
                 "channel to compute batch statistics; use --batch-size 2 or more, or --norm gn/ln/in")
-        if self.gn_groups is not None and self.norm == "gn":
+        if self.gn_groups is not None and self.norm == "gn" and self.model == "resnet":
             for width in (16, 32, 64):
                 if width % self.gn_groups:
                     bad("gn_groups", f"does not divide the ResNet's {width} channels; choose a divisor of 16 "
                         "(1, 2, 4, 8 or 16)")
+        from normlab.models.transfer import validate_workbench  # augment, head, freeze, pretrained, budget
+
+        validate_workbench(self)
         return self
 
 

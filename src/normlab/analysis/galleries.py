@@ -10,6 +10,8 @@ Class names are untrusted text from the data set: every label is drawn with ``pa
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import os
 import re
@@ -65,7 +67,8 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
     ckpt = load_checkpoint(path, map_location=dev)
     cfg = config_of(ckpt)
     data = load_data(cfg, max_eval=cfg.eval_subset)
-    model = build_model(cfg, data.in_channels, data.num_classes)
+    # the checkpoint holds every weight: never fetch --pretrained again (it may be gone or need a download)
+    model = build_model(dataclasses.replace(cfg, pretrained=None), data.in_channels, data.num_classes)
     load_weights(model, ckpt, path)
     model.to(dev).eval()
     return LoadedRun(run_dir, cfg, model, data, path, dev)

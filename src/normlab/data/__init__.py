@@ -6,7 +6,8 @@ folder images are decoded and resized.
 """
 
 from normlab.data.augment import augment_batch, normalize
+from normlab.data.augmentations import apply_augment
 from normlab.data.bundle import DataBundle
 from normlab.data.loader import cache_dir, load_data
 
-__all__ = ["DataBundle", "augment_batch", "cache_dir", "load_data", "normalize"]
+__all__ = ["DataBundle", "apply_augment", "augment_batch", "cache_dir", "load_data", "normalize"]

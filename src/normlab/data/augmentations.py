@@ -348,7 +348,8 @@ def preview_augmentations(image: torch.Tensor, path: str | Path, names: list[str
         g = torch.Generator().manual_seed(seed * 1000 + i)
         batch = image[None].repeat(samples, 1, 1, 1)
         rows.append((name, CATALOGUE[name][0](batch, g, **settings(name, parsed))))
-    fig, axes = plt.subplots(len(rows), samples, figsize=(1.3 * samples + 1.2, 1.3 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), samples, figsize=(1.3 * samples + 1.2, 1.3 * len(rows)), squeeze=False,
+                             constrained_layout=True)
     for r, (name, batch) in enumerate(rows):
         for j in range(samples):
             ax = axes[r][j]

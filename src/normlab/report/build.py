@@ -193,6 +193,24 @@ def build_report(study_dir: str | Path) -> tuple[Path, Path]:
     else:
         doc.p("Not in this study.")
 
+    # ------------------------------------------------------------------ extra comparisons (study.compare)
+    for i, title in enumerate(study.get("compare") or {}):
+        cells = by_cell(runs, f"compare:{title}")
+        doc.h(f"Comparison: {title}")
+        if not cells:
+            continue
+        headers, rows = _metric_table(cells)
+        doc.table(headers, rows)
+        ranking = rank({label: cell_metric(recs, "val", "acc")[0] for label, recs in cells.items()})
+        if ranking:
+            doc.p("Ranking by mean val accuracy: " + "; ".join(f"{j}. {k} ({v:.4f})" for j, k, v in ranking) + ".")
+        path = plots.plot_panels([("Train loss (log scale)", "loss", _curves(cells, "train_loss")),
+                                  ("Val loss (log scale)", "loss", _curves(cells, "val_loss")),
+                                  ("Val accuracy", "accuracy", _curves(cells, "val_acc")),
+                                  ("Val macro-F1", "macro-F1", _curves(cells, "val_macro_f1"))],
+                                 fig_dir / f"compare_{i}.png", logy=[True, True, False, False])
+        doc.img(path, f"{title}: curves, mean over seeds")
+
     # ------------------------------------------------------------------ quantiles
     doc.h(SECTIONS[7])
     layer = "last_norm"

@@ -27,6 +27,7 @@ class RunRecord:
     summary: dict[str, Any] | None = None
     rows: list[dict[str, float]] = field(default_factory=list)
     quantiles: dict[str, Any] | None = None
+    cells: dict[str, str] = field(default_factory=dict)  # group -> the cell label it has there
 
     @property
     def usable(self) -> bool:
@@ -46,6 +47,8 @@ def collect_study(study_dir: Path) -> tuple[dict[str, Any], list[RunRecord]]:
     record = read_yaml(study_dir / "study.yaml")
     plan = read_json(study_dir / "plan.json")
     runs = [read_run(study_dir / "runs" / p["name"], p["name"], p["config"], p["groups"], p["cell"]) for p in plan]
+    for r, p in zip(runs, plan):
+        r.cells = dict(p.get("cells", {}))
     return record, runs
 
 
@@ -68,6 +71,8 @@ def by_cell(runs: list[RunRecord], group: str) -> dict[str, list[RunRecord]]:
     for r in runs:
         if group in r.groups:
             label = r.config["norm"] if group == "norms" else r.cell
+            if group.startswith("compare:"):
+                label = r.cells.get(group, r.cell)
             cells.setdefault(label, []).append(r)
     return cells
 

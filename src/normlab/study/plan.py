@@ -9,6 +9,9 @@ one compared:
    val accuracy (``batch_patience``);
 3. augmentation: ``augment_norm`` with each of ``augment_modes``.
 
+4. any number of extra comparisons in ``compare`` ({title: [settings, ...]}), e.g. optimizers at their own
+   learning rates or activations.
+
 Each cell runs for ``seeds`` seeds (0..K-1). Cells that resolve to the same config (e.g. ``torch_bn``
 without augmentation in groups 1 and 3) are one run.
 """
@@ -40,6 +43,7 @@ class StudyConfig:
     batch_patience: int = 5  # group 2: early-stopping patience in epochs
     augment_norm: str = "torch_bn"  # group 3: the model trained with and without augmentation
     augment_modes: list[str] = field(default_factory=lambda: ["none", "standard"])  # group 3
+    compare: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # extra comparisons: {title: [settings, ...]}
     gradcam_classes: list[str] | None = None  # Grad-CAM classes (None = every class, capped at gradcam_max_classes)
     gradcam_per_class: int = 5  # correct and misclassified val images per class
     gradcam_max_classes: int = 10  # cap when gradcam_classes is None
@@ -55,6 +59,10 @@ class StudyConfig:
                                        + (f" (did you mean {close[0]!r}?)" if close else f"; use {', '.join(NORM_NAMES)}"))
         if self.augment_norm not in NORM_NAMES:
             raise NormlabError(f"study: augment_norm={self.augment_norm!r} is not one of {', '.join(NORM_NAMES)}")
+        if not isinstance(self.compare, dict) or not all(
+                isinstance(v, list) and all(isinstance(c, dict) and c for c in v) for v in self.compare.values()):
+            raise NormlabError("study: compare must map a title to a list of non-empty settings mappings, e.g. "
+                               "{optimizers: [{optimizer: sgd, lr: 0.1}, {optimizer: adam, lr: 0.001}]}")
         if any(b < 1 for b in self.batch_sizes) or self.batch_max_epochs < 1 or self.batch_patience < 1:
             raise NormlabError("study: batch_sizes, batch_max_epochs and batch_patience must be >= 1")
         return self
@@ -66,6 +74,7 @@ class Run:
     config: dict[str, Any]  # the full TrainConfig (out excluded)
     groups: list[str]  # which comparisons use it: norms | batch | augment
     cell: str  # the cell's label without the seed, e.g. "bn" or "bn · batch 8"
+    cells: dict[str, str] = field(default_factory=dict)  # group -> label, for runs shared by several groups
 
 
 def load_preset(spec: str) -> tuple[dict, dict, Path]:
@@ -92,7 +101,9 @@ def make_study_config(data: dict[str, Any], where: str = "study") -> StudyConfig
             close = difflib.get_close_matches(key, names, n=1)
             raise NormlabError(f"{where}: unknown study setting {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
         default = getattr(StudyConfig(), key)
-        if isinstance(default, list) or key == "gradcam_classes":
+        if key == "compare":
+            pass
+        elif isinstance(default, list) or key == "gradcam_classes":
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
             if value is not None and not isinstance(value, list):
@@ -106,6 +117,14 @@ def make_study_config(data: dict[str, Any], where: str = "study") -> StudyConfig
                 raise NormlabError(f"{where}: {key}={value!r} must be an integer") from None
         values[key] = value
     return StudyConfig(**values).validate()
+
+
+def cell_label(over: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in over.items())
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in ".-" else "_" for c in text.replace(", ", "_").replace("=", "-"))[:60]
 
 
 def _key(cfg: dict[str, Any]) -> str:
@@ -124,6 +143,9 @@ def plan_runs(study: StudyConfig, base: dict[str, Any]) -> list[Run]:
                                                              "patience": study.batch_patience}))
     for mode in study.augment_modes:
         cells.append(("augment", f"{study.augment_norm} · augment {mode}", {"norm": study.augment_norm, "augment": mode}))
+    for title, variants in study.compare.items():
+        for over in variants:
+            cells.append((f"compare:{title}", cell_label(over), dict(over)))
     runs: dict[str, Run] = {}
     for seed in range(study.seeds):
         for group, label, over in cells:
@@ -133,11 +155,14 @@ def plan_runs(study: StudyConfig, base: dict[str, Any]) -> list[Run]:
             if key in runs:
                 if group not in runs[key].groups:
                     runs[key].groups.append(group)
+                runs[key].cells.setdefault(group, label)
                 continue
             name = f"{cfg['norm']}-b{cfg['batch_size']}-{cfg['augment']}"
             if cfg["patience"] is not None:
                 name += f"-e{cfg['epochs']}p{cfg['patience']}"
-            runs[key] = Run(f"{name}-s{seed}", cfg, [group], label)
+            if group.startswith("compare:"):
+                name += "-" + _slug(label)
+            runs[key] = Run(f"{name}-s{seed}", cfg, [group], label, {group: label})
     names = [r.name for r in runs.values()]
     if len(set(names)) != len(names):  # pragma: no cover - names encode every compared setting
         raise NormlabError("study: two different runs got the same folder name; report this as a bug")

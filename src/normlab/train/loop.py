@@ -11,6 +11,7 @@ Run folder: ``config.yaml`` · ``metrics.csv`` · ``events.*`` (TensorBoard) · 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
 import platform
@@ -25,7 +26,7 @@ from torch import nn
 
 from normlab.analysis.metrics import quantiles, scores_from_confusion
 from normlab.config import TrainConfig, dump_yaml, make_config, read_yaml
-from normlab.data import DataBundle, augment_batch, load_data, normalize
+from normlab.data import DataBundle, apply_augment, augment_batch, load_data, normalize
 from normlab.errors import NormlabError
 from normlab.io import read_json, write_json, write_text
 from normlab.models import build_model, count_parameters
@@ -76,8 +77,11 @@ def probe_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The layers whose outputs the feature-quantile probe records. ``last_norm`` (the headline layer) is
     the second norm of the last block: the normalization's output right before the final residual add."""
     m = unwrap(model)
-    layers = {"stem": m.stem, **{f"stage{i + 1}": s for i, s in enumerate(m.stages)}}
-    layers["last_norm"] = m.stages[-1][-1].bn2
+    stages = list(getattr(m, "stages", None) or [])  # models without stem/stages: probe what exists
+    layers = {**({"stem": m.stem} if hasattr(m, "stem") else {}), **{f"stage{i + 1}": s for i, s in enumerate(stages)}}
+    last = getattr(stages[-1][-1], "bn2", None) if stages and len(stages[-1]) else None
+    if last is not None:
+        layers["last_norm"] = last
     return layers
 
 
@@ -167,7 +171,9 @@ def _train(cfg: TrainConfig, out: Path, dinfo, progress: EpochProgress, log) -> 
     data = load_data(cfg, max_eval=cfg.eval_subset)
     if dinfo.is_main:
         write_text(out / "config.yaml", dump_yaml(cfg.to_dict()))
-    model = build_model(cfg, data.in_channels, data.num_classes,
+    # resuming: last.pt holds every weight, so --pretrained is not fetched again
+    build_cfg = dataclasses.replace(cfg, pretrained=None) if (out / "last.pt").is_file() else cfg
+    model = build_model(build_cfg, data.in_channels, data.num_classes,
                         sync=cfg.sync_bn and dinfo.enabled).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -207,7 +213,7 @@ def _train(cfg: TrainConfig, out: Path, dinfo, progress: EpochProgress, log) -> 
     n_params = count_parameters(model)
     log(f"{out}: {cfg.dataset} {tuple(data.train_x.shape[1:])}, {data.num_classes} classes, "
         f"train/val/test {n_train}/{len(data.val_x)}/{0 if data.test_x is None else len(data.test_x)}, "
-        f"ResNet-{cfg.layers} norm={cfg.norm} ({n_params:,} params), {device}, batch {cfg.batch_size}")
+        f"{f'ResNet-{cfg.layers}' if cfg.model == 'resnet' else cfg.model} norm={cfg.norm} ({n_params:,} params), {device}, batch {cfg.batch_size}")
     k = data.num_classes
 
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
@@ -227,6 +233,8 @@ def _train(cfg: TrainConfig, out: Path, dinfo, progress: EpochProgress, log) -> 
             xb = train_x[idx]
             if cfg.augment == "standard":
                 xb = augment_batch(xb, aug_gen)
+            elif cfg.augment != "none":  # the catalogue: crop,hflip,cutout,... (normlab.data.augmentations)
+                xb = apply_augment(xb, cfg.augment, aug_gen, cfg.augment_params)
             xb = normalize(xb, data.mean, data.std)
             if device.type == "cuda":
                 xb = xb.contiguous(memory_format=torch.channels_last)
@@ -347,7 +355,7 @@ def _finish(cfg, out, model, data, device, state, n_params, wall, log) -> None:
     rows = state["rows"]
     summary = {
         "status": status, "diverged": state["diverged"], "run": out.name, "epochs_run": state["epoch"],
-        "best_epoch": state["best_epoch"], "classes": data.classes, "params": n_params, "layers": cfg.layers,
+        "best_epoch": state["best_epoch"], "classes": data.classes, "params": n_params, "layers": cfg.layers if cfg.model == "resnet" else None,
         **{split: splits.get(split) for split in ("train", "val", "test")},
         "seconds_per_epoch": (sum(r["epoch_seconds"] for r in rows) / len(rows)) if rows else None,
         "images_per_s": (sum(r["images_per_s"] for r in rows) / len(rows)) if rows else None,
