@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no screen on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from normlab.io import atomic_write  # noqa: E402
 
@@ -36,6 +37,9 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, float]]:
 
 def save_figure(fig: plt.Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
     path = Path(path)
+    for ax in fig.axes:
+        if ax.get_xlabel().startswith("epoch"):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight"))
     plt.close(fig)
     return path

@@ -117,31 +117,6 @@ def plot_feature_maps(maps: torch.Tensor, path: str | os.PathLike, image: torch.
     return save_figure(fig, path)
 
 
-def load_for_analysis(run_dir: str | Path, device: str = "cpu"):
-    """Like ``galleries.load_run`` but builds the model without re-reading ``--pretrained`` weights (the
-    checkpoint holds the trained ones; the original file or download may be gone)."""
-    import dataclasses
-
-    from normlab.analysis.galleries import LoadedRun
-    from normlab.data import load_data
-    from normlab.models import build_model
-    from normlab.train.checkpoint import config_of, load_checkpoint, load_weights
-    from normlab.train.runtime import pick_device
-
-    run_dir = Path(run_dir)
-    path = next((p for p in (run_dir / "best.pt", run_dir / "last.pt") if p.is_file()), None)
-    if path is None:
-        raise NormlabError(f"{run_dir} has no best.pt or last.pt: train the run (or resume it) first")
-    dev = pick_device(device)
-    ckpt = load_checkpoint(path, map_location=dev)
-    cfg = config_of(ckpt)
-    data = load_data(cfg, max_eval=cfg.eval_subset)
-    model = build_model(dataclasses.replace(cfg, pretrained=None), data.in_channels, data.num_classes)
-    load_weights(model, ckpt, path)
-    model.to(dev).eval()
-    return LoadedRun(run_dir, cfg, model, data, path, dev)
-
-
 def run_activations(run_dir: str | Path, image: str | Path, out_dir: str | Path | None = None, channels: int = 16,
                     device: str = "cpu") -> dict[str, Any]:
     """Write ``<out>/<layer>.png`` for the stem and every stage of the run; returns ``{layer: path}`` info."""
@@ -149,7 +124,9 @@ def run_activations(run_dir: str | Path, image: str | Path, out_dir: str | Path 
 
     if not 1 <= channels <= 64:
         raise NormlabError(f"channels must be between 1 and 64, got {channels}")
-    run = load_for_analysis(run_dir, device)
+    from normlab.analysis.galleries import load_run
+
+    run = load_run(run_dir, device)
     data = run.data
     img = read_image(image, channels=data.in_channels, size=data.image_size)
     x = normalize(img[None].to(run.device), data.mean, data.std)

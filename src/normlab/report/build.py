@@ -59,11 +59,8 @@ def _curves(cells: dict[str, list[RunRecord]], column: str) -> dict[str, tuple[l
     return {label: mean_curve(recs, column) for label, recs in cells.items()}
 
 
-def _summary_of_first(runs: list[RunRecord]) -> dict[str, Any]:
-    for r in runs:
-        if r.summary:
-            return r.summary
-    return {}
+def _first_with_summary(runs: list[RunRecord]) -> RunRecord | None:
+    return next((r for r in runs if r.summary), None)
 
 
 def build_report(study_dir: str | Path) -> tuple[Path, Path]:
@@ -73,7 +70,8 @@ def build_report(study_dir: str | Path) -> tuple[Path, Path]:
     fig_dir = study_dir / "figures"
     fig_dir.mkdir(exist_ok=True)
     doc = Doc(f"normlab study: {study.get('name', study_dir.name)}")
-    first = _summary_of_first(runs)
+    first_run = _first_with_summary(runs)
+    first = first_run.summary if first_run else {}
     norms = by_cell(runs, "norms")
     state = read_json(study_dir / "state.json") if (study_dir / "state.json").is_file() else {}
 
@@ -89,8 +87,9 @@ def build_report(study_dir: str | Path) -> tuple[Path, Path]:
         ["data set", f"{base['dataset']} ({data.get('source', base.get('data_root') or 'default location')})"],
         ["classes", f"{len(classes)}: {', '.join(classes[:30])}{' …' if len(classes) > 30 else ''}"],
         ["split sizes (train/val/test)", "/".join(str(data.get("counts", {}).get(k, "?")) for k in SPLITS)],
-        ["model", f"ResNet-{6 * base['n'] + 2} (n={base['n']}, shortcut {base['shortcut']}), "
-                  f"{first.get('params', 0):,} parameters with {first and runs[0].config['norm']}"],
+        ["model", (f"ResNet-{6 * base['n'] + 2} (n={base['n']}, shortcut {base['shortcut']})"
+                   if base.get("model", "resnet") == "resnet" else str(base.get("model")))
+         + (f", {first.get('params', 0):,} parameters with {first_run.config['norm']}" if first_run else "")],
         ["hardware", _hardware()],
         ["versions", f"normlab {normlab.__version__}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
                      f"Python {platform.python_version()}"],

@@ -157,11 +157,11 @@ def plan_runs(study: StudyConfig, base: dict[str, Any]) -> list[Run]:
                     runs[key].groups.append(group)
                 runs[key].cells.setdefault(group, label)
                 continue
-            name = f"{cfg['norm']}-b{cfg['batch_size']}-{cfg['augment']}"
+            name = f"{cfg['norm']}-b{cfg['batch_size']}-{cfg['augment'].replace(',', '+')}"
             if cfg["patience"] is not None:
                 name += f"-e{cfg['epochs']}p{cfg['patience']}"
             if group.startswith("compare:"):
-                name += "-" + _slug(label)
+                name = f"{cfg['norm']}-b{cfg['batch_size']}-{_slug(label)}"
             runs[key] = Run(f"{name}-s{seed}", cfg, [group], label, {group: label})
     names = [r.name for r in runs.values()]
     if len(set(names)) != len(names):  # pragma: no cover - names encode every compared setting

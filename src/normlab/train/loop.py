@@ -10,6 +10,7 @@ Run folder: ``config.yaml`` · ``metrics.csv`` · ``events.*`` (TensorBoard) · 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -107,8 +108,12 @@ def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
     write_text(path, buf.getvalue())
 
 
+def run_dir_of(cfg: TrainConfig) -> Path:
+    return Path(cfg.out or Path("runs") / cfg.run_name())
+
+
 def prepare_run_dir(cfg: TrainConfig, force: bool) -> Path:
-    out = Path(cfg.out or Path("runs") / cfg.run_name())
+    out = run_dir_of(cfg)
     if out.exists() and not out.is_dir():
         raise NormlabError(f"output {out} exists and is not a folder: choose another --out")
     if out.is_dir() and holds_run(out):
@@ -141,22 +146,14 @@ def train(cfg: TrainConfig, *, force: bool = False, resume_dir: str | Path | Non
     elif dinfo.is_main:
         out = prepare_run_dir(cfg, force)
     else:
-        out = Path(cfg.out or Path("runs") / cfg.run_name())
+        out = run_dir_of(cfg)
     dist_utils.barrier(dinfo)  # the other ranks look at the folder only once rank 0 has prepared it
     try:
-        with RunLock(out, log) if dinfo.is_main else _null():
+        with RunLock(out, log) if dinfo.is_main else contextlib.nullcontext():
             return _train(cfg, out, dinfo, progress, log)
     finally:
         if dinfo.enabled:
             dist_utils.teardown()
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
 
 
 def _train(cfg: TrainConfig, out: Path, dinfo, progress: EpochProgress, log) -> Path:
