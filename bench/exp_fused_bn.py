@@ -4,7 +4,7 @@ nn.BatchNorm2d. 1 thread; 20 interleaved rounds; median ms per forward+backward.
 
     python bench/exp_fused_bn.py
 """
-import torch, time, statistics, sys
+import torch, time, statistics
 torch.set_num_threads(1)
 import torch.nn as nn
 import normlab.norms._functional as F_

@@ -23,6 +23,8 @@ JOBS = [  # (name, script args)
     ("norms_compiled", ["bench_norms.py", "--compile", "--norms", "bn,gn", "--formats", "nchw", "--repeats", "5",
                         "--out", "norms_compiled.json"]),
     ("pipeline", ["bench_pipeline.py", "--threads", "2", "--channels-last"]),
+    ("pipeline_t1", ["bench_pipeline.py", "--threads", "1", "--channels-last", "--no-accuracy",
+                     "--out", "pipeline_t1.json"]),
     ("scaling", ["bench_scaling.py"]),
     ("startup", ["bench_startup.py"]),
 ]
@@ -72,9 +74,9 @@ def report() -> str:
          f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs (shared with other jobs: timings are noisy, so every "
          "comparison is measured side by side, interleaved, in one process), no GPU. "
          f"Python {m['python']}, torch {m['torch']}, torchvision {m['torchvision']}, {m['platform']}.", "",
-         "Numbers are medians with (min–max) over repeats. **Threads:** the benches default to 1 torch thread: on "
-         "this shared 2-core machine 2 threads made a ResNet-20 step 3–4× slower and far noisier whenever "
-         "another process was busy (measured 0.41–0.65 s with 1 thread vs 1.29–2.30 s with 2, same process).", ""]
+         "Numbers are medians with (min–max) over repeats. **Threads:** the norm and scaling benches use 1 torch "
+         "thread: on this shared 2-core machine 2 threads made a ResNet-20 step several times slower and far "
+         "noisier whenever another process was busy (`python bench/exp_threads.py`, see the notes at the end).", ""]
 
     def cmd(name):
         return f"Command: `{cmds[name]['cmd']}`" if name in cmds else "Command: (not recorded)"
@@ -102,6 +104,7 @@ def report() -> str:
             L.append(f"| {r['norm']} | {r['format']} | {f3(r['normlab_s'])} | {f3(r['native_s'])} | "
                      f"**{f3(r['ratio'], 2)}** | {r['first_step_s']['normlab']:.1f} / {r['first_step_s']['native']:.1f} |")
         L.append("")
+    pipe1 = load("pipeline_t1.json")
     if pipe:
         t = pipe["throughput"]
         L += ["## 2. End to end: normlab vs a conventional pipeline (ResNet-20 BN, batch 128, standard augmentation)",
@@ -115,6 +118,11 @@ def report() -> str:
               f"| conventional (ImageFolder + DataLoader workers + PIL transforms, nn.BatchNorm2d, NCHW) | "
               f"{f3(t['conventional_img_s'], 0)} |",
               f"| **ratio** | **{f3(t['ratio'], 2)}** |", ""]
+        if pipe1:
+            t1 = pipe1["throughput"]
+            L += [f"Same with 1 torch thread in each training process ({cmd('pipeline_t1')[9:]}): normlab "
+                  f"{f3(t1['normlab_img_s'], 0)} images/s, conventional {f3(t1['conventional_img_s'], 0)} images/s, "
+                  f"ratio **{f3(t1['ratio'], 2)}**.", ""]
         if "accuracy" in pipe:
             a = pipe["accuracy"]
             L += [f"Accuracy, fixed budget: {a['epochs']} epoch on a stratified {a['subset']:,}-image subset of "
@@ -123,9 +131,11 @@ def report() -> str:
                   f"{a['conventional_test_acc']:.4f}.", ""]
     if scal:
         L += ["## 3. Cost vs depth and input size", "", cmd("scaling"), "", "![scaling](bench/results/scaling.png)", "",
-              "| sweep | value | ms per image (train step) |", "|---|---|---|"]
+              "| sweep | value | ms per image (train step) | per unit (ms per n, or µs per pixel) |", "|---|---|---|---|"]
         for r in scal["results"]:
-            L.append(f"| {r['sweep']} | {r['value']} | {f3(r['s_per_image'], 3, 1e3)} |")
+            unit = r["value"] if r["sweep"] == "n" else r["value"] ** 2 / 1e3
+            L.append(f"| {r['sweep']} | {r['value']} | {f3(r['s_per_image'], 3, 1e3)} | "
+                     f"{r['s_per_image']['median'] * 1e3 / unit:.3f} |")
         fn, fs = scal["fits"]["n"], scal["fits"]["size"]
         L += ["", f"Linear fits: t = {fn['intercept_s'] * 1e3:.3f} + {fn['slope_s'] * 1e3:.4f}·n ms/image "
               f"(R² {fn['r2']:.4f}); t = {fs['intercept_s'] * 1e3:.3f} + {fs['slope_s'] * 1e6:.4f}e-3·pixels ms/image "
@@ -140,6 +150,9 @@ def report() -> str:
                      f"{v['model_compile_s']['median']:.2f} | {v['first_step_s']['median']:.2f} | "
                      f"**{f3(v['time_to_first_step_s'], 2)}** | {v['second_step_s']['median']:.2f} |")
         L.append("")
+    if normc:
+        L += ["Compile times (\"first step\" in the torch.compile table of section 1) depend on inductor's on-disk cache: that table ran with a partly "
+              "warm cache; section 5 measures cold vs warm.", ""]
     notes = ROOT / "bench" / "NOTES.md"
     if notes.is_file():
         L += [notes.read_text().strip(), ""]

@@ -9,7 +9,6 @@ import math
 import os
 import platform
 from pathlib import Path
-from typing import Any
 
 import torch
 import torchvision
@@ -20,6 +19,7 @@ from normlab.io import read_json, write_text
 from normlab.report.collect import (METRICS, SPLITS, RunRecord, by_cell, cell_metric, cell_status, collect_study,
                                     fmt, mean_curve, mean_quantiles, mean_std, rank)
 from normlab.report.render import Doc, to_html, to_markdown
+from normlab.train.runtime import cpu_name
 
 METRIC_NAMES = {"acc": "acc", "micro_f1": "micro-F1", "macro_f1": "macro-F1"}
 SECTIONS = ("Setup", "Results: all variants", "Sanity check: custom BN vs torch_bn", "Loss curves",
@@ -29,14 +29,7 @@ SECTIONS = ("Setup", "Results: all variants", "Sanity check: custom BN vs torch_
 
 
 def _hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return f"{cpu}, {os.cpu_count()} cores; GPU: {gpu}"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import warnings
 from pathlib import Path
 
@@ -16,6 +17,17 @@ try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: pid check only
     fcntl = None  # type: ignore[assignment]
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "?"
 
 
 def pick_device(name: str) -> torch.device:
