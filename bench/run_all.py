@@ -27,6 +27,7 @@ JOBS = [  # (name, script args)
                      "--out", "pipeline_t1.json"]),
     ("scaling", ["bench_scaling.py"]),
     ("startup", ["bench_startup.py"]),
+    ("distributed", ["bench_distributed.py"]),
 ]
 
 
@@ -153,6 +154,10 @@ def report() -> str:
     if normc:
         L += ["Compile times (\"first step\" in the torch.compile table of section 1) depend on inductor's on-disk cache: that table ran with a partly "
               "warm cache; section 5 measures cold vs warm.", ""]
+    dist_md = RES / "distributed.md"
+    if dist_md.is_file():
+        L += ["## 6. DDP (2 processes, gloo) vs 1 process, and a study with --jobs 2 vs --jobs 1", "",
+              cmd("distributed"), "", dist_md.read_text().strip(), ""]
     notes = ROOT / "bench" / "NOTES.md"
     if notes.is_file():
         L += [notes.read_text().strip(), ""]

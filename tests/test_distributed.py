@@ -123,3 +123,30 @@ def test_torchrun_two_processes_train_end_to_end(image_folder, tmp_path):
         assert abs(float(ra["train_loss"]) - float(rb["train_loss"])) < 0.05, (ra, rb)
     # the ranks were in the training loop together: every image of an epoch counted once
     assert float(rows[0]["train_acc"]) >= 0
+
+
+@pytest.mark.slow
+def test_checkpoint_from_two_ranks_resumes_on_one(image_folder, tmp_path):
+    """A run trained for an epoch on 2 ranks continues on 1 process from its last.pt."""
+    import yaml
+
+    run = tmp_path / "run"
+    common = ["--dataset", "folder", "--data-root", str(image_folder), "--image-size", "16", "--depth", "1",
+              "--epochs", "1", "--batch-size", "16", "--progress", "plain", "--threads", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+                          "-m", "normlab", "train", *common, "--out", str(run)],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    # pretend it had been asked for 2 epochs and stopped after the first (as a killed run would be)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["epochs"] = 2
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (run / "summary.json").unlink()
+    res = subprocess.run([sys.executable, "-m", "normlab", "train", "--resume", str(run)],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming" in res.stderr
+    assert [r["epoch"] for r in _metrics(run)] == ["1", "2"]
+    assert json.loads((run / "summary.json").read_text())["epochs_run"] == 2

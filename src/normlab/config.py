@@ -63,7 +63,7 @@ class TrainConfig:
     grad_clip: float | None = None  # clip the gradient norm to this value (None = off)
     patience: int | None = None  # early stopping: stop after this many epochs without a better val accuracy
     # --- runtime ---
-    seed: int = 0  # seeds data split, init, order and augmentation; CPU runs are deterministic
+    seed: int = 0  # seeds init, data order, augmentation and dropout (splits use fixed seeds); CPU runs are deterministic
     device: str = "auto"  # auto | cpu | cuda | mps
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 uses a grad scaler on CUDA)
     compile: str = "off"  # auto | on | off: torch.compile the model

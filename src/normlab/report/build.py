@@ -124,8 +124,8 @@ def build_report(study_dir: str | Path) -> tuple[Path, Path]:
         doc.table(["metric", "bn (normlab)", "torch_bn", "difference"], rows)
         diffs = [abs(float(r[3])) for r in rows if r[3] not in ("+nan", "nan")]
         if diffs:
-            doc.p(f"Largest absolute difference: {max(diffs):.4f}. Both start from the same seed; differences come only "
-                  "from floating-point summation order in the normalization.")
+            doc.p(f"Largest absolute difference: {max(diffs):.4f}. Both start from the same weights and see the same "
+                  "batches; differences come from floating-point rounding in the normalization, amplified by training.")
         path = plots.plot_panels([
             ("Train loss", "loss", _curves(pair, "train_loss")), ("Val loss", "loss", _curves(pair, "val_loss")),
             ("Val accuracy", "accuracy", _curves(pair, "val_acc")), ("Val macro-F1", "macro-F1", _curves(pair, "val_macro_f1")),

@@ -70,9 +70,7 @@ def by_cell(runs: list[RunRecord], group: str) -> dict[str, list[RunRecord]]:
     cells: dict[str, list[RunRecord]] = {}
     for r in runs:
         if group in r.groups:
-            label = r.config["norm"] if group == "norms" else r.cell
-            if group.startswith("compare:"):
-                label = r.cells.get(group, r.cell)
+            label = r.config["norm"] if group == "norms" else r.cells.get(group, r.cell)
             cells.setdefault(label, []).append(r)
     return cells
 

@@ -226,16 +226,18 @@ def _train(cfg: TrainConfig, out: Path, dinfo, progress: EpochProgress, log) -> 
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             if len(idx) < 2 * dinfo.world_size:  # a 1-image batch cannot be batch-normalized
                 continue
-            idx = idx.tensor_split(dinfo.world_size)[dinfo.rank].to(device)
+            idx = idx.to(device)
             xb = train_x[idx]
+            # Augment the whole global batch on every rank (cheap next to the model), then keep this rank's
+            # share: each image gets the same random crop/flip as in a 1-process run of the same seed.
             if cfg.augment == "standard":
                 xb = augment_batch(xb, aug_gen)
             elif cfg.augment != "none":  # the catalogue: crop,hflip,cutout,... (normlab.data.augmentations)
                 xb = apply_augment(xb, cfg.augment, aug_gen, cfg.augment_params)
-            xb = normalize(xb, data.mean, data.std)
+            xb = normalize(xb.tensor_split(dinfo.world_size)[dinfo.rank], data.mean, data.std)
             if device.type == "cuda":
                 xb = xb.contiguous(memory_format=torch.channels_last)
-            yb = train_y[idx]
+            yb = train_y[idx].tensor_split(dinfo.world_size)[dinfo.rank]
             global_step = (epoch - 1) * steps_per_epoch + step
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(global_step, total_steps, cfg, steps_per_epoch)
