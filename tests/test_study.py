@@ -32,7 +32,7 @@ def write_spec(path: Path, data_root: Path, **study) -> Path:
         "train": {"dataset": "folder", "data_root": str(data_root), "image_size": 16, "n": 1, "epochs": 1,
                   "batch_size": 16, "lr": 0.05, "eval_batch_size": 64, "probe_size": 16, "progress": "plain"},
     }
-    path.write_text(yaml.safe_dump(spec))
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
 
 
