@@ -96,17 +96,29 @@ def _metrics(run) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-@pytest.mark.slow
-def test_torchrun_two_processes_train_end_to_end(image_folder, tmp_path):
-    common = ["--dataset", "folder", "--data-root", str(image_folder), "--image-size", "16", "--depth", "1",
-              "--epochs", "2", "--batch-size", "16", "--lr", "0.05", "--progress", "plain", "--threads", "1"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    two = tmp_path / "two"
+ENV_1_THREAD = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def _small_run_args(folder, epochs: int) -> list[str]:
+    return ["--dataset", "folder", "--data-root", str(folder), "--image-size", "16", "--depth", "1", "--epochs",
+            str(epochs), "--batch-size", "16", "--lr", "0.05", "--progress", "plain", "--threads", "1"]
+
+
+def _torchrun_train(args: list[str], out) -> subprocess.CompletedProcess:
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-                          "-m", "normlab", "train", *common, "--out", str(two)],
-                         capture_output=True, text=True, timeout=600, env=env)
+                          "-m", "normlab", "train", *args, "--out", str(out)],
+                         capture_output=True, text=True, timeout=600, env=ENV_1_THREAD)
     assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_end_to_end(image_folder, tmp_path):
+    common = _small_run_args(image_folder, epochs=2) + ["--augment", "standard"]
+    env = ENV_1_THREAD
+    two = tmp_path / "two"
+    res = _torchrun_train(common, two)
     summary = json.loads((two / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["epochs_run"] == 2
     rows = _metrics(two)
@@ -118,11 +130,10 @@ def test_torchrun_two_processes_train_end_to_end(image_folder, tmp_path):
                           capture_output=True, text=True, timeout=600, env=env)
     assert res1.returncode == 0, res1.stderr[-3000:]
     a, b = _metrics(one), _metrics(two)
-    # the same global batches and synchronized BN statistics: the two runs follow each other closely
+    # the same global batches, the same crops and synchronized BN statistics: only rounding differs
     for ra, rb in zip(a, b):
-        assert abs(float(ra["train_loss"]) - float(rb["train_loss"])) < 0.05, (ra, rb)
-    # the ranks were in the training loop together: every image of an epoch counted once
-    assert float(rows[0]["train_acc"]) >= 0
+        for key in ("train_loss", "val_loss"):
+            assert abs(float(ra[key]) - float(rb[key])) < 0.01, (key, ra, rb)
 
 
 @pytest.mark.slow
@@ -131,21 +142,14 @@ def test_checkpoint_from_two_ranks_resumes_on_one(image_folder, tmp_path):
     import yaml
 
     run = tmp_path / "run"
-    common = ["--dataset", "folder", "--data-root", str(image_folder), "--image-size", "16", "--depth", "1",
-              "--epochs", "1", "--batch-size", "16", "--progress", "plain", "--threads", "1"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-                          "-m", "normlab", "train", *common, "--out", str(run)],
-                         capture_output=True, text=True, timeout=600, env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
+    _torchrun_train(_small_run_args(image_folder, epochs=1), run)
     # pretend it had been asked for 2 epochs and stopped after the first (as a killed run would be)
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     cfg["epochs"] = 2
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     (run / "summary.json").unlink()
     res = subprocess.run([sys.executable, "-m", "normlab", "train", "--resume", str(run)],
-                         capture_output=True, text=True, timeout=600, env=env)
+                         capture_output=True, text=True, timeout=600, env=ENV_1_THREAD)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming" in res.stderr
     assert [r["epoch"] for r in _metrics(run)] == ["1", "2"]
