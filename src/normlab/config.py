@@ -77,6 +77,11 @@ class TrainConfig:
     def layers(self) -> int:
         return 6 * self.n + 2
 
+    @property
+    def model_label(self) -> str:
+        """How logs, titles and reports name the model: ``ResNet-20`` for the 6n+2 ResNet, else its name."""
+        return f"ResNet-{self.layers}" if self.model == "resnet" else self.model
+
     def run_name(self) -> str:
         return f"{self.dataset}-{self.norm}-n{self.n}-b{self.batch_size}-{self.augment}-s{self.seed}"
 

@@ -240,7 +240,7 @@ def run_analyses(run_dir: str | Path, device: str = "cpu", max_images: int = 32)
     run = load_run(run_dir, device)
     data, cfg = run.data, run.cfg
     summary = summary_of(run_dir) or {}
-    where = f"{cfg.dataset} · ResNet-{cfg.layers} · {cfg.norm}"
+    where = f"{cfg.dataset} · {cfg.model_label} · {cfg.norm}"
     out: dict[str, str] = {}
     cache: dict[str, tuple] = {}
     for split in ("val", "test"):

@@ -15,6 +15,7 @@ import torchvision
 
 import normlab
 from normlab import plots
+from normlab.config import make_config
 from normlab.io import read_json, write_text
 from normlab.report.collect import (METRICS, SPLITS, RunRecord, by_cell, cell_metric, cell_status, collect_study,
                                     fmt, mean_curve, mean_quantiles, mean_std, rank)
@@ -80,8 +81,8 @@ def build_report(study_dir: str | Path) -> tuple[Path, Path]:
         ["data set", f"{base['dataset']} ({data.get('source', base.get('data_root') or 'default location')})"],
         ["classes", f"{len(classes)}: {', '.join(classes[:30])}{' …' if len(classes) > 30 else ''}"],
         ["split sizes (train/val/test)", "/".join(str(data.get("counts", {}).get(k, "?")) for k in SPLITS)],
-        ["model", (f"ResNet-{6 * base['n'] + 2} (n={base['n']}, shortcut {base['shortcut']})"
-                   if base.get("model", "resnet") == "resnet" else str(base.get("model")))
+        ["model", make_config(base).model_label
+                  + (f" (n={base['n']}, shortcut {base['shortcut']})" if base.get("model", "resnet") == "resnet" else "")
          + (f", {first.get('params', 0):,} parameters with {first_run.config['norm']}" if first_run else "")],
         ["hardware", _hardware()],
         ["versions", f"normlab {normlab.__version__}, torch {torch.__version__}, torchvision {torchvision.__version__}, "

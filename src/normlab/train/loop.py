@@ -27,7 +27,7 @@ from torch import nn
 
 from normlab.analysis.metrics import quantiles, scores_from_confusion
 from normlab.config import TrainConfig, dump_yaml, make_config, read_yaml
-from normlab.data import DataBundle, apply_augment, augment_batch, load_data, normalize
+from normlab.data import DataBundle, apply_augment, load_data, normalize
 from normlab.errors import NormlabError
 from normlab.io import read_json, write_json, write_text
 from normlab.models import build_model, count_parameters
@@ -210,7 +210,7 @@ def _train(cfg: TrainConfig, out: Path, dinfo, progress: EpochProgress, log) -> 
     n_params = count_parameters(model)
     log(f"{out}: {cfg.dataset} {tuple(data.train_x.shape[1:])}, {data.num_classes} classes, "
         f"train/val/test {n_train}/{len(data.val_x)}/{0 if data.test_x is None else len(data.test_x)}, "
-        f"{f'ResNet-{cfg.layers}' if cfg.model == 'resnet' else cfg.model} norm={cfg.norm} ({n_params:,} params), {device}, batch {cfg.batch_size}")
+        f"{cfg.model_label} norm={cfg.norm} ({n_params:,} params), {device}, batch {cfg.batch_size}")
     k = data.num_classes
 
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
@@ -230,9 +230,7 @@ def _train(cfg: TrainConfig, out: Path, dinfo, progress: EpochProgress, log) -> 
             xb = train_x[idx]
             # Augment the whole global batch on every rank (cheap next to the model), then keep this rank's
             # share: each image gets the same random crop/flip as in a 1-process run of the same seed.
-            if cfg.augment == "standard":
-                xb = augment_batch(xb, aug_gen)
-            elif cfg.augment != "none":  # the catalogue: crop,hflip,cutout,... (normlab.data.augmentations)
+            if cfg.augment != "none":  # standard, or catalogue names: crop,hflip,cutout,... (data.augmentations)
                 xb = apply_augment(xb, cfg.augment, aug_gen, cfg.augment_params)
             xb = normalize(xb.tensor_split(dinfo.world_size)[dinfo.rank], data.mean, data.std)
             if device.type == "cuda":
@@ -364,7 +362,7 @@ def _finish(cfg, out, model, data, device, state, n_params, wall, log) -> None:
     write_json(out / "summary.json", summary)
     if rows:
         plot_curves(read_metrics(out / "metrics.csv"), out / "curves.png",
-                    title=f"{cfg.dataset} · ResNet-{cfg.layers} · {cfg.norm} · seed {cfg.seed}")
+                    title=f"{cfg.dataset} · {cfg.model_label} · {cfg.norm} · seed {cfg.seed}")
     test = splits.get("test") or splits.get("val") or {}
     log(f"done: {status}; best epoch {state['best_epoch']}; "
         + (f"test acc {test['acc']:.4f}, macro-F1 {test['macro_f1']:.4f}; " if test else "")
