@@ -1,6 +1,6 @@
 # normlab: `make demo` runs the main job on the embedded default, `make test` runs the suite.
 # Both bootstrap what they need: a virtual environment with the pinned packages, and Debian's
-# Fashion-MNIST when apt is there.
+# Fashion-MNIST (and g++, for the CPU norm kernels, if no compiler is there) when apt is there.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -25,6 +25,7 @@ install: $(STAMP)
 
 data:
 	@bash scripts/get-fashion-mnist.sh
+	@bash scripts/get-cxx.sh
 
 demo: $(STAMP) data
 	$(BIN)/normlab study --preset quick --out studies/quick

@@ -1,10 +1,14 @@
 """Target 1: one ResNet-20 training step with each normlab norm vs the same model with PyTorch's native layer.
 
 Per norm and memory format (NCHW, channels_last), the normlab and native models are built from the same
-seed, fed the same batch, and timed in interleaved repeats inside this one process (A B, B A, A B, ...),
+seed, fed the same batch, and timed in interleaved steps inside this one process (A B, B A, A B, ...),
 so machine noise hits both sides alike. A step = forward + cross-entropy + backward + SGD step
-(momentum 0.9, weight decay 5e-4). Reported: median step time of each side, and the median (min–max)
-over repeats of the per-repeat ratio normlab / native.
+(momentum 0.9, weight decay 5e-4). Each of ``--rounds`` rounds builds a fresh pair of models, in
+alternating order: where a model's tensors land in memory shifts its step time by a few percent (two
+identical native models differed by up to 7% in one pair), so a single pair can favour either side.
+Reported: median step time of each side, and the median (min–max) over rounds of the per-round ratio
+normlab / native (each round's time being the median of its steps). The control row ``aa`` puts native
+BN on both sides: its spread is the measurement's own.
 
 Memory: the bytes of distinct tensor storages autograd saves for backward during one step's forward
 (torch.autograd.graph.saved_tensors_hooks). That is the activation memory held at a step's peak -- the
@@ -15,7 +19,7 @@ Native references: bn -> nn.BatchNorm2d, in -> nn.InstanceNorm2d(affine=True), l
 gn -> nn.GroupNorm(8, C), bin -> "BN + IN together": the same gated mix built from F.batch_norm and
 F.instance_norm (both native kernels), i.e. what BIN costs with PyTorch's own layers.
 
-    python bench/bench_norms.py            # all norms, NCHW and channels_last (~4 min here)
+    python bench/bench_norms.py            # all norms + control, NCHW and channels_last (~12 min here)
     python bench/bench_norms.py --quick    # fewer repeats
     python bench/bench_norms.py --compile  # also torch.compile both sides (compile time reported apart)
 """
@@ -23,6 +27,7 @@ F.instance_norm (both native kernels), i.e. what BIN costs with PyTorch's own la
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -83,7 +88,15 @@ def make_step(model, x, y):
     return step
 
 
-def run(norms, formats, repeats, steps, warmup, batch, compile_):
+def build_side(norm: str, side: str, fmt_name: str):
+    """The model for one side: normlab's layer, or the native reference (the control row "aa" is native on
+    both sides)."""
+    if side == "normlab" and norm != "aa":
+        return build(norm, fmt_name)
+    return build(NATIVE["bn" if norm == "aa" else norm], fmt_name)
+
+
+def run(norms, formats, rounds, steps, warmup, batch, compile_):
     g = torch.Generator().manual_seed(1)
     x0 = torch.randn(batch, 3, 32, 32, generator=g)
     y = torch.randint(0, 10, (batch,), generator=g)
@@ -91,34 +104,42 @@ def run(norms, formats, repeats, steps, warmup, batch, compile_):
     for fmt_name in formats:
         x = x0.contiguous(memory_format=torch.channels_last) if fmt_name == "channels_last" else x0
         for norm in norms:
-            sides = {"normlab": build(norm, fmt_name), "native": build(NATIVE[norm], fmt_name)}
-            mem = {k: saved_bytes(lambda m=m: F.cross_entropy(m(x), y)) for k, m in sides.items()}
-            compile_s = {}
-            if compile_:
-                for k in sides:
-                    torch._dynamo.reset()
-                    sides[k] = torch.compile(sides[k])
-            stepfns = {k: make_step(m, x, y) for k, m in sides.items()}
-            for k, fn in stepfns.items():
-                t0 = time.perf_counter()
-                fn()
-                compile_s[k] = time.perf_counter() - t0  # first step (includes compilation when compiling)
-                for _ in range(warmup):
-                    fn()
-            times = {k: [] for k in sides}
-            ratios = []
-            order = list(stepfns)
-            for r in range(repeats):
-                for k in (order if r % 2 == 0 else order[::-1]):
-                    fn = stepfns[k]
+            times = {"normlab": [], "native": []}
+            ratios, compile_s, mem = [], {}, {}
+            for r in range(rounds):
+                # fresh models every round, built in alternating order: where a model's tensors land in
+                # memory moves its step time by a few percent, and the first-built one is not always
+                # the faster (see the control row)
+                order = ["normlab", "native"] if r % 2 == 0 else ["native", "normlab"]
+                sides = {k: build_side(norm, k, fmt_name) for k in order}
+                if r == 0:
+                    mem = {k: saved_bytes(lambda m=m: F.cross_entropy(m(x), y)) for k, m in sides.items()}
+                if compile_:
+                    for k in order:
+                        torch._dynamo.reset()
+                        sides[k] = torch.compile(sides[k])
+                stepfns = {k: make_step(sides[k], x, y) for k in order}
+                for k in order:
                     t0 = time.perf_counter()
-                    for _ in range(steps):
-                        fn()
-                    times[k].append((time.perf_counter() - t0) / steps)
-                ratios.append(times["normlab"][-1] / times["native"][-1])
+                    stepfns[k]()
+                    if r == 0:
+                        compile_s[k] = time.perf_counter() - t0  # first step (incl. compilation if any)
+                    for _ in range(warmup):
+                        stepfns[k]()
+                per = {k: [] for k in order}
+                for i in range(steps):  # interleaved A B, B A, ...
+                    for k in (order if i % 2 == 0 else order[::-1]):
+                        t0 = time.perf_counter()
+                        stepfns[k]()
+                        per[k].append(time.perf_counter() - t0)
+                med = {k: statistics.median(v) for k, v in per.items()}
+                for k in order:
+                    times[k].append(med[k])
+                ratios.append(med["normlab"] / med["native"])
+                del sides, stepfns
             row = {"norm": norm, "format": fmt_name, "compiled": compile_,
                    "normlab_s": summary(times["normlab"]), "native_s": summary(times["native"]),
-                   "ratio": summary(ratios), "normlab_saved_MB": mem["normlab"] / 2**20,
+                   "ratio": summary(ratios), "ratios": ratios, "normlab_saved_MB": mem["normlab"] / 2**20,
                    "native_saved_MB": mem["native"] / 2**20, "mem_ratio": mem["normlab"] / mem["native"],
                    "first_step_s": compile_s}
             results.append(row)
@@ -132,26 +153,27 @@ def run(norms, formats, repeats, steps, warmup, batch, compile_):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--norms", default="bn,in,ln,gn,bin")
+    ap.add_argument("--norms", default="bn,in,ln,gn,bin,aa",
+                    help="aa = control: native BN on both sides (shows the measurement's own spread)")
     ap.add_argument("--formats", default="nchw,channels_last")
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--steps", type=int, default=3, help="steps per timed repeat")
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=8, help="fresh pairs of models, built in alternating order")
+    ap.add_argument("--steps", type=int, default=6, help="interleaved timed steps per side and round (median)")
+    ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--compile", action="store_true", help="torch.compile both models (adds compile time)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on this shared 2-core machine 2 threads oversubscribe "
                          "and a step gets 3-4x slower and far noisier)")
-    ap.add_argument("--quick", action="store_true", help="3 repeats of 2 steps")
+    ap.add_argument("--quick", action="store_true", help="4 rounds of 4 steps")
     ap.add_argument("--out", default="norms.json")
     a = ap.parse_args(argv)
     if a.quick:
-        a.repeats, a.steps, a.warmup = 3, 2, 1
+        a.rounds, a.steps, a.warmup = 4, 4, 1
     torch.set_num_threads(a.threads)
     formats = [f.replace("nchw", "NCHW") for f in a.formats.split(",")]
     info = machine()
     print(info)
-    res = run(a.norms.split(","), formats, a.repeats, a.steps, a.warmup, a.batch, a.compile)
+    res = run(a.norms.split(","), formats, a.rounds, a.steps, a.warmup, a.batch, a.compile)
     write_json(a.out, {"machine": info, "args": vars(a), "results": res})
 
 

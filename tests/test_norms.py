@@ -13,6 +13,7 @@ from torch import nn
 
 import normlab.norms as norms
 from normlab.errors import NormlabError
+from normlab.norms import _functional, _kernels
 from normlab.norms import (
     NORMS, BatchInstanceNorm2d, BatchNorm2d, GroupNorm2d, InstanceNorm2d, LayerNorm2d, clamp_gates_, make_norm,
     norm_layer,
@@ -20,6 +21,16 @@ from normlab.norms import (
 
 NAMES = ("bn", "in", "bin", "ln", "gn", "nn", "torch_bn")
 ATOL, RTOL = 1e-5, 1e-4
+
+
+@pytest.fixture(autouse=True, params=["cpp", "ops"])
+def norm_path(request, monkeypatch):
+    """Every test here runs twice: through the C++ kernels and through the tensor-op fallback."""
+    monkeypatch.setenv("NORMLAB_KERNELS", "1" if request.param == "cpp" else "0")
+    if request.param == "cpp":
+        assert _kernels.library() is not None, (
+            f"the C++ norm kernels did not build ({_kernels._state['error']}): install g++ (make test does)")
+    return request.param
 
 
 def close(a: torch.Tensor, b: torch.Tensor, atol: float = ATOL, rtol: float = RTOL) -> None:
@@ -349,6 +360,79 @@ def test_bf16_autocast_through_a_conv():
         y = norm(conv(x))
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
     close(y.float(), norm(conv(x)), atol=0.1, rtol=0.05)
+
+
+# ------------------------------------------------------------------------------------ C++ kernels
+
+def test_fast_path_is_taken_exactly_for_cpu_float_dense_inputs(norm_path, monkeypatch):
+    calls = []
+    for name in ("bn_forward", "bn_backward", "gn_forward", "gn_backward"):
+        real = getattr(_kernels, name)
+        monkeypatch.setattr(_kernels, name, lambda *a, _real=real, _n=name, **k: (calls.append(_n), _real(*a, **k))[1])
+    for layer in (BatchNorm2d(8), GroupNorm2d(8, 4), BatchInstanceNorm2d(8)):
+        for cl in (False, True):
+            layer(make_input((4, 8, 5, 5), cl)).sum().backward()
+    if norm_path == "ops":
+        assert calls == []
+        return
+    assert {"bn_forward", "bn_backward", "gn_forward", "gn_backward"} <= set(calls)
+    assert _functional.fast_layout(torch.randn(2, 3, 4, 4)) == _kernels.NCHW
+    assert _functional.fast_layout(torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)) == \
+        _kernels.NHWC
+    assert _functional.fast_layout(torch.randn(2, 3, 4, 4, dtype=torch.float64)) == _kernels.NCHW
+    for other in (torch.randn(2, 3, 4, 8)[..., ::2], torch.randn(2, 3, 4, 4).bfloat16(), torch.randn(0, 3, 4, 4),
+                  torch.randn(2, 3, 4, 4).permute(0, 1, 3, 2)):
+        assert _functional.fast_layout(other) is None, other.shape
+
+
+@pytest.mark.parametrize("make,ref", [
+    (lambda: BatchNorm2d(12), lambda: nn.BatchNorm2d(12)),
+    (lambda: GroupNorm2d(12, 4), lambda: nn.GroupNorm(4, 12)),
+    (lambda: LayerNorm2d(12), lambda: nn.GroupNorm(1, 12)),
+])
+@pytest.mark.parametrize("x_cl", [False, True])
+def test_upstream_gradient_in_another_layout(make, ref, x_cl):
+    """dy arrives in the other memory format (or expanded, stride 0): same gradients as native."""
+    ours, theirs = make(), ref()
+    randomize_affine(ours, theirs)
+    x = make_input((6, 12, 5, 7), x_cl)
+    for dy in (torch.randn(6, 12, 5, 7).contiguous(memory_format=torch.contiguous_format if x_cl
+                                                   else torch.channels_last),
+               torch.tensor(0.5).expand(6, 12, 5, 7)):
+        got, want = run(ours, x, dy), run(theirs, x, dy)
+        for a, b in zip(got, want):
+            close(a, b)
+
+
+def test_large_maps_and_blocks_longer_than_one_run():
+    """Rows longer than the kernels' 4096-value runs and groups spanning channels: still exact."""
+    for ours, ref in ((GroupNorm2d(4, 2), nn.GroupNorm(2, 4)), (BatchNorm2d(4), nn.BatchNorm2d(4))):
+        randomize_affine(ours, ref)
+        for cl in (False, True):
+            assert_same_step(ours, ref, make_input((2, 4, 70, 65), cl))
+
+
+def test_kernel_build_failure_falls_back_with_one_warning(monkeypatch, tmp_path):
+    monkeypatch.setenv("NORMLAB_KERNELS", "1")
+    monkeypatch.setenv("NORMLAB_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "/bin/false")
+    monkeypatch.setattr(_kernels, "_state", {"lib": None, "tried": False, "error": None})
+    with pytest.warns(RuntimeWarning, match="C\\+\\+ norm kernels are unavailable"):
+        assert _kernels.library() is None
+    assert _kernels.library() is None  # tried once, not again
+    assert not list(tmp_path.rglob("*.so"))  # nothing half-built left behind
+    ours, ref = BatchNorm2d(6), nn.BatchNorm2d(6)
+    assert_same_step(ours, ref, make_input((4, 6, 5, 5)))
+
+
+def test_kernel_library_is_cached_by_content(monkeypatch, tmp_path):
+    monkeypatch.setenv("NORMLAB_CACHE", str(tmp_path))
+    cxx = _kernels._compiler()
+    assert cxx is not None, "no C++ compiler: install g++ (make test does)"
+    built = _kernels.build(cxx)
+    assert built.parent == tmp_path / "kernels" and built.exists()
+    stamp = built.stat().st_mtime_ns
+    assert _kernels.build(cxx) == built and built.stat().st_mtime_ns == stamp  # reused, not rebuilt
 
 
 # ---------------------------------------------------------------------------------- source rules

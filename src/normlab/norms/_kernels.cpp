@@ -1,0 +1,491 @@
+// normlab's CPU kernels for the norm layers: three loops, each in two memory layouts.
+//
+// Every norm in normlab reduces to per-(sample, channel) work on a 4-D tensor:
+//   sums   s1[n,c] = sum_hw a,   s2[n,c] = sum_hw a*b        (b = a in forward: sum and sum of squares;
+//                                                            b = x in backward: sum dy and sum dy*x)
+//   affine y = x * scale[n,c] + shift[n,c]                  (forward)
+//   grad   dx = a[n,c] * dy + b[n,c] * x + k[n,c]           (backward)
+// BatchNorm sums s over n (and broadcasts its per-channel coefficients over n); Group/Layer/Instance
+// norm sum s over the channels of a group. That glue is a few tensor ops on (N, C) arrays in Python
+// (normlab/norms/_functional.py); only the passes over the big tensor live here, one pass each: the
+// forward reads x twice (sums, affine), the backward reads dy and x twice (sums, grad) -- one pass
+// fewer than PyTorch's native CPU batch norm forward (mean, then variance, then the affine).
+//
+// Layouts: "rows" = NCHW contiguous, viewed as N*C rows of H*W values; "nhwc" = channels_last,
+// viewed as N blocks of H*W rows of C values. Sums are accumulated in T over short blocks and
+// combined in double. Threads: OpenMP, the same runtime (libgomp) and thread count PyTorch uses.
+// Built by normlab/norms/_kernels.py with the system C++ compiler; no PyTorch headers needed.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+using i64 = int64_t;
+
+static const i64 kParallelMin = 1 << 15;  // elements below which threads cost more than they save
+
+// Sum and dot product of one contiguous run, with L independent accumulators (several vector registers,
+// so the adds do not wait on each other's latency), in T; the caller combines runs in double.
+template <typename T, bool SAME>
+static inline void run_sums(const T* pa, const T* pb, i64 len, T& out1, T& out2) {
+  constexpr int L = 128 / sizeof(T);
+  T acc1[L] = {}, acc2[L] = {};
+  i64 i = 0;
+  for (; i + L <= len; i += L) {
+#pragma omp simd
+    for (int l = 0; l < L; ++l) {
+      const T va = pa[i + l];
+      acc1[l] += va;
+      acc2[l] += va * (SAME ? va : pb[i + l]);
+    }
+  }
+  T f1 = 0, f2 = 0;
+  for (; i < len; ++i) {
+    const T va = pa[i];
+    f1 += va;
+    f2 += va * (SAME ? va : pb[i]);
+  }
+#pragma omp simd reduction(+ : f1, f2)
+  for (int l = 0; l < L; ++l) {
+    f1 += acc1[l];
+    f2 += acc2[l];
+  }
+  out1 = f1;
+  out2 = f2;
+}
+
+// Per-channel sums of one sample in channels_last, a (hw, c) block: d1[j] = sum a, d2[j] = sum a*b.
+// q1, q2: scratch of c values (accumulated in T over 64 rows, then added to the double sums).
+template <typename T, bool SAME>
+static void sample_sums_nhwc(const T* a, const T* b, i64 hw, i64 c, double* d1, double* d2, T* q1, T* q2) {
+  std::fill(d1, d1 + c, 0.0);
+  std::fill(d2, d2 + c, 0.0);
+  for (i64 start = 0; start < hw; start += 64) {
+    const i64 end = std::min(hw, start + 64);
+    std::fill(q1, q1 + c, T(0));
+    std::fill(q2, q2 + c, T(0));
+    i64 p = start;
+    for (; p + 4 <= end; p += 4) {  // four rows per update: a quarter of the dependent adds
+      const T* a0 = a + p * c;
+      const T* b0 = SAME ? a0 : b + p * c;
+#pragma omp simd
+      for (i64 j = 0; j < c; ++j) {
+        q1[j] += (a0[j] + a0[c + j]) + (a0[2 * c + j] + a0[3 * c + j]);
+        q2[j] += (a0[j] * b0[j] + a0[c + j] * b0[c + j]) +
+                 (a0[2 * c + j] * b0[2 * c + j] + a0[3 * c + j] * b0[3 * c + j]);
+      }
+    }
+    for (; p < end; ++p) {
+      const T* pa = a + p * c;
+      const T* pb = SAME ? pa : b + p * c;
+#pragma omp simd
+      for (i64 j = 0; j < c; ++j) {
+        q1[j] += pa[j];
+        q2[j] += pa[j] * pb[j];
+      }
+    }
+    for (i64 j = 0; j < c; ++j) {
+      d1[j] += q1[j];
+      d2[j] += q2[j];
+    }
+  }
+}
+
+template <typename T, bool SAME>
+static void sums_nhwc(const T* a, const T* b, i64 n, i64 hw, i64 c, double* s1, double* s2, int nt) {
+#pragma omp parallel num_threads(nt) if (nt > 1 && n > 1 && n * hw * c >= kParallelMin)
+  {
+    std::vector<T> q1(c), q2(c);
+#pragma omp for schedule(static)
+    for (i64 k = 0; k < n; ++k)
+      sample_sums_nhwc<T, SAME>(a + k * hw * c, SAME ? nullptr : b + k * hw * c, hw, c, s1 + k * c,
+                                s2 + k * c, q1.data(), q2.data());
+  }
+}
+
+// Sums of a contiguous run of any length: runs of 4096 in T, combined in double.
+template <typename T, bool SAME>
+static void long_sums(const T* a, const T* b, i64 len, double& d1, double& d2) {
+  d1 = d2 = 0;
+  for (i64 start = 0; start < len; start += 4096) {
+    T f1, f2;
+    run_sums<T, SAME>(a + start, SAME ? a + start : b + start, std::min<i64>(4096, len - start), f1, f2);
+    d1 += f1;
+    d2 += f2;
+  }
+}
+
+template <typename T, bool SAME>
+static void sums_rows(const T* a, const T* b, i64 rows, i64 hw, double* s1, double* s2, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && rows * hw >= kParallelMin)
+  for (i64 r = 0; r < rows; ++r)
+    long_sums<T, SAME>(a + r * hw, SAME ? a + r * hw : b + r * hw, hw, s1[r], s2[r]);
+}
+
+template <typename T>
+static void affine_rows(const T* x, T* y, i64 rows, i64 hw, const T* scale, const T* shift, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && rows * hw >= kParallelMin)
+  for (i64 r = 0; r < rows; ++r) {
+    const T* px = x + r * hw;
+    T* py = y + r * hw;
+    const T s = scale[r], t = shift[r];
+#pragma omp simd
+    for (i64 i = 0; i < hw; ++i) py[i] = px[i] * s + t;
+  }
+}
+
+template <typename T>
+static void affine_nhwc(const T* x, T* y, i64 n, i64 hw, i64 c, const T* scale, const T* shift, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && n * hw * c >= kParallelMin)
+  for (i64 row = 0; row < n * hw; ++row) {
+    const i64 k = row / hw;
+    const T* px = x + row * c;
+    T* py = y + row * c;
+    const T* s = scale + k * c;
+    const T* t = shift + k * c;
+#pragma omp simd
+    for (i64 j = 0; j < c; ++j) py[j] = px[j] * s[j] + t[j];
+  }
+}
+
+template <typename T>
+static void grad_rows(const T* dy, const T* x, T* dx, i64 rows, i64 hw, const T* a, const T* b,
+                      const T* k, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && rows * hw >= kParallelMin)
+  for (i64 r = 0; r < rows; ++r) {
+    const T* pd = dy + r * hw;
+    const T* px = x + r * hw;
+    T* po = dx + r * hw;
+    const T va = a[r], vb = b[r], vk = k[r];
+#pragma omp simd
+    for (i64 i = 0; i < hw; ++i) po[i] = va * pd[i] + vb * px[i] + vk;
+  }
+}
+
+template <typename T>
+static void grad_nhwc(const T* dy, const T* x, T* dx, i64 n, i64 hw, i64 c, const T* a, const T* b,
+                      const T* k, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && n * hw * c >= kParallelMin)
+  for (i64 row = 0; row < n * hw; ++row) {
+    const i64 s = row / hw;
+    const T* pd = dy + row * c;
+    const T* px = x + row * c;
+    T* po = dx + row * c;
+    const T* va = a + s * c;
+    const T* vb = b + s * c;
+    const T* vk = k + s * c;
+#pragma omp simd
+    for (i64 j = 0; j < c; ++j) po[j] = va[j] * pd[j] + vb[j] * px[j] + vk[j];
+  }
+}
+
+// ------------------------------------------------------------------ the norms, built on those loops
+// Layout: 0 = NCHW contiguous, 1 = channels_last. Per-channel / per-group math in double.
+
+template <typename T>
+static void sums_nc(const T* a, const T* b, int nhwc, i64 n, i64 c, i64 hw, double* s1, double* s2,
+                    int nt) {
+  if (nhwc) {
+    if (b == nullptr) sums_nhwc<T, true>(a, a, n, hw, c, s1, s2, nt);
+    else sums_nhwc<T, false>(a, b, n, hw, c, s1, s2, nt);
+  } else {
+    if (b == nullptr) sums_rows<T, true>(a, a, n * c, hw, s1, s2, nt);
+    else sums_rows<T, false>(a, b, n * c, hw, s1, s2, nt);
+  }
+}
+
+template <typename T>
+static void affine_nc(const T* x, T* y, int nhwc, i64 n, i64 c, i64 hw, const T* scale, const T* shift,
+                      int nt) {
+  if (nhwc) affine_nhwc<T>(x, y, n, hw, c, scale, shift, nt);
+  else affine_rows<T>(x, y, n * c, hw, scale, shift, nt);
+}
+
+template <typename T>
+static void grad_nc(const T* dy, const T* x, T* dx, int nhwc, i64 n, i64 c, i64 hw, const T* a,
+                    const T* b, const T* k, int nt) {
+  if (nhwc) grad_nhwc<T>(dy, x, dx, n, hw, c, a, b, k, nt);
+  else grad_rows<T>(dy, x, dx, n * c, hw, a, b, k, nt);
+}
+
+// BatchNorm, step 1 (forward and backward): per-channel sums over (N, H, W) of a and a*b (b = a when
+// null). With ``center`` (backward: the batch mean) s2 becomes sum a*(b - center); with ``rstd`` and
+// ``gw`` / ``gb`` the weight and bias gradients s2*rstd and s1 are written too. DDP all-reduces s1, s2
+// between step 1 and step 2.
+template <typename T>
+static void bn_sums(const T* a, const T* b, int nhwc, i64 n, i64 c, i64 hw, const T* center,
+                    const T* rstd, double* s1, double* s2, T* gw, T* gb, int nt) {
+  std::vector<double> p1(n * c), p2(n * c);
+  sums_nc<T>(a, b, nhwc, n, c, hw, p1.data(), p2.data(), nt);
+  for (i64 j = 0; j < c; ++j) {
+    double t1 = 0, t2 = 0;
+    for (i64 k = 0; k < n; ++k) {
+      t1 += p1[k * c + j];
+      t2 += p2[k * c + j];
+    }
+    if (center) t2 -= double(center[j]) * t1;
+    s1[j] = t1;
+    s2[j] = t2;
+    if (gw) gw[j] = T(t2 * double(rstd[j]));
+    if (gb) gb[j] = T(t1);
+  }
+}
+
+// BatchNorm forward, step 2: statistics from the (global) sums, running-statistics update (unbiased
+// variance, as nn.BatchNorm2d), then y = x * scale + shift.
+template <typename T>
+static void bn_forward(const T* x, T* y, int nhwc, i64 n, i64 c, i64 hw, const double* s1,
+                       const double* s2, double total, const T* w, const T* bias, double eps,
+                       double momentum, T* run_mean, T* run_var, T* mean_out, T* rstd_out, int nt) {
+  std::vector<T> scale(n * c), shift(n * c);
+  for (i64 j = 0; j < c; ++j) {
+    const double mean = s1[j] / total;
+    const double var = std::max(s2[j] / total - mean * mean, 0.0);
+    if (run_mean) {
+      run_mean[j] = T((1 - momentum) * double(run_mean[j]) + momentum * mean);
+      run_var[j] = T((1 - momentum) * double(run_var[j]) + momentum * var * total / (total - 1));
+    }
+    const T m = T(mean), r = T(1.0 / std::sqrt(var + eps));
+    mean_out[j] = m;
+    rstd_out[j] = r;
+    const T sc = w ? r * w[j] : r;
+    const T sh = (bias ? bias[j] : T(0)) - m * sc;
+    for (i64 k = 0; k < n; ++k) {
+      scale[k * c + j] = sc;
+      shift[k * c + j] = sh;
+    }
+  }
+  affine_nc<T>(x, y, nhwc, n, c, hw, scale.data(), shift.data(), nt);
+}
+
+// BatchNorm backward, step 2: dx = a*dy + b*(x - mean) + k from the (global) sums of dy and
+// dy*(x - mean): a = rstd*w, b = -a*rstd^2*sum(dy*xc)/total, k = -a*sum(dy)/total.
+template <typename T>
+static void bn_backward(const T* dy, const T* x, T* dx, int nhwc, i64 n, i64 c, i64 hw,
+                        const double* sum_dy, const double* sum_dy_xc, double total, const T* w,
+                        const T* mean, const T* rstd, int nt) {
+  std::vector<T> va(n * c), vb(n * c), vk(n * c);
+  for (i64 j = 0; j < c; ++j) {
+    const double r = rstd[j];
+    const double a = w ? r * double(w[j]) : r;
+    const double b = -a * r * r * sum_dy_xc[j] / total;
+    const double k = -a * sum_dy[j] / total - b * double(mean[j]);
+    for (i64 s = 0; s < n; ++s) {
+      va[s * c + j] = T(a);
+      vb[s * c + j] = T(b);
+      vk[s * c + j] = T(k);
+    }
+  }
+  grad_nc<T>(dy, x, dx, nhwc, n, c, hw, va.data(), vb.data(), vk.data(), nt);
+}
+
+// GroupNorm (G = C: InstanceNorm, G = 1: LayerNorm): statistics per (sample, group). Blocked for the
+// cache, like PyTorch's own kernel: in NCHW a (sample, group) is one contiguous block of C/G*H*W values,
+// in channels_last a sample is one (H*W, C) block; each block's statistics and its affine (forward), or
+// its sums and dx (backward), are done back to back while the block is still in cache.
+
+// Statistics of group q from per-channel sums d1, d2 (of one sample).
+static inline void group_stats(const double* d1, const double* d2, i64 q, i64 cg, double count, double eps,
+                               double& mean, double& rstd) {
+  double t1 = 0, t2 = 0;
+  for (i64 j = q * cg; j < (q + 1) * cg; ++j) {
+    t1 += d1[j];
+    t2 += d2[j];
+  }
+  mean = t1 / count;
+  rstd = 1.0 / std::sqrt(std::max(t2 / count - mean * mean, 0.0) + eps);
+}
+
+// dx = a*dy + b*x + k for group q, from the sample's per-channel sums of dy (p1) and dy*x (p2):
+// a = rstd*w, b = -rstd^2*m2, k = rstd*(rstd*m2*mean - m1), m1 = mean of w*dy, m2 = mean of w*dy*x_hat.
+template <typename T>
+static inline void group_grad_coefs(const double* p1, const double* p2, const T* w, i64 q, i64 cg,
+                                    double count, double mean, double rstd, double& b, double& k) {
+  double g1 = 0, g2 = 0;
+  for (i64 j = q * cg; j < (q + 1) * cg; ++j) {
+    const double wj = w ? double(w[j]) : 1.0;
+    g1 += wj * p1[j];
+    g2 += wj * p2[j];
+  }
+  const double m1 = g1 / count;
+  const double m2 = rstd * (g2 - mean * g1) / count;
+  b = -rstd * rstd * m2;
+  k = rstd * (rstd * m2 * mean - m1);
+}
+
+template <typename T>
+static void gn_forward(const T* x, T* y, int nhwc, i64 n, i64 c, i64 hw, i64 g, const T* w,
+                       const T* bias, double eps, T* mean_out, T* rstd_out, int nt) {
+  const i64 cg = c / g;
+  const double count = double(cg * hw);
+  if (!nhwc) {
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && n * c * hw >= kParallelMin)
+    for (i64 blk = 0; blk < n * g; ++blk) {
+      const i64 q = blk % g;
+      const T* px = x + blk * cg * hw;
+      T* py = y + blk * cg * hw;
+      double t1, t2;
+      long_sums<T, true>(px, px, cg * hw, t1, t2);
+      const double mean = t1 / count;
+      const double rstd = 1.0 / std::sqrt(std::max(t2 / count - mean * mean, 0.0) + eps);
+      const T m = T(mean), r = T(rstd);
+      mean_out[blk] = m;
+      rstd_out[blk] = r;
+      for (i64 j = 0; j < cg; ++j) {
+        const i64 ch = q * cg + j;
+        const T sc = w ? r * w[ch] : r;
+        const T sh = (bias ? bias[ch] : T(0)) - m * sc;
+        const T* xr = px + j * hw;
+        T* yr = py + j * hw;
+#pragma omp simd
+        for (i64 i = 0; i < hw; ++i) yr[i] = xr[i] * sc + sh;
+      }
+    }
+    return;
+  }
+#pragma omp parallel num_threads(nt) if (nt > 1 && n > 1 && n * c * hw >= kParallelMin)
+  {
+    std::vector<T> q1(c), q2(c), scale(c), shift(c);
+    std::vector<double> d1(c), d2(c);
+#pragma omp for schedule(static)
+    for (i64 s = 0; s < n; ++s) {
+      const T* px = x + s * hw * c;
+      T* py = y + s * hw * c;
+      sample_sums_nhwc<T, true>(px, nullptr, hw, c, d1.data(), d2.data(), q1.data(), q2.data());
+      for (i64 q = 0; q < g; ++q) {
+        double mean, rstd;
+        group_stats(d1.data(), d2.data(), q, cg, count, eps, mean, rstd);
+        const T m = T(mean), r = T(rstd);
+        mean_out[s * g + q] = m;
+        rstd_out[s * g + q] = r;
+        for (i64 j = q * cg; j < (q + 1) * cg; ++j) {
+          scale[j] = w ? r * w[j] : r;
+          shift[j] = (bias ? bias[j] : T(0)) - m * scale[j];
+        }
+      }
+      const T* sc = scale.data();
+      const T* sh = shift.data();
+      for (i64 p = 0; p < hw; ++p) {
+        const T* xr = px + p * c;
+        T* yr = py + p * c;
+#pragma omp simd
+        for (i64 j = 0; j < c; ++j) yr[j] = xr[j] * sc[j] + sh[j];
+      }
+    }
+  }
+}
+
+// GroupNorm backward: weight/bias gradients (when gw/gb are given) and dx (when dx is given).
+template <typename T>
+static void gn_backward(const T* dy, const T* x, T* dx, int nhwc, i64 n, i64 c, i64 hw, i64 g,
+                        const T* w, const T* mean, const T* rstd, T* gw, T* gb, int nt) {
+  const i64 cg = c / g;
+  const double count = double(cg * hw);
+  std::vector<double> p1(n * c), p2(n * c);  // sum dy, sum dy*x per (n, c)
+  if (!nhwc) {
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && n * c * hw >= kParallelMin)
+    for (i64 blk = 0; blk < n * g; ++blk) {
+      const i64 s = blk / g, q = blk % g;
+      const i64 off = blk * cg * hw;
+      for (i64 j = 0; j < cg; ++j) {
+        const i64 row = s * c + q * cg + j;
+        long_sums<T, false>(dy + off + j * hw, x + off + j * hw, hw, p1[row], p2[row]);
+      }
+      if (!dx) continue;
+      const double m = mean[blk], r = rstd[blk];
+      double b, k;
+      group_grad_coefs<T>(p1.data() + s * c, p2.data() + s * c, w, q, cg, count, m, r, b, k);
+      const T vb = T(b), vk = T(k);
+      for (i64 j = 0; j < cg; ++j) {
+        const i64 ch = q * cg + j;
+        const T va = T(w ? r * double(w[ch]) : r);
+        const T* pd = dy + off + j * hw;
+        const T* px = x + off + j * hw;
+        T* po = dx + off + j * hw;
+#pragma omp simd
+        for (i64 i = 0; i < hw; ++i) po[i] = va * pd[i] + vb * px[i] + vk;
+      }
+    }
+  } else {
+#pragma omp parallel num_threads(nt) if (nt > 1 && n > 1 && n * c * hw >= kParallelMin)
+    {
+      std::vector<T> q1(c), q2(c), va(c), vb(c), vk(c);
+#pragma omp for schedule(static)
+      for (i64 s = 0; s < n; ++s) {
+        const i64 off = s * hw * c;
+        double* d1 = p1.data() + s * c;
+        double* d2 = p2.data() + s * c;
+        sample_sums_nhwc<T, false>(dy + off, x + off, hw, c, d1, d2, q1.data(), q2.data());
+        if (!dx) continue;
+        for (i64 q = 0; q < g; ++q) {
+          const double m = mean[s * g + q], r = rstd[s * g + q];
+          double b, k;
+          group_grad_coefs<T>(d1, d2, w, q, cg, count, m, r, b, k);
+          for (i64 j = q * cg; j < (q + 1) * cg; ++j) {
+            va[j] = T(w ? r * double(w[j]) : r);
+            vb[j] = T(b);
+            vk[j] = T(k);
+          }
+        }
+        const T* a = va.data();
+        const T* bb = vb.data();
+        const T* kk = vk.data();
+        for (i64 p = 0; p < hw; ++p) {
+          const T* pd = dy + off + p * c;
+          const T* px = x + off + p * c;
+          T* po = dx + off + p * c;
+#pragma omp simd
+          for (i64 j = 0; j < c; ++j) po[j] = a[j] * pd[j] + bb[j] * px[j] + kk[j];
+        }
+      }
+    }
+  }
+  if (gw || gb) {
+    for (i64 j = 0; j < c; ++j) {
+      double t1 = 0, t2 = 0;
+      for (i64 s = 0; s < n; ++s) {
+        const i64 q = s * g + j / cg;
+        t1 += p1[s * c + j];
+        t2 += (p2[s * c + j] - double(mean[q]) * p1[s * c + j]) * double(rstd[q]);
+      }
+      if (gw) gw[j] = T(t2);
+      if (gb) gb[j] = T(t1);
+    }
+  }
+}
+
+// C entry points: suffix f = float32, d = float64 (T). Null pointers mean "absent" (no affine, no
+// running statistics, gradient not needed).
+#define NORMLAB_EXPORT(T, S)                                                                          \
+  extern "C" void normlab_bn_sums_##S(const T* a, const T* b, int nhwc, i64 n, i64 c, i64 hw,         \
+                                      const T* center, const T* rstd, double* s1, double* s2, T* gw,  \
+                                      T* gb, int nt) {                                               \
+    bn_sums<T>(a, b, nhwc, n, c, hw, center, rstd, s1, s2, gw, gb, nt);                              \
+  }                                                                                                  \
+  extern "C" void normlab_bn_forward_##S(const T* x, T* y, int nhwc, i64 n, i64 c, i64 hw,            \
+                                         const double* s1, const double* s2, double total,           \
+                                         const T* w, const T* b, double eps, double momentum,        \
+                                         T* run_mean, T* run_var, T* mean_out, T* rstd_out, int nt) { \
+    bn_forward<T>(x, y, nhwc, n, c, hw, s1, s2, total, w, b, eps, momentum, run_mean, run_var,       \
+                  mean_out, rstd_out, nt);                                                           \
+  }                                                                                                  \
+  extern "C" void normlab_bn_backward_##S(const T* dy, const T* x, T* dx, int nhwc, i64 n, i64 c,    \
+                                          i64 hw, const double* sum_dy, const double* sum_dy_xc,     \
+                                          double total, const T* w, const T* mean, const T* rstd,    \
+                                          int nt) {                                                  \
+    bn_backward<T>(dy, x, dx, nhwc, n, c, hw, sum_dy, sum_dy_xc, total, w, mean, rstd, nt);          \
+  }                                                                                                  \
+  extern "C" void normlab_gn_forward_##S(const T* x, T* y, int nhwc, i64 n, i64 c, i64 hw, i64 g,    \
+                                         const T* w, const T* b, double eps, T* mean_out,            \
+                                         T* rstd_out, int nt) {                                      \
+    gn_forward<T>(x, y, nhwc, n, c, hw, g, w, b, eps, mean_out, rstd_out, nt);                       \
+  }                                                                                                  \
+  extern "C" void normlab_gn_backward_##S(const T* dy, const T* x, T* dx, int nhwc, i64 n, i64 c,    \
+                                          i64 hw, i64 g, const T* w, const T* mean, const T* rstd,   \
+                                          T* gw, T* gb, int nt) {                                    \
+    gn_backward<T>(dy, x, dx, nhwc, n, c, hw, g, w, mean, rstd, gw, gb, nt);                         \
+  }
+
+NORMLAB_EXPORT(float, f)
+NORMLAB_EXPORT(double, d)

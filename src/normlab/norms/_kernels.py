@@ -1,0 +1,238 @@
+"""The norms' CPU fast path: ``_kernels.cpp`` built once with the system C++ compiler, called via ctypes.
+
+The kernels do the three passes over the big tensor every norm needs (per-(sample, channel) sums,
+the affine, the input gradient) in one pass each, for float32/float64 CPU tensors in NCHW or
+channels_last; ``_functional.py`` does the small per-channel / per-group math around them and falls
+back to plain tensor ops for everything else (CUDA, half precision, other strides) or when no compiler
+works. The build takes ~2 s, is cached as ``$NORMLAB_CACHE/kernels/normlab_norms_<hash>.so`` (the hash
+covers the source, flags, compiler and CPU), and is written atomically so parallel processes (DDP
+ranks, study jobs) can race safely. ``NORMLAB_KERNELS=0`` turns the fast path off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("_kernels.cpp")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
+NCHW, NHWC = "rows", "nhwc"
+
+_state: dict = {"lib": None, "tried": False, "error": None}
+
+_P, _I, _D, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
+_SIGNATURES = {
+    "bn_sums": [_P, _P, _INT, _I, _I, _I, _P, _P, _P, _P, _P, _P, _INT],
+    "bn_forward": [_P, _P, _INT, _I, _I, _I, _P, _P, _D, _P, _P, _D, _D, _P, _P, _P, _P, _INT],
+    "bn_backward": [_P, _P, _P, _INT, _I, _I, _I, _P, _P, _D, _P, _P, _P, _INT],
+    "gn_forward": [_P, _P, _INT, _I, _I, _I, _I, _P, _P, _D, _P, _P, _INT],
+    "gn_backward": [_P, _P, _P, _INT, _I, _I, _I, _I, _P, _P, _P, _P, _P, _INT],
+}
+_SUFFIX = {torch.float32: "f", torch.float64: "d"}
+
+
+def enabled() -> bool:
+    """False when ``NORMLAB_KERNELS`` is 0/false/off."""
+    return os.environ.get("NORMLAB_KERNELS", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("NORMLAB_CACHE")  # the same root as the data cache (normlab.data.loader)
+    return (Path(env).expanduser() if env else Path.home() / ".cache" / "normlab") / "kernels"
+
+
+def _cpu_id() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def library_path(cxx: str) -> Path:
+    """Where the built library for this source, compiler, flags and CPU lives."""
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), cxx, version, _cpu_id(),
+                                    platform.machine()]).encode()).hexdigest()[:16]
+    return _cache_dir() / f"normlab_norms_{key}.so"
+
+
+def build(cxx: str) -> Path:
+    """Compile the kernels (if not cached) and return the library path; raises on failure."""
+    out = library_path(cxx)
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp.so", dir=out.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+                              timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError((proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["compiler failed"])
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def library():
+    """The loaded kernel library, or None (disabled, no compiler, build failed: warned once)."""
+    if not enabled():
+        return None
+    if _state["tried"]:
+        return _state["lib"]
+    _state["tried"] = True
+    cxx = _compiler()
+    try:
+        if cxx is None:
+            raise RuntimeError("no C++ compiler found (install g++ or set CXX)")
+        lib = ctypes.CDLL(str(build(cxx)))
+        for suffix in "fd":
+            for name, args in _SIGNATURES.items():
+                fn = getattr(lib, f"normlab_{name}_{suffix}")
+                fn.argtypes, fn.restype = args, None
+        _state["lib"] = lib
+    except Exception as exc:  # noqa: BLE001 -- any failure means: use the tensor-op path
+        _state["error"] = str(exc)
+        warnings.warn(f"normlab: the C++ norm kernels are unavailable ({exc}); the norms use plain tensor "
+                      "ops instead (same results, slower on CPU). Set NORMLAB_KERNELS=0 to silence this.",
+                      RuntimeWarning, stacklevel=2)
+    return _state["lib"]
+
+
+def layout(x: torch.Tensor) -> str | None:
+    """NCHW or NHWC when the fast path can take ``x`` (CPU, float32/64, dense 4-D), else None."""
+    if x.device.type != "cpu" or x.dtype not in _SUFFIX or x.dim() != 4 or x.numel() == 0:
+        return None
+    if x.is_contiguous():
+        return NCHW
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return NHWC
+    return None
+
+
+def usable(x: torch.Tensor) -> str | None:
+    """The layout to use for ``x`` if the kernels are built and can take it, else None."""
+    fmt = layout(x)
+    return fmt if fmt is not None and library() is not None else None
+
+
+def like(t: torch.Tensor, fmt: str) -> torch.Tensor:
+    """``t`` in the memory layout ``fmt`` (a copy only when it is not already)."""
+    return t.contiguous() if fmt == NCHW else t.contiguous(memory_format=torch.channels_last)
+
+
+def _fn(name: str, dtype: torch.dtype):
+    return getattr(_state["lib"], f"normlab_{name}_{_SUFFIX[dtype]}")
+
+
+def _geom(x: torch.Tensor, fmt: str) -> tuple[int, int, int, int]:
+    n, c, h, w = x.shape
+    return int(fmt == NHWC), n, c, h * w
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _as(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A parameter / statistic as a contiguous ``dtype`` tensor (itself when it already is)."""
+    return None if t is None else t.to(dtype).contiguous()
+
+
+def bn_sums(a: torch.Tensor, b: torch.Tensor | None, fmt: str, center: torch.Tensor | None = None,
+            rstd: torch.Tensor | None = None, grad_weight: bool = False, grad_bias: bool = False):
+    """Per-channel sums over (N, H, W): ``s`` = float64 (2, C) holding ``sum a`` and ``sum a*(b - center)``
+    (``b=None``: b = a; no center: 0); with ``rstd``, also the weight / bias gradients ``s[1]*rstd`` and
+    ``s[0]`` in a's dtype (or None). Returns ``(s, grad_weight, grad_bias)``."""
+    c = a.shape[1]
+    center, rstd = _as(center, a.dtype), _as(rstd, a.dtype)
+    s = torch.empty(2, c, dtype=torch.float64)
+    gw = torch.empty(c, dtype=a.dtype) if grad_weight else None
+    gb = torch.empty(c, dtype=a.dtype) if grad_bias else None
+    _fn("bn_sums", a.dtype)(a.data_ptr(), _ptr(b), *_geom(a, fmt), _ptr(center), _ptr(rstd), s[0].data_ptr(),
+                            s[1].data_ptr(), _ptr(gw), _ptr(gb), torch.get_num_threads())
+    return s, gw, gb
+
+
+def bn_forward(x: torch.Tensor, fmt: str, s1: torch.Tensor, s2: torch.Tensor, total: int,
+               weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, momentum: float,
+               running_mean: torch.Tensor | None, running_var: torch.Tensor | None):
+    """BN's normalization from the float64 per-channel sums ``s1``, ``s2`` of ``total`` values per channel;
+    updates the running statistics in place (unbiased variance). Returns ``(y, mean, rstd)``."""
+    c = x.shape[1]
+    y = torch.empty_like(x)
+    stats = torch.empty(2, c, dtype=x.dtype)
+    direct = running_mean is not None and all(
+        t.dtype == x.dtype and t.is_contiguous() for t in (running_mean, running_var))
+    # every pointer handed to C belongs to a tensor bound to a name here (kept alive during the call)
+    s1c, s2c, w, b = s1.contiguous(), s2.contiguous(), _as(weight, x.dtype), _as(bias, x.dtype)
+    _fn("bn_forward", x.dtype)(
+        x.data_ptr(), y.data_ptr(), *_geom(x, fmt), s1c.data_ptr(), s2c.data_ptr(),
+        float(total), _ptr(w), _ptr(b), float(eps), float(momentum),
+        _ptr(running_mean) if direct else None, _ptr(running_var) if direct else None,
+        stats[0].data_ptr(), stats[1].data_ptr(), torch.get_num_threads())
+    if running_mean is not None and not direct:  # buffers of another dtype: update them here
+        with torch.no_grad():
+            mean64 = s1 / total
+            var64 = (s2 / total - mean64 * mean64).clamp_min(0) * (total / (total - 1))
+            running_mean.mul_(1 - momentum).add_(mean64.to(running_mean.dtype), alpha=momentum)
+            running_var.mul_(1 - momentum).add_(var64.to(running_var.dtype), alpha=momentum)
+    return y, stats[0], stats[1]
+
+
+def bn_backward(dy: torch.Tensor, x: torch.Tensor, fmt: str, s: torch.Tensor, total: int,
+                weight: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """BN's input gradient from the float64 (2, C) sums of dy and dy*(x - mean) over ``total`` values;
+    ``dy`` must be in x's layout and dtype."""
+    dx = torch.empty_like(x)
+    s, w, mean, rstd = s.contiguous(), _as(weight, x.dtype), _as(mean, x.dtype), _as(rstd, x.dtype)
+    _fn("bn_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), *_geom(x, fmt), s[0].data_ptr(),
+                                s[1].data_ptr(), float(total), _ptr(w), mean.data_ptr(),
+                                rstd.data_ptr(), torch.get_num_threads())
+    return dx
+
+
+def gn_forward(x: torch.Tensor, fmt: str, groups: int, weight: torch.Tensor | None,
+               bias: torch.Tensor | None, eps: float):
+    """Group normalization of ``x``. Returns ``(y, mean, rstd)``, statistics of shape (N, G)."""
+    n = x.shape[0]
+    y = torch.empty_like(x)
+    stats = torch.empty(2, n, groups, dtype=x.dtype)
+    w, b = _as(weight, x.dtype), _as(bias, x.dtype)
+    _fn("gn_forward", x.dtype)(x.data_ptr(), y.data_ptr(), *_geom(x, fmt), groups, _ptr(w), _ptr(b), float(eps),
+                               stats[0].data_ptr(), stats[1].data_ptr(), torch.get_num_threads())
+    return y, stats[0], stats[1]
+
+
+def gn_backward(dy: torch.Tensor, x: torch.Tensor, fmt: str, groups: int, weight: torch.Tensor | None,
+                mean: torch.Tensor, rstd: torch.Tensor, grad_x: bool, grad_weight: bool, grad_bias: bool):
+    """Group norm's gradients ``(dx, d weight, d bias)`` (None where not asked); ``dy`` in x's layout."""
+    c = x.shape[1]
+    dx = torch.empty_like(x) if grad_x else None
+    gw = torch.empty(c, dtype=x.dtype) if grad_weight else None
+    gb = torch.empty(c, dtype=x.dtype) if grad_bias else None
+    w, mean, rstd = _as(weight, x.dtype), mean.to(x.dtype).contiguous(), rstd.to(x.dtype).contiguous()
+    _fn("gn_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), _ptr(dx), *_geom(x, fmt), groups, _ptr(w),
+                                mean.data_ptr(), rstd.data_ptr(), _ptr(gw), _ptr(gb), torch.get_num_threads())
+    return dx, gw, gb
