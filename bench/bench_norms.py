@@ -36,6 +36,7 @@ from torch import nn
 
 from _common import fmt, machine, saved_bytes, summary, write_json
 from normlab.models.resnet import ResNet
+from normlab.train.runtime import tune_malloc
 
 
 class NativeBIN(nn.Module):
@@ -165,11 +166,14 @@ def main(argv=None):
                     help="torch threads (default 1: on this shared 2-core machine 2 threads oversubscribe "
                          "and a step gets 3-4x slower and far noisier)")
     ap.add_argument("--quick", action="store_true", help="4 rounds of 4 steps")
+    ap.add_argument("--no-tune-malloc", action="store_true",
+                    help="leave glibc's malloc as it is (normlab train tunes it; see runtime.tune_malloc)")
     ap.add_argument("--out", default="norms.json")
     a = ap.parse_args(argv)
     if a.quick:
         a.rounds, a.steps, a.warmup = 4, 4, 1
     torch.set_num_threads(a.threads)
+    a.malloc_tuned = False if a.no_tune_malloc else tune_malloc()  # process-wide: both sides alike
     formats = [f.replace("nchw", "NCHW") for f in a.formats.split(",")]
     info = machine()
     print(info)

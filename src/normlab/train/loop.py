@@ -37,7 +37,7 @@ from normlab.train import distributed as dist_utils
 from normlab.train.checkpoint import load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state, unwrap
 from normlab.train.optim import build_optimizer, lr_at
 from normlab.train.progress import EpochProgress
-from normlab.train.runtime import RunLock, autocast, grad_scaler, maybe_compile, pick_device
+from normlab.train.runtime import RunLock, autocast, grad_scaler, maybe_compile, pick_device, tune_malloc
 
 RUN_MARKERS = ("config.yaml", "last.pt", "summary.json")
 QUANTILES = (0.01, 0.2, 0.8, 0.99)
@@ -159,6 +159,7 @@ def train(cfg: TrainConfig, *, force: bool = False, resume_dir: str | Path | Non
 def _train(cfg: TrainConfig, out: Path, dinfo, progress: EpochProgress, log) -> Path:
     t_start = time.perf_counter()
     device = pick_device(cfg.device)
+    tune_malloc()
     if dinfo.enabled and device.type == "cuda":
         device = torch.device("cuda", dinfo.local_rank)
         torch.cuda.set_device(device)
