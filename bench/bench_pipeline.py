@@ -1,23 +1,29 @@
 """Target 2: training images/s of normlab's pipeline vs a conventional PyTorch pipeline, same model and batch.
 
 normlab: the CIFAR-10 JPEG tarball decoded once into normlab's uint8 cache (``load_data``, warm cache),
-then per step exactly what ``normlab.train.loop`` does: index the resident uint8 tensor, ``augment_batch``
-(pad 4 + random crop + flip, vectorised), ``normalize``, forward/backward/SGD step of ResNet-20 with
-normlab's BatchNorm2d.
+then per step exactly what ``normlab.train.loop`` does with its defaults: index the resident uint8 tensor,
+``augment_batch`` (pad 4 + random crop + flip, vectorised), ``normalize``, channels_last, forward/backward/
+SGD step of ResNet-20 with normlab's BatchNorm2d (C++ kernels), glibc malloc tuned (``tune_malloc``;
+process-wide, so the conventional side, measured in the same process, gets it too).
 
 conventional: torchvision ``ImageFolder`` over the unpacked JPEG folder, ``DataLoader`` with worker
 processes (``--workers``, default 2 = the machine's cores), PIL transforms (RandomCrop(32, padding=4),
 RandomHorizontalFlip, ToTensor, Normalize), the eager model with ``nn.BatchNorm2d`` in NCHW.
 
-Both: ResNet-20, batch 128, SGD(lr 0.1, momentum 0.9, wd 5e-4), the same torch thread count in the
-training process (``--threads``, default 1; see bench_norms.py for why). Throughput: images/s over
-``--steps`` (40) steps after ``--warmup`` (5) steps, in ``--repeats`` alternating rounds.
+Both: ResNet-20, batch 128, SGD(lr 0.1, momentum 0.9, wd 5e-4 on conv/linear weights), the same torch
+thread count in the training process (``--threads``; default torch's own = one per core, as each pipeline
+runs out of the box; ``--threads 1`` isolates the model step). Throughput: images/s over ``--steps`` (40)
+steps after ``--warmup`` (5) steps, in ``--repeats`` alternating rounds.
 
-Accuracy (``--accuracy``, on by default, off with ``--quick``): one epoch on a 10k stratified subset of
-train (1000 per class, cosine lr over the epoch), test accuracy on the full 10k test folder, same seed.
-normlab's side runs ``normlab.train.loop.train`` itself; the conventional side its own loop.
+Accuracy (on by default, off with ``--no-accuracy`` / ``--quick``): ``--epochs`` (2) on the *same*
+``--subset`` (10k) training images -- normlab's stratified hold-out and subset, checked label by label and
+pixel by pixel --, the same per-epoch order, normalization statistics, initial weights (per seed) and
+per-step cosine lr; test accuracy on the full 10k test folder, ``--seeds`` (3) seeds per side, mean ± sd.
+Only the augmentation's random draws differ (PIL in workers vs normlab's generator). normlab's side runs
+``normlab.train.loop.train`` itself (it tests its best-on-val weights: ``normlab_best_epoch`` in the JSON
+says whether that was the last epoch, as the conventional side's final weights are).
 
-    python bench/bench_pipeline.py           # ~5 min here
+    python bench/bench_pipeline.py           # ~15 min here
     python bench/bench_pipeline.py --quick   # 1 round, no accuracy
 """
 
@@ -38,6 +44,7 @@ from torch import nn
 from _common import fmt, machine, summary, write_json
 
 TARBALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpg.tar.gz"
+DEFAULT_THREADS = torch.get_num_threads()  # what both pipelines use out of the box (one per core)
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
@@ -79,10 +86,10 @@ def conventional(root: Path, workers: int, subset: list[int] | None = None, trai
                                            persistent_workers=workers > 0, generator=g)
 
 
-def conv_model():
+def conv_model(seed: int = 0):
     from normlab.models.resnet import ResNet
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return ResNet(3, 10, norm=lambda c: nn.BatchNorm2d(c))
 
 
@@ -109,14 +116,17 @@ def normlab_cfg(**kw):
     return make_config(base, kw)
 
 
-def normlab_steps(threads: int, channels_last: bool, compile_mode: str):
-    """The inner step of normlab.train.loop, on normlab's warm uint8 cache."""
+def normlab_steps(threads: int, memory_format: str, compile_mode: str):
+    """The inner step of normlab.train.loop, on normlab's warm uint8 cache, with its defaults (channels_last,
+    tuned malloc -- process-wide, so the conventional side in this process gets it too)."""
     from normlab.data import augment_batch, load_data, normalize
     from normlab.models import build_model
     from normlab.train.loop import epoch_generator
-    from normlab.train.runtime import maybe_compile
+    from normlab.train.runtime import maybe_compile, tune_malloc
 
-    cfg = normlab_cfg(threads=threads, compile=compile_mode)
+    tune_malloc()
+    cfg = normlab_cfg(threads=threads, compile=compile_mode, memory_format=memory_format)
+    channels_last = cfg.memory_format == "channels_last"
     data = load_data(cfg)
     torch.manual_seed(0)
     model = build_model(cfg, data.in_channels, data.num_classes).train()
@@ -144,9 +154,10 @@ def normlab_steps(threads: int, channels_last: bool, compile_mode: str):
 def throughput(args) -> dict:
     root = unpacked(TARBALL)
     t0 = time.perf_counter()
-    sides = {"normlab": normlab_steps(args.threads, args.channels_last, args.compile),
+    threads = {"normlab": args.normlab_threads or args.threads or DEFAULT_THREADS,
+               "conventional": args.conv_threads or args.threads or DEFAULT_THREADS}
+    sides = {"normlab": normlab_steps(threads["normlab"], args.memory_format, args.compile),
              "conventional": conventional_steps(root, args.workers)}
-    threads = {"normlab": args.normlab_threads or args.threads, "conventional": args.conv_threads or args.threads}
     first = {}
     for k, it in sides.items():
         torch.set_num_threads(threads[k])
@@ -178,33 +189,62 @@ def throughput(args) -> dict:
 
 # ----------------------------------------------------------------------------------------------- accuracy
 
-def stratified(targets: list[int], per_class: int, seed: int = 0) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    t = torch.tensor(targets)
-    out = []
-    for c in t.unique().tolist():
-        idx = (t == c).nonzero().flatten()
-        out += idx[torch.randperm(len(idx), generator=g)[:per_class]].tolist()
-    return sorted(out)
+class EpochOrder(torch.utils.data.Sampler):
+    """normlab's per-epoch image order (``epoch_generator(seed, epoch, 0)``) for the conventional loader."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 1
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        from normlab.train.loop import epoch_generator
+
+        return iter(torch.randperm(self.n, generator=epoch_generator(self.seed, self.epoch, 0)).tolist())
 
 
-def accuracy(args) -> dict:
+def same_images(root: Path, n: int):
+    """The indices into ImageFolder(train) of exactly the images normlab trains on with ``--train-subset n``
+    (its stratified 10% validation hold-out, then its stratified subset), checked label by label and pixel
+    by pixel; and normlab's normalization statistics of that subset."""
+    import numpy as np
     from torchvision.datasets import ImageFolder
 
-    from normlab.train.loop import summary_of, train
+    from normlab.data import load_data
+    from normlab.data.splits import SPLIT_SEED, SUBSET_SEED, stratified_holdout, stratified_subset
 
-    root = unpacked(TARBALL)
-    torch.set_num_threads(args.conv_threads or args.threads)
-    # conventional: 1 epoch on a stratified 10k subset, cosine lr, test on the full test folder
     full = ImageFolder(str(root / "train"))
-    subset = stratified(full.targets, args.subset // 10)
-    _, loader = conventional(root, args.workers, subset)
-    model = conv_model().train()
+    t = torch.tensor(full.targets)
+    keep, _ = stratified_holdout(t, 10, 0.1, SPLIT_SEED)
+    subset = keep[stratified_subset(t[keep], 10, n, SUBSET_SEED)].tolist()
+    data = load_data(normlab_cfg(train_subset=n))
+    assert torch.equal(t[subset], data.train_y), "normlab's subset and the ImageFolder indices disagree (labels)"
+    for j in (0, len(subset) // 2, len(subset) - 1):
+        img = np.asarray(full.loader(full.samples[subset[j]][0]).convert("RGB"))
+        assert torch.equal(torch.from_numpy(img).permute(2, 0, 1), data.train_x[j]), "images differ"
+    return subset, data.mean, data.std
+
+
+def conventional_run(root: Path, subset: list[int], mean, std, seed: int, epochs: int, workers: int) -> float:
+    """The conventional pipeline trained as normlab trains: same images, same per-epoch order, same
+    normalization, same init (seed), SGD and per-step cosine lr over every batch (a last short batch
+    included); test accuracy of the final weights on the full test folder."""
+    import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
+
+    tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+    ds = torch.utils.data.Subset(ImageFolder(str(root / "train"), transform=tf), subset)
+    sampler = EpochOrder(len(ds), seed)
+    loader = torch.utils.data.DataLoader(ds, batch_size=128, sampler=sampler, num_workers=workers,
+                                         persistent_workers=workers > 0,
+                                         generator=torch.Generator().manual_seed(seed))
+    torch.manual_seed(seed)
+    model = conv_model(seed).train()
     opt = sgd(model)
-    total = len(loader) * args.epochs
-    step = 0
-    t0 = time.perf_counter()
-    for _ in range(args.epochs):
+    total, step = len(loader) * epochs, 0
+    for epoch in range(1, epochs + 1):
+        sampler.epoch = epoch
         for x, y in loader:
             for gr in opt.param_groups:
                 gr["lr"] = 0.1 * 0.5 * (1 + math.cos(math.pi * step / total))
@@ -212,51 +252,73 @@ def accuracy(args) -> dict:
             F.cross_entropy(model(x), y).backward()
             opt.step()
             step += 1
-    conv_train_s = time.perf_counter() - t0
     model.eval()
-    _, test_loader = conventional(root, args.workers, train=False)
-    correct = n = 0
+    test = ImageFolder(str(root / "test"), transform=T.Compose([T.ToTensor(), T.Normalize(mean, std)]))
+    correct = 0
     with torch.no_grad():
-        for x, y in test_loader:
+        for x, y in torch.utils.data.DataLoader(test, batch_size=512, num_workers=workers):
             correct += (model(x).argmax(1) == y).sum().item()
-            n += len(y)
-    conv_acc = correct / n
-    # normlab: its own training loop, same budget
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = normlab_cfg(threads=args.normlab_threads or args.threads, train_subset=args.subset, epochs=args.epochs, out=tmp + "/run",
-                          compile=args.compile)
+    return correct / len(test)
+
+
+def accuracy(args) -> dict:
+    """Test accuracy after ``--epochs`` on the same ``--subset`` images, ``--seeds`` seeds per side."""
+    import statistics
+
+    from normlab.train.loop import summary_of, train
+
+    root = unpacked(TARBALL)
+    subset, mean, std = same_images(root, args.subset)
+    rows = []
+    for seed in range(args.seeds):
+        torch.set_num_threads(args.conv_threads or args.threads or DEFAULT_THREADS)
         t0 = time.perf_counter()
-        train(cfg, force=True, log=lambda *_: None)
-        nl_wall = time.perf_counter() - t0
-        s = summary_of(tmp + "/run")
-    res = {"subset": args.subset, "epochs": args.epochs, "conventional_test_acc": conv_acc,
-           "conventional_train_s": conv_train_s, "normlab_test_acc": s["test"]["acc"],
-           "normlab_epoch_s": s["seconds_per_epoch"], "normlab_wall_s": nl_wall}
-    print(f"accuracy after {args.epochs} epoch(s) on {args.subset} images: normlab {res['normlab_test_acc']:.4f} "
-          f"conventional {conv_acc:.4f}", flush=True)
+        conv_acc = conventional_run(root, subset, mean, std, seed, args.epochs, args.workers)
+        conv_s = time.perf_counter() - t0
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = normlab_cfg(threads=args.normlab_threads or args.threads, train_subset=args.subset,
+                              epochs=args.epochs, seed=seed, out=tmp + "/run", compile=args.compile)
+            t0 = time.perf_counter()
+            train(cfg, force=True, log=lambda *_: None)
+            nl_s = time.perf_counter() - t0
+            s = summary_of(tmp + "/run")
+        rows.append({"seed": seed, "conventional": conv_acc, "normlab": s["test"]["acc"],
+                     "normlab_best_epoch": s.get("best_epoch"), "conventional_s": conv_s, "normlab_s": nl_s})
+        print(f"seed {seed}: test accuracy normlab {s['test']['acc']:.4f} ({nl_s:.0f} s)  conventional "
+              f"{conv_acc:.4f} ({conv_s:.0f} s)", flush=True)
+    res = {"subset": args.subset, "epochs": args.epochs, "runs": rows}
+    for k in ("normlab", "conventional"):
+        v = [r[k] for r in rows]
+        res[k] = {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "values": v}
+    print(f"accuracy after {args.epochs} epoch(s) on {args.subset} images, {args.seeds} seeds: normlab "
+          f"{res['normlab']['mean']:.4f} ± {res['normlab']['std']:.4f}, conventional "
+          f"{res['conventional']['mean']:.4f} ± {res['conventional']['std']:.4f}", flush=True)
     return res
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None,
+                    help=f"torch threads in both training processes (default: torch's own, {DEFAULT_THREADS} here)")
     ap.add_argument("--normlab-threads", type=int, default=None, help="torch threads, normlab side")
     ap.add_argument("--conv-threads", type=int, default=None, help="torch threads, conventional side")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--channels-last", action="store_true", help="normlab side in channels_last")
+    ap.add_argument("--memory-format", default="channels_last", choices=("channels_last", "contiguous"),
+                    help="normlab side (normlab's default: channels_last)")
     ap.add_argument("--compile", default="off", choices=("off", "on"), help="normlab side: torch.compile")
     ap.add_argument("--subset", type=int, default=10000)
-    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--no-accuracy", dest="accuracy", action="store_false")
     ap.add_argument("--quick", action="store_true", help="1 round of 20 steps, no accuracy run")
     ap.add_argument("--out", default="pipeline.json")
     a = ap.parse_args(argv)
     if a.quick:
         a.repeats, a.steps, a.warmup, a.accuracy = 1, 20, 3, False
-    torch.set_num_threads(a.threads)
+    torch.set_num_threads(a.threads or DEFAULT_THREADS)
     info = machine()
     print(info)
     out = {"machine": info, "args": vars(a), "throughput": throughput(a)}

@@ -67,6 +67,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | mps
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 uses a grad scaler on CUDA)
     compile: str = "off"  # auto | on | off: torch.compile the model
+    memory_format: str = "channels_last"  # channels_last | contiguous: activation layout (channels_last: faster convs and norms on CPU and GPU, bench/bench_norms.py)
     threads: int | None = None  # CPU threads for this run (None = torch's default)
     eval_batch_size: int = 512  # batch size for evaluation passes
     probe_size: int = 256  # images in the fixed probe batch for feature quantiles
@@ -98,7 +99,7 @@ class TrainConfig:
             "dataset": DATASETS, "norm": NORM_NAMES, "optimizer": ("sgd", "adam", "adamw"),
             "schedule": ("cosine", "step", "onecycle", "constant"),
             "device": ("auto", "cpu", "cuda", "mps"), "precision": ("fp32", "bf16", "fp16"),
-            "compile": ("auto", "on", "off"), "on_bad_image": ("skip", "error"), "shortcut": ("A", "B"),
+            "compile": ("auto", "on", "off"), "memory_format": ("channels_last", "contiguous"), "on_bad_image": ("skip", "error"), "shortcut": ("A", "B"),
             "model": ("resnet", "resnet18", "compact"), "progress": ("auto", "bar", "plain", "off"),
             "activation": ("relu", "leaky_relu", "elu", "gelu", "silu", "tanh", "sigmoid"),
         }

@@ -52,18 +52,26 @@ def epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 101 + stream)
 
 
+def memory_format_of(cfg: TrainConfig) -> torch.memory_format:
+    """The activation layout a run uses (``cfg.memory_format``)."""
+    return torch.channels_last if cfg.memory_format == "channels_last" else torch.contiguous_format
+
+
 def confusion(target: torch.Tensor, pred: torch.Tensor, k: int) -> torch.Tensor:
     return torch.bincount(target * k + pred, minlength=k * k).reshape(k, k)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, data: DataBundle, device: torch.device,
-             batch_size: int, precision: str = "fp32") -> tuple[float, torch.Tensor, torch.Tensor]:
-    """Mean loss, confusion matrix (rows = true) and predictions of ``model`` in eval mode on uint8 ``x``."""
+             batch_size: int, precision: str = "fp32", memory_format: torch.memory_format = torch.contiguous_format,
+             ) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """Mean loss, confusion matrix (rows = true) and predictions of ``model`` in eval mode on uint8 ``x``
+    (batches in ``memory_format``, the model's own)."""
     model.eval()
     k, total, cm, preds = data.num_classes, 0.0, torch.zeros(data.num_classes, data.num_classes, dtype=torch.long), []
     for i in range(0, len(x), batch_size):
         xb = normalize(x[i:i + batch_size].to(device, non_blocking=True), data.mean, data.std)
+        xb = xb.contiguous(memory_format=memory_format)
         yb = y[i:i + batch_size].to(device, non_blocking=True)
         with autocast(device, precision):
             logits = model(xb)
@@ -173,8 +181,8 @@ def _train(cfg: TrainConfig, out: Path, dinfo, progress: EpochProgress, log) -> 
     build_cfg = dataclasses.replace(cfg, pretrained=None) if (out / "last.pt").is_file() else cfg
     model = build_model(build_cfg, data.in_channels, data.num_classes,
                         sync=cfg.sync_bn and dinfo.enabled).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    fmt = memory_format_of(cfg)
+    model = model.to(memory_format=fmt)
     optimizer = build_optimizer(model, cfg)
     scaler = grad_scaler(device, cfg.precision)
 
@@ -234,8 +242,7 @@ def _train(cfg: TrainConfig, out: Path, dinfo, progress: EpochProgress, log) -> 
             if cfg.augment != "none":  # standard, or catalogue names: crop,hflip,cutout,... (data.augmentations)
                 xb = apply_augment(xb, cfg.augment, aug_gen, cfg.augment_params)
             xb = normalize(xb.tensor_split(dinfo.world_size)[dinfo.rank], data.mean, data.std)
-            if device.type == "cuda":
-                xb = xb.contiguous(memory_format=torch.channels_last)
+            xb = xb.contiguous(memory_format=fmt)
             yb = train_y[idx].tensor_split(dinfo.world_size)[dinfo.rank]
             global_step = (epoch - 1) * steps_per_epoch + step
             for group in optimizer.param_groups:
@@ -285,7 +292,7 @@ def _train(cfg: TrainConfig, out: Path, dinfo, progress: EpochProgress, log) -> 
             if dist_utils.any_rank(False, dinfo, device):
                 break
             continue
-        val_loss, val_cm, _ = evaluate(model, data.val_x, data.val_y, data, device, cfg.eval_batch_size, cfg.precision)
+        val_loss, val_cm, _ = evaluate(model, data.val_x, data.val_y, data, device, cfg.eval_batch_size, cfg.precision, fmt)
         tr, va = scores_from_confusion(cm), scores_from_confusion(val_cm)
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
                "train_loss": loss_sum.item() / max(1.0, seen_t.item()), "train_error": 1 - tr["acc"],
@@ -347,7 +354,8 @@ def _finish(cfg, out, model, data, device, state, n_params, wall, log) -> None:
                               "test": (data.test_x, data.test_y)}.items():
             if x is None:
                 continue
-            loss, cm, _ = evaluate(model, x, y, data, device, cfg.eval_batch_size, cfg.precision)
+            loss, cm, _ = evaluate(model, x, y, data, device, cfg.eval_batch_size, cfg.precision,
+                                   memory_format_of(cfg))
             splits[split] = {"loss": loss, **scores_from_confusion(cm), "confusion": cm.tolist()}
     status = "diverged" if state["diverged"] else "stopped_early" if state.get("stopped_early") else "finished"
     rows = state["rows"]
