@@ -116,16 +116,16 @@ def normlab_cfg(**kw):
     return make_config(base, kw)
 
 
-def normlab_steps(threads: int, memory_format: str, compile_mode: str):
+def normlab_steps(threads: int, memory_format: str, compile_mode: str, precision: str = "fp32"):
     """The inner step of normlab.train.loop, on normlab's warm uint8 cache, with its defaults (channels_last,
     tuned malloc -- process-wide, so the conventional side in this process gets it too)."""
     from normlab.data import augment_batch, load_data, normalize
     from normlab.models import build_model
     from normlab.train.loop import epoch_generator
-    from normlab.train.runtime import maybe_compile, tune_malloc
+    from normlab.train.runtime import autocast, maybe_compile, tune_malloc
 
     tune_malloc()
-    cfg = normlab_cfg(threads=threads, compile=compile_mode, memory_format=memory_format)
+    cfg = normlab_cfg(threads=threads, compile=compile_mode, memory_format=memory_format, precision=precision)
     channels_last = cfg.memory_format == "channels_last"
     data = load_data(cfg)
     torch.manual_seed(0)
@@ -145,8 +145,10 @@ def normlab_steps(threads: int, memory_format: str, compile_mode: str):
             xb = normalize(augment_batch(train_x[idx], gen), data.mean, data.std)
             if channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
+            with autocast(torch.device("cpu"), precision):
+                loss = F.cross_entropy(run_model(xb).float(), train_y[idx])
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(run_model(xb), train_y[idx]).backward()
+            loss.backward()
             opt.step()
             yield
 
@@ -156,7 +158,7 @@ def throughput(args) -> dict:
     t0 = time.perf_counter()
     threads = {"normlab": args.normlab_threads or args.threads or DEFAULT_THREADS,
                "conventional": args.conv_threads or args.threads or DEFAULT_THREADS}
-    sides = {"normlab": normlab_steps(threads["normlab"], args.memory_format, args.compile),
+    sides = {"normlab": normlab_steps(threads["normlab"], args.memory_format, args.compile, args.precision),
              "conventional": conventional_steps(root, args.workers)}
     first = {}
     for k, it in sides.items():
@@ -277,7 +279,8 @@ def accuracy(args) -> dict:
         conv_s = time.perf_counter() - t0
         with tempfile.TemporaryDirectory() as tmp:
             cfg = normlab_cfg(threads=args.normlab_threads or args.threads, train_subset=args.subset,
-                              epochs=args.epochs, seed=seed, out=tmp + "/run", compile=args.compile)
+                              epochs=args.epochs, seed=seed, out=tmp + "/run", compile=args.compile,
+                              precision=args.precision)
             t0 = time.perf_counter()
             train(cfg, force=True, log=lambda *_: None)
             nl_s = time.perf_counter() - t0
@@ -309,6 +312,8 @@ def main(argv=None):
     ap.add_argument("--memory-format", default="channels_last", choices=("channels_last", "contiguous"),
                     help="normlab side (normlab's default: channels_last)")
     ap.add_argument("--compile", default="off", choices=("off", "on"), help="normlab side: torch.compile")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                    help="normlab side: autocast precision (bf16 uses the CPU's AMX/AVX-512 bf16 units where present)")
     ap.add_argument("--subset", type=int, default=10000)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--seeds", type=int, default=3)

@@ -380,7 +380,8 @@ def test_fast_path_is_taken_exactly_for_cpu_float_dense_inputs(norm_path, monkey
     assert _functional.fast_layout(torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)) == \
         _kernels.NHWC
     assert _functional.fast_layout(torch.randn(2, 3, 4, 4, dtype=torch.float64)) == _kernels.NCHW
-    for other in (torch.randn(2, 3, 4, 8)[..., ::2], torch.randn(2, 3, 4, 4).bfloat16(), torch.randn(0, 3, 4, 4),
+    assert _functional.fast_layout(torch.randn(2, 3, 4, 4, dtype=torch.bfloat16)) == _kernels.NCHW
+    for other in (torch.randn(2, 3, 4, 8)[..., ::2], torch.randn(2, 3, 4, 4).half(), torch.randn(0, 3, 4, 4),
                   torch.randn(2, 3, 4, 4).permute(0, 1, 3, 2)):
         assert _functional.fast_layout(other) is None, other.shape
 
@@ -402,6 +403,26 @@ def test_upstream_gradient_in_another_layout(make, ref, x_cl):
         got, want = run(ours, x, dy), run(theirs, x, dy)
         for a, b in zip(got, want):
             close(a, b)
+
+
+@pytest.mark.parametrize("name", ["bn", "gn", "ln", "in", "bin"])
+@pytest.mark.parametrize("cl", [False, True])
+def test_bf16_kernels_match_the_tensor_op_path(name, cl, monkeypatch):
+    """bfloat16 storage, float32 statistics: the C++ kernels and the fallback agree to bf16 rounding."""
+    x = make_input((6, 16, 7, 5), cl).detach().bfloat16()
+    dy = torch.randn(6, 16, 7, 5).bfloat16()
+    got = {}
+    for path in ("1", "0"):
+        monkeypatch.setenv("NORMLAB_KERNELS", path)
+        m = make_norm(name, 16)
+        randomize_affine(m)
+        got[path] = run(m, x, dy)
+        if name in ("bn", "bin"):
+            got[path] += (m.running_mean.clone(), m.running_var.clone())
+    for a, b in zip(got["1"], got["0"]):
+        assert a.dtype == b.dtype
+        close(a.float(), b.float(), atol=0.02, rtol=0.02)  # a bf16 ulp is 2^-8 relative
+    assert got["1"][0].dtype == got["1"][1].dtype == torch.bfloat16 and got["1"][2].dtype == torch.float32
 
 
 def test_large_maps_and_blocks_longer_than_one_run():

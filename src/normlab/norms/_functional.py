@@ -36,7 +36,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def fast_layout(x: torch.Tensor) -> str | None:
-    """The C++ kernels' layout for ``x`` (see ``_kernels``), or None to use tensor ops."""
+    """The C++ kernels' layout for ``x`` (see ``_kernels``), or None to use tensor ops -- always the
+    tensor ops under torch.compile, which traces them into fused kernels of its own (ctypes calls would
+    break the graph)."""
+    if torch.compiler.is_compiling():
+        return None
     return _kernels.usable(x)
 
 

@@ -19,32 +19,67 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 using i64 = int64_t;
+
+// Storage types S of the big tensors: float, double, and bfloat16 (autocast on CPU), which is computed in
+// float: T = Compute<S>::T. ld() widens a stored value, st<S>() rounds a computed one (to nearest even).
+struct bf16 {
+  uint16_t bits;
+};
+template <typename S>
+struct Compute {
+  using T = S;
+};
+template <>
+struct Compute<bf16> {
+  using T = float;
+};
+static inline float ld(float v) { return v; }
+static inline double ld(double v) { return v; }
+static inline float ld(bf16 v) {
+  const uint32_t u = uint32_t(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+template <typename S>
+static inline S st(typename Compute<S>::T v) {
+  return S(v);
+}
+template <>
+inline bf16 st<bf16>(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{uint16_t((u >> 16) | 0x40u)};  // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return bf16{uint16_t(u >> 16)};
+}
 
 static const i64 kParallelMin = 1 << 15;  // elements below which threads cost more than they save
 
 // Sum and dot product of one contiguous run, with L independent accumulators (several vector registers,
 // so the adds do not wait on each other's latency), in T; the caller combines runs in double.
-template <typename T, bool SAME>
-static inline void run_sums(const T* pa, const T* pb, i64 len, T& out1, T& out2) {
+template <typename S, bool SAME, typename T = typename Compute<S>::T>
+static inline void run_sums(const S* pa, const S* pb, i64 len, T& out1, T& out2) {
   constexpr int L = 128 / sizeof(T);
   T acc1[L] = {}, acc2[L] = {};
   i64 i = 0;
   for (; i + L <= len; i += L) {
 #pragma omp simd
     for (int l = 0; l < L; ++l) {
-      const T va = pa[i + l];
+      const T va = ld(pa[i + l]);
       acc1[l] += va;
-      acc2[l] += va * (SAME ? va : pb[i + l]);
+      acc2[l] += va * (SAME ? va : ld(pb[i + l]));
     }
   }
   T f1 = 0, f2 = 0;
   for (; i < len; ++i) {
-    const T va = pa[i];
+    const T va = ld(pa[i]);
     f1 += va;
-    f2 += va * (SAME ? va : pb[i]);
+    f2 += va * (SAME ? va : ld(pb[i]));
   }
 #pragma omp simd reduction(+ : f1, f2)
   for (int l = 0; l < L; ++l) {
@@ -57,8 +92,8 @@ static inline void run_sums(const T* pa, const T* pb, i64 len, T& out1, T& out2)
 
 // Per-channel sums of one sample in channels_last, a (hw, c) block: d1[j] = sum a, d2[j] = sum a*b.
 // q1, q2: scratch of c values (accumulated in T over 64 rows, then added to the double sums).
-template <typename T, bool SAME>
-static void sample_sums_nhwc(const T* a, const T* b, i64 hw, i64 c, double* d1, double* d2, T* q1, T* q2) {
+template <typename S, bool SAME, typename T = typename Compute<S>::T>
+static void sample_sums_nhwc(const S* a, const S* b, i64 hw, i64 c, double* d1, double* d2, T* q1, T* q2) {
   std::fill(d1, d1 + c, 0.0);
   std::fill(d2, d2 + c, 0.0);
   for (i64 start = 0; start < hw; start += 64) {
@@ -67,22 +102,27 @@ static void sample_sums_nhwc(const T* a, const T* b, i64 hw, i64 c, double* d1, 
     std::fill(q2, q2 + c, T(0));
     i64 p = start;
     for (; p + 4 <= end; p += 4) {  // four rows per update: a quarter of the dependent adds
-      const T* a0 = a + p * c;
-      const T* b0 = SAME ? a0 : b + p * c;
+      const S* a0 = a + p * c;
+      const S* b0 = SAME ? a0 : b + p * c;
 #pragma omp simd
       for (i64 j = 0; j < c; ++j) {
-        q1[j] += (a0[j] + a0[c + j]) + (a0[2 * c + j] + a0[3 * c + j]);
-        q2[j] += (a0[j] * b0[j] + a0[c + j] * b0[c + j]) +
-                 (a0[2 * c + j] * b0[2 * c + j] + a0[3 * c + j] * b0[3 * c + j]);
+        const T x0 = ld(a0[j]), x1 = ld(a0[c + j]), x2 = ld(a0[2 * c + j]), x3 = ld(a0[3 * c + j]);
+        q1[j] += (x0 + x1) + (x2 + x3);
+        if (SAME) {
+          q2[j] += (x0 * x0 + x1 * x1) + (x2 * x2 + x3 * x3);
+        } else {
+          q2[j] += (x0 * ld(b0[j]) + x1 * ld(b0[c + j])) + (x2 * ld(b0[2 * c + j]) + x3 * ld(b0[3 * c + j]));
+        }
       }
     }
     for (; p < end; ++p) {
-      const T* pa = a + p * c;
-      const T* pb = SAME ? pa : b + p * c;
+      const S* pa = a + p * c;
+      const S* pb = SAME ? pa : b + p * c;
 #pragma omp simd
       for (i64 j = 0; j < c; ++j) {
-        q1[j] += pa[j];
-        q2[j] += pa[j] * pb[j];
+        const T va = ld(pa[j]);
+        q1[j] += va;
+        q2[j] += va * (SAME ? va : ld(pb[j]));
       }
     }
     for (i64 j = 0; j < c; ++j) {
@@ -92,132 +132,132 @@ static void sample_sums_nhwc(const T* a, const T* b, i64 hw, i64 c, double* d1, 
   }
 }
 
-template <typename T, bool SAME>
-static void sums_nhwc(const T* a, const T* b, i64 n, i64 hw, i64 c, double* s1, double* s2, int nt) {
+template <typename S, bool SAME, typename T = typename Compute<S>::T>
+static void sums_nhwc(const S* a, const S* b, i64 n, i64 hw, i64 c, double* s1, double* s2, int nt) {
 #pragma omp parallel num_threads(nt) if (nt > 1 && n > 1 && n * hw * c >= kParallelMin)
   {
     std::vector<T> q1(c), q2(c);
 #pragma omp for schedule(static)
     for (i64 k = 0; k < n; ++k)
-      sample_sums_nhwc<T, SAME>(a + k * hw * c, SAME ? nullptr : b + k * hw * c, hw, c, s1 + k * c,
+      sample_sums_nhwc<S, SAME>(a + k * hw * c, SAME ? nullptr : b + k * hw * c, hw, c, s1 + k * c,
                                 s2 + k * c, q1.data(), q2.data());
   }
 }
 
 // Sums of a contiguous run of any length: runs of 4096 in T, combined in double.
-template <typename T, bool SAME>
-static void long_sums(const T* a, const T* b, i64 len, double& d1, double& d2) {
+template <typename S, bool SAME, typename T = typename Compute<S>::T>
+static void long_sums(const S* a, const S* b, i64 len, double& d1, double& d2) {
   d1 = d2 = 0;
   for (i64 start = 0; start < len; start += 4096) {
     T f1, f2;
-    run_sums<T, SAME>(a + start, SAME ? a + start : b + start, std::min<i64>(4096, len - start), f1, f2);
+    run_sums<S, SAME>(a + start, SAME ? a + start : b + start, std::min<i64>(4096, len - start), f1, f2);
     d1 += f1;
     d2 += f2;
   }
 }
 
-template <typename T, bool SAME>
-static void sums_rows(const T* a, const T* b, i64 rows, i64 hw, double* s1, double* s2, int nt) {
+template <typename S, bool SAME>
+static void sums_rows(const S* a, const S* b, i64 rows, i64 hw, double* s1, double* s2, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && rows * hw >= kParallelMin)
   for (i64 r = 0; r < rows; ++r)
-    long_sums<T, SAME>(a + r * hw, SAME ? a + r * hw : b + r * hw, hw, s1[r], s2[r]);
+    long_sums<S, SAME>(a + r * hw, SAME ? a + r * hw : b + r * hw, hw, s1[r], s2[r]);
 }
 
-template <typename T>
-static void affine_rows(const T* x, T* y, i64 rows, i64 hw, const T* scale, const T* shift, int nt) {
+template <typename S, typename T = typename Compute<S>::T>
+static void affine_rows(const S* x, S* y, i64 rows, i64 hw, const T* scale, const T* shift, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && rows * hw >= kParallelMin)
   for (i64 r = 0; r < rows; ++r) {
-    const T* px = x + r * hw;
-    T* py = y + r * hw;
+    const S* px = x + r * hw;
+    S* py = y + r * hw;
     const T s = scale[r], t = shift[r];
 #pragma omp simd
-    for (i64 i = 0; i < hw; ++i) py[i] = px[i] * s + t;
+    for (i64 i = 0; i < hw; ++i) py[i] = st<S>(ld(px[i]) * s + t);
   }
 }
 
-template <typename T>
-static void affine_nhwc(const T* x, T* y, i64 n, i64 hw, i64 c, const T* scale, const T* shift, int nt) {
+template <typename S, typename T = typename Compute<S>::T>
+static void affine_nhwc(const S* x, S* y, i64 n, i64 hw, i64 c, const T* scale, const T* shift, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && n * hw * c >= kParallelMin)
   for (i64 row = 0; row < n * hw; ++row) {
     const i64 k = row / hw;
-    const T* px = x + row * c;
-    T* py = y + row * c;
+    const S* px = x + row * c;
+    S* py = y + row * c;
     const T* s = scale + k * c;
     const T* t = shift + k * c;
 #pragma omp simd
-    for (i64 j = 0; j < c; ++j) py[j] = px[j] * s[j] + t[j];
+    for (i64 j = 0; j < c; ++j) py[j] = st<S>(ld(px[j]) * s[j] + t[j]);
   }
 }
 
-template <typename T>
-static void grad_rows(const T* dy, const T* x, T* dx, i64 rows, i64 hw, const T* a, const T* b,
+template <typename S, typename T = typename Compute<S>::T>
+static void grad_rows(const S* dy, const S* x, S* dx, i64 rows, i64 hw, const T* a, const T* b,
                       const T* k, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && rows * hw >= kParallelMin)
   for (i64 r = 0; r < rows; ++r) {
-    const T* pd = dy + r * hw;
-    const T* px = x + r * hw;
-    T* po = dx + r * hw;
+    const S* pd = dy + r * hw;
+    const S* px = x + r * hw;
+    S* po = dx + r * hw;
     const T va = a[r], vb = b[r], vk = k[r];
 #pragma omp simd
-    for (i64 i = 0; i < hw; ++i) po[i] = va * pd[i] + vb * px[i] + vk;
+    for (i64 i = 0; i < hw; ++i) po[i] = st<S>(va * ld(pd[i]) + vb * ld(px[i]) + vk);
   }
 }
 
-template <typename T>
-static void grad_nhwc(const T* dy, const T* x, T* dx, i64 n, i64 hw, i64 c, const T* a, const T* b,
+template <typename S, typename T = typename Compute<S>::T>
+static void grad_nhwc(const S* dy, const S* x, S* dx, i64 n, i64 hw, i64 c, const T* a, const T* b,
                       const T* k, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && n * hw * c >= kParallelMin)
   for (i64 row = 0; row < n * hw; ++row) {
     const i64 s = row / hw;
-    const T* pd = dy + row * c;
-    const T* px = x + row * c;
-    T* po = dx + row * c;
+    const S* pd = dy + row * c;
+    const S* px = x + row * c;
+    S* po = dx + row * c;
     const T* va = a + s * c;
     const T* vb = b + s * c;
     const T* vk = k + s * c;
 #pragma omp simd
-    for (i64 j = 0; j < c; ++j) po[j] = va[j] * pd[j] + vb[j] * px[j] + vk[j];
+    for (i64 j = 0; j < c; ++j) po[j] = st<S>(va[j] * ld(pd[j]) + vb[j] * ld(px[j]) + vk[j]);
   }
 }
 
 // ------------------------------------------------------------------ the norms, built on those loops
 // Layout: 0 = NCHW contiguous, 1 = channels_last. Per-channel / per-group math in double.
 
-template <typename T>
-static void sums_nc(const T* a, const T* b, int nhwc, i64 n, i64 c, i64 hw, double* s1, double* s2,
+template <typename S>
+static void sums_nc(const S* a, const S* b, int nhwc, i64 n, i64 c, i64 hw, double* s1, double* s2,
                     int nt) {
   if (nhwc) {
-    if (b == nullptr) sums_nhwc<T, true>(a, a, n, hw, c, s1, s2, nt);
-    else sums_nhwc<T, false>(a, b, n, hw, c, s1, s2, nt);
+    if (b == nullptr) sums_nhwc<S, true>(a, a, n, hw, c, s1, s2, nt);
+    else sums_nhwc<S, false>(a, b, n, hw, c, s1, s2, nt);
   } else {
-    if (b == nullptr) sums_rows<T, true>(a, a, n * c, hw, s1, s2, nt);
-    else sums_rows<T, false>(a, b, n * c, hw, s1, s2, nt);
+    if (b == nullptr) sums_rows<S, true>(a, a, n * c, hw, s1, s2, nt);
+    else sums_rows<S, false>(a, b, n * c, hw, s1, s2, nt);
   }
 }
 
-template <typename T>
-static void affine_nc(const T* x, T* y, int nhwc, i64 n, i64 c, i64 hw, const T* scale, const T* shift,
+template <typename S, typename T = typename Compute<S>::T>
+static void affine_nc(const S* x, S* y, int nhwc, i64 n, i64 c, i64 hw, const T* scale, const T* shift,
                       int nt) {
-  if (nhwc) affine_nhwc<T>(x, y, n, hw, c, scale, shift, nt);
-  else affine_rows<T>(x, y, n * c, hw, scale, shift, nt);
+  if (nhwc) affine_nhwc<S>(x, y, n, hw, c, scale, shift, nt);
+  else affine_rows<S>(x, y, n * c, hw, scale, shift, nt);
 }
 
-template <typename T>
-static void grad_nc(const T* dy, const T* x, T* dx, int nhwc, i64 n, i64 c, i64 hw, const T* a,
+template <typename S, typename T = typename Compute<S>::T>
+static void grad_nc(const S* dy, const S* x, S* dx, int nhwc, i64 n, i64 c, i64 hw, const T* a,
                     const T* b, const T* k, int nt) {
-  if (nhwc) grad_nhwc<T>(dy, x, dx, n, hw, c, a, b, k, nt);
-  else grad_rows<T>(dy, x, dx, n * c, hw, a, b, k, nt);
+  if (nhwc) grad_nhwc<S>(dy, x, dx, n, hw, c, a, b, k, nt);
+  else grad_rows<S>(dy, x, dx, n * c, hw, a, b, k, nt);
 }
 
 // BatchNorm, step 1 (forward and backward): per-channel sums over (N, H, W) of a and a*b (b = a when
 // null). With ``center`` (backward: the batch mean) s2 becomes sum a*(b - center); with ``rstd`` and
 // ``gw`` / ``gb`` the weight and bias gradients s2*rstd and s1 are written too. DDP all-reduces s1, s2
 // between step 1 and step 2.
-template <typename T>
-static void bn_sums(const T* a, const T* b, int nhwc, i64 n, i64 c, i64 hw, const T* center,
+template <typename S, typename T = typename Compute<S>::T>
+static void bn_sums(const S* a, const S* b, int nhwc, i64 n, i64 c, i64 hw, const T* center,
                     const T* rstd, double* s1, double* s2, T* gw, T* gb, int nt) {
   std::vector<double> p1(n * c), p2(n * c);
-  sums_nc<T>(a, b, nhwc, n, c, hw, p1.data(), p2.data(), nt);
+  sums_nc<S>(a, b, nhwc, n, c, hw, p1.data(), p2.data(), nt);
   for (i64 j = 0; j < c; ++j) {
     double t1 = 0, t2 = 0;
     for (i64 k = 0; k < n; ++k) {
@@ -234,8 +274,8 @@ static void bn_sums(const T* a, const T* b, int nhwc, i64 n, i64 c, i64 hw, cons
 
 // BatchNorm forward, step 2: statistics from the (global) sums, running-statistics update (unbiased
 // variance, as nn.BatchNorm2d), then y = x * scale + shift.
-template <typename T>
-static void bn_forward(const T* x, T* y, int nhwc, i64 n, i64 c, i64 hw, const double* s1,
+template <typename S, typename T = typename Compute<S>::T>
+static void bn_forward(const S* x, S* y, int nhwc, i64 n, i64 c, i64 hw, const double* s1,
                        const double* s2, double total, const T* w, const T* bias, double eps,
                        double momentum, T* run_mean, T* run_var, T* mean_out, T* rstd_out, int nt) {
   std::vector<T> scale(n * c), shift(n * c);
@@ -256,13 +296,13 @@ static void bn_forward(const T* x, T* y, int nhwc, i64 n, i64 c, i64 hw, const d
       shift[k * c + j] = sh;
     }
   }
-  affine_nc<T>(x, y, nhwc, n, c, hw, scale.data(), shift.data(), nt);
+  affine_nc<S>(x, y, nhwc, n, c, hw, scale.data(), shift.data(), nt);
 }
 
 // BatchNorm backward, step 2: dx = a*dy + b*(x - mean) + k from the (global) sums of dy and
 // dy*(x - mean): a = rstd*w, b = -a*rstd^2*sum(dy*xc)/total, k = -a*sum(dy)/total.
-template <typename T>
-static void bn_backward(const T* dy, const T* x, T* dx, int nhwc, i64 n, i64 c, i64 hw,
+template <typename S, typename T = typename Compute<S>::T>
+static void bn_backward(const S* dy, const S* x, S* dx, int nhwc, i64 n, i64 c, i64 hw,
                         const double* sum_dy, const double* sum_dy_xc, double total, const T* w,
                         const T* mean, const T* rstd, int nt) {
   std::vector<T> va(n * c), vb(n * c), vk(n * c);
@@ -277,7 +317,7 @@ static void bn_backward(const T* dy, const T* x, T* dx, int nhwc, i64 n, i64 c, 
       vk[s * c + j] = T(k);
     }
   }
-  grad_nc<T>(dy, x, dx, nhwc, n, c, hw, va.data(), vb.data(), vk.data(), nt);
+  grad_nc<S>(dy, x, dx, nhwc, n, c, hw, va.data(), vb.data(), vk.data(), nt);
 }
 
 // GroupNorm (G = C: InstanceNorm, G = 1: LayerNorm): statistics per (sample, group). Blocked for the
@@ -314,8 +354,8 @@ static inline void group_grad_coefs(const double* p1, const double* p2, const T*
   k = rstd * (rstd * m2 * mean - m1);
 }
 
-template <typename T>
-static void gn_forward(const T* x, T* y, int nhwc, i64 n, i64 c, i64 hw, i64 g, const T* w,
+template <typename S, typename T = typename Compute<S>::T>
+static void gn_forward(const S* x, S* y, int nhwc, i64 n, i64 c, i64 hw, i64 g, const T* w,
                        const T* bias, double eps, T* mean_out, T* rstd_out, int nt) {
   const i64 cg = c / g;
   const double count = double(cg * hw);
@@ -323,10 +363,10 @@ static void gn_forward(const T* x, T* y, int nhwc, i64 n, i64 c, i64 hw, i64 g, 
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && n * c * hw >= kParallelMin)
     for (i64 blk = 0; blk < n * g; ++blk) {
       const i64 q = blk % g;
-      const T* px = x + blk * cg * hw;
-      T* py = y + blk * cg * hw;
+      const S* px = x + blk * cg * hw;
+      S* py = y + blk * cg * hw;
       double t1, t2;
-      long_sums<T, true>(px, px, cg * hw, t1, t2);
+      long_sums<S, true>(px, px, cg * hw, t1, t2);
       const double mean = t1 / count;
       const double rstd = 1.0 / std::sqrt(std::max(t2 / count - mean * mean, 0.0) + eps);
       const T m = T(mean), r = T(rstd);
@@ -336,10 +376,10 @@ static void gn_forward(const T* x, T* y, int nhwc, i64 n, i64 c, i64 hw, i64 g, 
         const i64 ch = q * cg + j;
         const T sc = w ? r * w[ch] : r;
         const T sh = (bias ? bias[ch] : T(0)) - m * sc;
-        const T* xr = px + j * hw;
-        T* yr = py + j * hw;
+        const S* xr = px + j * hw;
+        S* yr = py + j * hw;
 #pragma omp simd
-        for (i64 i = 0; i < hw; ++i) yr[i] = xr[i] * sc + sh;
+        for (i64 i = 0; i < hw; ++i) yr[i] = st<S>(ld(xr[i]) * sc + sh);
       }
     }
     return;
@@ -350,9 +390,9 @@ static void gn_forward(const T* x, T* y, int nhwc, i64 n, i64 c, i64 hw, i64 g, 
     std::vector<double> d1(c), d2(c);
 #pragma omp for schedule(static)
     for (i64 s = 0; s < n; ++s) {
-      const T* px = x + s * hw * c;
-      T* py = y + s * hw * c;
-      sample_sums_nhwc<T, true>(px, nullptr, hw, c, d1.data(), d2.data(), q1.data(), q2.data());
+      const S* px = x + s * hw * c;
+      S* py = y + s * hw * c;
+      sample_sums_nhwc<S, true>(px, nullptr, hw, c, d1.data(), d2.data(), q1.data(), q2.data());
       for (i64 q = 0; q < g; ++q) {
         double mean, rstd;
         group_stats(d1.data(), d2.data(), q, cg, count, eps, mean, rstd);
@@ -367,18 +407,18 @@ static void gn_forward(const T* x, T* y, int nhwc, i64 n, i64 c, i64 hw, i64 g, 
       const T* sc = scale.data();
       const T* sh = shift.data();
       for (i64 p = 0; p < hw; ++p) {
-        const T* xr = px + p * c;
-        T* yr = py + p * c;
+        const S* xr = px + p * c;
+        S* yr = py + p * c;
 #pragma omp simd
-        for (i64 j = 0; j < c; ++j) yr[j] = xr[j] * sc[j] + sh[j];
+        for (i64 j = 0; j < c; ++j) yr[j] = st<S>(ld(xr[j]) * sc[j] + sh[j]);
       }
     }
   }
 }
 
 // GroupNorm backward: weight/bias gradients (when gw/gb are given) and dx (when dx is given).
-template <typename T>
-static void gn_backward(const T* dy, const T* x, T* dx, int nhwc, i64 n, i64 c, i64 hw, i64 g,
+template <typename S, typename T = typename Compute<S>::T>
+static void gn_backward(const S* dy, const S* x, S* dx, int nhwc, i64 n, i64 c, i64 hw, i64 g,
                         const T* w, const T* mean, const T* rstd, T* gw, T* gb, int nt) {
   const i64 cg = c / g;
   const double count = double(cg * hw);
@@ -390,7 +430,7 @@ static void gn_backward(const T* dy, const T* x, T* dx, int nhwc, i64 n, i64 c, 
       const i64 off = blk * cg * hw;
       for (i64 j = 0; j < cg; ++j) {
         const i64 row = s * c + q * cg + j;
-        long_sums<T, false>(dy + off + j * hw, x + off + j * hw, hw, p1[row], p2[row]);
+        long_sums<S, false>(dy + off + j * hw, x + off + j * hw, hw, p1[row], p2[row]);
       }
       if (!dx) continue;
       const double m = mean[blk], r = rstd[blk];
@@ -400,11 +440,11 @@ static void gn_backward(const T* dy, const T* x, T* dx, int nhwc, i64 n, i64 c, 
       for (i64 j = 0; j < cg; ++j) {
         const i64 ch = q * cg + j;
         const T va = T(w ? r * double(w[ch]) : r);
-        const T* pd = dy + off + j * hw;
-        const T* px = x + off + j * hw;
-        T* po = dx + off + j * hw;
+        const S* pd = dy + off + j * hw;
+        const S* px = x + off + j * hw;
+        S* po = dx + off + j * hw;
 #pragma omp simd
-        for (i64 i = 0; i < hw; ++i) po[i] = va * pd[i] + vb * px[i] + vk;
+        for (i64 i = 0; i < hw; ++i) po[i] = st<S>(va * ld(pd[i]) + vb * ld(px[i]) + vk);
       }
     }
   } else {
@@ -416,7 +456,7 @@ static void gn_backward(const T* dy, const T* x, T* dx, int nhwc, i64 n, i64 c, 
         const i64 off = s * hw * c;
         double* d1 = p1.data() + s * c;
         double* d2 = p2.data() + s * c;
-        sample_sums_nhwc<T, false>(dy + off, x + off, hw, c, d1, d2, q1.data(), q2.data());
+        sample_sums_nhwc<S, false>(dy + off, x + off, hw, c, d1, d2, q1.data(), q2.data());
         if (!dx) continue;
         for (i64 q = 0; q < g; ++q) {
           const double m = mean[s * g + q], r = rstd[s * g + q];
@@ -432,11 +472,11 @@ static void gn_backward(const T* dy, const T* x, T* dx, int nhwc, i64 n, i64 c, 
         const T* bb = vb.data();
         const T* kk = vk.data();
         for (i64 p = 0; p < hw; ++p) {
-          const T* pd = dy + off + p * c;
-          const T* px = x + off + p * c;
-          T* po = dx + off + p * c;
+          const S* pd = dy + off + p * c;
+          const S* px = x + off + p * c;
+          S* po = dx + off + p * c;
 #pragma omp simd
-          for (i64 j = 0; j < c; ++j) po[j] = a[j] * pd[j] + bb[j] * px[j] + kk[j];
+          for (i64 j = 0; j < c; ++j) po[j] = st<S>(a[j] * ld(pd[j]) + bb[j] * ld(px[j]) + kk[j]);
         }
       }
     }
@@ -455,37 +495,39 @@ static void gn_backward(const T* dy, const T* x, T* dx, int nhwc, i64 n, i64 c, 
   }
 }
 
-// C entry points: suffix f = float32, d = float64 (T). Null pointers mean "absent" (no affine, no
-// running statistics, gradient not needed).
-#define NORMLAB_EXPORT(T, S)                                                                          \
-  extern "C" void normlab_bn_sums_##S(const T* a, const T* b, int nhwc, i64 n, i64 c, i64 hw,         \
+// C entry points: suffix f = float32, d = float64, b = bfloat16 storage (computed in float32). S is the
+// big tensors' type, T the statistics', parameters' and gradients' type (float for bfloat16). Null
+// pointers mean "absent" (no affine, no running statistics, gradient not needed).
+#define NORMLAB_EXPORT(S, T, X)                                                                       \
+  extern "C" void normlab_bn_sums_##X(const S* a, const S* b, int nhwc, i64 n, i64 c, i64 hw,         \
                                       const T* center, const T* rstd, double* s1, double* s2, T* gw,  \
                                       T* gb, int nt) {                                               \
-    bn_sums<T>(a, b, nhwc, n, c, hw, center, rstd, s1, s2, gw, gb, nt);                              \
+    bn_sums<S>(a, b, nhwc, n, c, hw, center, rstd, s1, s2, gw, gb, nt);                              \
   }                                                                                                  \
-  extern "C" void normlab_bn_forward_##S(const T* x, T* y, int nhwc, i64 n, i64 c, i64 hw,            \
+  extern "C" void normlab_bn_forward_##X(const S* x, S* y, int nhwc, i64 n, i64 c, i64 hw,            \
                                          const double* s1, const double* s2, double total,           \
                                          const T* w, const T* b, double eps, double momentum,        \
                                          T* run_mean, T* run_var, T* mean_out, T* rstd_out, int nt) { \
-    bn_forward<T>(x, y, nhwc, n, c, hw, s1, s2, total, w, b, eps, momentum, run_mean, run_var,       \
+    bn_forward<S>(x, y, nhwc, n, c, hw, s1, s2, total, w, b, eps, momentum, run_mean, run_var,       \
                   mean_out, rstd_out, nt);                                                           \
   }                                                                                                  \
-  extern "C" void normlab_bn_backward_##S(const T* dy, const T* x, T* dx, int nhwc, i64 n, i64 c,    \
+  extern "C" void normlab_bn_backward_##X(const S* dy, const S* x, S* dx, int nhwc, i64 n, i64 c,    \
                                           i64 hw, const double* sum_dy, const double* sum_dy_xc,     \
                                           double total, const T* w, const T* mean, const T* rstd,    \
                                           int nt) {                                                  \
-    bn_backward<T>(dy, x, dx, nhwc, n, c, hw, sum_dy, sum_dy_xc, total, w, mean, rstd, nt);          \
+    bn_backward<S>(dy, x, dx, nhwc, n, c, hw, sum_dy, sum_dy_xc, total, w, mean, rstd, nt);          \
   }                                                                                                  \
-  extern "C" void normlab_gn_forward_##S(const T* x, T* y, int nhwc, i64 n, i64 c, i64 hw, i64 g,    \
+  extern "C" void normlab_gn_forward_##X(const S* x, S* y, int nhwc, i64 n, i64 c, i64 hw, i64 g,    \
                                          const T* w, const T* b, double eps, T* mean_out,            \
                                          T* rstd_out, int nt) {                                      \
-    gn_forward<T>(x, y, nhwc, n, c, hw, g, w, b, eps, mean_out, rstd_out, nt);                       \
+    gn_forward<S>(x, y, nhwc, n, c, hw, g, w, b, eps, mean_out, rstd_out, nt);                       \
   }                                                                                                  \
-  extern "C" void normlab_gn_backward_##S(const T* dy, const T* x, T* dx, int nhwc, i64 n, i64 c,    \
+  extern "C" void normlab_gn_backward_##X(const S* dy, const S* x, S* dx, int nhwc, i64 n, i64 c,    \
                                           i64 hw, i64 g, const T* w, const T* mean, const T* rstd,   \
                                           T* gw, T* gb, int nt) {                                    \
-    gn_backward<T>(dy, x, dx, nhwc, n, c, hw, g, w, mean, rstd, gw, gb, nt);                         \
+    gn_backward<S>(dy, x, dx, nhwc, n, c, hw, g, w, mean, rstd, gw, gb, nt);                         \
   }
 
-NORMLAB_EXPORT(float, f)
-NORMLAB_EXPORT(double, d)
+NORMLAB_EXPORT(float, float, f)
+NORMLAB_EXPORT(double, double, d)
+NORMLAB_EXPORT(bf16, float, b)

@@ -37,7 +37,9 @@ _SIGNATURES = {
     "gn_forward": [_P, _P, _INT, _I, _I, _I, _I, _P, _P, _D, _P, _P, _INT],
     "gn_backward": [_P, _P, _P, _INT, _I, _I, _I, _I, _P, _P, _P, _P, _P, _INT],
 }
-_SUFFIX = {torch.float32: "f", torch.float64: "d"}
+_SUFFIX = {torch.float32: "f", torch.float64: "d", torch.bfloat16: "b"}
+# the statistics', parameters' and gradients' dtype for each storage dtype (bfloat16 is computed in float32)
+_COMPUTE = {torch.float32: torch.float32, torch.float64: torch.float64, torch.bfloat16: torch.float32}
 
 
 def enabled() -> bool:
@@ -107,7 +109,7 @@ def library():
         if cxx is None:
             raise RuntimeError("no C++ compiler found (install g++ or set CXX)")
         lib = ctypes.CDLL(str(build(cxx)))
-        for suffix in "fd":
+        for suffix in _SUFFIX.values():
             for name, args in _SIGNATURES.items():
                 fn = getattr(lib, f"normlab_{name}_{suffix}")
                 fn.argtypes, fn.restype = args, None
@@ -121,7 +123,7 @@ def library():
 
 
 def layout(x: torch.Tensor) -> str | None:
-    """NCHW or NHWC when the fast path can take ``x`` (CPU, float32/64, dense 4-D), else None."""
+    """NCHW or NHWC when the fast path can take ``x`` (CPU, float32/64 or bfloat16, dense 4-D), else None."""
     if x.device.type != "cpu" or x.dtype not in _SUFFIX or x.dim() != 4 or x.numel() == 0:
         return None
     if x.is_contiguous():
@@ -164,12 +166,12 @@ def bn_sums(a: torch.Tensor, b: torch.Tensor | None, fmt: str, center: torch.Ten
             rstd: torch.Tensor | None = None, grad_weight: bool = False, grad_bias: bool = False):
     """Per-channel sums over (N, H, W): ``s`` = float64 (2, C) holding ``sum a`` and ``sum a*(b - center)``
     (``b=None``: b = a; no center: 0); with ``rstd``, also the weight / bias gradients ``s[1]*rstd`` and
-    ``s[0]`` in a's dtype (or None). Returns ``(s, grad_weight, grad_bias)``."""
-    c = a.shape[1]
-    center, rstd = _as(center, a.dtype), _as(rstd, a.dtype)
+    ``s[0]`` in the compute dtype (float32 for bfloat16; or None). Returns ``(s, grad_weight, grad_bias)``."""
+    c, ct = a.shape[1], _COMPUTE[a.dtype]
+    center, rstd = _as(center, ct), _as(rstd, ct)
     s = torch.empty(2, c, dtype=torch.float64)
-    gw = torch.empty(c, dtype=a.dtype) if grad_weight else None
-    gb = torch.empty(c, dtype=a.dtype) if grad_bias else None
+    gw = torch.empty(c, dtype=ct) if grad_weight else None
+    gb = torch.empty(c, dtype=ct) if grad_bias else None
     _fn("bn_sums", a.dtype)(a.data_ptr(), _ptr(b), *_geom(a, fmt), _ptr(center), _ptr(rstd), s[0].data_ptr(),
                             s[1].data_ptr(), _ptr(gw), _ptr(gb), torch.get_num_threads())
     return s, gw, gb
@@ -180,13 +182,13 @@ def bn_forward(x: torch.Tensor, fmt: str, s1: torch.Tensor, s2: torch.Tensor, to
                running_mean: torch.Tensor | None, running_var: torch.Tensor | None):
     """BN's normalization from the float64 per-channel sums ``s1``, ``s2`` of ``total`` values per channel;
     updates the running statistics in place (unbiased variance). Returns ``(y, mean, rstd)``."""
-    c = x.shape[1]
+    c, ct = x.shape[1], _COMPUTE[x.dtype]
     y = torch.empty_like(x)
-    stats = torch.empty(2, c, dtype=x.dtype)
+    stats = torch.empty(2, c, dtype=ct)
     direct = running_mean is not None and all(
-        t.dtype == x.dtype and t.is_contiguous() for t in (running_mean, running_var))
+        t.dtype == ct and t.is_contiguous() for t in (running_mean, running_var))
     # every pointer handed to C belongs to a tensor bound to a name here (kept alive during the call)
-    s1c, s2c, w, b = s1.contiguous(), s2.contiguous(), _as(weight, x.dtype), _as(bias, x.dtype)
+    s1c, s2c, w, b = s1.contiguous(), s2.contiguous(), _as(weight, ct), _as(bias, ct)
     _fn("bn_forward", x.dtype)(
         x.data_ptr(), y.data_ptr(), *_geom(x, fmt), s1c.data_ptr(), s2c.data_ptr(),
         float(total), _ptr(w), _ptr(b), float(eps), float(momentum),
@@ -206,7 +208,8 @@ def bn_backward(dy: torch.Tensor, x: torch.Tensor, fmt: str, s: torch.Tensor, to
     """BN's input gradient from the float64 (2, C) sums of dy and dy*(x - mean) over ``total`` values;
     ``dy`` must be in x's layout and dtype."""
     dx = torch.empty_like(x)
-    s, w, mean, rstd = s.contiguous(), _as(weight, x.dtype), _as(mean, x.dtype), _as(rstd, x.dtype)
+    ct = _COMPUTE[x.dtype]
+    s, w, mean, rstd = s.contiguous(), _as(weight, ct), _as(mean, ct), _as(rstd, ct)
     _fn("bn_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), *_geom(x, fmt), s[0].data_ptr(),
                                 s[1].data_ptr(), float(total), _ptr(w), mean.data_ptr(),
                                 rstd.data_ptr(), torch.get_num_threads())
@@ -216,10 +219,10 @@ def bn_backward(dy: torch.Tensor, x: torch.Tensor, fmt: str, s: torch.Tensor, to
 def gn_forward(x: torch.Tensor, fmt: str, groups: int, weight: torch.Tensor | None,
                bias: torch.Tensor | None, eps: float):
     """Group normalization of ``x``. Returns ``(y, mean, rstd)``, statistics of shape (N, G)."""
-    n = x.shape[0]
+    n, ct = x.shape[0], _COMPUTE[x.dtype]
     y = torch.empty_like(x)
-    stats = torch.empty(2, n, groups, dtype=x.dtype)
-    w, b = _as(weight, x.dtype), _as(bias, x.dtype)
+    stats = torch.empty(2, n, groups, dtype=ct)
+    w, b = _as(weight, ct), _as(bias, ct)
     _fn("gn_forward", x.dtype)(x.data_ptr(), y.data_ptr(), *_geom(x, fmt), groups, _ptr(w), _ptr(b), float(eps),
                                stats[0].data_ptr(), stats[1].data_ptr(), torch.get_num_threads())
     return y, stats[0], stats[1]
@@ -228,11 +231,11 @@ def gn_forward(x: torch.Tensor, fmt: str, groups: int, weight: torch.Tensor | No
 def gn_backward(dy: torch.Tensor, x: torch.Tensor, fmt: str, groups: int, weight: torch.Tensor | None,
                 mean: torch.Tensor, rstd: torch.Tensor, grad_x: bool, grad_weight: bool, grad_bias: bool):
     """Group norm's gradients ``(dx, d weight, d bias)`` (None where not asked); ``dy`` in x's layout."""
-    c = x.shape[1]
+    c, ct = x.shape[1], _COMPUTE[x.dtype]
     dx = torch.empty_like(x) if grad_x else None
-    gw = torch.empty(c, dtype=x.dtype) if grad_weight else None
-    gb = torch.empty(c, dtype=x.dtype) if grad_bias else None
-    w, mean, rstd = _as(weight, x.dtype), mean.to(x.dtype).contiguous(), rstd.to(x.dtype).contiguous()
+    gw = torch.empty(c, dtype=ct) if grad_weight else None
+    gb = torch.empty(c, dtype=ct) if grad_bias else None
+    w, mean, rstd = _as(weight, ct), _as(mean, ct), _as(rstd, ct)
     _fn("gn_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), _ptr(dx), *_geom(x, fmt), groups, _ptr(w),
                                 mean.data_ptr(), rstd.data_ptr(), _ptr(gw), _ptr(gb), torch.get_num_threads())
     return dx, gw, gb
