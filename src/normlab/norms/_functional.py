@@ -140,13 +140,13 @@ class BatchNormFunction(torch.autograd.Function):
         dims = (0, 2, 3)
         fmt = fast_layout(x)
         if fmt:  # C++: sums of dy and dy*(x - mean) in one pass (+ weight/bias grads), then dx in one
-            dyf = _kernels.like(dy.to(x.dtype), fmt)
+            dyf = _kernels.like(dy if dy.dtype == x.dtype else dy.to(x.dtype), fmt)
             s, grad_weight, grad_bias = _kernels.bn_sums(
                 dyf, x, fmt, center=mean, rstd=rstd, grad_weight=weight is not None and ctx.needs_input_grad[1],
                 grad_bias=ctx.has_bias and ctx.needs_input_grad[2])  # weight/bias grads: local sums
-            if grad_weight is not None:
+            if grad_weight is not None and grad_weight.dtype != weight.dtype:
                 grad_weight = grad_weight.to(weight.dtype)
-            if grad_bias is not None:
+            if grad_bias is not None and grad_bias.dtype != ctx.bias_dtype:
                 grad_bias = grad_bias.to(ctx.bias_dtype)
             grad_x = None
             if ctx.needs_input_grad[0]:
@@ -225,10 +225,14 @@ class GroupNormFunction(torch.autograd.Function):
         fmt = fast_layout(x)
         if fmt:  # C++: one pass for the (N, C) sums of dy and dy*x, one for dx
             gx, gw, gb = _kernels.gn_backward(
-                _kernels.like(dy.to(x.dtype), fmt), x, fmt, g, weight, mean, rstd, ctx.needs_input_grad[0],
-                weight is not None and ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
-            return (gx, None if gw is None else gw.to(weight.dtype),
-                    None if gb is None else gb.to(ctx.bias_dtype), None, None)
+                _kernels.like(dy if dy.dtype == x.dtype else dy.to(x.dtype), fmt), x, fmt, g, weight, mean, rstd,
+                ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
+                ctx.has_bias and ctx.needs_input_grad[2])
+            if gw is not None and gw.dtype != weight.dtype:
+                gw = gw.to(weight.dtype)
+            if gb is not None and gb.dtype != ctx.bias_dtype:
+                gb = gb.to(ctx.bias_dtype)
+            return gx, gw, gb, None, None
         dyf = dy if dy.dtype == ct else dy.to(ct)
         xf = x if x.dtype == ct else x.to(ct)
         s1 = dyf.sum((2, 3))  # (N, C): sum of dy

@@ -124,7 +124,7 @@ def library():
 
 def layout(x: torch.Tensor) -> str | None:
     """NCHW or NHWC when the fast path can take ``x`` (CPU, float32/64 or bfloat16, dense 4-D), else None."""
-    if x.device.type != "cpu" or x.dtype not in _SUFFIX or x.dim() != 4 or x.numel() == 0:
+    if not x.is_cpu or x.dtype not in _SUFFIX or x.dim() != 4 or x.numel() == 0:
         return None
     if x.is_contiguous():
         return NCHW
@@ -144,8 +144,14 @@ def like(t: torch.Tensor, fmt: str) -> torch.Tensor:
     return t.contiguous() if fmt == NCHW else t.contiguous(memory_format=torch.channels_last)
 
 
+_FNS: dict = {}  # (name, dtype) -> bound C function, filled on first use
+
+
 def _fn(name: str, dtype: torch.dtype):
-    return getattr(_state["lib"], f"normlab_{name}_{_SUFFIX[dtype]}")
+    fn = _FNS.get((name, dtype))
+    if fn is None:
+        fn = _FNS[(name, dtype)] = getattr(_state["lib"], f"normlab_{name}_{_SUFFIX[dtype]}")
+    return fn
 
 
 def _geom(x: torch.Tensor, fmt: str) -> tuple[int, int, int, int]:
@@ -158,8 +164,11 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def _as(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """A parameter / statistic as a contiguous ``dtype`` tensor (itself when it already is)."""
-    return None if t is None else t.to(dtype).contiguous()
+    """A parameter / statistic as a contiguous ``dtype`` tensor (itself when it already is: the common
+    case, checked without a dispatcher call for ``to``)."""
+    if t is None or (t.dtype == dtype and t.is_contiguous()):
+        return t
+    return t.to(dtype).contiguous()
 
 
 def bn_sums(a: torch.Tensor, b: torch.Tensor | None, fmt: str, center: torch.Tensor | None = None,
