@@ -8,12 +8,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.normlab-installed
 PYTEST_ARGS ?=
 
-.PHONY: help install data demo test test-fast clean
+.PHONY: help install data demo test test-fast bench bench-quick clean
 
 help:
 	@echo "make demo   - the normalization study on the quick preset (Fashion-MNIST subset); prints the report path"
 	@echo "make test   - run the whole test suite (slow end-to-end tests included)"
 	@echo "make test-fast - the suite without the tests marked slow"
+	@echo "make bench  - every benchmark in bench/ (~35 min on 2 cores), then rewrite BENCHMARKS.md"
+	@echo "make bench-quick - the same with fewer repeats (a smoke run; numbers are rough)"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +38,12 @@ test: $(STAMP) data
 
 test-fast: $(STAMP) data
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: $(STAMP) data
+	$(BIN)/python bench/run_all.py
+
+bench-quick: $(STAMP) data
+	$(BIN)/python bench/run_all.py --quick
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
