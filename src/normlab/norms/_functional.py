@@ -16,10 +16,10 @@ Design (shared by both):
   recomputed in backward. Saving the input (not the output) keeps the in-place ReLU that follows
   every norm in a ResNet legal, and uses the same memory as the native kernels.
 * Outputs follow the input's memory format (channels_last in, channels_last out).
-* Fast path: float32/float64 CPU tensors in NCHW or channels_last go through the C++ kernels of
-  ``_kernels`` (same math, one pass per sweep over the big tensor, the small per-channel math in C too);
-  everything else (CUDA, half precision, other strides, no compiler, ``NORMLAB_KERNELS=0``) through
-  the tensor ops below. Tests check both paths against PyTorch's native layers.
+* Fast path: float32, float64 and bfloat16 CPU tensors in NCHW or channels_last go through the C++
+  kernels of ``_kernels`` (same math, one pass per sweep over the big tensor, the small per-channel math
+  in C too); everything else (CUDA, float16, other strides, torch.compile tracing, no compiler,
+  ``NORMLAB_KERNELS=0``) through the tensor ops below. Tests run every norm test on both paths.
 """
 
 from __future__ import annotations

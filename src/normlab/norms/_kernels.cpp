@@ -1,20 +1,21 @@
-// normlab's CPU kernels for the norm layers: three loops, each in two memory layouts.
+// normlab's CPU kernels for the norm layers (float32, float64, bfloat16 storage; NCHW and channels_last).
 //
-// Every norm in normlab reduces to per-(sample, channel) work on a 4-D tensor:
+// Every norm reduces to per-(sample, channel) work on a 4-D tensor:
 //   sums   s1[n,c] = sum_hw a,   s2[n,c] = sum_hw a*b        (b = a in forward: sum and sum of squares;
 //                                                            b = x in backward: sum dy and sum dy*x)
 //   affine y = x * scale[n,c] + shift[n,c]                  (forward)
 //   grad   dx = a[n,c] * dy + b[n,c] * x + k[n,c]           (backward)
-// BatchNorm sums s over n (and broadcasts its per-channel coefficients over n); Group/Layer/Instance
-// norm sum s over the channels of a group. That glue is a few tensor ops on (N, C) arrays in Python
-// (normlab/norms/_functional.py); only the passes over the big tensor live here, one pass each: the
-// forward reads x twice (sums, affine), the backward reads dy and x twice (sums, grad) -- one pass
-// fewer than PyTorch's native CPU batch norm forward (mean, then variance, then the affine).
+// BatchNorm sums over n and broadcasts per-channel coefficients (split in two calls so DDP can
+// all-reduce the sums in between); Group/Layer/Instance norm sums over the channels of a group and is
+// blocked per (sample, group) so statistics and affine run while the block is in cache. The small
+// per-channel / per-group math is done here too, in double. One pass per sweep over the big tensor:
+// the BN forward reads x twice (sums, affine) -- one pass fewer than PyTorch's native CPU batch norm.
 //
 // Layouts: "rows" = NCHW contiguous, viewed as N*C rows of H*W values; "nhwc" = channels_last,
-// viewed as N blocks of H*W rows of C values. Sums are accumulated in T over short blocks and
-// combined in double. Threads: OpenMP, the same runtime (libgomp) and thread count PyTorch uses.
-// Built by normlab/norms/_kernels.py with the system C++ compiler; no PyTorch headers needed.
+// viewed as N blocks of H*W rows of C values. Sums are accumulated in float/double over short runs
+// with several independent accumulators and combined in double. Threads: OpenMP, the same runtime
+// (libgomp) and thread count PyTorch uses. Built by normlab/norms/_kernels.py with the system C++
+// compiler and called through ctypes; no PyTorch headers needed.
 
 #include <algorithm>
 #include <cmath>
