@@ -72,17 +72,21 @@ def sgd(model):
 
 # ------------------------------------------------------------------------------------------ conventional
 
-def conventional(root: Path, workers: int, subset: list[int] | None = None, train: bool = True):
+def pil_transform(train: bool, mean=MEAN, std=STD):
+    """The conventional PIL transforms: pad 4 + random crop + flip (train), to-tensor, normalize."""
     import torchvision.transforms as T
+
+    aug = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if train else []
+    return T.Compose([*aug, T.ToTensor(), T.Normalize(mean, std)])
+
+
+def conventional(root: Path, workers: int):
+    """ImageFolder over train with the PIL transforms, shuffled DataLoader with worker processes."""
     from torchvision.datasets import ImageFolder
 
-    tf = (T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
-          if train else T.Compose([T.ToTensor(), T.Normalize(MEAN, STD)]))
-    ds = ImageFolder(str(root / ("train" if train else "test")), transform=tf)
-    if subset is not None:
-        ds = torch.utils.data.Subset(ds, subset)
+    ds = ImageFolder(str(root / "train"), transform=pil_transform(True))
     g = torch.Generator().manual_seed(0)
-    return ds, torch.utils.data.DataLoader(ds, batch_size=128, shuffle=train, num_workers=workers, drop_last=train,
+    return ds, torch.utils.data.DataLoader(ds, batch_size=128, shuffle=True, num_workers=workers, drop_last=True,
                                            persistent_workers=workers > 0, generator=g)
 
 
@@ -232,11 +236,9 @@ def conventional_run(root: Path, subset: list[int], mean, std, seed: int, epochs
     """The conventional pipeline trained as normlab trains: same images, same per-epoch order, same
     normalization, same init (seed), SGD and per-step cosine lr over every batch (a last short batch
     included); test accuracy of the final weights on the full test folder."""
-    import torchvision.transforms as T
     from torchvision.datasets import ImageFolder
 
-    tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
-    ds = torch.utils.data.Subset(ImageFolder(str(root / "train"), transform=tf), subset)
+    ds = torch.utils.data.Subset(ImageFolder(str(root / "train"), transform=pil_transform(True, mean, std)), subset)
     sampler = EpochOrder(len(ds), seed)
     loader = torch.utils.data.DataLoader(ds, batch_size=128, sampler=sampler, num_workers=workers,
                                          persistent_workers=workers > 0,
@@ -255,7 +257,7 @@ def conventional_run(root: Path, subset: list[int], mean, std, seed: int, epochs
             opt.step()
             step += 1
     model.eval()
-    test = ImageFolder(str(root / "test"), transform=T.Compose([T.ToTensor(), T.Normalize(mean, std)]))
+    test = ImageFolder(str(root / "test"), transform=pil_transform(False, mean, std))
     correct = 0
     with torch.no_grad():
         for x, y in torch.utils.data.DataLoader(test, batch_size=512, num_workers=workers):

@@ -1,4 +1,5 @@
-"""Crash-safe file writes: a kill at any instant leaves the old file or the new one, never a torn one."""
+"""normlab's files: the cache root, and crash-safe writes (a kill at any instant leaves the old file or
+the new one, never a torn one)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,12 @@ from typing import Any
 
 import torch
 
+
+
+def cache_dir() -> Path:
+    """``$NORMLAB_CACHE`` or ``~/.cache/normlab``: decoded data sets, unpacked archives, built kernels."""
+    env = os.environ.get("NORMLAB_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "normlab"
 
 def _fsync_dir(path: Path) -> None:
     try:

@@ -44,7 +44,6 @@ import contextlib
 import gzip
 import hashlib
 import json
-import os
 import sys
 import time
 import warnings
@@ -59,7 +58,7 @@ from normlab.data import images
 from normlab.data.bundle import DataBundle, channel_stats
 from normlab.data.splits import EVAL_SUBSET_SEED, SPLIT_SEED, SUBSET_SEED, stratified_holdout, stratified_subset
 from normlab.errors import NormlabError
-from normlab.io import save_torch
+from normlab.io import cache_dir, save_torch
 
 CACHE_VERSION = 1
 DEFAULT_VAL_FRACTION = 0.1
@@ -73,12 +72,6 @@ FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal
                   "Ankle boot"]  # = torchvision.datasets.FashionMNIST.classes
 CIFAR10_BATCHES = "cifar-10-batches-py"
 CIFAR10_NATIVE = 32
-
-
-def cache_dir() -> Path:
-    """``$NORMLAB_CACHE`` or ``~/.cache/normlab``."""
-    env = os.environ.get("NORMLAB_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "normlab"
 
 
 def _warn(msg: str, notes: list[str]) -> None:

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from normlab.io import cache_dir
+
 SOURCE = Path(__file__).with_name("_kernels.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
 NCHW, NHWC = "rows", "nhwc"
@@ -51,11 +53,6 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
 
-def _cache_dir() -> Path:
-    env = os.environ.get("NORMLAB_CACHE")  # the same root as the data cache (normlab.data.loader)
-    return (Path(env).expanduser() if env else Path.home() / ".cache" / "normlab") / "kernels"
-
-
 def _cpu_id() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -74,7 +71,7 @@ def library_path(cxx: str) -> Path:
         version = ""
     key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), cxx, version, _cpu_id(),
                                     platform.machine()]).encode()).hexdigest()[:16]
-    return _cache_dir() / f"normlab_norms_{key}.so"
+    return cache_dir() / "kernels" / f"normlab_norms_{key}.so"
 
 
 def build(cxx: str) -> Path:
