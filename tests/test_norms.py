@@ -433,6 +433,15 @@ def test_large_maps_and_blocks_longer_than_one_run():
             assert_same_step(ours, ref, make_input((2, 4, 70, 65), cl))
 
 
+@pytest.mark.parametrize("c,groups,hw", [(24, 3, (9, 10)), (300, 3, (3, 5)), (16, 4, (2, 3)), (40, 5, (33, 8))])
+def test_channels_last_tiles_of_any_channel_count(c, groups, hw):
+    """channels_last kernels work on tiles of whole rows (>= 256 values): channel counts that do not divide
+    256, wider than a tile, and maps shorter than one tile or ending in a partial tile are all exact."""
+    for ours, ref in ((GroupNorm2d(c, groups), nn.GroupNorm(groups, c)), (BatchNorm2d(c), nn.BatchNorm2d(c))):
+        randomize_affine(ours, ref)
+        assert_same_step(ours, ref, make_input((3, c) + hw, True))
+
+
 def test_kernel_build_failure_falls_back_with_one_warning(monkeypatch, tmp_path):
     monkeypatch.setenv("NORMLAB_KERNELS", "1")
     monkeypatch.setenv("NORMLAB_CACHE", str(tmp_path))

@@ -91,45 +91,83 @@ static inline void run_sums(const S* pa, const S* pb, i64 len, T& out1, T& out2)
   out2 = f2;
 }
 
+// channels_last: a sample is one flat run of hw*c values whose channel is (index % c). Its rows of c values
+// are short (16-64 channels in a CIFAR ResNet), so the loops run over "tiles" of tl = tile_len(c) values
+// (a whole number of rows, >= 256 values) instead: per-channel coefficients are repeated to tile length
+// once, sums are accumulated per tile position and folded into channels at the end.
+static inline i64 tile_len(i64 c) { return c >= 256 ? c : c * ((256 + c - 1) / c); }
+
+template <typename T>
+static void tile(const T* v, i64 c, i64 tl, T* out) {
+  if (out != v) std::memcpy(out, v, c * sizeof(T));  // out == v: the first c values are in place already
+  for (i64 t0 = c; t0 < tl; t0 += c) std::memcpy(out + t0, out, c * sizeof(T));
+}
+
 // Per-channel sums of one sample in channels_last, a (hw, c) block: d1[j] = sum a, d2[j] = sum a*b.
-// q1, q2: scratch of c values (accumulated in T over 64 rows, then added to the double sums).
+// q1, q2: scratch of tile_len(c) values (accumulated in T over 32 tiles, then added to the double sums).
 template <typename S, bool SAME, typename T = typename Compute<S>::T>
 static void sample_sums_nhwc(const S* a, const S* b, i64 hw, i64 c, double* d1, double* d2, T* q1, T* q2) {
+  const i64 tl = tile_len(c), len = hw * c;
   std::fill(d1, d1 + c, 0.0);
   std::fill(d2, d2 + c, 0.0);
-  for (i64 start = 0; start < hw; start += 64) {
-    const i64 end = std::min(hw, start + 64);
-    std::fill(q1, q1 + c, T(0));
-    std::fill(q2, q2 + c, T(0));
-    i64 p = start;
-    for (; p + 4 <= end; p += 4) {  // four rows per update: a quarter of the dependent adds
-      const S* a0 = a + p * c;
-      const S* b0 = SAME ? a0 : b + p * c;
+  for (i64 start = 0; start < len; start += 32 * tl) {
+    const i64 end = std::min(len, start + 32 * tl);
+    std::fill(q1, q1 + tl, T(0));
+    std::fill(q2, q2 + tl, T(0));
+    i64 i = start;
+    for (; i + 2 * tl <= end; i += 2 * tl) {  // two tiles per update: half the loads and stores of q
+      const S* a0 = a + i;
+      const S* b0 = SAME ? a0 : b + i;
 #pragma omp simd
-      for (i64 j = 0; j < c; ++j) {
-        const T x0 = ld(a0[j]), x1 = ld(a0[c + j]), x2 = ld(a0[2 * c + j]), x3 = ld(a0[3 * c + j]);
-        q1[j] += (x0 + x1) + (x2 + x3);
-        if (SAME) {
-          q2[j] += (x0 * x0 + x1 * x1) + (x2 * x2 + x3 * x3);
-        } else {
-          q2[j] += (x0 * ld(b0[j]) + x1 * ld(b0[c + j])) + (x2 * ld(b0[2 * c + j]) + x3 * ld(b0[3 * c + j]));
-        }
+      for (i64 t = 0; t < tl; ++t) {
+        const T x0 = ld(a0[t]), x1 = ld(a0[tl + t]);
+        q1[t] += x0 + x1;
+        q2[t] += SAME ? x0 * x0 + x1 * x1 : x0 * ld(b0[t]) + x1 * ld(b0[tl + t]);
       }
     }
-    for (; p < end; ++p) {
-      const S* pa = a + p * c;
-      const S* pb = SAME ? pa : b + p * c;
+    for (; i < end; i += tl) {  // the rest: a whole number of rows, at most one tile
+      const i64 m = std::min(tl, end - i);
+      const S* a0 = a + i;
+      const S* b0 = SAME ? a0 : b + i;
 #pragma omp simd
-      for (i64 j = 0; j < c; ++j) {
-        const T va = ld(pa[j]);
-        q1[j] += va;
-        q2[j] += va * (SAME ? va : ld(pb[j]));
+      for (i64 t = 0; t < m; ++t) {
+        const T x0 = ld(a0[t]);
+        q1[t] += x0;
+        q2[t] += x0 * (SAME ? x0 : ld(b0[t]));
       }
     }
-    for (i64 j = 0; j < c; ++j) {
-      d1[j] += q1[j];
-      d2[j] += q2[j];
+    for (i64 t0 = 0; t0 < tl; t0 += c) {
+      for (i64 j = 0; j < c; ++j) {
+        d1[j] += q1[t0 + j];
+        d2[j] += q2[t0 + j];
+      }
     }
+  }
+}
+
+// y = x * scale + shift over a flat channels_last run of len values, with tile-length coefficients.
+template <typename S, typename T = typename Compute<S>::T>
+static inline void affine_tiled(const S* x, S* y, i64 len, i64 tl, const T* sc, const T* sh) {
+  for (i64 i = 0; i < len; i += tl) {
+    const i64 m = std::min(tl, len - i);
+    const S* px = x + i;
+    S* py = y + i;
+#pragma omp simd
+    for (i64 t = 0; t < m; ++t) py[t] = st<S>(ld(px[t]) * sc[t] + sh[t]);
+  }
+}
+
+// dx = a*dy + b*x + k over a flat channels_last run of len values, with tile-length coefficients.
+template <typename S, typename T = typename Compute<S>::T>
+static inline void grad_tiled(const S* dy, const S* x, S* dx, i64 len, i64 tl, const T* a, const T* b,
+                              const T* k) {
+  for (i64 i = 0; i < len; i += tl) {
+    const i64 m = std::min(tl, len - i);
+    const S* pd = dy + i;
+    const S* px = x + i;
+    S* po = dx + i;
+#pragma omp simd
+    for (i64 t = 0; t < m; ++t) po[t] = st<S>(a[t] * ld(pd[t]) + b[t] * ld(px[t]) + k[t]);
   }
 }
 
@@ -137,7 +175,7 @@ template <typename S, bool SAME, typename T = typename Compute<S>::T>
 static void sums_nhwc(const S* a, const S* b, i64 n, i64 hw, i64 c, double* s1, double* s2, int nt) {
 #pragma omp parallel num_threads(nt) if (nt > 1 && n > 1 && n * hw * c >= kParallelMin)
   {
-    std::vector<T> q1(c), q2(c);
+    std::vector<T> q1(tile_len(c)), q2(tile_len(c));
 #pragma omp for schedule(static)
     for (i64 k = 0; k < n; ++k)
       sample_sums_nhwc<S, SAME>(a + k * hw * c, SAME ? nullptr : b + k * hw * c, hw, c, s1 + k * c,
@@ -176,17 +214,19 @@ static void affine_rows(const S* x, S* y, i64 rows, i64 hw, const T* scale, cons
   }
 }
 
+// n samples of hw*c values, coefficients per (sample, channel); parallel over tiles.
 template <typename S, typename T = typename Compute<S>::T>
 static void affine_nhwc(const S* x, S* y, i64 n, i64 hw, i64 c, const T* scale, const T* shift, int nt) {
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && n * hw * c >= kParallelMin)
-  for (i64 row = 0; row < n * hw; ++row) {
-    const i64 k = row / hw;
-    const S* px = x + row * c;
-    S* py = y + row * c;
-    const T* s = scale + k * c;
-    const T* t = shift + k * c;
-#pragma omp simd
-    for (i64 j = 0; j < c; ++j) py[j] = st<S>(ld(px[j]) * s[j] + t[j]);
+  const i64 tl = tile_len(c), len = hw * c, per = (len + tl - 1) / tl;
+  std::vector<T> ts(n * tl), th(n * tl);
+  for (i64 s = 0; s < n; ++s) {
+    tile(scale + s * c, c, tl, ts.data() + s * tl);
+    tile(shift + s * c, c, tl, th.data() + s * tl);
+  }
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && n * len >= kParallelMin)
+  for (i64 idx = 0; idx < n * per; ++idx) {
+    const i64 s = idx / per, i0 = (idx % per) * tl, off = s * len + i0;
+    affine_tiled<S>(x + off, y + off, std::min(tl, len - i0), tl, ts.data() + s * tl, th.data() + s * tl);
   }
 }
 
@@ -207,17 +247,18 @@ static void grad_rows(const S* dy, const S* x, S* dx, i64 rows, i64 hw, const T*
 template <typename S, typename T = typename Compute<S>::T>
 static void grad_nhwc(const S* dy, const S* x, S* dx, i64 n, i64 hw, i64 c, const T* a, const T* b,
                       const T* k, int nt) {
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && n * hw * c >= kParallelMin)
-  for (i64 row = 0; row < n * hw; ++row) {
-    const i64 s = row / hw;
-    const S* pd = dy + row * c;
-    const S* px = x + row * c;
-    S* po = dx + row * c;
-    const T* va = a + s * c;
-    const T* vb = b + s * c;
-    const T* vk = k + s * c;
-#pragma omp simd
-    for (i64 j = 0; j < c; ++j) po[j] = st<S>(va[j] * ld(pd[j]) + vb[j] * ld(px[j]) + vk[j]);
+  const i64 tl = tile_len(c), len = hw * c, per = (len + tl - 1) / tl;
+  std::vector<T> ta(n * tl), tb(n * tl), tk(n * tl);
+  for (i64 s = 0; s < n; ++s) {
+    tile(a + s * c, c, tl, ta.data() + s * tl);
+    tile(b + s * c, c, tl, tb.data() + s * tl);
+    tile(k + s * c, c, tl, tk.data() + s * tl);
+  }
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && n * len >= kParallelMin)
+  for (i64 idx = 0; idx < n * per; ++idx) {
+    const i64 s = idx / per, i0 = (idx % per) * tl, off = s * len + i0;
+    grad_tiled<S>(dy + off, x + off, dx + off, std::min(tl, len - i0), tl, ta.data() + s * tl,
+                  tb.data() + s * tl, tk.data() + s * tl);
   }
 }
 
@@ -234,20 +275,6 @@ static void sums_nc(const S* a, const S* b, int nhwc, i64 n, i64 c, i64 hw, doub
     if (b == nullptr) sums_rows<S, true>(a, a, n * c, hw, s1, s2, nt);
     else sums_rows<S, false>(a, b, n * c, hw, s1, s2, nt);
   }
-}
-
-template <typename S, typename T = typename Compute<S>::T>
-static void affine_nc(const S* x, S* y, int nhwc, i64 n, i64 c, i64 hw, const T* scale, const T* shift,
-                      int nt) {
-  if (nhwc) affine_nhwc<S>(x, y, n, hw, c, scale, shift, nt);
-  else affine_rows<S>(x, y, n * c, hw, scale, shift, nt);
-}
-
-template <typename S, typename T = typename Compute<S>::T>
-static void grad_nc(const S* dy, const S* x, S* dx, int nhwc, i64 n, i64 c, i64 hw, const T* a,
-                    const T* b, const T* k, int nt) {
-  if (nhwc) grad_nhwc<S>(dy, x, dx, n, hw, c, a, b, k, nt);
-  else grad_rows<S>(dy, x, dx, n * c, hw, a, b, k, nt);
 }
 
 // BatchNorm, step 1 (forward and backward): per-channel sums over (N, H, W) of a and a*b (b = a when
@@ -297,7 +324,8 @@ static void bn_forward(const S* x, S* y, int nhwc, i64 n, i64 c, i64 hw, const d
       shift[k * c + j] = sh;
     }
   }
-  affine_nc<S>(x, y, nhwc, n, c, hw, scale.data(), shift.data(), nt);
+  if (nhwc) affine_nhwc<S>(x, y, 1, n * hw, c, scale.data(), shift.data(), nt);  // one (n*hw, c) block
+  else affine_rows<S>(x, y, n * c, hw, scale.data(), shift.data(), nt);
 }
 
 // BatchNorm backward, step 2: dx = a*dy + b*(x - mean) + k from the (global) sums of dy and
@@ -318,7 +346,8 @@ static void bn_backward(const S* dy, const S* x, S* dx, int nhwc, i64 n, i64 c, 
       vk[s * c + j] = T(k);
     }
   }
-  grad_nc<S>(dy, x, dx, nhwc, n, c, hw, va.data(), vb.data(), vk.data(), nt);
+  if (nhwc) grad_nhwc<S>(dy, x, dx, 1, n * hw, c, va.data(), vb.data(), vk.data(), nt);
+  else grad_rows<S>(dy, x, dx, n * c, hw, va.data(), vb.data(), vk.data(), nt);
 }
 
 // GroupNorm (G = C: InstanceNorm, G = 1: LayerNorm): statistics per (sample, group). Blocked for the
@@ -387,16 +416,22 @@ static void gn_forward(const S* x, S* y, int nhwc, i64 n, i64 c, i64 hw, i64 g, 
   }
 #pragma omp parallel num_threads(nt) if (nt > 1 && n > 1 && n * c * hw >= kParallelMin)
   {
-    std::vector<T> q1(c), q2(c), scale(c), shift(c);
+    const i64 tl = tile_len(c);
+    std::vector<T> q1(tl), q2(tl), scale(tl), shift(tl);
     std::vector<double> d1(c), d2(c);
 #pragma omp for schedule(static)
     for (i64 s = 0; s < n; ++s) {
       const S* px = x + s * hw * c;
       S* py = y + s * hw * c;
-      sample_sums_nhwc<S, true>(px, nullptr, hw, c, d1.data(), d2.data(), q1.data(), q2.data());
+      if (g == 1) {  // LayerNorm: one sum over the whole sample, no per-channel split needed
+        long_sums<S, true>(px, px, hw * c, d1[0], d2[0]);
+      } else {
+        sample_sums_nhwc<S, true>(px, nullptr, hw, c, d1.data(), d2.data(), q1.data(), q2.data());
+      }
       for (i64 q = 0; q < g; ++q) {
         double mean, rstd;
-        group_stats(d1.data(), d2.data(), q, cg, count, eps, mean, rstd);
+        if (g == 1) group_stats(d1.data(), d2.data(), 0, 1, count, eps, mean, rstd);
+        else group_stats(d1.data(), d2.data(), q, cg, count, eps, mean, rstd);
         const T m = T(mean), r = T(rstd);
         mean_out[s * g + q] = m;
         rstd_out[s * g + q] = r;
@@ -405,14 +440,9 @@ static void gn_forward(const S* x, S* y, int nhwc, i64 n, i64 c, i64 hw, i64 g, 
           shift[j] = (bias ? bias[j] : T(0)) - m * scale[j];
         }
       }
-      const T* sc = scale.data();
-      const T* sh = shift.data();
-      for (i64 p = 0; p < hw; ++p) {
-        const S* xr = px + p * c;
-        S* yr = py + p * c;
-#pragma omp simd
-        for (i64 j = 0; j < c; ++j) yr[j] = st<S>(ld(xr[j]) * sc[j] + sh[j]);
-      }
+      tile(scale.data(), c, tl, scale.data());  // in place: copies the first c values along
+      tile(shift.data(), c, tl, shift.data());
+      affine_tiled<S>(px, py, hw * c, tl, scale.data(), shift.data());
     }
   }
 }
@@ -451,7 +481,8 @@ static void gn_backward(const S* dy, const S* x, S* dx, int nhwc, i64 n, i64 c, 
   } else {
 #pragma omp parallel num_threads(nt) if (nt > 1 && n > 1 && n * c * hw >= kParallelMin)
     {
-      std::vector<T> q1(c), q2(c), va(c), vb(c), vk(c);
+      const i64 tl = tile_len(c);
+      std::vector<T> q1(tl), q2(tl), va(tl), vb(tl), vk(tl);
 #pragma omp for schedule(static)
       for (i64 s = 0; s < n; ++s) {
         const i64 off = s * hw * c;
@@ -469,16 +500,10 @@ static void gn_backward(const S* dy, const S* x, S* dx, int nhwc, i64 n, i64 c, 
             vk[j] = T(k);
           }
         }
-        const T* a = va.data();
-        const T* bb = vb.data();
-        const T* kk = vk.data();
-        for (i64 p = 0; p < hw; ++p) {
-          const S* pd = dy + off + p * c;
-          const S* px = x + off + p * c;
-          S* po = dx + off + p * c;
-#pragma omp simd
-          for (i64 j = 0; j < c; ++j) po[j] = st<S>(a[j] * ld(pd[j]) + bb[j] * ld(px[j]) + kk[j]);
-        }
+        tile(va.data(), c, tl, va.data());
+        tile(vb.data(), c, tl, vb.data());
+        tile(vk.data(), c, tl, vk.data());
+        grad_tiled<S>(dy + off, x + off, dx + off, hw * c, tl, va.data(), vb.data(), vk.data());
       }
     }
   }
