@@ -1,6 +1,8 @@
 """Target 3: training-step cost vs depth n (1, 2, 3, 5, 9) and vs input size (32, 64, 128, 256).
 
-One training step (forward, backward, SGD) of the CIFAR ResNet with normlab's BatchNorm2d, eager, NCHW.
+One training step (forward, backward, SGD) of the CIFAR ResNet with normlab's BatchNorm2d, eager, with
+normlab train's defaults: channels_last and glibc malloc tuned (``runtime.tune_malloc``); ``--memory-format
+contiguous`` and ``--no-tune-malloc`` switch them off.
 Depth sweep: 32×32 inputs, batch ``--batch`` (128). Size sweep: n=3, batch ``--size-batch`` (16, so a
 256×256 step fits in memory and time). All configurations are timed in interleaved rounds in this one
 process; each point is the median (min–max) over rounds of seconds per image. A least-squares line
@@ -9,6 +11,7 @@ through the origin-free model ``t = a + b·x`` is fitted to each sweep and its R
 
     python bench/bench_scaling.py           # ~3 min here
     python bench/bench_scaling.py --quick
+    python bench/bench_scaling.py --memory-format contiguous --no-tune-malloc --out scaling_untuned.json
 """
 
 from __future__ import annotations
@@ -21,13 +24,14 @@ import torch.nn.functional as F
 
 from _common import RESULTS, fmt, machine, summary, write_json
 from normlab.models.resnet import ResNet
+from normlab.train.runtime import tune_malloc
 
 
-def make(n: int, size: int, batch: int):
+def make(n: int, size: int, batch: int, memory_format: torch.memory_format):
     torch.manual_seed(0)
-    model = ResNet(n, 10, norm="bn").train()
+    model = ResNet(n, 10, norm="bn").train().to(memory_format=memory_format)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    x = torch.randn(batch, 3, size, size)
+    x = torch.randn(batch, 3, size, size).contiguous(memory_format=memory_format)
     y = torch.randint(0, 10, (batch,))
 
     def step():
@@ -58,15 +62,20 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--memory-format", default="channels_last", choices=("channels_last", "contiguous"))
+    ap.add_argument("--no-tune-malloc", action="store_true", help="leave glibc's malloc as it is")
     ap.add_argument("--quick", action="store_true", help="3 rounds of 1 step")
+    ap.add_argument("--out", default="scaling.json", help="results file in bench/results (the plot: same name, .png)")
     a = ap.parse_args(argv)
     if a.quick:
         a.repeats, a.steps = 3, 1
     torch.set_num_threads(a.threads)
+    a.malloc_tuned = False if a.no_tune_malloc else tune_malloc()
+    mf = getattr(torch, a.memory_format + ("_format" if a.memory_format == "contiguous" else ""))
     info = machine()
     print(info)
-    configs = {("n", n): (make(n, 32, a.batch), a.batch) for n in map(int, a.depths.split(","))}
-    configs.update({("size", s): (make(3, s, a.size_batch), a.size_batch) for s in map(int, a.sizes.split(","))})
+    configs = {("n", n): (make(n, 32, a.batch, mf), a.batch) for n in map(int, a.depths.split(","))}
+    configs.update({("size", s): (make(3, s, a.size_batch, mf), a.size_batch) for s in map(int, a.sizes.split(","))})
     for step, _ in configs.values():
         step()  # warm-up
     per_image = {k: [] for k in configs}
@@ -92,7 +101,7 @@ def main(argv=None):
         fits[kind] = {"intercept_s": a0, "slope_s": b0, "r2": r2, "x": xlabel}
         print(f"fit {kind}: t = {a0 * 1e3:.3f} ms + {b0 * 1e3:.5f} ms·{xlabel}  R²={r2:.4f}")
     plot(rows, fits, a)
-    write_json("scaling.json", {"machine": info, "args": vars(a), "results": rows, "fits": fits})
+    write_json(a.out, {"machine": info, "args": vars(a), "results": rows, "fits": fits})
 
 
 def plot(rows, fits, a):
@@ -121,7 +130,7 @@ def plot(rows, fits, a):
                             xytext=(4, -10), fontsize=8)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    save_figure(fig, RESULTS / "scaling.png")
+    save_figure(fig, RESULTS / a.out.replace(".json", ".png"))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ JOBS = [  # (name, script args)
     ("pipeline_bf16", ["bench_pipeline.py", "--precision", "bf16", "--seeds", "8", "--out", "pipeline_bf16.json"]),
     ("pipeline_t1", ["bench_pipeline.py", "--threads", "1", "--no-accuracy", "--out", "pipeline_t1.json"]),
     ("scaling", ["bench_scaling.py"]),
+    ("scaling_untuned", ["bench_scaling.py", "--memory-format", "contiguous", "--no-tune-malloc", "--out",
+                         "scaling_untuned.json"]),
     ("startup", ["bench_startup.py"]),
     ("distributed", ["bench_distributed.py"]),
 ]
@@ -159,7 +161,20 @@ def report() -> str:
         L += ["", f"Linear fits: t = {fn['intercept_s'] * 1e3:.3f} + {fn['slope_s'] * 1e3:.4f}·n ms/image "
               f"(R² {fn['r2']:.4f}); t = {fs['intercept_s'] * 1e3:.3f} + {fs['slope_s'] * 1e6:.4f}e-3·pixels ms/image "
               f"(R² {fs['r2']:.4f}). Depth sweep batch {scal['args']['batch']}, size sweep n=3 batch "
-              f"{scal['args']['size_batch']}.", ""]
+              f"{scal['args']['size_batch']}; memory format {scal['args'].get('memory_format', 'contiguous')}, "
+              f"glibc malloc {'tuned' if scal['args'].get('malloc_tuned') else 'untuned'}.", ""]
+        untuned = load("scaling_untuned.json")
+        if untuned:
+            L += [f"Same sweep with NCHW and glibc's default malloc (`{cmds.get('scaling_untuned', {}).get('cmd', 'not recorded')}`), µs per pixel per "
+                  "image in the size sweep, this run vs the default run above:", "",
+                  "| size | NCHW, untuned malloc | defaults (above) |", "|---|---|---|"]
+            tuned = {r["value"]: r for r in scal["results"] if r["sweep"] == "size"}
+            for r in untuned["results"]:
+                if r["sweep"] == "size" and r["value"] in tuned:
+                    px = r["value"] ** 2 / 1e3
+                    L.append(f"| {r['value']}² | {r['s_per_image']['median'] * 1e3 / px:.3f} | "
+                             f"{tuned[r['value']]['s_per_image']['median'] * 1e3 / px:.3f} |")
+            L.append("")
     if start:
         L += ["## 5. Start-up: time to first step (fresh process, warm data cache)", "", cmd("startup"), "",
               "| compile | imports s | load_data s | build + compile wrapper s | first step s | **time to first step s** | second step s |",
