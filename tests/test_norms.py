@@ -170,6 +170,20 @@ def test_batchnorm_matches_native(shape, cl):
     assert_same_step(ours, ref, make_input(shape, cl, seed=7))
 
 
+@pytest.mark.parametrize("cl", [False, True])
+def test_batchnorm_running_stats_of_another_dtype(cl):
+    """float64 running buffers on a float32 layer (the kernels update only buffers in the compute dtype):
+    the update still matches nn.BatchNorm2d's, and the buffers keep their dtype."""
+    ours, ref = BatchNorm2d(6), nn.BatchNorm2d(6)
+    ours.running_mean, ours.running_var = ours.running_mean.double(), ours.running_var.double()
+    for step in range(2):
+        xi = make_input((4, 6, 5, 3), cl, seed=step).detach()
+        close(ours.train()(xi), ref.train()(xi))
+    assert ours.running_mean.dtype == ours.running_var.dtype == torch.float64
+    close(ours.running_mean.float(), ref.running_mean)
+    close(ours.running_var.float(), ref.running_var)
+
+
 def test_batchnorm_state_dict_interchangeable_and_options():
     ours, ref = BatchNorm2d(6), nn.BatchNorm2d(6)
     assert set(ours.state_dict()) == set(ref.state_dict())

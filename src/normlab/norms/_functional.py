@@ -70,6 +70,14 @@ def _moments(s1: torch.Tensor, s2: torch.Tensor, count: int, ct: torch.dtype):
     return m64.to(ct), v64.to(ct)
 
 
+def _update_running(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
+                    var: torch.Tensor, total: int, momentum: float) -> None:
+    """nn.BatchNorm2d's running-statistics update, in place: the batch mean and unbiased batch variance."""
+    with torch.no_grad():
+        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1 - momentum).add_((var * (total / (total - 1))).to(running_var.dtype), alpha=momentum)
+
+
 class BatchNormFunction(torch.autograd.Function):
     """Batch statistics over (N, H, W) per channel; optionally updates running stats in place.
 
@@ -113,16 +121,16 @@ class BatchNormFunction(torch.autograd.Function):
         ctx.has_bias = bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
         if fmt:  # C++: statistics, running-statistics update and the affine in one call
+            in_c = running_mean is not None and _kernels.takes_buffers(x.dtype, running_mean, running_var)
             y, mean, rstd = _kernels.bn_forward(x, fmt, s1, s2, total, weight, bias, eps, momentum,
-                                                running_mean, running_var)
+                                                running_mean if in_c else None, running_var if in_c else None)
+            if running_mean is not None and not in_c:  # buffers of another dtype (rare): updated here
+                _update_running(running_mean, running_var, *_moments(s1, s2, total, torch.float64), total, momentum)
             ctx.save_for_backward(x, weight, mean, rstd)
             return y
         mean, var = _moments(s1, s2, total, ct)
         if running_mean is not None:
-            with torch.no_grad():
-                running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-                unbiased = var * (total / (total - 1))
-                running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+            _update_running(running_mean, running_var, mean, var, total, momentum)
         rstd = torch.rsqrt(var + eps)
         scale = rstd if weight is None else rstd * weight.to(ct)
         shift = -mean * scale if bias is None else bias.to(ct) - mean * scale
