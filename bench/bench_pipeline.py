@@ -25,6 +25,7 @@ says whether that was the last epoch, as the conventional side's final weights a
 
     python bench/bench_pipeline.py           # ~15 min here
     python bench/bench_pipeline.py --quick   # 1 round, no accuracy
+    python bench/bench_pipeline.py --no-throughput --epochs 8 --seeds 4 --out pipeline_long.json
 """
 
 from __future__ import annotations
@@ -320,15 +321,24 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--no-accuracy", dest="accuracy", action="store_false")
-    ap.add_argument("--quick", action="store_true", help="1 round of 20 steps, no accuracy run")
+    ap.add_argument("--no-throughput", dest="throughput", action="store_false",
+                    help="accuracy runs only (e.g. a longer budget: --epochs 8 --seeds 4)")
+    ap.add_argument("--quick", action="store_true",
+                    help="1 round of 20 steps, no accuracy run (with --no-throughput: 1 epoch, 2 seeds)")
     ap.add_argument("--out", default="pipeline.json")
     a = ap.parse_args(argv)
-    if a.quick:
-        a.repeats, a.steps, a.warmup, a.accuracy = 1, 20, 3, False
+    if a.quick:  # accuracy-only runs shrink to 1 epoch x 2 seeds instead
+        a.repeats, a.steps, a.warmup = 1, 20, 3
+        if a.throughput:
+            a.accuracy = False
+        else:
+            a.epochs, a.seeds = 1, 2
     torch.set_num_threads(a.threads or DEFAULT_THREADS)
     info = machine()
     print(info)
-    out = {"machine": info, "args": vars(a), "throughput": throughput(a)}
+    out = {"machine": info, "args": vars(a)}
+    if a.throughput:
+        out["throughput"] = throughput(a)
     if a.accuracy:
         out["accuracy"] = accuracy(a)
     write_json(a.out, out)

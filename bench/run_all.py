@@ -24,6 +24,9 @@ JOBS = [  # (name, script args)
                         "--out", "norms_compiled.json"]),
     ("pipeline", ["bench_pipeline.py", "--seeds", "8"]),
     ("pipeline_bf16", ["bench_pipeline.py", "--precision", "bf16", "--seeds", "8", "--out", "pipeline_bf16.json"]),
+    ("pipeline_compiled", ["bench_pipeline.py", "--compile", "on", "--seeds", "4", "--out", "pipeline_compiled.json"]),
+    ("pipeline_long", ["bench_pipeline.py", "--no-throughput", "--epochs", "8", "--seeds", "4", "--out",
+                       "pipeline_long.json"]),
     ("pipeline_t1", ["bench_pipeline.py", "--threads", "1", "--no-accuracy", "--out", "pipeline_t1.json"]),
     ("scaling", ["bench_scaling.py"]),
     ("scaling_untuned", ["bench_scaling.py", "--memory-format", "contiguous", "--no-tune-malloc", "--out",
@@ -63,6 +66,11 @@ def load(name):
 
 def f3(s, d=3, scale=1.0):
     return f"{s['median'] * scale:.{d}f} ({s['min'] * scale:.{d}f}–{s['max'] * scale:.{d}f})"
+
+
+def setting(args: dict) -> str:
+    """A pipeline run's normlab-side precision and torch.compile setting, e.g. "fp32, compile off"."""
+    return f"{args.get('precision', 'fp32')}, compile {args.get('compile', 'off')}"
 
 
 def report() -> str:
@@ -118,7 +126,7 @@ def report() -> str:
             L.append(f"| {r['norm']} | {r['format']} | {f3(r['normlab_s'])} | {f3(r['native_s'])} | "
                      f"**{f3(r['ratio'], 2)}** | {r['first_step_s']['normlab']:.1f} / {r['first_step_s']['native']:.1f} |")
         L.append("")
-    pipes = [(k, load(f"{k}.json")) for k in ("pipeline", "pipeline_bf16", "pipeline_t1")]
+    pipes = [(k, load(f"{k}.json")) for k in ("pipeline", "pipeline_bf16", "pipeline_compiled", "pipeline_long", "pipeline_t1")]
     pipes = [(k, p) for k, p in pipes if p]
     if pipes:
         L += ["## 2. End to end: normlab vs a conventional pipeline (ResNet-20 BN, batch 128, standard augmentation)",
@@ -126,29 +134,35 @@ def report() -> str:
               "channels_last, tuned malloc -- what `normlab train` does by default -- with the precision shown. "
               "Conventional: torchvision ImageFolder over the JPEG folder + DataLoader worker processes + PIL "
               "transforms, `nn.BatchNorm2d`, NCHW, fp32. Both sides in one process, alternating rounds.", "",
-              "| command | precision (normlab) | torch threads normlab / conventional (+ workers) | normlab images/s "
-              "| conventional images/s | **ratio** |", "|---|---|---|---|---|---|"]
+              "| command | normlab precision, compile | torch threads normlab / conventional (+ workers) | "
+              "normlab images/s | conventional images/s | **ratio** |", "|---|---|---|---|---|---|"]
         for k, p in pipes:
+            if "throughput" not in p:
+                continue
             t, ar = p["throughput"], p["args"]
-            L.append(f"| `{cmds[k]['cmd'] if k in cmds else k}` | {ar.get('precision', 'fp32')} | "
+            L.append(f"| `{cmds[k]['cmd'] if k in cmds else k}` | {setting(ar)} | "
                      f"{t['threads']['normlab']} / {t['threads']['conventional']} (+{ar['workers']}) | "
                      f"{f3(t['normlab_img_s'], 0)} | {f3(t['conventional_img_s'], 0)} | **{f3(t['ratio'], 2)}** |")
         L.append("")
         acc = [(k, p) for k, p in pipes if "accuracy" in p and "runs" in p["accuracy"]]
         if acc:
-            a0 = acc[0][1]["accuracy"]
-            L += [f"Accuracy at a fixed budget: {a0['epochs']} epochs on the same {a0['subset']:,} training images "
-                  "(normlab's stratified subset, checked label by label and pixel by pixel), same per-epoch order, "
-                  "normalization statistics, initial weights and per-step cosine lr from 0.1; test accuracy on the "
-                  "full 10,000-image test folder; one run per seed. Only the augmentation's random draws differ.", "",
-                  "| normlab precision | normlab test acc (mean ± sd) | conventional test acc (mean ± sd) | "
-                  "per seed normlab / conventional |", "|---|---|---|---|"]
+            L += ["Accuracy at a fixed budget: the epochs shown on the same training images (normlab's stratified "
+                  "subset, checked label by label and pixel by pixel), same per-epoch order, normalization "
+                  "statistics, initial weights and per-step cosine lr from 0.1; test accuracy on the full "
+                  "10,000-image test folder; one run per seed and side. Only the augmentation's random draws "
+                  "differ. Paired difference = normlab − conventional per seed.", "",
+                  "| normlab precision, compile | images × epochs × seeds | normlab test acc (mean ± sd) | "
+                  "conventional test acc (mean ± sd) | paired difference median (min…max), normlab higher | "
+                  "per seed normlab / conventional |", "|---|---|---|---|---|---|"]
             for k, p in acc:
                 a = p["accuracy"]
                 per = ", ".join(f"{r['normlab']:.4f} / {r['conventional']:.4f}" for r in a["runs"])
-                L.append(f"| {p['args'].get('precision', 'fp32')} | {a['normlab']['mean']:.4f} ± "
-                         f"{a['normlab']['std']:.4f} | {a['conventional']['mean']:.4f} ± "
-                         f"{a['conventional']['std']:.4f} | {per} |")
+                d = sorted(r["normlab"] - r["conventional"] for r in a["runs"])
+                med = d[len(d) // 2] if len(d) % 2 else (d[len(d) // 2 - 1] + d[len(d) // 2]) / 2
+                L.append(f"| {setting(p['args'])} | {a['subset']:,} × {a['epochs']} × {len(a['runs'])} | "
+                         f"{a['normlab']['mean']:.4f} ± {a['normlab']['std']:.4f} | {a['conventional']['mean']:.4f} ± "
+                         f"{a['conventional']['std']:.4f} | {med:+.4f} ({d[0]:+.4f}…{d[-1]:+.4f}), "
+                         f"{sum(x > 0 for x in d)}/{len(d)} | {per} |")
             L.append("")
     if scal:
         L += ["## 3. Cost vs depth and input size", "", cmd("scaling"), "", "![scaling](bench/results/scaling.png)", "",
