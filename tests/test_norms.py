@@ -456,6 +456,22 @@ def test_channels_last_tiles_of_any_channel_count(c, groups, hw):
         assert_same_step(ours, ref, make_input((3, c) + hw, True))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernels_threaded_and_serial_agree_with_native(threads):
+    """Maps above the kernels' parallel threshold run the OpenMP paths (threads=2) or the serial ones: both
+    match the native layers, in both layouts, whatever the machine's default thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for ours, ref in ((GroupNorm2d(40, 5), nn.GroupNorm(5, 40)), (BatchNorm2d(40), nn.BatchNorm2d(40)),
+                          (InstanceNorm2d(40), nn.InstanceNorm2d(40, affine=True))):
+            randomize_affine(ours, ref)
+            for cl in (False, True):
+                assert_same_step(ours, ref, make_input((6, 40, 33, 8), cl))
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_kernel_build_failure_falls_back_with_one_warning(monkeypatch, tmp_path):
     monkeypatch.setenv("NORMLAB_KERNELS", "1")
     monkeypatch.setenv("NORMLAB_CACHE", str(tmp_path))
