@@ -1,6 +1,6 @@
 """Run every benchmark and rewrite BENCHMARKS.md from their JSON results (bench/results/).
 
-    python bench/run_all.py                # full run (~75 min on the 2-core CI-class machine)
+    python bench/run_all.py                # full run (~95 min on the 2-core CI-class machine)
     python bench/run_all.py --quick        # every script with --quick
     python bench/run_all.py --report-only  # rewrite BENCHMARKS.md from the JSON already in bench/results/
 """
@@ -27,6 +27,8 @@ JOBS = [  # (name, script args)
     ("pipeline_compiled", ["bench_pipeline.py", "--compile", "on", "--seeds", "4", "--out", "pipeline_compiled.json"]),
     ("pipeline_long", ["bench_pipeline.py", "--no-throughput", "--epochs", "8", "--seeds", "4", "--out",
                        "pipeline_long.json"]),
+    ("pipeline_long_bf16", ["bench_pipeline.py", "--no-throughput", "--precision", "bf16", "--epochs", "8", "--seeds",
+                            "4", "--out", "pipeline_long_bf16.json"]),
     ("pipeline_t1", ["bench_pipeline.py", "--threads", "1", "--no-accuracy", "--out", "pipeline_t1.json"]),
     ("scaling", ["bench_scaling.py"]),
     ("scaling_untuned", ["bench_scaling.py", "--memory-format", "contiguous", "--no-tune-malloc", "--out",
@@ -126,7 +128,7 @@ def report() -> str:
             L.append(f"| {r['norm']} | {r['format']} | {f3(r['normlab_s'])} | {f3(r['native_s'])} | "
                      f"**{f3(r['ratio'], 2)}** | {r['first_step_s']['normlab']:.1f} / {r['first_step_s']['native']:.1f} |")
         L.append("")
-    pipes = [(k, load(f"{k}.json")) for k in ("pipeline", "pipeline_bf16", "pipeline_compiled", "pipeline_long", "pipeline_t1")]
+    pipes = [(k, load(f"{k}.json")) for k in ("pipeline", "pipeline_bf16", "pipeline_compiled", "pipeline_long", "pipeline_long_bf16", "pipeline_t1")]
     pipes = [(k, p) for k, p in pipes if p]
     if pipes:
         L += ["## 2. End to end: normlab vs a conventional pipeline (ResNet-20 BN, batch 128, standard augmentation)",
