@@ -423,15 +423,12 @@ static void gn_forward(const S* x, S* y, int nhwc, i64 n, i64 c, i64 hw, i64 g, 
     for (i64 s = 0; s < n; ++s) {
       const S* px = x + s * hw * c;
       S* py = y + s * hw * c;
-      if (g == 1) {  // LayerNorm: one sum over the whole sample, no per-channel split needed
-        long_sums<S, true>(px, px, hw * c, d1[0], d2[0]);
-      } else {
-        sample_sums_nhwc<S, true>(px, nullptr, hw, c, d1.data(), d2.data(), q1.data(), q2.data());
-      }
+      const bool whole = g == 1;  // LayerNorm: one sum over the whole sample (into d1[0], d2[0])
+      if (whole) long_sums<S, true>(px, px, hw * c, d1[0], d2[0]);
+      else sample_sums_nhwc<S, true>(px, nullptr, hw, c, d1.data(), d2.data(), q1.data(), q2.data());
       for (i64 q = 0; q < g; ++q) {
         double mean, rstd;
-        if (g == 1) group_stats(d1.data(), d2.data(), 0, 1, count, eps, mean, rstd);
-        else group_stats(d1.data(), d2.data(), q, cg, count, eps, mean, rstd);
+        group_stats(d1.data(), d2.data(), q, whole ? 1 : cg, count, eps, mean, rstd);
         const T m = T(mean), r = T(rstd);
         mean_out[s * g + q] = m;
         rstd_out[s * g + q] = r;
