@@ -598,3 +598,26 @@ def test_bin_gate_gets_a_gradient_at_its_initial_bound_and_moves():
         opt.step()
         clamp_gates_(m)
     assert (m.rho < 0.99).all() and (m.rho >= 0).all() and (m.rho <= 1).all()
+
+
+# --------------------------------------------------------------------------------------- other devices
+
+@pytest.mark.parametrize("name", NAMES)
+def test_norms_and_resnet_run_on_a_non_cpu_device(name):
+    """No GPU here, so the device-agnostic path is checked on PyTorch's "meta" device (shapes only, no
+    data): every norm and the ResNet train forward + backward and eval there, in channels_last, through
+    the tensor-op path -- a CPU-only call (data_ptr, item, numpy, the C++ kernels) would fail."""
+    from normlab.models.resnet import ResNet
+
+    x = torch.randn(4, 8, 5, 5, device="meta", requires_grad=True)
+    assert _functional.fast_layout(x) is None
+    m = make_norm(name, 8, num_groups=4).to("meta")
+    y = m(x)
+    y.sum().backward()
+    assert y.shape == x.shape and y.device.type == "meta" and x.grad.device.type == "meta"
+    assert m.eval()(x).shape == x.shape
+    model = ResNet(1, 10, norm=name).to("meta").to(memory_format=torch.channels_last)
+    out = model(torch.randn(4, 3, 32, 32, device="meta").contiguous(memory_format=torch.channels_last))
+    out.sum().backward()
+    assert out.shape == (4, 10)
+    assert all(p.grad is not None and p.grad.device.type == "meta" for p in model.parameters() if p.requires_grad)
