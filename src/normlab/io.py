@@ -12,11 +12,11 @@ from typing import Any
 import torch
 
 
-
 def cache_dir() -> Path:
     """``$NORMLAB_CACHE`` or ``~/.cache/normlab``: decoded data sets, unpacked archives, built kernels."""
     env = os.environ.get("NORMLAB_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "normlab"
+
 
 def _fsync_dir(path: Path) -> None:
     try:

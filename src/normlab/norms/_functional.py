@@ -121,10 +121,9 @@ class BatchNormFunction(torch.autograd.Function):
         ctx.has_bias = bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
         if fmt:  # C++: statistics, running-statistics update and the affine in one call
-            in_c = running_mean is not None and _kernels.takes_buffers(x.dtype, running_mean, running_var)
-            y, mean, rstd = _kernels.bn_forward(x, fmt, s1, s2, total, weight, bias, eps, momentum,
-                                                running_mean if in_c else None, running_var if in_c else None)
-            if running_mean is not None and not in_c:  # buffers of another dtype (rare): updated here
+            y, mean, rstd, updated = _kernels.bn_forward(x, fmt, s1, s2, total, weight, bias, eps, momentum,
+                                                         running_mean, running_var)
+            if not updated:  # running statistics of another dtype (rare): updated here
                 _update_running(running_mean, running_var, *_moments(s1, s2, total, torch.float64), total, momentum)
             ctx.save_for_backward(x, weight, mean, rstd)
             return y

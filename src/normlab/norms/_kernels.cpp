@@ -214,20 +214,17 @@ static void affine_rows(const S* x, S* y, i64 rows, i64 hw, const T* scale, cons
   }
 }
 
-// n samples of hw*c values, coefficients per (sample, channel); parallel over tiles.
+// BatchNorm in channels_last: the whole tensor is one flat run of len values, coefficients per channel;
+// parallel over tiles.
 template <typename S, typename T = typename Compute<S>::T>
-static void affine_nhwc(const S* x, S* y, i64 n, i64 hw, i64 c, const T* scale, const T* shift, int nt) {
-  const i64 tl = tile_len(c), len = hw * c, per = (len + tl - 1) / tl;
-  std::vector<T> ts(n * tl), th(n * tl);
-  for (i64 s = 0; s < n; ++s) {
-    tile(scale + s * c, c, tl, ts.data() + s * tl);
-    tile(shift + s * c, c, tl, th.data() + s * tl);
-  }
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && n * len >= kParallelMin)
-  for (i64 idx = 0; idx < n * per; ++idx) {
-    const i64 s = idx / per, i0 = (idx % per) * tl, off = s * len + i0;
-    affine_tiled<S>(x + off, y + off, std::min(tl, len - i0), tl, ts.data() + s * tl, th.data() + s * tl);
-  }
+static void affine_nhwc(const S* x, S* y, i64 len, i64 c, const T* scale, const T* shift, int nt) {
+  const i64 tl = tile_len(c);
+  std::vector<T> ts(tl), th(tl);
+  tile(scale, c, tl, ts.data());
+  tile(shift, c, tl, th.data());
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && len >= kParallelMin)
+  for (i64 i0 = 0; i0 < len; i0 += tl)
+    affine_tiled<S>(x + i0, y + i0, std::min(tl, len - i0), tl, ts.data(), th.data());
 }
 
 template <typename S, typename T = typename Compute<S>::T>
@@ -244,22 +241,18 @@ static void grad_rows(const S* dy, const S* x, S* dx, i64 rows, i64 hw, const T*
   }
 }
 
+// BatchNorm backward in channels_last: as affine_nhwc, dx = a*dy + b*x + k with per-channel a, b, k.
 template <typename S, typename T = typename Compute<S>::T>
-static void grad_nhwc(const S* dy, const S* x, S* dx, i64 n, i64 hw, i64 c, const T* a, const T* b,
-                      const T* k, int nt) {
-  const i64 tl = tile_len(c), len = hw * c, per = (len + tl - 1) / tl;
-  std::vector<T> ta(n * tl), tb(n * tl), tk(n * tl);
-  for (i64 s = 0; s < n; ++s) {
-    tile(a + s * c, c, tl, ta.data() + s * tl);
-    tile(b + s * c, c, tl, tb.data() + s * tl);
-    tile(k + s * c, c, tl, tk.data() + s * tl);
-  }
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && n * len >= kParallelMin)
-  for (i64 idx = 0; idx < n * per; ++idx) {
-    const i64 s = idx / per, i0 = (idx % per) * tl, off = s * len + i0;
-    grad_tiled<S>(dy + off, x + off, dx + off, std::min(tl, len - i0), tl, ta.data() + s * tl,
-                  tb.data() + s * tl, tk.data() + s * tl);
-  }
+static void grad_nhwc(const S* dy, const S* x, S* dx, i64 len, i64 c, const T* a, const T* b, const T* k,
+                      int nt) {
+  const i64 tl = tile_len(c);
+  std::vector<T> ta(tl), tb(tl), tk(tl);
+  tile(a, c, tl, ta.data());
+  tile(b, c, tl, tb.data());
+  tile(k, c, tl, tk.data());
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && len >= kParallelMin)
+  for (i64 i0 = 0; i0 < len; i0 += tl)
+    grad_tiled<S>(dy + i0, x + i0, dx + i0, std::min(tl, len - i0), tl, ta.data(), tb.data(), tk.data());
 }
 
 // ------------------------------------------------------------------ the norms, built on those loops
@@ -324,7 +317,7 @@ static void bn_forward(const S* x, S* y, int nhwc, i64 n, i64 c, i64 hw, const d
       shift[k * c + j] = sh;
     }
   }
-  if (nhwc) affine_nhwc<S>(x, y, 1, n * hw, c, scale.data(), shift.data(), nt);  // one (n*hw, c) block
+  if (nhwc) affine_nhwc<S>(x, y, n * hw * c, c, scale.data(), shift.data(), nt);
   else affine_rows<S>(x, y, n * c, hw, scale.data(), shift.data(), nt);
 }
 
@@ -346,7 +339,7 @@ static void bn_backward(const S* dy, const S* x, S* dx, int nhwc, i64 n, i64 c, 
       vk[s * c + j] = T(k);
     }
   }
-  if (nhwc) grad_nhwc<S>(dy, x, dx, 1, n * hw, c, va.data(), vb.data(), vk.data(), nt);
+  if (nhwc) grad_nhwc<S>(dy, x, dx, n * hw * c, c, va.data(), vb.data(), vk.data(), nt);
   else grad_rows<S>(dy, x, dx, n * c, hw, va.data(), vb.data(), vk.data(), nt);
 }
 

@@ -183,30 +183,26 @@ def bn_sums(a: torch.Tensor, b: torch.Tensor | None, fmt: str, center: torch.Ten
     return s, gw, gb
 
 
-def takes_buffers(dtype: torch.dtype, *buffers: torch.Tensor) -> bool:
-    """Whether ``bn_forward`` can update these running-statistics buffers in C (contiguous, in the compute
-    dtype of ``dtype`` inputs); otherwise the caller updates them."""
-    return all(t.dtype == _COMPUTE[dtype] and t.is_contiguous() for t in buffers)
-
-
 def bn_forward(x: torch.Tensor, fmt: str, s1: torch.Tensor, s2: torch.Tensor, total: int,
                weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, momentum: float,
                running_mean: torch.Tensor | None, running_var: torch.Tensor | None):
     """BN's normalization from the float64 per-channel sums ``s1``, ``s2`` of ``total`` values per channel;
-    updates the running statistics in place (unbiased variance; they must pass ``takes_buffers``, or be
-    None). Returns ``(y, mean, rstd)``."""
+    updates the running statistics in place (unbiased variance) when they are contiguous tensors of the
+    compute dtype. Returns ``(y, mean, rstd, updated)``: ``updated`` is False when there were running
+    statistics the kernel could not update (another dtype: the caller updates them)."""
     c, ct = x.shape[1], _COMPUTE[x.dtype]
-    if running_mean is not None and not takes_buffers(x.dtype, running_mean, running_var):
-        raise TypeError(f"running statistics must be contiguous {ct} tensors for {x.dtype} inputs")
+    updated = running_mean is not None and all(t.dtype == ct and t.is_contiguous()
+                                               for t in (running_mean, running_var))
     y = torch.empty_like(x)
     stats = torch.empty(2, c, dtype=ct)
     # every pointer handed to C belongs to a tensor bound to a name here (kept alive during the call)
     s1c, s2c, w, b = s1.contiguous(), s2.contiguous(), _as(weight, ct), _as(bias, ct)
     _fn("bn_forward", x.dtype)(
         x.data_ptr(), y.data_ptr(), *_geom(x, fmt), s1c.data_ptr(), s2c.data_ptr(),
-        float(total), _ptr(w), _ptr(b), float(eps), float(momentum), _ptr(running_mean), _ptr(running_var),
+        float(total), _ptr(w), _ptr(b), float(eps), float(momentum),
+        _ptr(running_mean) if updated else None, _ptr(running_var) if updated else None,
         stats[0].data_ptr(), stats[1].data_ptr(), torch.get_num_threads())
-    return y, stats[0], stats[1]
+    return y, stats[0], stats[1], updated or running_mean is None
 
 
 def bn_backward(dy: torch.Tensor, x: torch.Tensor, fmt: str, s: torch.Tensor, total: int,
