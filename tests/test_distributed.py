@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -83,12 +82,6 @@ def test_unsynced_two_process_statistics_differ(tmp_path):
     assert not torch.allclose(ranks[0]["stats"][name], ranks[1]["stats"][name], rtol=1e-3)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _metrics(run) -> list[dict[str, str]]:
     import csv
 
@@ -105,8 +98,8 @@ def _small_run_args(folder, epochs: int) -> list[str]:
 
 
 def _torchrun_train(args: list[str], out) -> subprocess.CompletedProcess:
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+    # --standalone: torchrun binds its own free port (a port picked here could be taken before it binds)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           "-m", "normlab", "train", *args, "--out", str(out)],
                          capture_output=True, text=True, timeout=600, env=ENV_1_THREAD)
     assert res.returncode == 0, res.stderr[-3000:]
