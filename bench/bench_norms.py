@@ -19,6 +19,10 @@ Native references: bn -> nn.BatchNorm2d, in -> nn.InstanceNorm2d(affine=True), l
 gn -> nn.GroupNorm(8, C), bin -> "BN + IN together": the same gated mix built from F.batch_norm and
 F.instance_norm (both native kernels), i.e. what BIN costs with PyTorch's own layers.
 
+normlab's blocks fuse BN + ReLU (+ the residual add) by default (``ResNet(fuse=True)``). The rows compare
+the norm layers alone, so every row builds normlab's ResNet with ``fuse=False``; the row ``bn+relu`` is
+normlab's default ResNet-20 BN (fused blocks) against the same native-BN model: what a user gets.
+
     python bench/bench_norms.py            # all norms + control, NCHW and channels_last (~12 min here)
     python bench/bench_norms.py --quick    # fewer repeats
     python bench/bench_norms.py --compile  # also torch.compile both sides (compile time reported apart)
@@ -69,9 +73,9 @@ NATIVE = {
 }
 
 
-def build(norm, fmt_name: str, seed: int = 0):
+def build(norm, fmt_name: str, seed: int = 0, fuse: bool = False):
     torch.manual_seed(seed)
-    model = ResNet(3, 10, norm=norm)
+    model = ResNet(3, 10, norm=norm, fuse=fuse)
     if fmt_name == "channels_last":
         model = model.to(memory_format=torch.channels_last)
     return model.train()
@@ -91,10 +95,10 @@ def make_step(model, x, y):
 
 def build_side(norm: str, side: str, fmt_name: str):
     """The model for one side: normlab's layer, or the native reference (the control row "aa" is native on
-    both sides)."""
+    both sides; "bn+relu" is normlab's BN with fused blocks)."""
     if side == "normlab" and norm != "aa":
-        return build(norm, fmt_name)
-    return build(NATIVE["bn" if norm == "aa" else norm], fmt_name)
+        return build("bn" if norm == "bn+relu" else norm, fmt_name, fuse=norm == "bn+relu")
+    return build(NATIVE[{"aa": "bn", "bn+relu": "bn"}.get(norm, norm)], fmt_name)
 
 
 def run(norms, formats, rounds, steps, warmup, batch, compile_):
@@ -144,7 +148,7 @@ def run(norms, formats, rounds, steps, warmup, batch, compile_):
                    "native_saved_MB": mem["native"] / 2**20, "mem_ratio": mem["normlab"] / mem["native"],
                    "first_step_s": compile_s}
             results.append(row)
-            print(f"{norm:>4} {fmt_name:>13}{' compiled' if compile_ else ''}: normlab {fmt(row['normlab_s'], 4)} s  "
+            print(f"{norm:>7} {fmt_name:>13}{' compiled' if compile_ else ''}: normlab {fmt(row['normlab_s'], 4)} s  "
                   f"native {fmt(row['native_s'], 4)} s  ratio {fmt(row['ratio'])}  "
                   f"saved {row['normlab_saved_MB']:.1f}/{row['native_saved_MB']:.1f} MB ({row['mem_ratio']:.3f}x)"
                   + (f"  first step {compile_s['normlab']:.1f}/{compile_s['native']:.1f} s" if compile_ else ""),
@@ -154,8 +158,9 @@ def run(norms, formats, rounds, steps, warmup, batch, compile_):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--norms", default="bn,in,ln,gn,bin,aa",
-                    help="aa = control: native BN on both sides (shows the measurement's own spread)")
+    ap.add_argument("--norms", default="bn,in,ln,gn,bin,bn+relu,aa",
+                    help="aa = control: native BN on both sides (shows the measurement's own spread); bn+relu = "
+                         "normlab's fused BN + ReLU (+ add) blocks vs native BN")
     ap.add_argument("--formats", default="nchw,channels_last")
     ap.add_argument("--rounds", type=int, default=8, help="fresh pairs of models, built in alternating order")
     ap.add_argument("--steps", type=int, default=6, help="interleaved timed steps per side and round (median)")

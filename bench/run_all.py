@@ -111,13 +111,17 @@ def report() -> str:
               "| norm | format | normlab s/step | native s/step | ratio normlab/native | saved MB normlab / native (ratio) |",
               "|---|---|---|---|---|---|"]
         for r in norms["results"]:
-            name = "aa (control: native BN both sides)" if r["norm"] == "aa" else r["norm"]
+            name = {"aa": "aa (control: native BN both sides)",
+                    "bn+relu": "bn+relu (normlab's default fused blocks)"}.get(r["norm"], r["norm"])
             L.append(f"| {name} | {r['format']} | {f3(r['normlab_s'])} | {f3(r['native_s'])} | "
                      f"**{f3(r['ratio'], 2)}** | {r['normlab_saved_MB']:.1f} / {r['native_saved_MB']:.1f} "
                      f"({r['mem_ratio']:.3f}) |")
         L += ["", "Native references: bn `nn.BatchNorm2d`, in `nn.InstanceNorm2d(affine=True)`, ln "
               "`nn.GroupNorm(1, C)`, gn `nn.GroupNorm(8, C)`; bin is compared with *BN + IN together*: the same "
-              "gated mix built from the native `F.batch_norm` and `F.instance_norm` kernels.", ""]
+              "gated mix built from the native `F.batch_norm` and `F.instance_norm` kernels. These rows compare "
+              "the layers alone (normlab's ResNet built with `fuse=False`); **bn+relu** is normlab's default "
+              "ResNet, whose blocks fuse BN + ReLU (+ the residual add) into the norm's passes, against the same "
+              "native-BN model.", ""]
     if normc:
         L += ["### With torch.compile (whole model, both sides)", "", cmd("norms_compiled"), "",
               "Under torch.compile normlab's layers trace their tensor-op path (inductor fuses it); the C++ kernels "

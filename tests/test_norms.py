@@ -342,6 +342,134 @@ def test_gradcheck(name, make, shape, train):
         assert torch.autograd.gradcheck(f, (xcl, *params), eps=1e-6, atol=1e-5)
 
 
+# --------------------------------------------------------------- fused BatchNorm + ReLU (+ residual)
+
+@pytest.mark.parametrize("shape,cl", SHAPES)
+@pytest.mark.parametrize("residual", [False, True])
+def test_batchnorm_forward_relu_equals_native_bn_add_relu(shape, cl, residual):
+    """``forward_relu`` (the ResNet block's fused ``relu(bn(x) + r)``): output, input, residual, weight and
+    bias gradients and running statistics as native BN followed by the add and the ReLU."""
+    c = shape[1]
+    ours, ref = BatchNorm2d(c), nn.BatchNorm2d(c)
+    randomize_affine(ours, ref)
+    for step in range(2):
+        x = make_input(shape, cl, seed=step).detach()
+        r = make_input(shape, cl, seed=20 + step).detach() if residual else None
+        dy = torch.randn(shape, generator=torch.Generator().manual_seed(30 + step))
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ra, rb = (r.clone().requires_grad_(), r.clone().requires_grad_()) if residual else (None, None)
+        ours.zero_grad(), ref.zero_grad()
+        ya = ours.forward_relu(xa, ra)
+        yb = torch.relu(ref(xb) + rb) if residual else torch.relu(ref(xb))
+        ya.backward(dy)
+        yb.backward(dy)
+        assert (ya == 0).float().mean() > 0.2 and (ya > 0).float().mean() > 0.2  # the mask matters
+        close(ya, yb)
+        close(xa.grad, xb.grad)
+        if residual:
+            close(ra.grad, rb.grad)
+        close(ours.weight.grad, ref.weight.grad)
+        close(ours.bias.grad, ref.bias.grad)
+        if cl:
+            assert ya.is_contiguous(memory_format=torch.channels_last)
+    close(ours.running_mean, ref.running_mean)
+    close(ours.running_var, ref.running_var)
+    ours.eval(), ref.eval()  # eval: the unfused composition on running statistics
+    close(ours.forward_relu(x, r), torch.relu(ref(x) + r) if residual else torch.relu(ref(x)))
+
+
+def test_gradcheck_fused_batchnorm_relu_residual():
+    g = torch.Generator().manual_seed(2)
+    x, r = (torch.randn(4, 3, 3, 2, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
+    w = (torch.rand(3, dtype=torch.float64, generator=g) + 0.5).requires_grad_()
+    b = torch.randn(3, dtype=torch.float64, generator=g).requires_grad_()
+
+    def f(x, r, w, b):
+        return _functional.BatchNormFunction.apply(x, w, b, None, None, 0.0, 1e-5, False, r, True)
+
+    assert torch.autograd.gradcheck(f, (x, r, w, b), eps=1e-6, atol=1e-5)
+
+
+def _fused_and_unfused(fuse: bool = True, **kw):
+    from normlab.models.resnet import ResNet
+
+    torch.manual_seed(0)
+    a = ResNet(1, 10, fuse=fuse, **kw)
+    b = ResNet(1, 10, fuse=False, **kw)
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+@pytest.mark.parametrize("cl", [False, True])
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+def test_resnet_fused_blocks_train_as_unfused(cl, shortcut):
+    """Two SGD steps of a ResNet with fused blocks and of the same ResNet unfused: same losses, weights and
+    running statistics (the option-A shortcut's zero-padded residual arrives in NCHW: converted)."""
+    a, b = _fused_and_unfused(shortcut=shortcut)
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    a, b = a.to(memory_format=fmt), b.to(memory_format=fmt)
+    blocks = [m for m in a.modules() if hasattr(m, "fused")]
+    assert blocks and all(m.fused() for m in blocks)
+    assert not any(m.fused() for m in b.modules() if hasattr(m, "fused"))
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (a, b)]
+    g = torch.Generator().manual_seed(4)
+    for _ in range(2):
+        x = torch.randn(16, 3, 12, 12, generator=g).contiguous(memory_format=fmt)
+        y = torch.randint(0, 10, (16,), generator=g)
+        losses = []
+        for m, opt in zip((a, b), opts):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(m(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        close(losses[0], losses[1])
+    for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values()):
+        close(ta.double(), tb.double(), atol=1e-5, rtol=1e-4)
+
+
+def test_resnet_fused_blocks_under_bf16_autocast():
+    """bf16 autocast: the fused ResNet's output and gradients are as close to the fp32 ones as the unfused
+    ResNet's (bf16 gradients are ~10% off either way; a wrong fused path would be far off)."""
+    a, b = _fused_and_unfused()
+    ref, _ = _fused_and_unfused(fuse=False)
+    x = torch.randn(16, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    outs = []
+    for m, bf16 in ((a, True), (b, True), (ref, False)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = m(x)
+        out.float().pow(2).mean().backward()
+        outs.append(out.float())
+    assert a.stages[0][0].fused() and outs[0].dtype == torch.float32
+    err = [(o - outs[2]).norm() / outs[2].norm() for o in outs[:2]]
+    assert err[0] <= 1.25 * err[1] + 0.01, err
+    for (name, pa), pb, pr in zip(a.named_parameters(), b.parameters(), ref.parameters()):
+        assert torch.isfinite(pa.grad).all()
+        ea, eb = ((p.grad - pr.grad).norm() / pr.grad.norm() for p in (pa, pb))
+        assert ea <= 1.25 * eb + 0.01, (name, ea, eb)
+
+
+def test_fused_blocks_step_aside_for_hooks_eval_and_other_layers():
+    """Hooks on a block's norms or ReLUs (feature probes, Grad-CAM, users) see the unfused outputs: the
+    norm's own output before the add. Eval mode, other norms and other activations do not fuse."""
+    from normlab.models.resnet import ResNet
+
+    model = ResNet(1, 10)
+    blk = model.stages[0][0]
+    assert blk.fused()
+    seen = {}
+    h = blk.bn2.register_forward_hook(lambda _m, _i, o: seen.__setitem__("bn2", o.detach().clone()))
+    assert not blk.fused()
+    model(torch.randn(8, 3, 8, 8))
+    assert (seen["bn2"] < 0).any()  # the norm's output, before the add and the ReLU
+    close(seen["bn2"].mean((0, 2, 3)), torch.zeros(16), atol=1e-5, rtol=0)  # normalized per channel
+    h.remove()
+    assert blk.fused()
+    assert not model.eval().stages[0][0].fused()
+    for kw in ({"norm": "torch_bn"}, {"norm": "gn"}, {"norm": "bin"}, {"activation": "gelu"}, {"fuse": False}):
+        assert not ResNet(1, 10, **kw).stages[0][0].fused(), kw
+
+
 # ------------------------------------------------------------------------------ mixed precision
 
 @pytest.mark.parametrize("name", ["bn", "in", "bin", "ln", "gn"])

@@ -55,12 +55,27 @@ class PadShortcut(nn.Module):
         return x
 
 
+def _watched(*modules: nn.Module) -> bool:
+    """True when forward hooks (of these modules, or global ones) would see the modules' own outputs."""
+    from torch.nn.modules import module as m
+
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks) or any(
+        mod._forward_hooks or mod._forward_pre_hooks for mod in modules)
+
+
 class BasicBlock(nn.Module):
-    """Two 3×3 convs, a norm after each, ReLU, and a residual connection around both."""
+    """Two 3×3 convs, a norm after each, ReLU, and a residual connection around both.
+
+    With ``fuse`` (the default), a norm that offers ``forward_relu`` (normlab's BatchNorm2d) computes
+    ``relu(norm(x))`` and ``relu(norm(x) + shortcut)`` itself in training: the same values without the
+    separate ReLU and add ops and their sweeps over memory. Not when a forward hook watches the norms or
+    ReLUs (feature probes, Grad-CAM, user hooks: they get the unfused modules' outputs) nor in eval mode.
+    """
 
     def __init__(self, cin: int, cout: int, stride: int, norm_layer: NormLayer, shortcut: str = "A",
-                 act: Callable[[], nn.Module] = lambda: nn.ReLU(inplace=True)) -> None:
+                 act: Callable[[], nn.Module] = lambda: nn.ReLU(inplace=True), fuse: bool = True) -> None:
         super().__init__()
+        self.fuse = fuse
         self.conv1 = _conv3x3(cin, cout, stride)
         self.bn1 = norm_layer(cout)
         self.act1 = act()
@@ -74,7 +89,16 @@ class BasicBlock(nn.Module):
         else:  # option B: projection
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), norm_layer(cout))
 
+    def fused(self) -> bool:
+        """Whether forward takes the fused norm + ReLU (+ residual) path now."""
+        return (self.fuse and self.training and hasattr(self.bn1, "forward_relu") and hasattr(self.bn2, "forward_relu")
+                and type(self.act1) is nn.ReLU and type(self.act2) is nn.ReLU
+                and not _watched(self.bn1, self.bn2, self.act1, self.act2))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused():
+            out = self.bn1.forward_relu(self.conv1(x))
+            return self.bn2.forward_relu(self.conv2(out), self.shortcut(x))
         out = self.act1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return self.act2(out + self.shortcut(x))
@@ -85,12 +109,14 @@ class ResNet(nn.Module):
 
     ``norm`` is a registry name (``"bn"``, ``"gn"``, ...) or any callable taking the channel count;
     ``norm_kwargs`` (e.g. ``num_groups``, ``sync``) go to the registry factory. ``shortcut`` is
-    ``"A"`` (zero padding, the paper's CIFAR choice) or ``"B"`` (1×1 conv + norm).
+    ``"A"`` (zero padding, the paper's CIFAR choice) or ``"B"`` (1×1 conv + norm). ``fuse``: blocks
+    fuse norm + ReLU (+ residual) in training when the norm supports it (see ``BasicBlock``).
     """
 
     def __init__(self, n: int, num_classes: int, norm: str | NormLayer = "bn", in_channels: int = 3,
                  widths: tuple[int, ...] = (16, 32, 64), shortcut: str = "A", *,
-                 norm_kwargs: dict | None = None, activation: str = "relu", dropout: float = 0.0) -> None:
+                 norm_kwargs: dict | None = None, activation: str = "relu", dropout: float = 0.0,
+                 fuse: bool = True) -> None:
         super().__init__()
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise NormlabError(f"ResNet depth n must be an integer >= 1 (6n+2 layers), got {n!r}: use --n 1, 2, 3, ...")
@@ -112,7 +138,7 @@ class ResNet(nn.Module):
             blocks = []
             for j in range(n):
                 stride = 2 if (i > 0 and j == 0) else 1
-                blocks.append(BasicBlock(cin, w, stride, norm_fn, shortcut, act))
+                blocks.append(BasicBlock(cin, w, stride, norm_fn, shortcut, act, fuse))
                 cin = w
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)  # stages[i] is stage i+1; probes and Grad-CAM hook here

@@ -86,11 +86,16 @@ class BatchNormFunction(torch.autograd.Function):
     per-channel sum, sum of squares and count are all-reduced in forward, and the two per-channel
     gradient sums (of dy and dy·x̂) in backward, so every rank computes exactly the gradient of
     single-process BN on the concatenated batch. Weight/bias gradients stay local (DDP averages them).
+
+    ``residual`` (x's shape, dtype and memory format, or None) and ``relu`` fuse the ResNet block's
+    ``relu(bn(x) + residual)`` into the norm: the output is computed in one pass, and backward masks
+    dy with (y > 0) inside the gradient sums; the masked gradient is also the residual's. The output y
+    is then saved too (the next conv keeps it anyway), so it must not be modified in place.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum: float, eps: float,
-                sync: bool):  # noqa: D102
+                sync: bool, residual=None, relu: bool = False):  # noqa: D102
         c = x.shape[1]
         ct = compute_dtype(x.dtype)
         xf = x if x.dtype == ct else x.to(ct)
@@ -99,7 +104,7 @@ class BatchNormFunction(torch.autograd.Function):
         sync = bool(sync) and distributed_active()
         fmt = fast_layout(x)
         if fmt:  # C++: both sums in one pass over x, float64 per channel
-            s, _, _ = _kernels.bn_sums(x, None, fmt)
+            s = _kernels.bn_sums(x, None, fmt)[0]
             s1, s2 = s[0], s[1]
         else:
             # x² goes into the buffer that will hold y (one big allocation fewer per call)
@@ -117,15 +122,17 @@ class BatchNormFunction(torch.autograd.Function):
             raise NormlabError(
                 f"BatchNorm got {total} value per channel (input shape {tuple(x.shape)}) and cannot compute "
                 "batch statistics in training: use a batch size of 2 or more, or a per-sample norm (gn/ln/in)")
-        ctx.total, ctx.sync = total, sync
-        ctx.has_bias = bias is not None
+        ctx.total, ctx.sync, ctx.relu = total, sync, bool(relu)
+        ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
+        ctx.residual_dtype = residual.dtype if residual is not None else None
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        if fmt:  # C++: statistics, running-statistics update and the affine in one call
+        if fmt:  # C++: statistics, running-statistics update and the affine (+ residual, ReLU) in one call
+            res = None if residual is None else _kernels.like(residual.to(x.dtype), fmt)
             y, mean, rstd, updated = _kernels.bn_forward(x, fmt, s1, s2, total, weight, bias, eps, momentum,
-                                                         running_mean, running_var)
+                                                         running_mean, running_var, res, ctx.relu)
             if not updated:  # running statistics of another dtype (rare): updated here
                 _update_running(running_mean, running_var, *_moments(s1, s2, total, torch.float64), total, momentum)
-            ctx.save_for_backward(x, weight, mean, rstd)
+            ctx.save_for_backward(x, weight, mean, rstd, y if ctx.relu else None)
             return y
         mean, var = _moments(s1, s2, total, ct)
         if running_mean is not None:
@@ -134,23 +141,32 @@ class BatchNormFunction(torch.autograd.Function):
         scale = rstd if weight is None else rstd * weight.to(ct)
         shift = -mean * scale if bias is None else bias.to(ct) - mean * scale
         y = torch.addcmul(shift.view(1, c, 1, 1), xf, scale.view(1, c, 1, 1), out=buf)
+        if residual is not None:
+            y.add_(residual)
+        if ctx.relu:
+            y.clamp_min_(0)
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
-        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.save_for_backward(x, weight, mean, rstd, y if ctx.relu else None)
         return y
 
     @staticmethod
     def backward(ctx, dy):  # noqa: D102
-        x, weight, mean, rstd = ctx.saved_tensors
+        x, weight, mean, rstd, y = ctx.saved_tensors
         c = x.shape[1]
         ct = mean.dtype
         dims = (0, 2, 3)
         fmt = fast_layout(x)
+        want_res = ctx.has_residual and ctx.needs_input_grad[8]
         if fmt:  # C++: sums of dy and dy*(x - mean) in one pass (+ weight/bias grads), then dx in one
             dyf = _kernels.like(dy if dy.dtype == x.dtype else dy.to(x.dtype), fmt)
-            s, grad_weight, grad_bias = _kernels.bn_sums(
+            s, grad_weight, grad_bias, g = _kernels.bn_sums(
                 dyf, x, fmt, center=mean, rstd=rstd, grad_weight=weight is not None and ctx.needs_input_grad[1],
-                grad_bias=ctx.has_bias and ctx.needs_input_grad[2])  # weight/bias grads: local sums
+                grad_bias=ctx.has_bias and ctx.needs_input_grad[2],  # weight/bias grads: local sums
+                mask=_kernels.like(y, fmt) if ctx.relu else None)  # ReLU: g = dy * (y > 0), written out
+            if g is not None:
+                dyf = g
+            grad_res = _residual_grad(dyf, ctx) if want_res else None
             if grad_weight is not None and grad_weight.dtype != weight.dtype:
                 grad_weight = grad_weight.to(weight.dtype)
             if grad_bias is not None and grad_bias.dtype != ctx.bias_dtype:
@@ -160,7 +176,10 @@ class BatchNormFunction(torch.autograd.Function):
                 if ctx.sync:
                     s = _all_reduce(s)
                 grad_x = _kernels.bn_backward(dyf, x, fmt, s, ctx.total, weight, mean, rstd)
-            return grad_x, grad_weight, grad_bias, None, None, None, None, None
+            return grad_x, grad_weight, grad_bias, None, None, None, None, None, grad_res, None
+        if ctx.relu:
+            dy = torch.where(y > 0, dy, 0)
+        grad_res = _residual_grad(dy, ctx) if want_res else None
         dyf = dy if dy.dtype == ct else dy.to(ct)
         xf = x if x.dtype == ct else x.to(ct)
         sum_dy = dyf.sum(dims)
@@ -186,7 +205,12 @@ class BatchNormFunction(torch.autograd.Function):
             grad_x.addcmul_(dyf, a.view(1, c, 1, 1))
             if grad_x.dtype != x.dtype:
                 grad_x = grad_x.to(x.dtype)
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, grad_res, None
+
+
+def _residual_grad(g: torch.Tensor, ctx) -> torch.Tensor:
+    """The residual's gradient: the (ReLU-masked) output gradient, in the residual's dtype."""
+    return g if g.dtype == ctx.residual_dtype else g.to(ctx.residual_dtype)
 
 
 class GroupNormFunction(torch.autograd.Function):

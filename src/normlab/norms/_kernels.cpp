@@ -11,6 +11,11 @@
 // per-channel / per-group math is done here too, in double. One pass per sweep over the big tensor:
 // the BN forward reads x twice (sums, affine) -- one pass fewer than PyTorch's native CPU batch norm.
 //
+// BatchNorm + ReLU (+ residual), the ResNet block's "relu(bn(x) [+ r])": the affine pass adds r and clamps
+// at 0 as it writes y; in backward the sums pass masks dy with (y > 0) and writes the masked gradient g
+// (which is also the residual's gradient), and the dx pass runs on g. Three memory-bound ops (ReLU, add,
+// ReLU backward) and their passes over the tensor disappear.
+//
 // Layouts: "rows" = NCHW contiguous, viewed as N*C rows of H*W values; "nhwc" = channels_last,
 // viewed as N blocks of H*W rows of C values. Sums are accumulated in float/double over short runs
 // with several independent accumulators and combined in double. Threads: OpenMP, the same runtime
@@ -63,22 +68,32 @@ static const i64 kParallelMin = 1 << 15;  // elements below which threads cost m
 
 // Sum and dot product of one contiguous run, with L independent accumulators (several vector registers,
 // so the adds do not wait on each other's latency), in T; the caller combines runs in double.
-template <typename S, bool SAME, typename T = typename Compute<S>::T>
-static inline void run_sums(const S* pa, const S* pb, i64 len, T& out1, T& out2) {
+// MASK: a is replaced by g = a * (m > 0), which is written to pg (ReLU's backward fused into BN's).
+template <typename S, bool MASK, typename T = typename Compute<S>::T>
+static inline T masked(const S* pa, const S* pm, S* pg, i64 i) {
+  if (!MASK) return ld(pa[i]);
+  const T v = ld(pm[i]) > T(0) ? ld(pa[i]) : T(0);
+  pg[i] = st<S>(v);  // exact: v is a stored value or 0
+  return v;
+}
+
+template <typename S, bool SAME, bool MASK = false, typename T = typename Compute<S>::T>
+static inline void run_sums(const S* pa, const S* pb, i64 len, T& out1, T& out2, const S* pm = nullptr,
+                            S* pg = nullptr) {
   constexpr int L = 128 / sizeof(T);
   T acc1[L] = {}, acc2[L] = {};
   i64 i = 0;
   for (; i + L <= len; i += L) {
 #pragma omp simd
     for (int l = 0; l < L; ++l) {
-      const T va = ld(pa[i + l]);
+      const T va = masked<S, MASK>(pa, pm, pg, i + l);
       acc1[l] += va;
       acc2[l] += va * (SAME ? va : ld(pb[i + l]));
     }
   }
   T f1 = 0, f2 = 0;
   for (; i < len; ++i) {
-    const T va = ld(pa[i]);
+    const T va = masked<S, MASK>(pa, pm, pg, i);
     f1 += va;
     f2 += va * (SAME ? va : ld(pb[i]));
   }
@@ -105,8 +120,9 @@ static void tile(const T* v, i64 c, i64 tl, T* out) {
 
 // Per-channel sums of one sample in channels_last, a (hw, c) block: d1[j] = sum a, d2[j] = sum a*b.
 // q1, q2: scratch of tile_len(c) values (accumulated in T over 32 tiles, then added to the double sums).
-template <typename S, bool SAME, typename T = typename Compute<S>::T>
-static void sample_sums_nhwc(const S* a, const S* b, i64 hw, i64 c, double* d1, double* d2, T* q1, T* q2) {
+template <typename S, bool SAME, bool MASK = false, typename T = typename Compute<S>::T>
+static void sample_sums_nhwc(const S* a, const S* b, i64 hw, i64 c, double* d1, double* d2, T* q1, T* q2,
+                             const S* m = nullptr, S* g = nullptr) {
   const i64 tl = tile_len(c), len = hw * c;
   std::fill(d1, d1 + c, 0.0);
   std::fill(d2, d2 + c, 0.0);
@@ -118,20 +134,24 @@ static void sample_sums_nhwc(const S* a, const S* b, i64 hw, i64 c, double* d1, 
     for (; i + 2 * tl <= end; i += 2 * tl) {  // two tiles per update: half the loads and stores of q
       const S* a0 = a + i;
       const S* b0 = SAME ? a0 : b + i;
+      const S* m0 = MASK ? m + i : nullptr;
+      S* g0 = MASK ? g + i : nullptr;
 #pragma omp simd
       for (i64 t = 0; t < tl; ++t) {
-        const T x0 = ld(a0[t]), x1 = ld(a0[tl + t]);
+        const T x0 = masked<S, MASK>(a0, m0, g0, t), x1 = masked<S, MASK>(a0, m0, g0, tl + t);
         q1[t] += x0 + x1;
         q2[t] += SAME ? x0 * x0 + x1 * x1 : x0 * ld(b0[t]) + x1 * ld(b0[tl + t]);
       }
     }
     for (; i < end; i += tl) {  // the rest: a whole number of rows, at most one tile
-      const i64 m = std::min(tl, end - i);
+      const i64 len0 = std::min(tl, end - i);
       const S* a0 = a + i;
       const S* b0 = SAME ? a0 : b + i;
+      const S* m0 = MASK ? m + i : nullptr;
+      S* g0 = MASK ? g + i : nullptr;
 #pragma omp simd
-      for (i64 t = 0; t < m; ++t) {
-        const T x0 = ld(a0[t]);
+      for (i64 t = 0; t < len0; ++t) {
+        const T x0 = masked<S, MASK>(a0, m0, g0, t);
         q1[t] += x0;
         q2[t] += x0 * (SAME ? x0 : ld(b0[t]));
       }
@@ -145,15 +165,24 @@ static void sample_sums_nhwc(const S* a, const S* b, i64 hw, i64 c, double* d1, 
   }
 }
 
-// y = x * scale + shift over a flat channels_last run of len values, with tile-length coefficients.
-template <typename S, typename T = typename Compute<S>::T>
-static inline void affine_tiled(const S* x, S* y, i64 len, i64 tl, const T* sc, const T* sh) {
+// The affine's output, with the residual r added (RES) and clamped at 0 (RELU).
+template <bool RES, bool RELU, typename T>
+static inline T post(T v, T r) {
+  if (RES) v += r;
+  return RELU ? (v < T(0) ? T(0) : v) : v;  // NaN stays NaN, as torch.relu
+}
+
+// y = x * scale + shift (then post) over a flat channels_last run of len values, tile-length coefficients.
+template <typename S, bool RES = false, bool RELU = false, typename T = typename Compute<S>::T>
+static inline void affine_tiled(const S* x, S* y, i64 len, i64 tl, const T* sc, const T* sh,
+                                const S* r = nullptr) {
   for (i64 i = 0; i < len; i += tl) {
     const i64 m = std::min(tl, len - i);
     const S* px = x + i;
+    const S* pr = RES ? r + i : nullptr;
     S* py = y + i;
 #pragma omp simd
-    for (i64 t = 0; t < m; ++t) py[t] = st<S>(ld(px[t]) * sc[t] + sh[t]);
+    for (i64 t = 0; t < m; ++t) py[t] = st<S>(post<RES, RELU>(ld(px[t]) * sc[t] + sh[t], RES ? ld(pr[t]) : T(0)));
   }
 }
 
@@ -171,60 +200,85 @@ static inline void grad_tiled(const S* dy, const S* x, S* dx, i64 len, i64 tl, c
   }
 }
 
-template <typename S, bool SAME, typename T = typename Compute<S>::T>
-static void sums_nhwc(const S* a, const S* b, i64 n, i64 hw, i64 c, double* s1, double* s2, int nt) {
+template <typename S, bool SAME, bool MASK = false, typename T = typename Compute<S>::T>
+static void sums_nhwc(const S* a, const S* b, i64 n, i64 hw, i64 c, double* s1, double* s2, int nt,
+                      const S* m = nullptr, S* g = nullptr) {
 #pragma omp parallel num_threads(nt) if (nt > 1 && n > 1 && n * hw * c >= kParallelMin)
   {
     std::vector<T> q1(tile_len(c)), q2(tile_len(c));
 #pragma omp for schedule(static)
-    for (i64 k = 0; k < n; ++k)
-      sample_sums_nhwc<S, SAME>(a + k * hw * c, SAME ? nullptr : b + k * hw * c, hw, c, s1 + k * c,
-                                s2 + k * c, q1.data(), q2.data());
+    for (i64 k = 0; k < n; ++k) {
+      const i64 off = k * hw * c;
+      sample_sums_nhwc<S, SAME, MASK>(a + off, SAME ? nullptr : b + off, hw, c, s1 + k * c, s2 + k * c, q1.data(),
+                                      q2.data(), MASK ? m + off : nullptr, MASK ? g + off : nullptr);
+    }
   }
 }
 
 // Sums of a contiguous run of any length: runs of 4096 in T, combined in double.
-template <typename S, bool SAME, typename T = typename Compute<S>::T>
-static void long_sums(const S* a, const S* b, i64 len, double& d1, double& d2) {
+template <typename S, bool SAME, bool MASK = false, typename T = typename Compute<S>::T>
+static void long_sums(const S* a, const S* b, i64 len, double& d1, double& d2, const S* m = nullptr,
+                      S* g = nullptr) {
   d1 = d2 = 0;
   for (i64 start = 0; start < len; start += 4096) {
     T f1, f2;
-    run_sums<S, SAME>(a + start, SAME ? a + start : b + start, std::min<i64>(4096, len - start), f1, f2);
+    run_sums<S, SAME, MASK>(a + start, SAME ? a + start : b + start, std::min<i64>(4096, len - start), f1, f2,
+                            MASK ? m + start : nullptr, MASK ? g + start : nullptr);
     d1 += f1;
     d2 += f2;
   }
 }
 
-template <typename S, bool SAME>
-static void sums_rows(const S* a, const S* b, i64 rows, i64 hw, double* s1, double* s2, int nt) {
+template <typename S, bool SAME, bool MASK = false>
+static void sums_rows(const S* a, const S* b, i64 rows, i64 hw, double* s1, double* s2, int nt,
+                      const S* m = nullptr, S* g = nullptr) {
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && rows * hw >= kParallelMin)
   for (i64 r = 0; r < rows; ++r)
-    long_sums<S, SAME>(a + r * hw, SAME ? a + r * hw : b + r * hw, hw, s1[r], s2[r]);
+    long_sums<S, SAME, MASK>(a + r * hw, SAME ? a + r * hw : b + r * hw, hw, s1[r], s2[r],
+                             MASK ? m + r * hw : nullptr, MASK ? g + r * hw : nullptr);
 }
 
-template <typename S, typename T = typename Compute<S>::T>
-static void affine_rows(const S* x, S* y, i64 rows, i64 hw, const T* scale, const T* shift, int nt) {
+template <typename S, bool RES = false, bool RELU = false, typename T = typename Compute<S>::T>
+static void affine_rows(const S* x, S* y, i64 rows, i64 hw, const T* scale, const T* shift, int nt,
+                        const S* res = nullptr) {
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && rows * hw >= kParallelMin)
   for (i64 r = 0; r < rows; ++r) {
     const S* px = x + r * hw;
+    const S* pr = RES ? res + r * hw : nullptr;
     S* py = y + r * hw;
     const T s = scale[r], t = shift[r];
 #pragma omp simd
-    for (i64 i = 0; i < hw; ++i) py[i] = st<S>(ld(px[i]) * s + t);
+    for (i64 i = 0; i < hw; ++i) py[i] = st<S>(post<RES, RELU>(ld(px[i]) * s + t, RES ? ld(pr[i]) : T(0)));
   }
 }
 
 // BatchNorm in channels_last: the whole tensor is one flat run of len values, coefficients per channel;
 // parallel over tiles.
-template <typename S, typename T = typename Compute<S>::T>
-static void affine_nhwc(const S* x, S* y, i64 len, i64 c, const T* scale, const T* shift, int nt) {
+template <typename S, bool RES = false, bool RELU = false, typename T = typename Compute<S>::T>
+static void affine_nhwc(const S* x, S* y, i64 len, i64 c, const T* scale, const T* shift, int nt,
+                        const S* res = nullptr) {
   const i64 tl = tile_len(c);
   std::vector<T> ts(tl), th(tl);
   tile(scale, c, tl, ts.data());
   tile(shift, c, tl, th.data());
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && len >= kParallelMin)
   for (i64 i0 = 0; i0 < len; i0 += tl)
-    affine_tiled<S>(x + i0, y + i0, std::min(tl, len - i0), tl, ts.data(), th.data());
+    affine_tiled<S, RES, RELU>(x + i0, y + i0, std::min(tl, len - i0), tl, ts.data(), th.data(),
+                               RES ? res + i0 : nullptr);
+}
+
+template <typename S, typename T = typename Compute<S>::T>
+static void affine_any(const S* x, S* y, int nhwc, i64 n, i64 c, i64 hw, const T* scale, const T* shift,
+                       const S* res, int relu, int nt) {
+  // the four (residual, relu) variants, each its own loop so the plain affine stays as fast as before
+#define NORMLAB_AFFINE(R, U)                                                                   \
+  if (nhwc) affine_nhwc<S, R, U>(x, y, n * hw * c, c, scale, shift, nt, res);                  \
+  else affine_rows<S, R, U>(x, y, n * c, hw, scale, shift, nt, res);
+  if (res && relu) { NORMLAB_AFFINE(true, true) }
+  else if (res) { NORMLAB_AFFINE(true, false) }
+  else if (relu) { NORMLAB_AFFINE(false, true) }
+  else { NORMLAB_AFFINE(false, false) }
+#undef NORMLAB_AFFINE
 }
 
 template <typename S, typename T = typename Compute<S>::T>
@@ -258,27 +312,31 @@ static void grad_nhwc(const S* dy, const S* x, S* dx, i64 len, i64 c, const T* a
 // ------------------------------------------------------------------ the norms, built on those loops
 // Layout: 0 = NCHW contiguous, 1 = channels_last. Per-channel / per-group math in double.
 
+// m, g (backward of BN + ReLU): a is masked by m > 0 and the masked a written to g.
 template <typename S>
 static void sums_nc(const S* a, const S* b, int nhwc, i64 n, i64 c, i64 hw, double* s1, double* s2,
-                    int nt) {
+                    int nt, const S* m = nullptr, S* g = nullptr) {
   if (nhwc) {
     if (b == nullptr) sums_nhwc<S, true>(a, a, n, hw, c, s1, s2, nt);
+    else if (m) sums_nhwc<S, false, true>(a, b, n, hw, c, s1, s2, nt, m, g);
     else sums_nhwc<S, false>(a, b, n, hw, c, s1, s2, nt);
   } else {
     if (b == nullptr) sums_rows<S, true>(a, a, n * c, hw, s1, s2, nt);
+    else if (m) sums_rows<S, false, true>(a, b, n * c, hw, s1, s2, nt, m, g);
     else sums_rows<S, false>(a, b, n * c, hw, s1, s2, nt);
   }
 }
 
 // BatchNorm, step 1 (forward and backward): per-channel sums over (N, H, W) of a and a*b (b = a when
 // null). With ``center`` (backward: the batch mean) s2 becomes sum a*(b - center); with ``rstd`` and
-// ``gw`` / ``gb`` the weight and bias gradients s2*rstd and s1 are written too. DDP all-reduces s1, s2
-// between step 1 and step 2.
+// ``gw`` / ``gb`` the weight and bias gradients s2*rstd and s1 are written too. With ``m`` (backward of
+// BN + ReLU: the output y) a is masked by m > 0 first and the masked a written to ``g``. DDP all-reduces
+// s1, s2 between step 1 and step 2.
 template <typename S, typename T = typename Compute<S>::T>
 static void bn_sums(const S* a, const S* b, int nhwc, i64 n, i64 c, i64 hw, const T* center,
-                    const T* rstd, double* s1, double* s2, T* gw, T* gb, int nt) {
+                    const T* rstd, double* s1, double* s2, T* gw, T* gb, const S* m, S* g, int nt) {
   std::vector<double> p1(n * c), p2(n * c);
-  sums_nc<S>(a, b, nhwc, n, c, hw, p1.data(), p2.data(), nt);
+  sums_nc<S>(a, b, nhwc, n, c, hw, p1.data(), p2.data(), nt, m, g);
   for (i64 j = 0; j < c; ++j) {
     double t1 = 0, t2 = 0;
     for (i64 k = 0; k < n; ++k) {
@@ -294,11 +352,12 @@ static void bn_sums(const S* a, const S* b, int nhwc, i64 n, i64 c, i64 hw, cons
 }
 
 // BatchNorm forward, step 2: statistics from the (global) sums, running-statistics update (unbiased
-// variance, as nn.BatchNorm2d), then y = x * scale + shift.
+// variance, as nn.BatchNorm2d), then y = x * scale + shift (+ res when given; clamped at 0 with relu).
 template <typename S, typename T = typename Compute<S>::T>
 static void bn_forward(const S* x, S* y, int nhwc, i64 n, i64 c, i64 hw, const double* s1,
                        const double* s2, double total, const T* w, const T* bias, double eps,
-                       double momentum, T* run_mean, T* run_var, T* mean_out, T* rstd_out, int nt) {
+                       double momentum, T* run_mean, T* run_var, T* mean_out, T* rstd_out, const S* res,
+                       int relu, int nt) {
   std::vector<T> scale(n * c), shift(n * c);
   for (i64 j = 0; j < c; ++j) {
     const double mean = s1[j] / total;
@@ -317,8 +376,7 @@ static void bn_forward(const S* x, S* y, int nhwc, i64 n, i64 c, i64 hw, const d
       shift[k * c + j] = sh;
     }
   }
-  if (nhwc) affine_nhwc<S>(x, y, n * hw * c, c, scale.data(), shift.data(), nt);
-  else affine_rows<S>(x, y, n * c, hw, scale.data(), shift.data(), nt);
+  affine_any<S>(x, y, nhwc, n, c, hw, scale.data(), shift.data(), res, relu, nt);
 }
 
 // BatchNorm backward, step 2: dx = a*dy + b*(x - mean) + k from the (global) sums of dy and
@@ -517,15 +575,16 @@ static void gn_backward(const S* dy, const S* x, S* dx, int nhwc, i64 n, i64 c, 
 #define NORMLAB_EXPORT(S, T, X)                                                                       \
   extern "C" void normlab_bn_sums_##X(const S* a, const S* b, int nhwc, i64 n, i64 c, i64 hw,         \
                                       const T* center, const T* rstd, double* s1, double* s2, T* gw,  \
-                                      T* gb, int nt) {                                               \
-    bn_sums<S>(a, b, nhwc, n, c, hw, center, rstd, s1, s2, gw, gb, nt);                              \
+                                      T* gb, const S* m, S* g, int nt) {                             \
+    bn_sums<S>(a, b, nhwc, n, c, hw, center, rstd, s1, s2, gw, gb, m, g, nt);                        \
   }                                                                                                  \
   extern "C" void normlab_bn_forward_##X(const S* x, S* y, int nhwc, i64 n, i64 c, i64 hw,            \
                                          const double* s1, const double* s2, double total,           \
                                          const T* w, const T* b, double eps, double momentum,        \
-                                         T* run_mean, T* run_var, T* mean_out, T* rstd_out, int nt) { \
+                                         T* run_mean, T* run_var, T* mean_out, T* rstd_out,          \
+                                         const S* res, int relu, int nt) {                           \
     bn_forward<S>(x, y, nhwc, n, c, hw, s1, s2, total, w, b, eps, momentum, run_mean, run_var,       \
-                  mean_out, rstd_out, nt);                                                           \
+                  mean_out, rstd_out, res, relu, nt);                                                \
   }                                                                                                  \
   extern "C" void normlab_bn_backward_##X(const S* dy, const S* x, S* dx, int nhwc, i64 n, i64 c,    \
                                           i64 hw, const double* sum_dy, const double* sum_dy_xc,     \
