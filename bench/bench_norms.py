@@ -19,7 +19,7 @@ Native references: bn -> nn.BatchNorm2d, in -> nn.InstanceNorm2d(affine=True), l
 gn -> nn.GroupNorm(8, C), bin -> "BN + IN together": the same gated mix built from F.batch_norm and
 F.instance_norm (both native kernels), i.e. what BIN costs with PyTorch's own layers.
 
-normlab's blocks fuse BN + ReLU (+ the residual add) by default (``ResNet(fuse=True)``). The rows compare
+normlab's blocks fuse norm + ReLU (+ the residual add) by default (``ResNet(fuse=True)``). The rows compare
 the norm layers alone, so every row builds normlab's ResNet with ``fuse=False``; the row ``bn+relu`` is
 normlab's default ResNet-20 BN (fused blocks) against the same native-BN model: what a user gets.
 

@@ -344,13 +344,22 @@ def test_gradcheck(name, make, shape, train):
 
 # --------------------------------------------------------------- fused BatchNorm + ReLU (+ residual)
 
+FUSABLE = {  # normlab layer with forward_relu -> its native reference
+    "bn": (BatchNorm2d, nn.BatchNorm2d),
+    "gn": (lambda c: GroupNorm2d(c, 4), lambda c: nn.GroupNorm(4, c)),
+    "ln": (LayerNorm2d, lambda c: nn.GroupNorm(1, c)),
+    "in": (InstanceNorm2d, lambda c: nn.InstanceNorm2d(c, affine=True)),
+}
+
+
+@pytest.mark.parametrize("name", list(FUSABLE))
 @pytest.mark.parametrize("shape,cl", SHAPES)
 @pytest.mark.parametrize("residual", [False, True])
-def test_batchnorm_forward_relu_equals_native_bn_add_relu(shape, cl, residual):
-    """``forward_relu`` (the ResNet block's fused ``relu(bn(x) + r)``): output, input, residual, weight and
-    bias gradients and running statistics as native BN followed by the add and the ReLU."""
+def test_forward_relu_equals_native_norm_add_relu(name, shape, cl, residual):
+    """``forward_relu`` (the ResNet block's fused ``relu(norm(x) + r)``): output, input, residual, weight
+    and bias gradients (and BN's running statistics) as the native norm followed by the add and the ReLU."""
     c = shape[1]
-    ours, ref = BatchNorm2d(c), nn.BatchNorm2d(c)
+    ours, ref = FUSABLE[name][0](c), FUSABLE[name][1](c)
     randomize_affine(ours, ref)
     for step in range(2):
         x = make_input(shape, cl, seed=step).detach()
@@ -372,20 +381,28 @@ def test_batchnorm_forward_relu_equals_native_bn_add_relu(shape, cl, residual):
         close(ours.bias.grad, ref.bias.grad)
         if cl:
             assert ya.is_contiguous(memory_format=torch.channels_last)
-    close(ours.running_mean, ref.running_mean)
-    close(ours.running_var, ref.running_var)
-    ours.eval(), ref.eval()  # eval: the unfused composition on running statistics
+    if name == "bn":
+        close(ours.running_mean, ref.running_mean)
+        close(ours.running_var, ref.running_var)
+    ours.eval(), ref.eval()  # eval (BN: the unfused composition on running statistics)
     close(ours.forward_relu(x, r), torch.relu(ref(x) + r) if residual else torch.relu(ref(x)))
 
 
-def test_gradcheck_fused_batchnorm_relu_residual():
+@pytest.mark.parametrize("fn", ["bn", "gn"])
+@pytest.mark.parametrize("cl", [False, True])
+def test_gradcheck_fused_norm_relu_residual(fn, cl):
     g = torch.Generator().manual_seed(2)
-    x, r = (torch.randn(4, 3, 3, 2, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
-    w = (torch.rand(3, dtype=torch.float64, generator=g) + 0.5).requires_grad_()
-    b = torch.randn(3, dtype=torch.float64, generator=g).requires_grad_()
+    x, r = (torch.randn(4, 4, 3, 2, dtype=torch.float64, generator=g) for _ in range(2))
+    if cl:
+        x, r = (t.contiguous(memory_format=torch.channels_last) for t in (x, r))
+    x, r = x.requires_grad_(), r.requires_grad_()
+    w = (torch.rand(4, dtype=torch.float64, generator=g) + 0.5).requires_grad_()
+    b = torch.randn(4, dtype=torch.float64, generator=g).requires_grad_()
 
     def f(x, r, w, b):
-        return _functional.BatchNormFunction.apply(x, w, b, None, None, 0.0, 1e-5, False, r, True)
+        if fn == "bn":
+            return _functional.BatchNormFunction.apply(x, w, b, None, None, 0.0, 1e-5, False, r, True)
+        return _functional.GroupNormFunction.apply(x, w, b, 2, 1e-5, r, True)
 
     assert torch.autograd.gradcheck(f, (x, r, w, b), eps=1e-6, atol=1e-5)
 
@@ -400,12 +417,13 @@ def _fused_and_unfused(fuse: bool = True, **kw):
     return a, b
 
 
-@pytest.mark.parametrize("cl", [False, True])
-@pytest.mark.parametrize("shortcut", ["A", "B"])
-def test_resnet_fused_blocks_train_as_unfused(cl, shortcut):
+@pytest.mark.parametrize("norm,cl,shortcut", [
+    ("bn", False, "A"), ("bn", True, "A"), ("bn", False, "B"), ("bn", True, "B"),
+    ("gn", True, "A"), ("ln", False, "B"), ("in", True, "B"), ("ln", True, "A")])
+def test_resnet_fused_blocks_train_as_unfused(norm, cl, shortcut):
     """Two SGD steps of a ResNet with fused blocks and of the same ResNet unfused: same losses, weights and
     running statistics (the option-A shortcut's zero-padded residual arrives in NCHW: converted)."""
-    a, b = _fused_and_unfused(shortcut=shortcut)
+    a, b = _fused_and_unfused(shortcut=shortcut, norm=norm)
     fmt = torch.channels_last if cl else torch.contiguous_format
     a, b = a.to(memory_format=fmt), b.to(memory_format=fmt)
     blocks = [m for m in a.modules() if hasattr(m, "fused")]
@@ -466,8 +484,9 @@ def test_fused_blocks_step_aside_for_hooks_eval_and_other_layers():
     h.remove()
     assert blk.fused()
     assert not model.eval().stages[0][0].fused()
-    for kw in ({"norm": "torch_bn"}, {"norm": "gn"}, {"norm": "bin"}, {"activation": "gelu"}, {"fuse": False}):
+    for kw in ({"norm": "torch_bn"}, {"norm": "bin"}, {"norm": "nn"}, {"activation": "gelu"}, {"fuse": False}):
         assert not ResNet(1, 10, **kw).stages[0][0].fused(), kw
+    assert all(ResNet(1, 10, norm=n).stages[0][0].fused() for n in ("bn", "gn", "ln", "in"))
 
 
 # ------------------------------------------------------------------------------ mixed precision
@@ -544,7 +563,9 @@ def test_upstream_gradient_in_another_layout(make, ref, x_cl):
                torch.tensor(0.5).expand(6, 12, 5, 7)):
         got, want = run(ours, x, dy), run(theirs, x, dy)
         for a, b in zip(got, want):
-            close(a, b)
+            # a constant dy makes the weight gradient a float32 sum of 210 values that cancels to 0: native's
+            # own rounding there reaches ~1e-5 (at 1 thread), hence the wider atol
+            close(a, b, atol=5e-5)
 
 
 @pytest.mark.parametrize("name", ["bn", "gn", "ln", "in", "bin"])

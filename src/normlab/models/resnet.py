@@ -66,7 +66,7 @@ def _watched(*modules: nn.Module) -> bool:
 class BasicBlock(nn.Module):
     """Two 3×3 convs, a norm after each, ReLU, and a residual connection around both.
 
-    With ``fuse`` (the default), a norm that offers ``forward_relu`` (normlab's BatchNorm2d) computes
+    With ``fuse`` (the default), a norm that offers ``forward_relu`` (normlab's BN, GN, LN and IN) computes
     ``relu(norm(x))`` and ``relu(norm(x) + shortcut)`` itself in training: the same values without the
     separate ReLU and add ops and their sweeps over memory. Not when a forward hook watches the norms or
     ReLUs (feature probes, Grad-CAM, user hooks: they get the unfused modules' outputs) nor in eval mode.

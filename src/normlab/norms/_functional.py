@@ -214,20 +214,23 @@ def _residual_grad(g: torch.Tensor, ctx) -> torch.Tensor:
 
 
 class GroupNormFunction(torch.autograd.Function):
-    """Statistics per (sample, group of C/G channels) over (C/G, H, W); per-channel affine."""
+    """Statistics per (sample, group of C/G channels) over (C/G, H, W); per-channel affine.
+    ``residual`` and ``relu``: the fused ``relu(norm(x) + residual)``, as in ``BatchNormFunction``."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, num_groups: int, eps: float):  # noqa: D102
+    def forward(ctx, x, weight, bias, num_groups: int, eps: float, residual=None, relu: bool = False):  # noqa: D102
         n, c = x.shape[:2]
         g = num_groups
         ct = compute_dtype(x.dtype)
-        ctx.num_groups = g
-        ctx.has_bias = bias is not None
+        ctx.num_groups, ctx.relu = g, bool(relu)
+        ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.residual_dtype = residual.dtype if residual is not None else None
         fmt = fast_layout(x)
-        if fmt:  # C++: sums, statistics and affine in one call (two passes over x)
-            y, mean, rstd = _kernels.gn_forward(x, fmt, g, weight, bias, eps)
-            ctx.save_for_backward(x, weight, mean, rstd)
+        if fmt:  # C++: sums, statistics and affine (+ residual, ReLU) in one call (two passes over x)
+            res = None if residual is None else _kernels.like(residual.to(x.dtype), fmt)
+            y, mean, rstd = _kernels.gn_forward(x, fmt, g, weight, bias, eps, res, ctx.relu)
+            ctx.save_for_backward(x, weight, mean, rstd, y if ctx.relu else None)
             return y
         xf = x if x.dtype == ct else x.to(ct)
         # per-(sample, channel) sums, then summed over each group on the small (N, C) tensors
@@ -241,29 +244,38 @@ class GroupNormFunction(torch.autograd.Function):
         scale = rstd_c if weight is None else rstd_c * weight.to(ct)
         shift = -mean_c * scale if bias is None else bias.to(ct) - mean_c * scale
         y = torch.addcmul(shift.view(n, c, 1, 1), xf, scale.view(n, c, 1, 1), out=buf)
+        if residual is not None:
+            y.add_(residual)
+        if ctx.relu:
+            y.clamp_min_(0)
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
-        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.save_for_backward(x, weight, mean, rstd, y if ctx.relu else None)
         return y
 
     @staticmethod
     def backward(ctx, dy):  # noqa: D102
-        x, weight, mean, rstd = ctx.saved_tensors
+        x, weight, mean, rstd, y = ctx.saved_tensors
         n, c, h, w = x.shape
         g = ctx.num_groups
         cg = c // g
         ct = mean.dtype
         fmt = fast_layout(x)
-        if fmt:  # C++: one pass for the (N, C) sums of dy and dy*x, one for dx
-            gx, gw, gb = _kernels.gn_backward(
+        want_res = ctx.has_residual and ctx.needs_input_grad[5]
+        if fmt:  # C++: one pass for the (N, C) sums of dy and dy*x (ReLU: dy masked, written out), one for dx
+            gx, gw, gb, gm = _kernels.gn_backward(
                 _kernels.like(dy if dy.dtype == x.dtype else dy.to(x.dtype), fmt), x, fmt, g, weight, mean, rstd,
                 ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
-                ctx.has_bias and ctx.needs_input_grad[2])
+                ctx.has_bias and ctx.needs_input_grad[2], mask=_kernels.like(y, fmt) if ctx.relu else None)
             if gw is not None and gw.dtype != weight.dtype:
                 gw = gw.to(weight.dtype)
             if gb is not None and gb.dtype != ctx.bias_dtype:
                 gb = gb.to(ctx.bias_dtype)
-            return gx, gw, gb, None, None
+            grad_res = _residual_grad(dy if gm is None else gm, ctx) if want_res else None
+            return gx, gw, gb, None, None, grad_res, None
+        if ctx.relu:
+            dy = torch.where(y > 0, dy, 0)
+        grad_res = _residual_grad(dy, ctx) if want_res else None
         dyf = dy if dy.dtype == ct else dy.to(ct)
         xf = x if x.dtype == ct else x.to(ct)
         s1 = dyf.sum((2, 3))  # (N, C): sum of dy
@@ -292,7 +304,7 @@ class GroupNormFunction(torch.autograd.Function):
             grad_x.addcmul_(dyf, a.view(n, c, 1, 1))
             if grad_x.dtype != x.dtype:
                 grad_x = grad_x.to(x.dtype)
-        return grad_x, grad_weight, grad_bias, None, None
+        return grad_x, grad_weight, grad_bias, None, None, grad_res, None
 
 
 def batch_norm_eval(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,

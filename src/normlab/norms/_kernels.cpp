@@ -14,7 +14,7 @@
 // BatchNorm + ReLU (+ residual), the ResNet block's "relu(bn(x) [+ r])": the affine pass adds r and clamps
 // at 0 as it writes y; in backward the sums pass masks dy with (y > 0) and writes the masked gradient g
 // (which is also the residual's gradient), and the dx pass runs on g. Three memory-bound ops (ReLU, add,
-// ReLU backward) and their passes over the tensor disappear.
+// ReLU backward) and their passes over the tensor disappear. Group/Layer/Instance norm fuse the same way.
 //
 // Layouts: "rows" = NCHW contiguous, viewed as N*C rows of H*W values; "nhwc" = channels_last,
 // viewed as N blocks of H*W rows of C values. Sums are accumulated in float/double over short runs
@@ -435,9 +435,10 @@ static inline void group_grad_coefs(const double* p1, const double* p2, const T*
   k = rstd * (rstd * m2 * mean - m1);
 }
 
-template <typename S, typename T = typename Compute<S>::T>
-static void gn_forward(const S* x, S* y, int nhwc, i64 n, i64 c, i64 hw, i64 g, const T* w,
-                       const T* bias, double eps, T* mean_out, T* rstd_out, int nt) {
+// GroupNorm forward; RES / RELU: + res, clamped at 0 (as BatchNorm's fused forward).
+template <typename S, bool RES, bool RELU, typename T = typename Compute<S>::T>
+static void gn_forward_t(const S* x, S* y, int nhwc, i64 n, i64 c, i64 hw, i64 g, const T* w,
+                         const T* bias, double eps, T* mean_out, T* rstd_out, const S* res, int nt) {
   const i64 cg = c / g;
   const double count = double(cg * hw);
   if (!nhwc) {
@@ -458,9 +459,10 @@ static void gn_forward(const S* x, S* y, int nhwc, i64 n, i64 c, i64 hw, i64 g, 
         const T sc = w ? r * w[ch] : r;
         const T sh = (bias ? bias[ch] : T(0)) - m * sc;
         const S* xr = px + j * hw;
+        const S* rr = RES ? res + blk * cg * hw + j * hw : nullptr;
         S* yr = py + j * hw;
 #pragma omp simd
-        for (i64 i = 0; i < hw; ++i) yr[i] = st<S>(ld(xr[i]) * sc + sh);
+        for (i64 i = 0; i < hw; ++i) yr[i] = st<S>(post<RES, RELU>(ld(xr[i]) * sc + sh, RES ? ld(rr[i]) : T(0)));
       }
     }
     return;
@@ -490,15 +492,25 @@ static void gn_forward(const S* x, S* y, int nhwc, i64 n, i64 c, i64 hw, i64 g, 
       }
       tile(scale.data(), c, tl, scale.data());  // in place: copies the first c values along
       tile(shift.data(), c, tl, shift.data());
-      affine_tiled<S>(px, py, hw * c, tl, scale.data(), shift.data());
+      affine_tiled<S, RES, RELU>(px, py, hw * c, tl, scale.data(), shift.data(), RES ? res + s * hw * c : nullptr);
     }
   }
 }
 
-// GroupNorm backward: weight/bias gradients (when gw/gb are given) and dx (when dx is given).
 template <typename S, typename T = typename Compute<S>::T>
-static void gn_backward(const S* dy, const S* x, S* dx, int nhwc, i64 n, i64 c, i64 hw, i64 g,
-                        const T* w, const T* mean, const T* rstd, T* gw, T* gb, int nt) {
+static void gn_forward(const S* x, S* y, int nhwc, i64 n, i64 c, i64 hw, i64 g, const T* w,
+                       const T* bias, double eps, T* mean_out, T* rstd_out, const S* res, int relu, int nt) {
+  if (res && relu) gn_forward_t<S, true, true>(x, y, nhwc, n, c, hw, g, w, bias, eps, mean_out, rstd_out, res, nt);
+  else if (res) gn_forward_t<S, true, false>(x, y, nhwc, n, c, hw, g, w, bias, eps, mean_out, rstd_out, res, nt);
+  else if (relu) gn_forward_t<S, false, true>(x, y, nhwc, n, c, hw, g, w, bias, eps, mean_out, rstd_out, res, nt);
+  else gn_forward_t<S, false, false>(x, y, nhwc, n, c, hw, g, w, bias, eps, mean_out, rstd_out, res, nt);
+}
+
+// GroupNorm backward: weight/bias gradients (when gw/gb are given) and dx (when dx is given). MASK (the
+// fused ReLU's backward): dy is masked by m > 0 in the sums pass, written to g, and dx computed from g.
+template <typename S, bool MASK, typename T = typename Compute<S>::T>
+static void gn_backward_t(const S* dy, const S* x, S* dx, int nhwc, i64 n, i64 c, i64 hw, i64 g,
+                          const T* w, const T* mean, const T* rstd, T* gw, T* gb, const S* m, S* gout, int nt) {
   const i64 cg = c / g;
   const double count = double(cg * hw);
   std::vector<double> p1(n * c), p2(n * c);  // sum dy, sum dy*x per (n, c)
@@ -509,7 +521,9 @@ static void gn_backward(const S* dy, const S* x, S* dx, int nhwc, i64 n, i64 c, 
       const i64 off = blk * cg * hw;
       for (i64 j = 0; j < cg; ++j) {
         const i64 row = s * c + q * cg + j;
-        long_sums<S, false>(dy + off + j * hw, x + off + j * hw, hw, p1[row], p2[row]);
+        const i64 o = off + j * hw;
+        long_sums<S, false, MASK>(dy + o, x + o, hw, p1[row], p2[row], MASK ? m + o : nullptr,
+                                  MASK ? gout + o : nullptr);
       }
       if (!dx) continue;
       const double m = mean[blk], r = rstd[blk];
@@ -519,7 +533,7 @@ static void gn_backward(const S* dy, const S* x, S* dx, int nhwc, i64 n, i64 c, 
       for (i64 j = 0; j < cg; ++j) {
         const i64 ch = q * cg + j;
         const T va = T(w ? r * double(w[ch]) : r);
-        const S* pd = dy + off + j * hw;
+        const S* pd = (MASK ? gout : dy) + off + j * hw;
         const S* px = x + off + j * hw;
         S* po = dx + off + j * hw;
 #pragma omp simd
@@ -536,7 +550,8 @@ static void gn_backward(const S* dy, const S* x, S* dx, int nhwc, i64 n, i64 c, 
         const i64 off = s * hw * c;
         double* d1 = p1.data() + s * c;
         double* d2 = p2.data() + s * c;
-        sample_sums_nhwc<S, false>(dy + off, x + off, hw, c, d1, d2, q1.data(), q2.data());
+        sample_sums_nhwc<S, false, MASK>(dy + off, x + off, hw, c, d1, d2, q1.data(), q2.data(),
+                                         MASK ? m + off : nullptr, MASK ? gout + off : nullptr);
         if (!dx) continue;
         for (i64 q = 0; q < g; ++q) {
           const double m = mean[s * g + q], r = rstd[s * g + q];
@@ -551,7 +566,7 @@ static void gn_backward(const S* dy, const S* x, S* dx, int nhwc, i64 n, i64 c, 
         tile(va.data(), c, tl, va.data());
         tile(vb.data(), c, tl, vb.data());
         tile(vk.data(), c, tl, vk.data());
-        grad_tiled<S>(dy + off, x + off, dx + off, hw * c, tl, va.data(), vb.data(), vk.data());
+        grad_tiled<S>((MASK ? gout : dy) + off, x + off, dx + off, hw * c, tl, va.data(), vb.data(), vk.data());
       }
     }
   }
@@ -567,6 +582,13 @@ static void gn_backward(const S* dy, const S* x, S* dx, int nhwc, i64 n, i64 c, 
       if (gb) gb[j] = T(t1);
     }
   }
+}
+
+template <typename S, typename T = typename Compute<S>::T>
+static void gn_backward(const S* dy, const S* x, S* dx, int nhwc, i64 n, i64 c, i64 hw, i64 g,
+                        const T* w, const T* mean, const T* rstd, T* gw, T* gb, const S* m, S* gout, int nt) {
+  if (m) gn_backward_t<S, true>(dy, x, dx, nhwc, n, c, hw, g, w, mean, rstd, gw, gb, m, gout, nt);
+  else gn_backward_t<S, false>(dy, x, dx, nhwc, n, c, hw, g, w, mean, rstd, gw, gb, m, gout, nt);
 }
 
 // C entry points: suffix f = float32, d = float64, b = bfloat16 storage (computed in float32). S is the
@@ -594,13 +616,13 @@ static void gn_backward(const S* dy, const S* x, S* dx, int nhwc, i64 n, i64 c, 
   }                                                                                                  \
   extern "C" void normlab_gn_forward_##X(const S* x, S* y, int nhwc, i64 n, i64 c, i64 hw, i64 g,    \
                                          const T* w, const T* b, double eps, T* mean_out,            \
-                                         T* rstd_out, int nt) {                                      \
-    gn_forward<S>(x, y, nhwc, n, c, hw, g, w, b, eps, mean_out, rstd_out, nt);                       \
+                                         T* rstd_out, const S* res, int relu, int nt) {              \
+    gn_forward<S>(x, y, nhwc, n, c, hw, g, w, b, eps, mean_out, rstd_out, res, relu, nt);            \
   }                                                                                                  \
   extern "C" void normlab_gn_backward_##X(const S* dy, const S* x, S* dx, int nhwc, i64 n, i64 c,    \
                                           i64 hw, i64 g, const T* w, const T* mean, const T* rstd,   \
-                                          T* gw, T* gb, int nt) {                                    \
-    gn_backward<S>(dy, x, dx, nhwc, n, c, hw, g, w, mean, rstd, gw, gb, nt);                         \
+                                          T* gw, T* gb, const S* m, S* gout, int nt) {               \
+    gn_backward<S>(dy, x, dx, nhwc, n, c, hw, g, w, mean, rstd, gw, gb, m, gout, nt);                \
   }
 
 NORMLAB_EXPORT(float, float, f)

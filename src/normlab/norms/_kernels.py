@@ -36,8 +36,8 @@ _SIGNATURES = {
     "bn_sums": [_P, _P, _INT, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _INT],
     "bn_forward": [_P, _P, _INT, _I, _I, _I, _P, _P, _D, _P, _P, _D, _D, _P, _P, _P, _P, _P, _INT, _INT],
     "bn_backward": [_P, _P, _P, _INT, _I, _I, _I, _P, _P, _D, _P, _P, _P, _INT],
-    "gn_forward": [_P, _P, _INT, _I, _I, _I, _I, _P, _P, _D, _P, _P, _INT],
-    "gn_backward": [_P, _P, _P, _INT, _I, _I, _I, _I, _P, _P, _P, _P, _P, _INT],
+    "gn_forward": [_P, _P, _INT, _I, _I, _I, _I, _P, _P, _D, _P, _P, _P, _INT, _INT],
+    "gn_backward": [_P, _P, _P, _INT, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _INT],
 }
 _SUFFIX = {torch.float32: "f", torch.float64: "d", torch.bfloat16: "b"}
 # the statistics', parameters' and gradients' dtype for each storage dtype (bfloat16 is computed in float32)
@@ -225,25 +225,31 @@ def bn_backward(dy: torch.Tensor, x: torch.Tensor, fmt: str, s: torch.Tensor, to
 
 
 def gn_forward(x: torch.Tensor, fmt: str, groups: int, weight: torch.Tensor | None,
-               bias: torch.Tensor | None, eps: float):
-    """Group normalization of ``x``. Returns ``(y, mean, rstd)``, statistics of shape (N, G)."""
+               bias: torch.Tensor | None, eps: float, residual: torch.Tensor | None = None, relu: bool = False):
+    """Group normalization of ``x`` (+ ``residual``, in x's layout and dtype; clamped at 0 with ``relu``).
+    Returns ``(y, mean, rstd)``, statistics of shape (N, G)."""
     n, ct = x.shape[0], _COMPUTE[x.dtype]
     y = torch.empty_like(x)
     stats = torch.empty(2, n, groups, dtype=ct)
     w, b = _as(weight, ct), _as(bias, ct)
     _fn("gn_forward", x.dtype)(x.data_ptr(), y.data_ptr(), *_geom(x, fmt), groups, _ptr(w), _ptr(b), float(eps),
-                               stats[0].data_ptr(), stats[1].data_ptr(), torch.get_num_threads())
+                               stats[0].data_ptr(), stats[1].data_ptr(), _ptr(residual), int(relu),
+                               torch.get_num_threads())
     return y, stats[0], stats[1]
 
 
 def gn_backward(dy: torch.Tensor, x: torch.Tensor, fmt: str, groups: int, weight: torch.Tensor | None,
-                mean: torch.Tensor, rstd: torch.Tensor, grad_x: bool, grad_weight: bool, grad_bias: bool):
-    """Group norm's gradients ``(dx, d weight, d bias)`` (None where not asked); ``dy`` in x's layout."""
+                mean: torch.Tensor, rstd: torch.Tensor, grad_x: bool, grad_weight: bool, grad_bias: bool,
+                mask: torch.Tensor | None = None):
+    """Group norm's gradients ``(dx, d weight, d bias, g)`` (None where not asked); ``dy`` in x's layout.
+    With ``mask`` (a fused ReLU's output), dy is first replaced by ``g = dy * (mask > 0)`` (returned)."""
     c, ct = x.shape[1], _COMPUTE[x.dtype]
     dx = torch.empty_like(x) if grad_x else None
     gw = torch.empty(c, dtype=ct) if grad_weight else None
     gb = torch.empty(c, dtype=ct) if grad_bias else None
+    g = torch.empty_like(x) if mask is not None else None
     w, mean, rstd = _as(weight, ct), _as(mean, ct), _as(rstd, ct)
     _fn("gn_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), _ptr(dx), *_geom(x, fmt), groups, _ptr(w),
-                                mean.data_ptr(), rstd.data_ptr(), _ptr(gw), _ptr(gb), torch.get_num_threads())
-    return dx, gw, gb
+                                mean.data_ptr(), rstd.data_ptr(), _ptr(gw), _ptr(gb), _ptr(mask), _ptr(g),
+                                torch.get_num_threads())
+    return dx, gw, gb, g

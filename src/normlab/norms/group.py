@@ -11,7 +11,30 @@ from normlab.norms._functional import GroupNormFunction, check_input
 DEFAULT_GROUPS = 8  # divides the CIFAR ResNet's 16, 32 and 64 channels (2, 4 and 8 channels per group)
 
 
-class GroupNorm2d(nn.Module):
+class GroupStatsNorm(nn.Module):
+    """The forward shared by the norms with per-(sample, group) statistics (GroupNorm, InstanceNorm,
+    LayerNorm); subclasses set ``num_channels``, ``eps``, ``weight``, ``bias`` and ``groups()``."""
+
+    num_channels: int
+    eps: float
+
+    def groups(self) -> int:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.num_channels, type(self).__name__)
+        return GroupNormFunction.apply(x, self.weight, self.bias, self.groups(), self.eps)
+
+    def forward_relu(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``relu(self(x) + residual)`` (or ``relu(self(x))``), fused into the norm's passes; forward hooks on
+        this module are not called (the block that calls this checks for them)."""
+        check_input(x, self.num_channels, type(self).__name__)
+        if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+            return torch.relu(self.forward(x) + residual)  # the general case, unfused
+        return GroupNormFunction.apply(x, self.weight, self.bias, self.groups(), self.eps, residual, True)
+
+
+class GroupNorm2d(GroupStatsNorm):
     """Group normalization (Wu & He 2018): channels split into ``num_groups`` groups, one mean/std per
     (sample, group) over (C/G, H, W), per-channel affine. Equals ``nn.GroupNorm(G, C)``.
 
@@ -33,9 +56,8 @@ class GroupNorm2d(nn.Module):
         self.weight = nn.Parameter(torch.ones(num_channels))
         self.bias = nn.Parameter(torch.zeros(num_channels))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.num_channels, type(self).__name__)
-        return GroupNormFunction.apply(x, self.weight, self.bias, self.num_groups, self.eps)
+    def groups(self) -> int:
+        return self.num_groups
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, num_groups={self.num_groups}, eps={self.eps}"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from normlab.norms._functional import GroupNormFunction, check_input
+from normlab.norms.group import GroupStatsNorm
 
 
-class InstanceNorm2d(nn.Module):
+class InstanceNorm2d(GroupStatsNorm):
     """Instance normalization (Ulyanov et al. 2016): each (sample, channel) map normalized on its own.
 
     The same computation in train and eval (no running statistics). Equals
@@ -26,9 +26,8 @@ class InstanceNorm2d(nn.Module):
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.num_channels, type(self).__name__)
-        return GroupNormFunction.apply(x, self.weight, self.bias, self.num_channels, self.eps)
+    def groups(self) -> int:
+        return self.num_channels
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, eps={self.eps}, affine={self.affine}"

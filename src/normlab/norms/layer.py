@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from normlab.norms._functional import GroupNormFunction, check_input
+from normlab.norms.group import GroupStatsNorm
 
 
-class LayerNorm2d(nn.Module):
+class LayerNorm2d(GroupStatsNorm):
     """Layer normalization (Ba et al. 2016) for conv maps: one mean/std per sample over (C, H, W).
 
     The affine is per channel (not per element), so this equals ``nn.GroupNorm(1, C)`` and works for
@@ -22,9 +22,8 @@ class LayerNorm2d(nn.Module):
         self.weight = nn.Parameter(torch.ones(num_channels))
         self.bias = nn.Parameter(torch.zeros(num_channels))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.num_channels, type(self).__name__)
-        return GroupNormFunction.apply(x, self.weight, self.bias, 1, self.eps)
+    def groups(self) -> int:
+        return 1
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, eps={self.eps}"
