@@ -121,9 +121,10 @@ def normlab_cfg(**kw):
     return make_config(base, kw)
 
 
-def normlab_steps(threads: int, memory_format: str, compile_mode: str, precision: str = "fp32"):
+def normlab_steps(threads: int, memory_format: str, compile_mode: str, precision: str = "fp32", fuse: bool = True):
     """The inner step of normlab.train.loop, on normlab's warm uint8 cache, with its defaults (channels_last,
-    tuned malloc -- process-wide, so the conventional side in this process gets it too)."""
+    tuned malloc -- process-wide, so the conventional side in this process gets it too -- and blocks that
+    fuse BN + ReLU + residual add; ``fuse=False`` for the unfused blocks)."""
     from normlab.data import augment_batch, load_data, normalize
     from normlab.models import build_model
     from normlab.train.loop import epoch_generator
@@ -135,6 +136,9 @@ def normlab_steps(threads: int, memory_format: str, compile_mode: str, precision
     data = load_data(cfg)
     torch.manual_seed(0)
     model = build_model(cfg, data.in_channels, data.num_classes).train()
+    for m in model.modules():
+        if hasattr(m, "fuse"):
+            m.fuse = fuse
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = sgd(model)
@@ -163,7 +167,8 @@ def throughput(args) -> dict:
     t0 = time.perf_counter()
     threads = {"normlab": args.normlab_threads or args.threads or DEFAULT_THREADS,
                "conventional": args.conv_threads or args.threads or DEFAULT_THREADS}
-    sides = {"normlab": normlab_steps(threads["normlab"], args.memory_format, args.compile, args.precision),
+    sides = {"normlab": normlab_steps(threads["normlab"], args.memory_format, args.compile, args.precision,
+                                      not args.no_fuse),
              "conventional": conventional_steps(root, args.workers)}
     first = {}
     for k, it in sides.items():
@@ -315,6 +320,8 @@ def main(argv=None):
     ap.add_argument("--memory-format", default="channels_last", choices=("channels_last", "contiguous"),
                     help="normlab side (normlab's default: channels_last)")
     ap.add_argument("--compile", default="off", choices=("off", "on"), help="normlab side: torch.compile")
+    ap.add_argument("--no-fuse", action="store_true",
+                    help="throughput, normlab side: blocks without the fused BN + ReLU + add (normlab's default fuses)")
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                     help="normlab side: autocast precision (bf16 uses the CPU's AMX/AVX-512 bf16 units where present)")
     ap.add_argument("--subset", type=int, default=10000)

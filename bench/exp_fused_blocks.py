@@ -39,7 +39,10 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per side and round")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--out", default="exp_fused_blocks.json")
+    ap.add_argument("--quick", action="store_true", help="BN only, 3 rounds")
     a = ap.parse_args(argv)
+    if a.quick:
+        a.norms, a.rounds = "bn", 3
     torch.set_num_threads(a.threads)
     tune_malloc()
     mf = torch.channels_last if a.memory_format == "channels_last" else torch.contiguous_format

@@ -30,6 +30,8 @@ JOBS = [  # (name, script args)
     ("pipeline_long_bf16", ["bench_pipeline.py", "--no-throughput", "--precision", "bf16", "--epochs", "8", "--seeds",
                             "4", "--out", "pipeline_long_bf16.json"]),
     ("pipeline_t1", ["bench_pipeline.py", "--threads", "1", "--no-accuracy", "--out", "pipeline_t1.json"]),
+    ("pipeline_unfused", ["bench_pipeline.py", "--no-fuse", "--no-accuracy", "--out", "pipeline_unfused.json"]),
+    ("fused_blocks", ["exp_fused_blocks.py"]),
     ("scaling", ["bench_scaling.py"]),
     ("scaling_untuned", ["bench_scaling.py", "--memory-format", "contiguous", "--no-tune-malloc", "--out",
                          "scaling_untuned.json"]),
@@ -71,8 +73,9 @@ def f3(s, d=3, scale=1.0):
 
 
 def setting(args: dict) -> str:
-    """A pipeline run's normlab-side precision and torch.compile setting, e.g. "fp32, compile off"."""
-    return f"{args.get('precision', 'fp32')}, compile {args.get('compile', 'off')}"
+    """A pipeline run's normlab-side precision, torch.compile and block setting, e.g. "fp32, compile off"."""
+    return (f"{args.get('precision', 'fp32')}, compile {args.get('compile', 'off')}"
+            + (", blocks unfused" if args.get("no_fuse") else ""))
 
 
 def report() -> str:
@@ -132,7 +135,8 @@ def report() -> str:
             L.append(f"| {r['norm']} | {r['format']} | {f3(r['normlab_s'])} | {f3(r['native_s'])} | "
                      f"**{f3(r['ratio'], 2)}** | {r['first_step_s']['normlab']:.1f} / {r['first_step_s']['native']:.1f} |")
         L.append("")
-    pipes = [(k, load(f"{k}.json")) for k in ("pipeline", "pipeline_bf16", "pipeline_compiled", "pipeline_long", "pipeline_long_bf16", "pipeline_t1")]
+    pipes = [(k, load(f"{k}.json")) for k in ("pipeline", "pipeline_bf16", "pipeline_compiled", "pipeline_long", "pipeline_long_bf16", "pipeline_t1",
+                                            "pipeline_unfused")]
     pipes = [(k, p) for k, p in pipes if p]
     if pipes:
         L += ["## 2. End to end: normlab vs a conventional pipeline (ResNet-20 BN, batch 128, standard augmentation)",
@@ -140,7 +144,7 @@ def report() -> str:
               "channels_last, tuned malloc -- what `normlab train` does by default -- with the precision shown. "
               "Conventional: torchvision ImageFolder over the JPEG folder + DataLoader worker processes + PIL "
               "transforms, `nn.BatchNorm2d`, NCHW, fp32. Both sides in one process, alternating rounds.", "",
-              "| command | normlab precision, compile | torch threads normlab / conventional (+ workers) | "
+              "| command | normlab precision, compile (blocks fused unless said) | torch threads normlab / conventional (+ workers) | "
               "normlab images/s | conventional images/s | **ratio** |", "|---|---|---|---|---|---|"]
         for k, p in pipes:
             if "throughput" not in p:
