@@ -483,6 +483,11 @@ def test_fused_blocks_step_aside_for_hooks_eval_and_other_layers():
     close(seen["bn2"].mean((0, 2, 3)), torch.zeros(16), atol=1e-5, rtol=0)  # normalized per channel
     h.remove()
     assert blk.fused()
+    for h in (blk.act2.register_full_backward_hook(lambda *_: None),  # any module hook, and global ones
+              nn.modules.module.register_module_forward_hook(lambda *_: None)):
+        assert not blk.fused()
+        h.remove()
+    assert blk.fused()
     assert not model.eval().stages[0][0].fused()
     for kw in ({"norm": "torch_bn"}, {"norm": "bin"}, {"norm": "nn"}, {"activation": "gelu"}, {"fuse": False}):
         assert not ResNet(1, 10, **kw).stages[0][0].fused(), kw

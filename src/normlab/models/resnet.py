@@ -56,11 +56,12 @@ class PadShortcut(nn.Module):
 
 
 def _watched(*modules: nn.Module) -> bool:
-    """True when forward hooks (of these modules, or global ones) would see the modules' own outputs."""
+    """True when module hooks (of these modules, or global ones) expect the modules to be called."""
     from torch.nn.modules import module as m
 
-    return bool(m._global_forward_hooks or m._global_forward_pre_hooks) or any(
-        mod._forward_hooks or mod._forward_pre_hooks for mod in modules)
+    kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return any(getattr(m, "_global" + k, None) for k in kinds) or any(
+        getattr(mod, k, None) for mod in modules for k in kinds)
 
 
 class BasicBlock(nn.Module):
