@@ -323,6 +323,12 @@ def batch_norm_eval(x: torch.Tensor, running_mean: torch.Tensor, running_var: to
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
+def fusable_residual(x: torch.Tensor, residual: torch.Tensor | None) -> bool:
+    """Whether a norm's fused ``relu(norm(x) + residual)`` can take ``residual`` in its own pass: None, or a
+    tensor of x's shape and dtype (anything else is added unfused, with broadcasting and type promotion)."""
+    return residual is None or (residual.shape == x.shape and residual.dtype == x.dtype)
+
+
 def check_input(x: torch.Tensor, num_channels: int, who: str) -> None:
     """One-line errors for the two mistakes worth naming: wrong rank, wrong channel count."""
     if x.dim() != 4:

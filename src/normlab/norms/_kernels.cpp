@@ -26,6 +26,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 using i64 = int64_t;
@@ -68,7 +69,7 @@ static const i64 kParallelMin = 1 << 15;  // elements below which threads cost m
 
 // Sum and dot product of one contiguous run, with L independent accumulators (several vector registers,
 // so the adds do not wait on each other's latency), in T; the caller combines runs in double.
-// MASK: a is replaced by g = a * (m > 0), which is written to pg (ReLU's backward fused into BN's).
+// MASK: a is replaced by g = a * (m > 0), which is written to pg (ReLU's backward fused into the norm's).
 template <typename S, bool MASK, typename T = typename Compute<S>::T>
 static inline T masked(const S* pa, const S* pm, S* pg, i64 i) {
   if (!MASK) return ld(pa[i]);
@@ -172,6 +173,16 @@ static inline T post(T v, T r) {
   return RELU ? (v < T(0) ? T(0) : v) : v;  // NaN stays NaN, as torch.relu
 }
 
+// Calls f(integral_constant RES, integral_constant RELU) for the runtime flags: each (residual, relu)
+// variant is its own compiled loop, so the plain affine stays as fast as without the fusion.
+template <typename F>
+static inline void with_post(bool res, bool relu, F&& f) {
+  if (res && relu) f(std::true_type{}, std::true_type{});
+  else if (res) f(std::true_type{}, std::false_type{});
+  else if (relu) f(std::false_type{}, std::true_type{});
+  else f(std::false_type{}, std::false_type{});
+}
+
 // y = x * scale + shift (then post) over a flat channels_last run of len values, tile-length coefficients.
 template <typename S, bool RES = false, bool RELU = false, typename T = typename Compute<S>::T>
 static inline void affine_tiled(const S* x, S* y, i64 len, i64 tl, const T* sc, const T* sh,
@@ -265,20 +276,6 @@ static void affine_nhwc(const S* x, S* y, i64 len, i64 c, const T* scale, const 
   for (i64 i0 = 0; i0 < len; i0 += tl)
     affine_tiled<S, RES, RELU>(x + i0, y + i0, std::min(tl, len - i0), tl, ts.data(), th.data(),
                                RES ? res + i0 : nullptr);
-}
-
-template <typename S, typename T = typename Compute<S>::T>
-static void affine_any(const S* x, S* y, int nhwc, i64 n, i64 c, i64 hw, const T* scale, const T* shift,
-                       const S* res, int relu, int nt) {
-  // the four (residual, relu) variants, each its own loop so the plain affine stays as fast as before
-#define NORMLAB_AFFINE(R, U)                                                                   \
-  if (nhwc) affine_nhwc<S, R, U>(x, y, n * hw * c, c, scale, shift, nt, res);                  \
-  else affine_rows<S, R, U>(x, y, n * c, hw, scale, shift, nt, res);
-  if (res && relu) { NORMLAB_AFFINE(true, true) }
-  else if (res) { NORMLAB_AFFINE(true, false) }
-  else if (relu) { NORMLAB_AFFINE(false, true) }
-  else { NORMLAB_AFFINE(false, false) }
-#undef NORMLAB_AFFINE
 }
 
 template <typename S, typename T = typename Compute<S>::T>
@@ -376,7 +373,11 @@ static void bn_forward(const S* x, S* y, int nhwc, i64 n, i64 c, i64 hw, const d
       shift[k * c + j] = sh;
     }
   }
-  affine_any<S>(x, y, nhwc, n, c, hw, scale.data(), shift.data(), res, relu, nt);
+  with_post(res, relu, [&](auto r, auto u) {
+    constexpr bool R = decltype(r)::value, U = decltype(u)::value;
+    if (nhwc) affine_nhwc<S, R, U>(x, y, n * hw * c, c, scale.data(), shift.data(), nt, res);
+    else affine_rows<S, R, U>(x, y, n * c, hw, scale.data(), shift.data(), nt, res);
+  });
 }
 
 // BatchNorm backward, step 2: dx = a*dy + b*(x - mean) + k from the (global) sums of dy and
@@ -500,10 +501,10 @@ static void gn_forward_t(const S* x, S* y, int nhwc, i64 n, i64 c, i64 hw, i64 g
 template <typename S, typename T = typename Compute<S>::T>
 static void gn_forward(const S* x, S* y, int nhwc, i64 n, i64 c, i64 hw, i64 g, const T* w,
                        const T* bias, double eps, T* mean_out, T* rstd_out, const S* res, int relu, int nt) {
-  if (res && relu) gn_forward_t<S, true, true>(x, y, nhwc, n, c, hw, g, w, bias, eps, mean_out, rstd_out, res, nt);
-  else if (res) gn_forward_t<S, true, false>(x, y, nhwc, n, c, hw, g, w, bias, eps, mean_out, rstd_out, res, nt);
-  else if (relu) gn_forward_t<S, false, true>(x, y, nhwc, n, c, hw, g, w, bias, eps, mean_out, rstd_out, res, nt);
-  else gn_forward_t<S, false, false>(x, y, nhwc, n, c, hw, g, w, bias, eps, mean_out, rstd_out, res, nt);
+  with_post(res, relu, [&](auto r, auto u) {
+    gn_forward_t<S, decltype(r)::value, decltype(u)::value>(x, y, nhwc, n, c, hw, g, w, bias, eps, mean_out,
+                                                            rstd_out, res, nt);
+  });
 }
 
 // GroupNorm backward: weight/bias gradients (when gw/gb are given) and dx (when dx is given). MASK (the

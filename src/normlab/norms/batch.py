@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from normlab.norms._functional import BatchNormFunction, batch_norm_eval, check_input
+from normlab.norms._functional import BatchNormFunction, batch_norm_eval, check_input, fusable_residual
 
 
 class BatchNorm2d(nn.Module):
@@ -55,7 +55,7 @@ class BatchNorm2d(nn.Module):
         passes in training; the same result as the three ops, without their three extra sweeps over the
         tensor. Forward hooks on this module are not called (the block that calls this checks for them)."""
         check_input(x, self.num_channels, type(self).__name__)
-        if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        if not fusable_residual(x, residual):
             return torch.relu(bn_forward(self, x, self.weight, self.bias) + residual)  # the general case
         return bn_forward(self, x, self.weight, self.bias, residual, relu=True)
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from normlab.errors import NormlabError
-from normlab.norms._functional import GroupNormFunction, check_input
+from normlab.norms._functional import GroupNormFunction, check_input, fusable_residual
 
 DEFAULT_GROUPS = 8  # divides the CIFAR ResNet's 16, 32 and 64 channels (2, 4 and 8 channels per group)
 
@@ -29,7 +29,7 @@ class GroupStatsNorm(nn.Module):
         """``relu(self(x) + residual)`` (or ``relu(self(x))``), fused into the norm's passes; forward hooks on
         this module are not called (the block that calls this checks for them)."""
         check_input(x, self.num_channels, type(self).__name__)
-        if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        if not fusable_residual(x, residual):
             return torch.relu(self.forward(x) + residual)  # the general case, unfused
         return GroupNormFunction.apply(x, self.weight, self.bias, self.groups(), self.eps, residual, True)
 
