@@ -496,6 +496,31 @@ def test_fused_blocks_step_aside_for_hooks_eval_and_other_layers():
     assert all(ResNet(1, 10, norm=n).stages[0][0].fused() for n in ("bn", "gn", "ln", "in"))
 
 
+def test_stem_fuses_its_norm_and_relu_like_the_blocks():
+    """The stem (still an nn.Sequential: parameter names ``stem.0``/``stem.1``) calls its norm's
+    ``forward_relu`` in training: the same output as conv -> norm -> ReLU, and no separate ReLU runs. A hook
+    on its norm sees the norm's own output (negative values: before the ReLU), and eval does not fuse."""
+    from normlab.models.resnet import ResNet
+
+    torch.manual_seed(0)
+    model, ref = ResNet(1, 10), ResNet(1, 10, fuse=False)
+    ref.load_state_dict(model.state_dict())
+    assert "stem.1.weight" in model.state_dict() and model.stem.fused() and not ref.stem.fused()
+    calls = []
+    relu_forward = model.stem[2].forward
+    model.stem[2].forward = lambda t: calls.append(1) or relu_forward(t)  # an instance attribute, not a hook
+    x = torch.randn(8, 3, 8, 8)
+    out = model.stem(x)
+    assert not calls  # the fused path ran
+    assert torch.equal(out, ref.stem(x))
+    seen = {}
+    h = model.stem[1].register_forward_hook(lambda _m, _i, o: seen.__setitem__("norm", o.detach().clone()))
+    assert not model.stem.fused()
+    assert torch.equal(model.stem(x), out) and calls and (seen["norm"] < 0).any()
+    h.remove()
+    assert model.stem.fused() and not model.eval().stem.fused()
+
+
 # ------------------------------------------------------------------------------ mixed precision
 
 @pytest.mark.parametrize("name", ["bn", "in", "bin", "ln", "gn"])

@@ -105,13 +105,34 @@ class BasicBlock(nn.Module):
         return self.act2(out + self.shortcut(x))
 
 
+class Stem(nn.Sequential):
+    """The first 3×3 conv, its norm and the activation: an ``nn.Sequential`` (parameters ``stem.0``, ``stem.1``),
+    whose norm computes ``relu(norm(x))`` itself in training with ``fuse``, under the same conditions as
+    ``BasicBlock``."""
+
+    def __init__(self, conv: nn.Module, norm: nn.Module, act: nn.Module, fuse: bool = True) -> None:
+        super().__init__(conv, norm, act)
+        self.fuse = fuse
+
+    def fused(self) -> bool:
+        """Whether forward takes the fused norm + ReLU path now."""
+        _, norm, act = self
+        return (self.fuse and self.training and hasattr(norm, "forward_relu") and type(act) is nn.ReLU
+                and not _watched(norm, act))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused():
+            return self[1].forward_relu(self[0](x))
+        return super().forward(x)
+
+
 class ResNet(nn.Module):
     """CIFAR ResNet with 6n+2 weighted layers and ``num_classes`` outputs.
 
     ``norm`` is a registry name (``"bn"``, ``"gn"``, ...) or any callable taking the channel count;
     ``norm_kwargs`` (e.g. ``num_groups``, ``sync``) go to the registry factory. ``shortcut`` is
-    ``"A"`` (zero padding, the paper's CIFAR choice) or ``"B"`` (1×1 conv + norm). ``fuse``: blocks
-    fuse norm + ReLU (+ residual) in training when the norm supports it (see ``BasicBlock``).
+    ``"A"`` (zero padding, the paper's CIFAR choice) or ``"B"`` (1×1 conv + norm). ``fuse``: the stem and
+    blocks fuse norm + ReLU (+ residual) in training when the norm supports it (see ``BasicBlock``).
     """
 
     def __init__(self, n: int, num_classes: int, norm: str | NormLayer = "bn", in_channels: int = 3,
@@ -133,7 +154,7 @@ class ResNet(nn.Module):
             norm_fn = norm
         act = activation_factory(activation)
         self.n, self.widths = n, tuple(widths)
-        self.stem = nn.Sequential(_conv3x3(in_channels, widths[0]), norm_fn(widths[0]), act())
+        self.stem = Stem(_conv3x3(in_channels, widths[0]), norm_fn(widths[0]), act(), fuse)
         stages, cin = [], widths[0]
         for i, w in enumerate(widths):
             blocks = []
