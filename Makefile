@@ -14,7 +14,7 @@ help:
 	@echo "make demo   - the normalization study on the quick preset (Fashion-MNIST subset); prints the report path"
 	@echo "make test   - run the whole test suite (slow end-to-end tests included)"
 	@echo "make test-fast - the suite without the tests marked slow"
-	@echo "make bench  - every benchmark in bench/ (~2 h on 2 cores), then rewrite BENCHMARKS.md"
+	@echo "make bench  - every benchmark in bench/ (~2.5 h on 2 cores), then rewrite BENCHMARKS.md"
 	@echo "make bench-quick - the same with fewer repeats (a smoke run; numbers are rough)"
 
 $(STAMP): pyproject.toml

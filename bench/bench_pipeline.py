@@ -15,6 +15,10 @@ thread count in the training process (``--threads``; default torch's own = one p
 runs out of the box; ``--threads 1`` isolates the model step). Throughput: images/s over ``--steps`` (40)
 steps after ``--warmup`` (5) steps, in ``--repeats`` alternating rounds.
 
+bound (measured in the same rounds): the same ResNet-20 with its norms and ReLUs replaced by identities,
+stepping on one resident batch in normlab's layout and precision -- convolutions, residual adds, pooling,
+classifier and SGD only. Its ratio to the conventional side is the ceiling for any norm and data path.
+
 Accuracy (on by default, off with ``--no-accuracy`` / ``--quick``): ``--epochs`` (2) on the *same*
 ``--subset`` (10k) training images -- normlab's stratified hold-out and subset, checked label by label and
 pixel by pixel --, the same per-epoch order, normalization statistics, initial weights (per seed) and
@@ -162,6 +166,34 @@ def normlab_steps(threads: int, memory_format: str, compile_mode: str, precision
             yield
 
 
+def bound_steps(memory_format: str, precision: str = "fp32"):
+    """The ceiling no norm or data path can pass: ResNet-20 with its norms and ReLUs replaced by identities
+    (left: the 19 convolutions, the residual adds, pooling, the classifier, loss and SGD) stepping on one
+    resident, already normalized batch -- no data path at all. Its images/s over the conventional side's is
+    the largest ratio any implementation of normlab's norms and data pipeline could reach here."""
+    from normlab.models.resnet import ResNet
+    from normlab.train.runtime import autocast
+
+    torch.manual_seed(0)
+    model = ResNet(3, 10, norm=lambda c: nn.Identity()).train()
+    for name, m in list(model.named_modules()):
+        for child, mod in list(m.named_children()):
+            if isinstance(mod, nn.ReLU):
+                setattr(m, child, nn.Identity())
+    xb = torch.randn(128, 3, 32, 32)
+    if memory_format == "channels_last":
+        model, xb = model.to(memory_format=torch.channels_last), xb.contiguous(memory_format=torch.channels_last)
+    yb = torch.randint(0, 10, (128,))
+    opt = sgd(model)
+    while True:
+        with autocast(torch.device("cpu"), precision):
+            loss = F.cross_entropy(model(xb).float(), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        yield
+
+
 def throughput(args) -> dict:
     root = unpacked(TARBALL)
     t0 = time.perf_counter()
@@ -169,7 +201,9 @@ def throughput(args) -> dict:
                "conventional": args.conv_threads or args.threads or DEFAULT_THREADS}
     sides = {"normlab": normlab_steps(threads["normlab"], args.memory_format, args.compile, args.precision,
                                       not args.no_fuse),
-             "conventional": conventional_steps(root, args.workers)}
+             "conventional": conventional_steps(root, args.workers),
+             "bound": bound_steps(args.memory_format, args.precision)}
+    threads["bound"] = threads["normlab"]
     first = {}
     for k, it in sides.items():
         torch.set_num_threads(threads[k])
@@ -179,7 +213,7 @@ def throughput(args) -> dict:
         for _ in range(args.warmup):
             next(it)
     ips = {k: [] for k in sides}
-    ratios = []
+    ratios, bound_ratios = [], []
     order = list(sides)
     for r in range(args.repeats):
         for k in (order if r % 2 == 0 else order[::-1]):
@@ -190,12 +224,15 @@ def throughput(args) -> dict:
                 next(it)
             ips[k].append(128 * args.steps / (time.perf_counter() - t))
         ratios.append(ips["normlab"][-1] / ips["conventional"][-1])
+        bound_ratios.append(ips["bound"][-1] / ips["conventional"][-1])
     for it in sides.values():
         it.close()
     res = {"threads": threads, "normlab_img_s": summary(ips["normlab"]), "conventional_img_s": summary(ips["conventional"]),
-           "ratio": summary(ratios), "first_step_s": first, "setup_s": time.perf_counter() - t0}
+           "ratio": summary(ratios), "bound_img_s": summary(ips["bound"]), "bound_ratio": summary(bound_ratios),
+           "first_step_s": first, "setup_s": time.perf_counter() - t0}
     print(f"images/s: normlab {fmt(res['normlab_img_s'], 0)}  conventional {fmt(res['conventional_img_s'], 0)}  "
-          f"ratio {fmt(res['ratio'], 2)}", flush=True)
+          f"ratio {fmt(res['ratio'], 2)}; convolutions-only bound {fmt(res['bound_img_s'], 0)}, "
+          f"ratio {fmt(res['bound_ratio'], 2)}", flush=True)
     return res
 
 

@@ -1,6 +1,6 @@
 """Run every benchmark and rewrite BENCHMARKS.md from their JSON results (bench/results/).
 
-    python bench/run_all.py                # full run (~2 h on the 2-core CI-class machine)
+    python bench/run_all.py                # full run (~2.5 h on the 2-core CI-class machine)
     python bench/run_all.py --quick        # every script with --quick
     python bench/run_all.py --report-only  # rewrite BENCHMARKS.md from the JSON already in bench/results/
 """
@@ -25,10 +25,10 @@ JOBS = [  # (name, script args)
     ("pipeline", ["bench_pipeline.py", "--seeds", "8"]),
     ("pipeline_bf16", ["bench_pipeline.py", "--precision", "bf16", "--seeds", "8", "--out", "pipeline_bf16.json"]),
     ("pipeline_compiled", ["bench_pipeline.py", "--compile", "on", "--seeds", "4", "--out", "pipeline_compiled.json"]),
-    ("pipeline_long", ["bench_pipeline.py", "--no-throughput", "--epochs", "8", "--seeds", "4", "--out",
+    ("pipeline_long", ["bench_pipeline.py", "--no-throughput", "--epochs", "8", "--seeds", "8", "--out",
                        "pipeline_long.json"]),
     ("pipeline_long_bf16", ["bench_pipeline.py", "--no-throughput", "--precision", "bf16", "--epochs", "8", "--seeds",
-                            "4", "--out", "pipeline_long_bf16.json"]),
+                            "8", "--out", "pipeline_long_bf16.json"]),
     ("pipeline_t1", ["bench_pipeline.py", "--threads", "1", "--no-accuracy", "--out", "pipeline_t1.json"]),
     ("pipeline_unfused", ["bench_pipeline.py", "--no-fuse", "--no-accuracy", "--out", "pipeline_unfused.json"]),
     ("fused_blocks", ["exp_fused_blocks.py"]),
@@ -70,6 +70,18 @@ def load(name):
 
 def f3(s, d=3, scale=1.0):
     return f"{s['median'] * scale:.{d}f} ({s['min'] * scale:.{d}f}–{s['max'] * scale:.{d}f})"
+
+
+def paired_interval(d: list[float]) -> str:
+    """Mean of the paired differences with its two-sided 95% Student-t interval, e.g. "+0.0030 [-0.0120, +0.0180]"."""
+    import statistics
+
+    from scipy.stats import t
+
+    if len(d) < 2:
+        return "–"
+    mean, half = statistics.fmean(d), t.ppf(0.975, len(d) - 1) * statistics.stdev(d) / len(d) ** 0.5
+    return f"{mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}]"
 
 
 def setting(args: dict) -> str:
@@ -143,16 +155,22 @@ def report() -> str:
               "", "normlab: its uint8 tensor cache, vectorised pad+crop+flip, normlab BN (C++ kernels), "
               "channels_last, tuned malloc -- what `normlab train` does by default -- with the precision shown. "
               "Conventional: torchvision ImageFolder over the JPEG folder + DataLoader worker processes + PIL "
-              "transforms, `nn.BatchNorm2d`, NCHW, fp32. Both sides in one process, alternating rounds.", "",
+              "transforms, `nn.BatchNorm2d`, NCHW, fp32. Both sides in one process, alternating rounds. "
+              "**Ceiling** (measured in the same rounds): the same ResNet-20 with norms and ReLUs replaced by "
+              "identities, stepping on one resident batch in normlab's layout and precision -- convolutions, "
+              "residual adds, pooling, classifier and SGD only, no data path. Its ratio to the conventional side "
+              "is the most any implementation of the norms and the data pipeline could reach on this machine.", "",
               "| command | normlab precision, compile (blocks fused unless said) | torch threads normlab / conventional (+ workers) | "
-              "normlab images/s | conventional images/s | **ratio** |", "|---|---|---|---|---|---|"]
+              "normlab images/s | conventional images/s | **ratio** | ceiling images/s | ceiling ratio |",
+              "|---|---|---|---|---|---|---|---|"]
         for k, p in pipes:
             if "throughput" not in p:
                 continue
             t, ar = p["throughput"], p["args"]
             L.append(f"| `{cmds[k]['cmd'] if k in cmds else k}` | {setting(ar)} | "
                      f"{t['threads']['normlab']} / {t['threads']['conventional']} (+{ar['workers']}) | "
-                     f"{f3(t['normlab_img_s'], 0)} | {f3(t['conventional_img_s'], 0)} | **{f3(t['ratio'], 2)}** |")
+                     f"{f3(t['normlab_img_s'], 0)} | {f3(t['conventional_img_s'], 0)} | **{f3(t['ratio'], 2)}** | "
+                     + (f"{f3(t['bound_img_s'], 0)} | {f3(t['bound_ratio'], 2)} |" if "bound_ratio" in t else "– | – |"))
         L.append("")
         acc = [(k, p) for k, p in pipes if "accuracy" in p and "runs" in p["accuracy"]]
         if acc:
@@ -163,7 +181,8 @@ def report() -> str:
                   "differ. Paired difference = normlab − conventional per seed.", "",
                   "| normlab precision, compile | images × epochs × seeds | normlab test acc (mean ± sd) | "
                   "conventional test acc (mean ± sd) | paired difference median (min…max), normlab higher | "
-                  "per seed normlab / conventional |", "|---|---|---|---|---|---|"]
+                  "paired difference mean [95% t-interval] | per seed normlab / conventional |",
+                  "|---|---|---|---|---|---|---|"]
             for k, p in acc:
                 a = p["accuracy"]
                 per = ", ".join(f"{r['normlab']:.4f} / {r['conventional']:.4f}" for r in a["runs"])
@@ -172,7 +191,7 @@ def report() -> str:
                 L.append(f"| {setting(p['args'])} | {a['subset']:,} × {a['epochs']} × {len(a['runs'])} | "
                          f"{a['normlab']['mean']:.4f} ± {a['normlab']['std']:.4f} | {a['conventional']['mean']:.4f} ± "
                          f"{a['conventional']['std']:.4f} | {med:+.4f} ({d[0]:+.4f}…{d[-1]:+.4f}), "
-                         f"{sum(x > 0 for x in d)}/{len(d)} | {per} |")
+                         f"{sum(x > 0 for x in d)}/{len(d)} | {paired_interval(d)} | {per} |")
             L.append("")
     if scal:
         L += ["## 3. Cost vs depth and input size", "", cmd("scaling"), "", "![scaling](bench/results/scaling.png)", "",
