@@ -24,7 +24,20 @@ def machine() -> dict:
 
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "platform": platform.platform()}
+            "torchvision": torchvision.__version__, "platform": platform.platform(),
+            "cpu_features": cpu_features(), "date": time.strftime("%Y-%m-%d")}
+
+
+def cpu_features() -> list[str]:
+    """The CPU's vector and matrix extensions that decide convolution speed per precision (from
+    /proc/cpuinfo): AVX-512, AVX-512 BF16, AMX. Benchmarks from machines that differ here differ a lot
+    (bf16 on AMX vs on AVX-512 BF16 alone)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
 
 
 def summary(values: list[float]) -> dict:

@@ -20,12 +20,14 @@ gn -> nn.GroupNorm(8, C), bin -> "BN + IN together": the same gated mix built fr
 F.instance_norm (both native kernels), i.e. what BIN costs with PyTorch's own layers.
 
 normlab's blocks fuse norm + ReLU (+ the residual add) by default (``ResNet(fuse=True)``). The rows compare
-the norm layers alone, so every row builds normlab's ResNet with ``fuse=False``; the row ``bn+relu`` is
-normlab's default ResNet-20 BN (fused blocks) against the same native-BN model: what a user gets.
+the norm layers alone, so every row builds normlab's ResNet with ``fuse=False``; a row ``X+relu`` (X = bn, in,
+ln, gn) is normlab's default ResNet-20 with norm X (fused blocks) against the same native-X model: what a user
+gets.
 
     python bench/bench_norms.py            # all norms + control, NCHW and channels_last (~12 min here)
     python bench/bench_norms.py --quick    # fewer repeats
     python bench/bench_norms.py --compile  # also torch.compile both sides (compile time reported apart)
+    python bench/bench_norms.py --norms bn+relu,in+relu,ln+relu,gn+relu,aa --out norms_fused.json
 """
 
 from __future__ import annotations
@@ -94,11 +96,13 @@ def make_step(model, x, y):
 
 
 def build_side(norm: str, side: str, fmt_name: str):
-    """The model for one side: normlab's layer, or the native reference (the control row "aa" is native on
-    both sides; "bn+relu" is normlab's BN with fused blocks)."""
+    """The model for one side: normlab's layer, or the native reference. The control row "aa" is native BN on
+    both sides; a row "X+relu" is normlab's default ResNet with norm X (blocks and stem fuse X + ReLU + the
+    residual add) against the same model with X's native layer."""
+    base, fused = norm.removesuffix("+relu"), norm.endswith("+relu")
     if side == "normlab" and norm != "aa":
-        return build("bn" if norm == "bn+relu" else norm, fmt_name, fuse=norm == "bn+relu")
-    return build(NATIVE[{"aa": "bn", "bn+relu": "bn"}.get(norm, norm)], fmt_name)
+        return build(base, fmt_name, fuse=fused)
+    return build(NATIVE["bn" if norm == "aa" else base], fmt_name)
 
 
 def run(norms, formats, rounds, steps, warmup, batch, compile_):
@@ -159,8 +163,8 @@ def run(norms, formats, rounds, steps, warmup, batch, compile_):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--norms", default="bn,in,ln,gn,bin,bn+relu,aa",
-                    help="aa = control: native BN on both sides (shows the measurement's own spread); bn+relu = "
-                         "normlab's fused BN + ReLU (+ add) blocks vs native BN")
+                    help="aa = control: native BN on both sides (shows the measurement's own spread); X+relu "
+                         "(X = bn, in, ln, gn) = normlab's default fused blocks with norm X vs native X")
     ap.add_argument("--formats", default="nchw,channels_last")
     ap.add_argument("--rounds", type=int, default=8, help="fresh pairs of models, built in alternating order")
     ap.add_argument("--steps", type=int, default=6, help="interleaved timed steps per side and round (median)")
