@@ -637,6 +637,45 @@ def test_channels_last_tiles_of_any_channel_count(c, groups, hw):
         assert_same_step(ours, ref, make_input((3, c) + hw, True))
 
 
+@pytest.mark.parametrize("c", [16, 32, 48, 64])
+@pytest.mark.parametrize("name", list(FUSABLE))
+def test_channels_last_register_sums_at_resnet_widths(name, c):
+    """At 16, 32, 48 and 64 channels the channels_last sums keep their accumulators in vector registers
+    (several rows in flight, float sums moved to double every 256 rows): a map of 17x19 = 323 rows (two
+    chunks, and rows left over after the last group of rows in flight) is exact, plainly, fused with ReLU +
+    residual (the masked sums), and in bfloat16 against the tensor-op path."""
+    shape = (3, c, 17, 19)
+    ours, ref = FUSABLE[name][0](c), FUSABLE[name][1](c)
+    randomize_affine(ours, ref)
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(4))
+    for a, b in zip(run(ours, make_input(shape, True), dy), run(ref, make_input(shape, True), dy)):
+        close(a, b, atol=1e-4)  # weight grads: float32 sums of ~1,000 products that partly cancel (native too)
+    x, r = make_input(shape, True, seed=1).detach(), make_input(shape, True, seed=2).detach()
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    xa, xb, ra, rb = (t.clone().requires_grad_() for t in (x, x, r, r))
+    ya, yb = ours.forward_relu(xa, ra), torch.relu(ref(xb) + rb)
+    ya.backward(dy), yb.backward(dy)
+    assert (ya == 0).float().mean() > 0.2 and (ya > 0).float().mean() > 0.2
+    for a, b in ((ya, yb), (xa.grad, xb.grad), (ra.grad, rb.grad), (ours.weight.grad, ref.weight.grad),
+                 (ours.bias.grad, ref.bias.grad)):
+        close(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize("c", [32, 64])
+@pytest.mark.parametrize("name", ["bn", "gn", "in"])
+def test_bf16_register_sums_match_the_tensor_op_path(name, c, monkeypatch):
+    x = make_input((4, c, 9, 7), True).detach().bfloat16()
+    dy = torch.randn(4, c, 9, 7).bfloat16().contiguous(memory_format=torch.channels_last)
+    got = {}
+    for path in ("1", "0"):
+        monkeypatch.setenv("NORMLAB_KERNELS", path)
+        m = make_norm(name, c)
+        randomize_affine(m)
+        got[path] = run(m, x, dy)
+    for a, b in zip(got["1"], got["0"]):
+        close(a.float(), b.float(), atol=0.02, rtol=0.02)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_kernels_threaded_and_serial_agree_with_native(threads):
     """Maps above the kernels' parallel threshold run the OpenMP paths (threads=2) or the serial ones: both
