@@ -117,8 +117,9 @@ static inline vf16 vmasked(const S* pa, const S* pm, S* pg) {
   return v;
 }
 
-// Sum and dot product of one contiguous run, with L independent accumulators (several vector registers,
-// so the adds do not wait on each other's latency), in T; the caller combines runs in double.
+// Sum and dot product of one contiguous run, with independent accumulators (several vector registers, so
+// the adds do not wait on each other's latency: explicit vectors for float and bfloat16, L lanes for
+// double), in T; the caller combines runs in double.
 // MASK: a is replaced by g = a * (m > 0), which is written to pg (ReLU's backward fused into the norm's).
 template <typename S, bool MASK, typename T = typename Compute<S>::T>
 static inline T masked(const S* pa, const S* pm, S* pg, i64 i) {
@@ -203,14 +204,14 @@ static void tile(const T* v, i64 c, i64 tl, T* out) {
 
 // channels_last sums with the per-channel accumulators in vector registers, for float and bfloat16 storage
 // and C = 16, 32, 48 or 64 channels (a CIFAR ResNet's widths): a row of C values is V = C/16 vectors of 16
-// floats, and R rows go in flight with their own accumulators (R*V = 4 vectors per sum), so no add waits on
-// another's latency. The tiled loop below keeps its accumulators in memory, a load and a store per value
+// floats, and R rows go in flight with their own accumulators (R*V = 3 or 4 vectors per sum), so no add waits
+// on another's latency. The tiled loop below keeps its accumulators in memory, a load and a store per value
 // and sum: on a CPU with narrower store bandwidth (measured on AMD Zen 4) that made the channels_last sums
 // 2-2.6x slower than the same sums in NCHW. GCC/Clang vector extensions: 512-bit where the CPU has it,
 // split into narrower instructions elsewhere.
 template <int V, typename S, bool SAME, bool MASK>
 static void sample_sums_regs(const S* a, const S* b, i64 hw, double* d1, double* d2, const S* m, S* g) {
-  constexpr int C = 16 * V, R = V >= 4 ? 1 : (V == 3 ? 1 : 4 / V);
+  constexpr int C = 16 * V, R = V >= 3 ? 1 : 4 / V;
   constexpr i64 kChunk = 256;  // rows per float accumulation before the sums move to double
   std::fill(d1, d1 + C, 0.0);
   std::fill(d2, d2 + C, 0.0);
