@@ -19,14 +19,12 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from _common import machine, write_json
+from bench_norms import NATIVE  # the native reference of each norm, as the step-level bench uses
 from normlab.norms import make_norm
 from normlab.train.runtime import tune_malloc
 
-NATIVE = {"bn": lambda c: nn.BatchNorm2d(c), "in": lambda c: nn.InstanceNorm2d(c, affine=True),
-          "ln": lambda c: nn.GroupNorm(1, c), "gn": lambda c: nn.GroupNorm(8, c)}
 SHAPES = [(128, 16, 32, 32), (128, 32, 16, 16), (128, 64, 8, 8)]
 
 

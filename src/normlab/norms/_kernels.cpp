@@ -129,27 +129,29 @@ static inline T masked(const S* pa, const S* pm, S* pg, i64 i) {
   return v;
 }
 
+// acc1 += a, acc2 += a * b (b = a with SAME) for the 16 values at offset o; MASK as in vmasked.
+template <typename S, bool SAME, bool MASK>
+static inline void vaccumulate(vf16& acc1, vf16& acc2, const S* a, const S* b, const S* m, S* g, i64 o) {
+  const vf16 x = vmasked<S, MASK>(a + o, MASK ? m + o : nullptr, MASK ? g + o : nullptr);
+  acc1 += x;
+  acc2 += x * (SAME ? x : vload(b + o));
+}
+
 template <typename S, bool SAME, bool MASK = false, typename T = typename Compute<S>::T>
 static inline void run_sums(const S* pa, const S* pb, i64 len, T& out1, T& out2, const S* pm = nullptr,
                             S* pg = nullptr) {
   if constexpr (!std::is_same_v<S, double>) {
     // float / bfloat16: two vectors of 16 accumulators per sum, explicit, and one tree reduction at the end.
-    // (The generic loop below left short runs -- an 8x8 map's 64 values in a ResNet's last stage -- to
-    // a reduction that cost as much as the run: 2x native's time for those sums, measured on AMD Zen 4.)
+    // (The lane loop, still used for double, left short runs -- an 8x8 map's 64 values in a ResNet's last
+    // stage -- to a reduction that cost as much as the run: 2x native's time there, measured on AMD Zen 4.)
     vf16 a1 = {}, a2 = {}, c1 = {}, c2 = {};
     i64 i = 0;
     for (; i + 32 <= len; i += 32) {
-      const vf16 x0 = vmasked<S, MASK>(pa + i, MASK ? pm + i : nullptr, MASK ? pg + i : nullptr);
-      const vf16 x1 = vmasked<S, MASK>(pa + i + 16, MASK ? pm + i + 16 : nullptr, MASK ? pg + i + 16 : nullptr);
-      a1 += x0;
-      c1 += x1;
-      a2 += x0 * (SAME ? x0 : vload(pb + i));
-      c2 += x1 * (SAME ? x1 : vload(pb + i + 16));
+      vaccumulate<S, SAME, MASK>(a1, a2, pa, pb, pm, pg, i);
+      vaccumulate<S, SAME, MASK>(c1, c2, pa, pb, pm, pg, i + 16);
     }
     if (i + 16 <= len) {
-      const vf16 x0 = vmasked<S, MASK>(pa + i, MASK ? pm + i : nullptr, MASK ? pg + i : nullptr);
-      a1 += x0;
-      a2 += x0 * (SAME ? x0 : vload(pb + i));
+      vaccumulate<S, SAME, MASK>(a1, a2, pa, pb, pm, pg, i);
       i += 16;
     }
     a1 += c1;
@@ -162,32 +164,32 @@ static inline void run_sums(const S* pa, const S* pb, i64 len, T& out1, T& out2,
     }
     out1 = f1 + hsum(a1);
     out2 = f2 + hsum(a2);
-    return;
-  }
-  constexpr int L = 128 / sizeof(T);
-  T acc1[L] = {}, acc2[L] = {};
-  i64 i = 0;
-  for (; i + L <= len; i += L) {
+  } else {  // double: L accumulators in a lane loop
+    constexpr int L = 128 / sizeof(T);
+    T acc1[L] = {}, acc2[L] = {};
+    i64 i = 0;
+    for (; i + L <= len; i += L) {
 #pragma omp simd
-    for (int l = 0; l < L; ++l) {
-      const T va = masked<S, MASK>(pa, pm, pg, i + l);
-      acc1[l] += va;
-      acc2[l] += va * (SAME ? va : ld(pb[i + l]));
+      for (int l = 0; l < L; ++l) {
+        const T va = masked<S, MASK>(pa, pm, pg, i + l);
+        acc1[l] += va;
+        acc2[l] += va * (SAME ? va : ld(pb[i + l]));
+      }
     }
-  }
-  T f1 = 0, f2 = 0;
-  for (; i < len; ++i) {
-    const T va = masked<S, MASK>(pa, pm, pg, i);
-    f1 += va;
-    f2 += va * (SAME ? va : ld(pb[i]));
-  }
+    T f1 = 0, f2 = 0;
+    for (; i < len; ++i) {
+      const T va = masked<S, MASK>(pa, pm, pg, i);
+      f1 += va;
+      f2 += va * (SAME ? va : ld(pb[i]));
+    }
 #pragma omp simd reduction(+ : f1, f2)
-  for (int l = 0; l < L; ++l) {
-    f1 += acc1[l];
-    f2 += acc2[l];
+    for (int l = 0; l < L; ++l) {
+      f1 += acc1[l];
+      f2 += acc2[l];
+    }
+    out1 = f1;
+    out2 = f2;
   }
-  out1 = f1;
-  out2 = f2;
 }
 
 // channels_last: a sample is one flat run of hw*c values whose channel is (index % c). Its rows of c values
@@ -221,22 +223,11 @@ static void sample_sums_regs(const S* a, const S* b, i64 hw, double* d1, double*
     i64 r = r0;
     for (; r + R <= r1; r += R) {
       for (int k = 0; k < R; ++k) {
-        for (int v = 0; v < V; ++v) {
-          const i64 o = (r + k) * C + 16 * v;
-          const vf16 x = vmasked<S, MASK>(a + o, MASK ? m + o : nullptr, MASK ? g + o : nullptr);
-          acc1[k][v] += x;
-          acc2[k][v] += x * (SAME ? x : vload(b + o));
-        }
+        for (int v = 0; v < V; ++v) vaccumulate<S, SAME, MASK>(acc1[k][v], acc2[k][v], a, b, m, g, (r + k) * C + 16 * v);
       }
     }
-    for (; r < r1; ++r) {
-      for (int v = 0; v < V; ++v) {
-        const i64 o = r * C + 16 * v;
-        const vf16 x = vmasked<S, MASK>(a + o, MASK ? m + o : nullptr, MASK ? g + o : nullptr);
-        acc1[0][v] += x;
-        acc2[0][v] += x * (SAME ? x : vload(b + o));
-      }
-    }
+    for (; r < r1; ++r)
+      for (int v = 0; v < V; ++v) vaccumulate<S, SAME, MASK>(acc1[0][v], acc2[0][v], a, b, m, g, r * C + 16 * v);
     for (int k = 0; k < R; ++k) {
       for (int v = 0; v < V; ++v) {
         for (int l = 0; l < 16; ++l) {
