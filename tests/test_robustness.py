@@ -93,7 +93,7 @@ import io, os, sys, time
 from pathlib import Path
 import torch
 import normlab.io as nio
-import normlab.train.checkpoint as ck
+import normlab.checkpoint as ck
 
 def slow_save(path, obj):
     def write(f):

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from normlab.device import unwrap
 from normlab.errors import NormlabError
 
 
@@ -56,8 +57,7 @@ def read_image(path: str | os.PathLike, channels: int | None = None, size: int |
 
 def feature_layers(model: nn.Module) -> dict[str, nn.Module]:
     """``stem`` and ``stage1..K`` of a normlab ResNet / compact model or of the workbench's resnet18."""
-    m = getattr(model, "module", model)
-    m = getattr(m, "_orig_mod", m)
+    m = unwrap(model)
     layers: dict[str, nn.Module] = {}
     if hasattr(m, "stem"):
         layers["stem"] = m.stem

@@ -54,8 +54,8 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
     """The run's best weights (``best.pt``, else ``last.pt``) in the model its saved config describes, and its data."""
     from normlab.data import load_data
     from normlab.models import build_model
-    from normlab.train.checkpoint import config_of, load_checkpoint, load_weights
-    from normlab.train.runtime import pick_device
+    from normlab.checkpoint import config_of, load_checkpoint, load_weights
+    from normlab.device import pick_device
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -87,7 +87,7 @@ def split_tensors(data: Any, split: str) -> tuple[torch.Tensor, torch.Tensor]:
 def predictions(model: nn.Module, data: Any, split: str = "val", device: str | torch.device = "cpu",
                 batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(x_uint8, y, preds, confusion)`` of ``model`` (eval mode; its training flag is restored) on ``split``."""
-    from normlab.train.loop import evaluate
+    from normlab.evaluation import evaluate
 
     x, y = split_tensors(data, split)
     was_training = model.training

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from normlab.device import unwrap
 from normlab.errors import NormlabError
 
 CAM_BATCH = 16  # images per Grad-CAM forward/backward (bounds memory at 256×256)
@@ -30,8 +31,7 @@ CAM_BATCH = 16  # images per Grad-CAM forward/backward (bounds memory at 256×25
 
 def last_stage_convs(model: nn.Module) -> list[nn.Module]:
     """``conv1`` and ``conv2`` of every block of the last stage: 2n layers for a 6n+2 ResNet."""
-    m = getattr(model, "module", model)
-    m = getattr(m, "_orig_mod", m)
+    m = unwrap(model)
     stages = getattr(m, "stages", None)
     if stages is None or len(stages) == 0:
         raise NormlabError(f"{type(m).__name__} has no `stages`: Grad-CAM layers are picked from a normlab ResNet")

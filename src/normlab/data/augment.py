@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -14,6 +15,29 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def draws_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Random draws made on a CPU generator, moved to the batch's device without a host synchronisation.
+
+    A plain copy from pageable host memory makes the CPU wait for the GPU's queue (a sync in every step);
+    a copy from pinned memory is queued like a kernel, and the caching host allocator keeps the pinned
+    block alive until the copy has run."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _affine(mean: tuple[float, ...], std: tuple[float, ...], dtype: torch.dtype,
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # made once per (statistics, dtype, device): building them per batch was a host-to-device copy per step
+    std64 = torch.tensor(std, dtype=torch.float64)
+    scale = (1.0 / (255.0 * std64)).to(dtype=dtype).view(-1, 1, 1)
+    shift = (torch.tensor(mean, dtype=torch.float64) / std64).to(dtype=dtype).view(-1, 1, 1)
+    return draws_to(scale, device), draws_to(shift, device)
+
+
 def normalize(x_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float],
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``(x / 255 - mean) / std`` per channel, as ``dtype``, on ``x``'s device, keeping its memory format.
@@ -24,9 +48,7 @@ def normalize(x_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]
     if len(mean) != c or len(std) != c:
         raise ValueError(f"normalize: {c} channels but {len(mean)} means and {len(std)} stds")
     # one fused multiply-add: x * (1 / (255 std)) - mean / std; stats in float64 then cast
-    std64 = torch.tensor(std, dtype=torch.float64)
-    scale = (1.0 / (255.0 * std64)).to(dtype=dtype, device=x_uint8.device).view(-1, 1, 1)
-    shift = (torch.tensor(mean, dtype=torch.float64) / std64).to(dtype=dtype, device=x_uint8.device).view(-1, 1, 1)
+    scale, shift = _affine(tuple(map(float, mean)), tuple(map(float, std)), dtype, x_uint8.device)
     out = x_uint8.to(dtype)  # preserve_format: channels_last stays channels_last
     if out is x_uint8:
         out = out.clone(memory_format=torch.preserve_format)
@@ -55,7 +77,8 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> 
     if n == 0:
         return x.clone()
     dev = x.device
-    dy, dx, flip = dy.to(dev), dx.to(dev), flip.to(dev)
+    dy, dx, flip = draws_to(torch.stack([dy, dx, flip.long()]), dev).unbind(0)
+    flip = flip.bool()
     fmt = _memory_format(x)
     padded = F.pad(x.contiguous(), (pad, pad, pad, pad)) if pad > 0 else x.contiguous()
     hp, wp = h + 2 * pad, w + 2 * pad
@@ -65,3 +88,4 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> 
     flat = (rows[:, :, None] * wp + cols[:, None, :]).view(n, 1, h * w)              # N x 1 x HW
     out = torch.gather(padded.view(n, c, hp * wp), 2, flat.expand(n, c, h * w))
     return out.view(n, c, h, w).contiguous(memory_format=fmt)
+

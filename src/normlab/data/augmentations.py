@@ -40,7 +40,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from normlab.data.augment import augment_batch
+from normlab.data.augment import augment_batch, draws_to
 from normlab.errors import NormlabError
 
 Params = dict[str, dict[str, float]]
@@ -50,7 +50,7 @@ Params = dict[str, dict[str, float]]
 
 def _draw(shape: tuple[int, ...], g: torch.Generator, device: torch.device) -> torch.Tensor:
     """Uniform [0, 1) numbers drawn on the generator's device, moved to ``device``."""
-    return torch.rand(shape, generator=g, device=g.device).to(device)
+    return draws_to(torch.rand(shape, generator=g, device=g.device), device)
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -59,7 +59,7 @@ def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device: torch.dev
 
 def _randint(hi: torch.Tensor | int, n: int, g: torch.Generator, device: torch.device) -> torch.Tensor:
     """Integers uniform in 0..hi (inclusive), per image."""
-    return torch.floor(_draw((n,), g, device) * (torch.as_tensor(hi, device=device) + 1)).long()
+    return torch.floor(_draw((n,), g, device) * (hi + 1)).long()
 
 
 def _float(x: torch.Tensor) -> torch.Tensor:

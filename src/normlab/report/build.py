@@ -20,7 +20,7 @@ from normlab.io import read_json, write_text
 from normlab.report.collect import (METRICS, SPLITS, RunRecord, by_cell, cell_metric, cell_status, collect_study,
                                     fmt, mean_curve, mean_quantiles, mean_std, rank)
 from normlab.report.render import Doc, to_html, to_markdown
-from normlab.train.runtime import cpu_name
+from normlab.device import cpu_name
 
 METRIC_NAMES = {"acc": "acc", "micro_f1": "micro-F1", "macro_f1": "macro-F1"}
 SECTIONS = ("Setup", "Results: all variants", "Sanity check: custom BN vs torch_bn", "Loss curves",
@@ -262,7 +262,7 @@ def build_report(study_dir: str | Path) -> tuple[Path, Path]:
 
 
 def _per_class(doc: Doc, seed0: dict[str, RunRecord | None], classes: list[str]) -> None:
-    from normlab.analysis.metrics import most_confused_pairs, per_class_accuracy
+    from normlab.metrics import most_confused_pairs, per_class_accuracy
 
     runs = {k: r for k, r in seed0.items() if r is not None and (r.summary or {}).get("val")}
     if not runs or not classes:

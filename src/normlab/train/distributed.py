@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -25,14 +26,24 @@ class DistInfo:
 
 
 def setup(device_kind: str) -> DistInfo:
-    """Initialise the process group when launched by torchrun (WORLD_SIZE > 1); no-op otherwise."""
+    """Initialise the process group when launched by torchrun (WORLD_SIZE > 1); no-op otherwise.
+
+    On CUDA each rank selects its GPU (``LOCAL_RANK``, counted within ``CUDA_VISIBLE_DEVICES``) *before*
+    the process group exists and binds the group to it (``device_id``): otherwise NCCL's first
+    collective (the start-up barrier) runs every rank on GPU 0, which can hang or put all ranks'
+    memory on one card."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        backend = "nccl" if device_kind == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        if device_kind == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+            dist.init_process_group(backend="nccl", device_id=device)
+        else:
+            dist.init_process_group(backend="gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
 def teardown() -> None:
@@ -46,13 +57,42 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+def all_reduce_min(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
-        dist.barrier()
+        if dist.get_backend() == "nccl":  # on this rank's GPU (set in setup), never GPU 0 by default
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
+
+
+def sync_native_batchnorm(model: nn.Module, device: torch.device, log=None) -> nn.Module:
+    """PyTorch's own BatchNorm layers (the ``torch_bn`` reference, resnet18's BN) made to share batch
+    statistics across ranks like normlab's synced BN, so the reference compares like with like.
+
+    ``nn.SyncBatchNorm`` runs on GPUs only (it refuses CPU tensors in training): on CPU (gloo) the native
+    layers stay per-process, and ``log`` says so."""
+    native = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+              and not isinstance(m, nn.SyncBatchNorm)]
+    if not native:
+        return model
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if log is not None:
+        log(f"warning: {len(native)} native torch.nn BatchNorm layer(s) keep per-process statistics under "
+            f"distributed training on {device.type} (torch's SyncBatchNorm needs a GPU): the torch_bn "
+            "reference is not synchronised across ranks here, normlab's bn and bin are")
+    return model
 
 
 def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
-    """True on every rank if it is True on any rank (used to stop all ranks together)."""
+    """True on every rank if it is True on any rank (used to stop all ranks together; once per epoch: it
+    reads the result on the host)."""
     if not info.enabled:
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)

@@ -25,19 +25,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normlab.analysis.metrics import quantiles, scores_from_confusion
+from normlab.checkpoint import load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state
 from normlab.config import TrainConfig, dump_yaml, make_config, read_yaml
-from normlab.data import DataBundle, apply_augment, load_data, normalize
+from normlab.data import load_data, normalize
+from normlab.device import pick_device, unwrap
 from normlab.errors import NormlabError
+from normlab.evaluation import confusion, evaluate  # noqa: F401 - confusion: re-exported for older imports
 from normlab.io import read_json, write_json, write_text
+from normlab.metrics import quantiles, scores_from_confusion
 from normlab.models import build_model, count_parameters
-from normlab.norms import clamp_gates_
 from normlab.plots import plot_curves, read_metrics
 from normlab.train import distributed as dist_utils
-from normlab.train.checkpoint import load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state, unwrap
-from normlab.train.optim import build_optimizer, lr_at
+from normlab.train.optim import build_optimizer
 from normlab.train.progress import EpochProgress
-from normlab.train.runtime import RunLock, autocast, grad_scaler, maybe_compile, pick_device, tune_malloc
+from normlab.train.runtime import RunLock, compile_settings, grad_scaler, maybe_compile, tune_malloc
+from normlab.train.step import TrainStep
+
 
 RUN_MARKERS = ("config.yaml", "last.pt", "summary.json")
 QUANTILES = (0.01, 0.2, 0.8, 0.99)
@@ -55,31 +58,6 @@ def epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
 def memory_format_of(cfg: TrainConfig) -> torch.memory_format:
     """The activation layout a run uses (``cfg.memory_format``)."""
     return torch.channels_last if cfg.memory_format == "channels_last" else torch.contiguous_format
-
-
-def confusion(target: torch.Tensor, pred: torch.Tensor, k: int) -> torch.Tensor:
-    return torch.bincount(target * k + pred, minlength=k * k).reshape(k, k)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, data: DataBundle, device: torch.device,
-             batch_size: int, precision: str = "fp32", memory_format: torch.memory_format = torch.contiguous_format,
-             ) -> tuple[float, torch.Tensor, torch.Tensor]:
-    """Mean loss, confusion matrix (rows = true) and predictions of ``model`` in eval mode on uint8 ``x``
-    (batches in ``memory_format``, the model's own)."""
-    model.eval()
-    k, total, cm, preds = data.num_classes, 0.0, torch.zeros(data.num_classes, data.num_classes, dtype=torch.long), []
-    for i in range(0, len(x), batch_size):
-        xb = normalize(x[i:i + batch_size].to(device, non_blocking=True), data.mean, data.std)
-        xb = xb.contiguous(memory_format=memory_format)
-        yb = y[i:i + batch_size].to(device, non_blocking=True)
-        with autocast(device, precision):
-            logits = model(xb)
-        total += F.cross_entropy(logits.float(), yb, reduction="sum").item()
-        p = logits.argmax(1)
-        cm += confusion(yb, p, k).cpu()
-        preds.append(p.cpu())
-    return total / max(1, len(x)), cm, torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
 
 
 def probe_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -168,8 +146,10 @@ def _train(cfg: TrainConfig, out: Path, dinfo, progress: EpochProgress, log) -> 
     t_start = time.perf_counter()
     device = pick_device(cfg.device)
     tune_malloc()
-    if dinfo.enabled and device.type == "cuda":
-        device = torch.device("cuda", dinfo.local_rank)
+    if device.type == "cuda":
+        # an explicit index everywhere below: DDP's device_ids, set_device and checkpoints need one
+        device = torch.device("cuda", dinfo.local_rank if dinfo.enabled else
+                              device.index if device.index is not None else torch.cuda.current_device())
         torch.cuda.set_device(device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -179,8 +159,10 @@ def _train(cfg: TrainConfig, out: Path, dinfo, progress: EpochProgress, log) -> 
         write_text(out / "config.yaml", dump_yaml(cfg.to_dict()))
     # resuming: last.pt holds every weight, so --pretrained is not fetched again
     build_cfg = dataclasses.replace(cfg, pretrained=None) if (out / "last.pt").is_file() else cfg
-    model = build_model(build_cfg, data.in_channels, data.num_classes,
-                        sync=cfg.sync_bn and dinfo.enabled).to(device)
+    model = build_model(build_cfg, data.in_channels, data.num_classes, sync=cfg.sync_bn and dinfo.enabled)
+    if cfg.sync_bn and dinfo.enabled:
+        model = dist_utils.sync_native_batchnorm(model, device, log if dinfo.is_main else None)
+    model = model.to(device)
     fmt = memory_format_of(cfg)
     model = model.to(memory_format=fmt)
     optimizer = build_optimizer(model, cfg)
@@ -200,19 +182,14 @@ def _train(cfg: TrainConfig, out: Path, dinfo, progress: EpochProgress, log) -> 
                              "quantiles": [], "diverged": None, "train_seconds": 0.0}
     last = out / "last.pt"
     if last.is_file():
-        ckpt = load_checkpoint(last, map_location=device)
-        load_weights(model, ckpt, last)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        state.update(ckpt["state"])
-        set_rng_state(ckpt["rng"])
+        resume_from(last, model, optimizer, scaler, state)
         log(f"resuming {out} after epoch {state['epoch']}")
     ddp_model = model
     if dinfo.enabled:
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    run_model = maybe_compile(ddp_model, cfg.compile, device, log)
+    compiled = compile_settings(cfg.compile, device, distributed=dinfo.enabled)
+    run_model = maybe_compile(ddp_model, cfg.compile, device, log, settings=compiled)
     writer = _tensorboard(out, state["epoch"]) if dinfo.is_main else None
     if dinfo.is_main and not state["quantiles"]:
         state["quantiles"].append({"epoch": 0, **probe_quantiles(model, probe)})
@@ -220,68 +197,44 @@ def _train(cfg: TrainConfig, out: Path, dinfo, progress: EpochProgress, log) -> 
     log(f"{out}: {cfg.dataset} {tuple(data.train_x.shape[1:])}, {data.num_classes} classes, "
         f"train/val/test {n_train}/{len(data.val_x)}/{0 if data.test_x is None else len(data.test_x)}, "
         f"{cfg.model_label} norm={cfg.norm} ({n_params:,} params), {device}, batch {cfg.batch_size}")
-    k = data.num_classes
+    step_fn = TrainStep(model, run_model, optimizer, cfg, device=device, num_classes=data.num_classes,
+                        mean=data.mean, std=data.std, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                        scaler=scaler, rank=dinfo.rank, world_size=dinfo.world_size, memory_format=fmt,
+                        all_reduce_min=(lambda t: dist_utils.all_reduce_min(t, dinfo)) if dinfo.enabled else None,
+                        mark_step=compiled.cuda_graphs and run_model is not ddp_model)
 
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         run_model.train()
         t0 = time.perf_counter()
-        order = torch.randperm(n_train, generator=epoch_generator(cfg.seed, epoch, 0))
+        # the epoch's order goes to the device once; batches are slices of it (no copy per step)
+        order = torch.randperm(n_train, generator=epoch_generator(cfg.seed, epoch, 0)).to(device)
         aug_gen = epoch_generator(cfg.seed, epoch, 1)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        cm = torch.zeros(k, k, dtype=torch.long, device=device)
-        seen = 0
+        step_fn.begin_epoch()
         progress.start(f"epoch {epoch}/{cfg.epochs}", steps_per_epoch)
         for step in range(steps_per_epoch):
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             if len(idx) < 2 * dinfo.world_size:  # a 1-image batch cannot be batch-normalized
                 continue
-            idx = idx.to(device)
-            xb = train_x[idx]
-            # Augment the whole global batch on every rank (cheap next to the model), then keep this rank's
-            # share: each image gets the same random crop/flip as in a 1-process run of the same seed.
-            if cfg.augment != "none":  # standard, or catalogue names: crop,hflip,cutout,... (data.augmentations)
-                xb = apply_augment(xb, cfg.augment, aug_gen, cfg.augment_params)
-            xb = normalize(xb.tensor_split(dinfo.world_size)[dinfo.rank], data.mean, data.std)
-            xb = xb.contiguous(memory_format=fmt)
-            yb = train_y[idx].tensor_split(dinfo.world_size)[dinfo.rank]
-            global_step = (epoch - 1) * steps_per_epoch + step
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(global_step, total_steps, cfg, steps_per_epoch)
-            with autocast(device, cfg.precision):
-                logits = run_model(xb)
-                loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
-            if dist_utils.any_rank(not torch.isfinite(loss), dinfo, device):
-                state["diverged"] = {"epoch": epoch, "step": step, "loss": float(loss.item())}
-                break
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
+            step_fn(train_x.index_select(0, idx), train_y.index_select(0, idx), step, aug_gen,
+                    global_step=(epoch - 1) * steps_per_epoch + step)
+            if step_fn.due():
+                bad = step_fn.check()
+                if bad is not None:
+                    state["diverged"] = bad.record(epoch)
+                    break
+                progress.advance(len(idx), step_fn.last_loss)
             else:
-                loss.backward()
-            if cfg.grad_clip is not None:
-                gnorm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            else:  # still checked: an inf gradient at the last step would otherwise be saved as nan weights
-                gnorm = nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-            if gnorm is not None and scaler is None and dist_utils.any_rank(not torch.isfinite(gnorm), dinfo, device):
-                state["diverged"] = {"epoch": epoch, "step": step, "loss": float(loss.item()), "grad": "non-finite"}
-                break
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            clamp_gates_(model)
-            with torch.no_grad():
-                loss_sum += loss.detach().double() * len(yb)
-                cm += confusion(yb, logits.detach().argmax(1), k)
-            seen += len(yb)
-            progress.advance(len(yb) * dinfo.world_size, loss.item() if progress.mode == "bar" else None)
+                progress.advance(len(idx))
+        if state["diverged"] is None:  # always before the sums are used and a checkpoint is written
+            bad = step_fn.check()
+            if bad is not None:
+                state["diverged"] = bad.record(epoch)
         progress.stop()
         if state["diverged"] is not None:
             log(f"diverged at epoch {epoch}, step {state['diverged']['step']} (non-finite loss or gradient): "
                 "stopping this run")
             break
+        loss_sum, cm, seen = step_fn.sums()
         seen_t = dist_utils.all_reduce_sum(torch.tensor([float(seen)], device=device), dinfo)
         loss_sum = dist_utils.all_reduce_sum(loss_sum, dinfo)
         cm = dist_utils.all_reduce_sum(cm, dinfo)
@@ -324,6 +277,23 @@ def _train(cfg: TrainConfig, out: Path, dinfo, progress: EpochProgress, log) -> 
     if dinfo.is_main:
         _finish(cfg, out, model, data, device, state, n_params, time.perf_counter() - t_start, log)
     return out
+
+
+def resume_from(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                scaler: torch.amp.GradScaler | None, state: dict[str, Any]) -> dict[str, Any]:
+    """Restore weights, optimizer, scaler, progress and RNG from ``last.pt`` into a model already on its device.
+
+    The file is read onto the CPU whatever device wrote it or runs now: RNG states must stay CPU byte
+    tensors, and the weights and optimizer state are copied onto the parameters' device by their
+    ``load_state_dict`` (so a run started on one device resumes on another)."""
+    ckpt = load_checkpoint(path, map_location="cpu")
+    load_weights(model, ckpt, path)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    state.update(ckpt["state"])
+    set_rng_state(ckpt["rng"])
+    return ckpt
 
 
 def _tensorboard(out: Path, epoch: int):

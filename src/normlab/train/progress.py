@@ -29,6 +29,7 @@ class EpochProgress:
 
     def start(self, description: str, total: int) -> None:
         self._t0, self._images, self._desc, self._total = time.perf_counter(), 0, description, total
+        self._loss: float | None = None
         if self.mode == "bar":
             self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                       TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -37,10 +38,14 @@ class EpochProgress:
             self._task = self._progress.add_task(description, total=total, rate="")
 
     def advance(self, images: int, loss: float | None = None) -> None:
+        """Count one step of ``images``; ``loss`` (a float the caller already has on the host) replaces the
+        loss shown, which otherwise stays: the trainer reads it once per check interval, not per step."""
         self._images += images
+        if loss is not None:
+            self._loss = loss
         if self._progress is not None:
             rate = self._images / max(time.perf_counter() - self._t0, 1e-9)
-            text = f"{rate:,.0f} img/s" + (f"  loss {loss:.3f}" if loss is not None else "")
+            text = f"{rate:,.0f} img/s" + (f"  loss {self._loss:.3f}" if self._loss is not None else "")
             self._progress.update(self._task, advance=1, rate=text)
 
     def stop(self) -> None:

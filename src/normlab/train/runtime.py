@@ -6,28 +6,19 @@ import contextlib
 import os
 import platform
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from normlab.device import autocast, cpu_name, pick_device  # noqa: F401 - re-exported for older imports
 from normlab.errors import NormlabError
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: pid check only
     fcntl = None  # type: ignore[assignment]
-
-
-def cpu_name() -> str:
-    """The CPU's model name (from /proc/cpuinfo where there is one)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "?"
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
@@ -56,48 +47,72 @@ def tune_malloc() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
 
 
-def pick_device(name: str) -> torch.device:
-    """``auto`` prefers CUDA, then Apple's MPS, then the CPU; an unavailable explicit choice is an error."""
-    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise NormlabError("device=cuda but no CUDA GPU is visible: use --device cpu (or auto)")
-    if name == "mps" and not has_mps:
-        raise NormlabError("device=mps but Apple's MPS backend is not available: use --device cpu (or auto)")
-    return torch.device(name)
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Mixed precision for the forward pass; the normlab norms compute their statistics in float32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
-    """fp16 needs loss scaling on CUDA; bf16 (same exponent range as fp32) does not."""
+    """fp16 needs loss scaling on CUDA; bf16 (same exponent range as fp32) does not. (On CPU, fp16
+    autocast runs without one: CPU fp16 is rare and slow, and the scaler's CPU path is new in torch.)
+
+    The scaler reads its found-inf flag on the host in ``step`` (one sync per step for fp16): bf16 is the
+    precision for sync-free steps on GPUs that have it."""
     if precision == "fp16" and device.type == "cuda":
         return torch.amp.GradScaler("cuda")
     return None
 
 
-def maybe_compile(model: nn.Module, mode: str, device: torch.device, log=print) -> nn.Module:
-    """``torch.compile`` the model (``on``; ``auto`` = on for CUDA only), falling back to eager with a
-    warning when no compiler works here.
+@dataclass(frozen=True)
+class CompileSettings:
+    """How a run compiles its model (``compile_settings``)."""
+
+    enabled: bool
+    mode: str | None = None  # torch.compile's mode; None = its default (inductor, no CUDA graphs)
+    cuda_graphs: bool = False  # the mode records CUDA graphs: the step must mark where each step begins
+
+
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def compile_settings(choice: str, device: torch.device, distributed: bool = False) -> CompileSettings:
+    """``--compile on``, or ``auto`` on CUDA (where an eager step of the from-scratch norms is launch-bound),
+    compiles; ``auto`` stays eager on CPU and MPS (on a CPU the compile costs 10-40 s before the first
+    step for a few percent). ``NORMLAB_COMPILE_MODE`` picks torch.compile's mode (``default``,
+    ``reduce-overhead``, ``max-autotune``, ``max-autotune-no-cudagraphs``).
+
+    CUDA graphs (``reduce-overhead``) are opt-in, not the default: the graph trees allow the in-place
+    updates of BN running statistics (module buffers have static addresses), and shapes are static (the
+    last, shorter batch of an epoch gets its own graph, recorded once), but normlab's custom autograd
+    Functions have not been run under graph replay on a GPU yet, and a replay that overwrites a tensor
+    still in use fails late, past the compile fallback. Under DDP they are never used (its gradient
+    all-reduce hooks run outside the graph)."""
+    enabled = choice == "on" or (choice == "auto" and device.type == "cuda")
+    if not enabled:
+        return CompileSettings(False)
+    mode = os.environ.get("NORMLAB_COMPILE_MODE", "").strip() or None
+    if mode == "default":
+        mode = None
+    if mode in CUDA_GRAPH_MODES and (device.type != "cuda" or distributed):
+        mode = None if mode == "reduce-overhead" else "max-autotune-no-cudagraphs"
+    return CompileSettings(True, mode, mode in CUDA_GRAPH_MODES)
+
+
+def maybe_compile(model: nn.Module, mode: str, device: torch.device, log=print,
+                  settings: CompileSettings | None = None) -> nn.Module:
+    """``torch.compile`` the model as :func:`compile_settings` decides for ``mode`` (on | auto | off), falling
+    back to eager with a warning when no compiler works here.
 
     ``torch.compile`` itself never fails for a missing toolchain: errors surface at the first call. So
     the fallback is made real twice: (1) a tiny function is compiled *and run* on ``device`` first
     (catches a missing or broken C++ compiler / Triton in seconds, before the model is traced), and
     (2) the compiled model is wrapped so that if its first call fails inside the compiler, the run
     continues eager with the same warning instead of crashing.
+
+    ``dynamic=False``: a run sees two batch shapes (full batches and the epoch's last, shorter one); two
+    static graphs, each compiled once, beat one dynamic-shape graph used for every step.
     """
-    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+    settings = settings or compile_settings(mode, device)
+    if not settings.enabled:
         return model
     try:
         torch.compile(_probe, fullgraph=True)(torch.ones(8, device=device))
-        compiled = torch.compile(model)
+        compiled = torch.compile(model, mode=settings.mode, dynamic=False)
     except Exception as exc:  # noqa: BLE001 - any toolchain failure means "run eager"
         _fallback_warning(exc, log)
         return model
