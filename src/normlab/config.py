@@ -66,7 +66,7 @@ class TrainConfig:
     seed: int = 0  # seeds init, data order, augmentation and dropout (splits use fixed seeds); CPU runs are deterministic
     device: str = "auto"  # auto | cpu | cuda | mps
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 uses a grad scaler on CUDA)
-    compile: str = "off"  # auto | on | off: torch.compile the model
+    compile: str = "auto"  # auto | on | off: torch.compile the model (auto: on CUDA only)
     memory_format: str = "channels_last"  # channels_last | contiguous: activation layout (channels_last: faster convs and norms on CPU and GPU, bench/bench_norms.py)
     threads: int | None = None  # CPU threads for this run (None = torch's default)
     eval_batch_size: int = 512  # batch size for evaluation passes
