@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.normlab-installed
 PYTEST_ARGS ?=
 
-.PHONY: help install data demo test test-fast bench bench-quick clean
+.PHONY: help install data demo test test-fast bench bench-quick gpu-check clean
 
 help:
 	@echo "make demo   - the normalization study on the quick preset (Fashion-MNIST subset); prints the report path"
@@ -16,6 +16,7 @@ help:
 	@echo "make test-fast - the suite without the tests marked slow"
 	@echo "make bench  - every benchmark in bench/ (~2.5 h on 2 cores), then rewrite BENCHMARKS.md"
 	@echo "make bench-quick - the same with fewer repeats (a smoke run; numbers are rough)"
+	@echo "make gpu-check - bench/bench_gpu.py on the GPU with the Python that has torch (no install; < 8 min on an H100)"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +45,12 @@ bench: $(STAMP) data
 
 bench-quick: $(STAMP) data
 	$(BIN)/python bench/run_all.py --quick
+
+# The GPU machine's own Python and torch, no virtual environment and no network: normlab from src/
+# (grad-cam for the Grad-CAM part: scripts/gpu-wheels.sh, then install .whl/ there).
+GPU_PYTHON ?= python3
+gpu-check:
+	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) bench/bench_gpu.py --out bench/results/gpu.json
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,10 +1,12 @@
 """Target 2: training images/s of normlab's pipeline vs a conventional PyTorch pipeline, same model and batch.
 
 normlab: the CIFAR-10 JPEG tarball decoded once into normlab's uint8 cache (``load_data``, warm cache),
-then per step exactly what ``normlab.train.loop`` does with its defaults: index the resident uint8 tensor,
-``augment_batch`` (pad 4 + random crop + flip, vectorised), ``normalize``, channels_last, forward/backward/
-SGD step of ResNet-20 with normlab's BatchNorm2d (C++ kernels), glibc malloc tuned (``tune_malloc``;
-process-wide, so the conventional side, measured in the same process, gets it too).
+then per step the very function ``normlab train`` runs (``normlab.train.step.TrainStep``) with its
+defaults: index the resident uint8 tensor, per-step learning rate, ``augment_batch`` (pad 4 + random crop
++ flip, vectorised), ``normalize``, channels_last, forward/backward, gradient norm and non-finite flags,
+SGD step of ResNet-20 with normlab's BatchNorm2d (C++ kernels), gate clamping, loss and confusion sums;
+glibc malloc tuned (``tune_malloc``; process-wide, so the conventional side, measured in the same
+process, gets it too).
 
 conventional: torchvision ``ImageFolder`` over the unpacked JPEG folder, ``DataLoader`` with worker
 processes (``--workers``, default 2 = the machine's cores), PIL transforms (RandomCrop(32, padding=4),
@@ -126,43 +128,52 @@ def normlab_cfg(**kw):
 
 
 def normlab_steps(threads: int, memory_format: str, compile_mode: str, precision: str = "fp32", fuse: bool = True):
-    """The inner step of normlab.train.loop, on normlab's warm uint8 cache, with its defaults (channels_last,
-    tuned malloc -- process-wide, so the conventional side in this process gets it too -- and blocks that
-    fuse BN + ReLU + residual add; ``fuse=False`` for the unfused blocks)."""
-    from normlab.data import augment_batch, load_data, normalize
+    """``normlab train``'s own step (``normlab.train.step.TrainStep``: per-step lr, augmentation, normalize,
+    forward/backward, gradient norm and non-finite flags, SGD, gate clamping, loss and confusion sums, the
+    flag check every 50 steps) over its epoch order, on normlab's warm uint8 cache, with its defaults
+    (channels_last, tuned malloc -- process-wide, so the conventional side in this process gets it too --
+    and blocks that fuse BN + ReLU + residual add; ``fuse=False`` for the unfused blocks). What is left out
+    of a ``normlab train`` epoch: the per-epoch evaluation, probe and checkpoint."""
+    from normlab.data import load_data
     from normlab.models import build_model
-    from normlab.train.loop import epoch_generator
-    from normlab.train.runtime import autocast, maybe_compile, tune_malloc
+    from normlab.train.loop import epoch_generator, memory_format_of
+    from normlab.train.optim import build_optimizer
+    from normlab.train.runtime import maybe_compile, tune_malloc
+    from normlab.train.step import TrainStep
 
     tune_malloc()
-    cfg = normlab_cfg(threads=threads, compile=compile_mode, memory_format=memory_format, precision=precision)
-    channels_last = cfg.memory_format == "channels_last"
+    cfg = normlab_cfg(threads=threads, compile=compile_mode, memory_format=memory_format, precision=precision,
+                      epochs=100)
     data = load_data(cfg)
     torch.manual_seed(0)
     model = build_model(cfg, data.in_channels, data.num_classes).train()
     for m in model.modules():
         if hasattr(m, "fuse"):
             m.fuse = fuse
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = sgd(model)
-    run_model = maybe_compile(model, compile_mode, torch.device("cpu"))
-    train_x, train_y = data.train_x, data.train_y
+    fmt = memory_format_of(cfg)
+    model = model.to(memory_format=fmt)
+    device = torch.device("cpu")
+    opt = build_optimizer(model, cfg)
+    run_model = maybe_compile(model, compile_mode, device)
+    train_x, train_y, bs = data.train_x, data.train_y, cfg.batch_size
+    steps_per_epoch = math.ceil(len(train_x) / bs)
+    step = TrainStep(model, run_model, opt, cfg, device=device, num_classes=data.num_classes, mean=data.mean,
+                     std=data.std, steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * cfg.epochs,
+                     memory_format=fmt)
     epoch = 0
     while True:
         epoch += 1
         order = torch.randperm(len(train_x), generator=epoch_generator(0, epoch, 0))
         gen = epoch_generator(0, epoch, 1)
-        for step in range(len(train_x) // 128):
-            idx = order[step * 128:(step + 1) * 128]
-            xb = normalize(augment_batch(train_x[idx], gen), data.mean, data.std)
-            if channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            with autocast(torch.device("cpu"), precision):
-                loss = F.cross_entropy(run_model(xb).float(), train_y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        step.begin_epoch()
+        for s in range(steps_per_epoch):
+            idx = order[s * bs:(s + 1) * bs]
+            if len(idx) < 2:
+                continue
+            step(train_x.index_select(0, idx), train_y.index_select(0, idx), s, gen,
+                 global_step=((epoch - 1) * steps_per_epoch + s) % step.total_steps)
+            if step.due() and step.check() is not None:
+                raise RuntimeError("the benchmark's normlab run diverged")
             yield
 
 

@@ -130,7 +130,7 @@ def report() -> str:
          f"Python {m['python']}, torch {m['torch']}, torchvision {m['torchvision']}.", "",
          "Numbers are medians with (min–max) over repeats. **Threads:** the norm and scaling benches use 1 torch "
          "thread: on this shared 2-core machine 2 threads made a ResNet-20 step several times slower and far "
-         "noisier whenever another process was busy (`python bench/exp_threads.py`, see the notes at the end). "
+         "noisier whenever another process was busy (`bench/results/exp_threads.log`, see the notes at the end). "
          "The pipeline bench uses torch's default (2) as each pipeline runs out of the box, and 1 as a check.", ""]
 
     def cmd(name, data=None):

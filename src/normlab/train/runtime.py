@@ -30,7 +30,7 @@ def tune_malloc() -> bool:
     By default glibc hands large freed blocks back to the OS (trim, or munmap for blocks it mmapped) and
     faults them in again, zero-filled, at the next allocation: on this CPU a ResNet-20 step took 2,900 to
     24,000 minor page faults depending on where its tensors happened to land, and 3-5% longer than with
-    this tuning (``python bench/exp_malloc.py``: 1-3 faults per step tuned). Blocks up to 32 MB now come from the
+    this tuning (bench/NOTES.md: 1-3 faults per step tuned). Blocks up to 32 MB now come from the
     heap and the heap is never trimmed below 1 GB of free space; larger blocks are still mmapped. Returns
     True when applied (Linux with glibc, and ``NORMLAB_MALLOC`` is not 0).
     """
