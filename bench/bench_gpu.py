@@ -379,8 +379,10 @@ def study(device: torch.device, quick: bool, work: Path) -> dict:
     data = work / "data"
     if not data.is_dir():
         make_folder(data, {"train": 512, "val": 64, "test": 64}, 32)
-    base = ["--preset", "quick", "--norms", "bn,gn,ln,in", "--seeds", "1", "--dataset", "folder", "--data-root",
-            str(data), "--image-size", "32", "--epochs", "2", "--n", "1", "--batch-size", "64",
+    preset = work / "gpu-check.yaml"  # the norm comparison alone: 4 runs, no batch-size or augmentation cells
+    preset.write_text("study:\n  name: gpu-check\n  seeds: 1\n  norms: [bn, gn, ln, in]\n  batch_norms: []\n"
+                      "  augment_norm: bn\n  augment_modes: []\ntrain:\n  dataset: folder\n  epochs: 2\n")
+    base = ["--preset", str(preset), "--data-root", str(data), "--image-size", "32", "--n", "1", "--batch-size", "64",
             "--device", "cpu" if device.type == "cpu" else "cuda", "--compile", "off"]
     out = {}
     plan = normlab("study", *base, "--out", str(work / "plan"), "--plan-only")

@@ -122,7 +122,8 @@ def train(cfg: TrainConfig, *, force: bool = False, resume_dir: str | Path | Non
         if not (out / "config.yaml").is_file():
             raise NormlabError(f"--resume {out}: no config.yaml there; point it at a run folder made by normlab train")
         cfg = make_config(read_yaml(out / "config.yaml"), where=str(out / "config.yaml"))
-    dinfo = dist_utils.setup("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    dinfo = dist_utils.setup("cuda" if (cfg.device == "auto" or cfg.device.startswith("cuda"))
+                             and torch.cuda.is_available() else "cpu")
     progress = EpochProgress(cfg.progress, enabled=dinfo.is_main)
     log = log or progress.log
     if resume_dir is not None:
@@ -170,6 +171,7 @@ def _train(cfg: TrainConfig, out: Path, dinfo, progress: EpochProgress, log) -> 
 
     # Device-resident uint8 data: one copy, no loader processes.
     train_x, train_y = data.train_x.to(device), data.train_y.to(device)
+    val_x, val_y = data.val_x.to(device), data.val_y.to(device)  # evaluated every epoch: copied once
     probe = normalize(data.val_x[: cfg.probe_size].to(device), data.mean, data.std)
     n_train = len(train_x)
     per_rank = cfg.batch_size // dinfo.world_size
@@ -245,7 +247,7 @@ def _train(cfg: TrainConfig, out: Path, dinfo, progress: EpochProgress, log) -> 
             if dist_utils.any_rank(False, dinfo, device):
                 break
             continue
-        val_loss, val_cm, _ = evaluate(model, data.val_x, data.val_y, data, device, cfg.eval_batch_size, cfg.precision, fmt)
+        val_loss, val_cm, _ = evaluate(model, val_x, val_y, data, device, cfg.eval_batch_size, cfg.precision, fmt)
         tr, va = scores_from_confusion(cm), scores_from_confusion(val_cm)
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
                "train_loss": loss_sum.item() / max(1.0, seen_t.item()), "train_error": 1 - tr["acc"],
