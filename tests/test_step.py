@@ -36,6 +36,10 @@ def small_cfg(folder, out, **kw):
     return make_config(base)
 
 
+# Loading reads on the CPU before any device is involved, and a cache hit reads less than a miss.
+LOADING = ("normlab.data.loader", "normlab.data.bundle", "normlab.data.splits", "normlab.data.images")
+
+
 def count_host_reads(monkeypatch) -> collections.Counter:
     """Count host reads of tensor values made by normlab's own code (torch's internals excluded: on CPU
     their reads are no syncs, and on a GPU `bench/bench_gpu.py` checks the whole step with
@@ -46,7 +50,7 @@ def count_host_reads(monkeypatch) -> collections.Counter:
 
         def wrapper(self, *a, _real=real, _name=name, **kw):
             caller = sys._getframe(1).f_globals.get("__name__", "")
-            if caller.startswith("normlab."):
+            if caller.startswith("normlab.") and not caller.startswith(LOADING):
                 counts[f"{caller}.{_name}"] += 1
             return _real(self, *a, **kw)
 
