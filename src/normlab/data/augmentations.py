@@ -136,7 +136,7 @@ def jitter(x: torch.Tensor, g: torch.Generator, brightness: float = 0.4, contras
 
     def gray(t: torch.Tensor) -> torch.Tensor:
         if c == 3:
-            wts = torch.tensor([0.299, 0.587, 0.114], device=dev, dtype=t.dtype).view(1, 3, 1, 1)
+            wts = draws_to(torch.tensor([0.299, 0.587, 0.114], dtype=t.dtype), dev).view(1, 3, 1, 1)
             return (t * wts).sum(1, keepdim=True)
         return t.mean(1, keepdim=True)
 
