@@ -35,6 +35,9 @@ SlurmctldHost=$host
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# a requeued job waits cred_expire seconds before it may start again (default 120): short for tests
+AuthInfo=cred_expire=10
+SchedulerParameters=sched_interval=5,bf_interval=5
 StateSaveLocation=$STATE/spool/ctld
 SlurmdSpoolDir=$STATE/spool/d
 SlurmctldPidFile=$STATE/slurmctld.pid

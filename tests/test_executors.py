@@ -206,7 +206,7 @@ def results(run: Path) -> tuple:
     """What must not depend on the executor or on an interruption: every metric but the timings."""
     s = json.loads((run / "summary.json").read_text())
     with open(run / "metrics.csv") as f:
-        rows = [{k: v for k, v in r.items() if "second" not in k and "img" not in k and "time" not in k}
+        rows = [{k: v for k, v in r.items() if "seconds" not in k and "per_s" not in k}
                 for r in csv.DictReader(f)]
     return rows, {k: s[k] for k in ("train", "val", "test", "status", "best_epoch") if k in s}
 

@@ -66,11 +66,12 @@ class RayExecutor:
         pending: dict = {}
         try:
             cpus, gpus = self.resources(tasks)
-            remote = ray.remote(train_task).options(num_cpus=cpus, num_gpus=gpus, max_retries=self.options.max_retries,
-                                                    retry_exceptions=[RunInterrupted])
+            remote = ray.remote(train_task)
             for task in tasks:
                 task.folder.mkdir(parents=True, exist_ok=True)
-                ref = remote.options(name=f"normlab:{task.name}").remote(str(task.folder), str(task.plan_file), cpus)
+                ref = remote.options(num_cpus=cpus, num_gpus=gpus, max_retries=self.options.max_retries,
+                                     retry_exceptions=[RunInterrupted], name=f"normlab:{task.name}").remote(
+                    str(task.folder), str(task.plan_file), cpus)
                 pending[ref] = (task, time.perf_counter())
             where = self.options.ray_address or "a local Ray instance"
             self.log(f"submitted {len(tasks)} runs to {where} ({cpus} CPU, {gpus:g} GPU each, "
