@@ -164,7 +164,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(kill_env, tmp_path)
     assert not (run / "summary.json").exists()
     killed_after = last_epoch(run)
     assert killed_after in (1, 2), killed_after  # last.pt is always a whole checkpoint
-    assert int((run / ".lock").read_text()) == proc.pid  # a dead process's lock is left behind...
+    assert int((run / ".lock").read_text().split()[0]) == proc.pid  # a dead process's lock is left behind...
     res = _resume(kill_env, run)
     assert res.returncode == 0, res.stderr
     assert f"taking over a stale lock in {run} (process {proc.pid} is gone)" in res.stderr  # ...and taken over
@@ -244,7 +244,7 @@ def test_stale_lock_is_taken_over_with_a_message(tmp_path):
     (tmp_path / "keep.tmp").write_bytes(b"not ours")
     messages: list[str] = []
     with RunLock(tmp_path, messages.append):
-        assert (tmp_path / ".lock").read_text() == str(os.getpid())
+        assert (tmp_path / ".lock").read_text().split()[0] == str(os.getpid())
         assert not list(tmp_path.glob(".*.tmp"))  # stale temp files of a killed writer are removed
         assert (tmp_path / "keep.tmp").exists()
     assert messages == [f"taking over a stale lock in {tmp_path} (process {pid} is gone)"]
@@ -257,7 +257,7 @@ def test_empty_or_garbage_lock_is_stale(tmp_path, content):
     (tmp_path / ".lock").write_text(content)
     messages: list[str] = []
     with RunLock(tmp_path, messages.append):
-        assert (tmp_path / ".lock").read_text() == str(os.getpid())
+        assert (tmp_path / ".lock").read_text().split()[0] == str(os.getpid())
     assert all("stale lock" in m for m in messages) and len(messages) == (content != "")
 
 

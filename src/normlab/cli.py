@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="accept a study folder made with other settings")
     p.add_argument("--plan-only", action="store_true",
                    help="write the plan (plan/<run>.yaml) and print one `normlab train` command per run, e.g. for a cluster")
+    from normlab.study.executors import add_executor_flags  # stdlib only: cheap to import
+
+    add_executor_flags(p)
     group = p.add_argument_group("train settings shared by every run (override the preset)")
     for f in fields(TrainConfig):
         if f.name != "out":
@@ -157,11 +160,13 @@ def _split_list(text: str | None) -> list[str] | None:
 
 def cmd_study(args: argparse.Namespace) -> int:
     from normlab.study import run_study
+    from normlab.study.executors import options_from_args
 
     study_over = {k: v for k, v in {"seeds": args.seeds, "gradcam_classes": _split_list(args.classes),
                                      "norms": _split_list(args.norms)}.items() if v is not None}
     report = run_study(args.preset, args.out, study_overrides=study_over, train_overrides=config_overrides(args),
-                       jobs=args.jobs, force=args.force, plan_only=args.plan_only)
+                       jobs=args.jobs, force=args.force, plan_only=args.plan_only,
+                       executor_options=options_from_args(args))
     print(report)
     return 0
 

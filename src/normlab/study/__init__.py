@@ -11,6 +11,7 @@ from normlab.config import dump_yaml, read_yaml
 from normlab.errors import NormlabError
 from normlab.io import read_json, write_json, write_text
 from normlab.study.plan import StudyConfig, check_base, load_preset, make_study_config, plan_runs, study_record
+from normlab.study.executors import make_options
 from normlab.study.runner import check_study_dir, execute
 
 __all__ = ["StudyConfig", "analyse_study", "run_study"]
@@ -18,7 +19,7 @@ __all__ = ["StudyConfig", "analyse_study", "run_study"]
 
 def run_study(spec: str, out: str | Path | None = None, *, study_overrides: dict[str, Any] | None = None,
               train_overrides: dict[str, Any] | None = None, jobs: int = 1, force: bool = False,
-              plan_only: bool = False, log=print) -> Path:
+              plan_only: bool = False, log=print, executor_options: dict[str, Any] | None = None) -> Path:
     """Run the study described by preset/YAML ``spec`` (with overrides) in ``out``; return the report path."""
     t0 = time.perf_counter()
     study_data, train_data, path = load_preset(spec)
@@ -35,7 +36,8 @@ def run_study(spec: str, out: str | Path | None = None, *, study_overrides: dict
     write_json(study_dir / "plan.json", [dataclasses.asdict(r) for r in runs])
     state_path = study_dir / "state.json"
     previous = read_json(state_path).get("wall_seconds", 0.0) if state_path.is_file() else 0.0
-    outcome = execute(study_dir, runs, jobs=jobs, log=log, plan_only=plan_only)
+    outcome = execute(study_dir, runs, jobs=jobs, log=log, plan_only=plan_only,
+                      options=make_options(study.executor, executor_options))
     if plan_only:
         return study_dir / "plan.json"
     analyse_study(study_dir, log=log)

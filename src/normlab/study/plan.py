@@ -47,6 +47,7 @@ class StudyConfig:
     gradcam_classes: list[str] | None = None  # Grad-CAM classes (None = every class, capped at gradcam_max_classes)
     gradcam_per_class: int = 5  # correct and misclassified val images per class
     gradcam_max_classes: int = 10  # cap when gradcam_classes is None
+    executor: dict[str, Any] = field(default_factory=dict)  # where runs execute: ExecutorOptions in study/executors
 
     def validate(self) -> StudyConfig:
         if self.seeds < 1:

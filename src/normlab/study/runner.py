@@ -1,61 +1,36 @@
 """Run a study's plan: each run is a ``normlab train`` child process in ``<study>/runs/<name>``.
 
 Re-running the same command skips finished runs (``summary.json``) and resumes unfinished ones from
-``last.pt``. ``jobs`` runs go at once: one per visible GPU, or CPU processes sharing the cores. A run
-that fails is recorded and the study goes on; the report shows it.
+``last.pt``. Where the runs execute is the executor's business (``normlab.study.executors``: ``local``
+child processes, ``jobs`` at a time, or one Ray task / Slurm array job per run); this module decides what
+to run and records how each run ended, as it ends. A run that fails is recorded and the study goes on;
+the report shows it.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
-import os
-import subprocess
-import sys
-import time
+import threading
 from pathlib import Path
-
-import torch
+from typing import Any, Callable
 
 from normlab.config import dump_yaml
 from normlab.errors import NormlabError
 from normlab.io import read_json, write_json, write_text
+from normlab.study.executors import ExecutorOptions, RunTask, make_executor, make_options, run_state, train_command
 from normlab.study.plan import Run
+from normlab.train.runtime import RunLock
+
+__all__ = ["HARMLESS", "check_study_dir", "execute", "run_state"]
 
 
-def run_state(folder: Path) -> str:
-    if (folder / "summary.json").is_file():
-        return "finished"
-    if (folder / "last.pt").is_file():
-        return "partial"
-    return "new"
-
-
-def _command(run: Run, folder: Path, plan_file: Path) -> list[str]:
-    base = [sys.executable, "-m", "normlab", "train"]
-    state = run_state(folder)
-    if state == "partial":
-        return base + ["--resume", str(folder)]
-    # "new": nothing worth keeping (at most a config.yaml of a run killed before its first epoch ended)
-    return base + ["--config", str(plan_file), "--out", str(folder), "--force"]
-
-
-def _env(slot: int, jobs: int, device: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    gpus = torch.cuda.device_count() if device in ("auto", "cuda") else 0
-    if gpus:
-        env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
-    else:  # split the cores between the concurrent CPU runs
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    if jobs > 1:
-        env["NORMLAB_PROGRESS"] = "plain"
-    return env
-
-
-def execute(study_dir: Path, runs: list[Run], jobs: int = 1, log=print, plan_only: bool = False) -> dict[str, str]:
-    """Run (or skip, or resume) every run; return name -> final state (finished | failed | skipped).
-    ``plan_only`` writes ``plan/<name>.yaml`` and prints one ``normlab train`` command per run instead."""
+def execute(study_dir: Path, runs: list[Run], jobs: int = 1, log=print, plan_only: bool = False,
+            options: ExecutorOptions | dict[str, Any] | None = None,
+            on_finished: Callable[[str, str], None] | None = None) -> dict[str, str]:
+    """Run (or skip, or resume) every run; return name -> final state (finished | failed | skipped | busy).
+    ``plan_only`` writes ``plan/<name>.yaml`` and prints one ``normlab train`` command per run instead.
+    ``on_finished(name, state)`` is called (one call at a time) as each run ends, e.g. to update results."""
+    if not isinstance(options, ExecutorOptions):
+        options = make_options(options)
     runs_dir, plan_dir = study_dir / "runs", study_dir / "plan"
     outcome: dict[str, str] = {}
     todo = []
@@ -69,60 +44,52 @@ def execute(study_dir: Path, runs: list[Run], jobs: int = 1, log=print, plan_onl
             todo.append((run, folder, plan_file))
     if plan_only:
         for run, folder, plan_file in todo:
-            log(" ".join(c for c in _command(run, folder, plan_file)[2:] if c != "--force"))
+            log(" ".join(c for c in train_command(folder, plan_file)[2:] if c != "--force"))
         return {run.name: "planned" for run, _, _ in todo}
+    tasks = []
+    for run, folder, plan_file in todo:
+        try:  # a run still going (an earlier study command, another node): leave it alone
+            RunLock.check_free(folder)
+        except NormlabError as e:
+            log(f"{run.name}: not started, {e}")
+            outcome[run.name] = "busy"
+            continue
+        tasks.append(RunTask(run.name, folder, plan_file, str(run.config.get("device", "auto"))))
+    for i, task in enumerate(tasks, 1):
+        task.index, task.total = i, len(tasks)
+    executor = make_executor(options, jobs, study_dir, log=log)
     skipped = len(runs) - len(todo)
-    log(f"study {study_dir}: {len(runs)} runs, {skipped} already finished, {len(todo)} to run"
-        + (f" ({jobs} at a time)" if jobs > 1 else ""))
-    if jobs > 1 and any(r.config["device"] != "cpu" for r, _, _ in todo) and torch.cuda.device_count():
-        jobs = min(jobs, torch.cuda.device_count())
-    slots = list(range(jobs))
+    how = f" ({jobs} at a time)" if jobs > 1 and executor.name == "local" else ""
+    how += f" on {executor.name}" if executor.name != "local" else ""
+    log(f"study {study_dir}: {len(runs)} runs, {skipped} already finished, {len(tasks)} to run{how}")
+    lock = threading.Lock()
 
-    def one(item: tuple[Run, Path, Path], index: int) -> tuple[str, str]:
-        run, folder, plan_file = item
-        slot = slots.pop() if slots else 0
-        try:
-            cmd = _command(run, folder, plan_file)
-            verb = "resuming" if "--resume" in cmd else "starting"
-            log(f"[{index}/{len(todo)}] {verb} {run.name}")
-            t0 = time.perf_counter()
-            folder.mkdir(parents=True, exist_ok=True)
-            if jobs == 1:
-                proc = subprocess.run(cmd, env=_env(slot, jobs, run.config["device"]))
-            else:
-                with open(folder / "train.log", "a") as logf:
-                    proc = subprocess.run(cmd, env=_env(slot, jobs, run.config["device"]), stdout=logf,
-                                          stderr=subprocess.STDOUT)
-            ok = proc.returncode == 0 and (folder / "summary.json").is_file()
-            state = "finished" if ok else "failed"
+    def report(task: RunTask, returncode: int | None, seconds: float, note: str) -> None:
+        folder = task.folder
+        ok = returncode == 0 and (folder / "summary.json").is_file()
+        with lock:
             if ok:
                 s = read_json(folder / "summary.json")
                 extra = f"test acc {s['test']['acc']:.4f}" if s.get("test") else s.get("status", "")
-                log(f"[{index}/{len(todo)}] {run.name}: {s.get('status')} in {time.perf_counter() - t0:.0f}s, {extra}")
+                log(f"[{task.index}/{task.total}] {task.name}: {s.get('status')} in {seconds:.0f}s, {extra}")
             else:
-                log(f"[{index}/{len(todo)}] {run.name}: FAILED (exit code {proc.returncode}); the study goes on"
-                    + (f"; see {folder / 'train.log'}" if jobs > 1 else ""))
-                write_json(folder / "failed.json", {"returncode": proc.returncode, "command": cmd})
-            return run.name, state
-        finally:
-            slots.append(slot)
+                code = "no exit code" if returncode is None else f"exit code {returncode}"
+                log(f"[{task.index}/{task.total}] {task.name}: FAILED ({code}); the study goes on"
+                    + (f"; {note}" if note else ""))
+                write_json(folder / "failed.json", {"returncode": returncode, "executor": executor.name,
+                                                    "note": note, "command": train_command(folder, task.plan_file)})
+            state = outcome[task.name] = "finished" if ok else "failed"
+            if on_finished is not None:
+                on_finished(task.name, state)
 
-    if jobs == 1:
-        for i, item in enumerate(todo, 1):
-            name, state = one(item, i)
-            outcome[name] = state
-    else:
-        with cf.ThreadPoolExecutor(jobs) as pool:
-            futures = [pool.submit(one, item, i) for i, item in enumerate(todo, 1)]
-            for fut in futures:
-                name, state = fut.result()
-                outcome[name] = state
+    if tasks:
+        executor.run(tasks, report)
     return outcome
 
 
 # Changing these adds runs or redoes analyses without invalidating finished runs.
 HARMLESS = {("study", "seeds"), ("study", "name"), ("study", "gradcam_classes"), ("study", "gradcam_per_class"),
-            ("study", "gradcam_max_classes"), ("train", "progress")}
+            ("study", "gradcam_max_classes"), ("study", "executor"), ("train", "progress")}
 
 
 def check_study_dir(study_dir: Path, record: dict, force: bool) -> None:
