@@ -370,7 +370,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if args.config:
             raise NormlabError("--resume takes the run's saved config; drop --config (or start a new run with --out)")
-        train(None, resume_dir=args.resume, changes=config_overrides(args))  # type: ignore[arg-type]
+        changes = config_overrides(args)
+        if changes and (Path(args.resume) / "summary.json").is_file():
+            raise NormlabError(f"--resume {args.resume}: the run is finished (summary.json exists), so there is "
+                               f"nothing to continue with {', '.join(sorted(changes))}; start a new run with --out")
+        train(None, resume_dir=args.resume, changes=changes)  # type: ignore[arg-type]
         return 0
     cfg = load_config(args.config, **config_overrides(args))
     check_pretrained_file(cfg)  # before any data is loaded
