@@ -648,3 +648,24 @@ def test_checkpoint_without_model_is_one_line(tmp_path):
     torch.save([1, 2, 3], tmp_path / "y.pt")
     with pytest.raises(NormlabError, match="not a normlab checkpoint"):
         load_checkpoint(tmp_path / "y.pt")
+
+
+# ---------------------------------------------------------------------------------- file permissions
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_result_files_honour_the_umask_like_open(umask, mode, tmp_path, monkeypatch):
+    """A study folder on a shared disk must be readable by the group: atomic writes get open()'s mode."""
+    import normlab.io as nio
+
+    monkeypatch.setattr(nio, "_UMASK", None)  # the umask is read once per process
+    old = os.umask(umask)
+    try:
+        nio.write_json(tmp_path / "summary.json", {"a": 1})
+        nio.save_torch(tmp_path / "last.pt", {"w": torch.zeros(2)})
+        (tmp_path / "plain.txt").write_text("x")  # what open() gives under this umask
+    finally:
+        os.umask(old)
+    for name in ("summary.json", "last.pt", "plain.txt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
+    assert nio.read_json(tmp_path / "summary.json") == {"a": 1}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left behind

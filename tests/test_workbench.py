@@ -14,13 +14,14 @@ from PIL import Image
 from torch import nn
 
 from normlab.cli import main
-from normlab.config import make_config
+from normlab.config import make_config, parse_head
 from normlab.data.augment import augment_batch
 from normlab.data.augmentations import AUGMENTATIONS, apply_augment, parse_params
 from normlab.errors import NormlabError
 from normlab.models import build_model
-from normlab.models import transfer
-from normlab.models.transfer import freeze_units, make_head, parse_head, replace_norms
+from normlab.models import torchvision_resnet
+from normlab.models.build import freeze_units, make_head
+from normlab.models.swap import replace_norms
 from normlab.norms import NORMS, BatchNorm2d, GroupNorm2d, norm_layer
 from normlab.train.optim import build_optimizer
 
@@ -133,7 +134,7 @@ def test_pretrained_errors(tmp_path, monkeypatch):
     def offline(*_a, **_k):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(transfer, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torchvision_resnet, "load_state_dict_from_url", offline)
     with pytest.raises(NormlabError, match="could not be downloaded") as info:
         build_model(_r18_cfg(pretrained="imagenet"), 3, 4)
     assert "\n" not in str(info.value) and "--pretrained PATH" in str(info.value)

@@ -1,5 +1,5 @@
 import sys
 
-from normlab.cli import main
+from normlab.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

@@ -1,135 +1,303 @@
-"""The ``normlab`` command: ``train`` (one run); every bad input ends in one line on stderr, exit code 2.
+"""The ``normlab`` command: train, study, report, gradcam, activations, augment-preview, completion.
 
-Every ``TrainConfig`` field is a flag (``gn_groups`` -> ``--gn-groups``) whose help is the field's comment;
-flags override ``--config FILE`` which overrides the defaults.
+Every ``TrainConfig`` field is a flag (``gn_groups`` -> ``--gn-groups``) whose type, choices and help come
+from the field (``normlab.config.setting``) and the registries (``normlab.registry``); flags override
+``--config FILE``, which overrides the defaults. Every bad input ends in one line on stderr, exit code 2.
+
+Nothing here imports torch at module level, so ``normlab --version`` works (and says what is missing)
+where PyTorch is not installed yet.
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
-import inspect
+import functools
 import re
 import sys
+import warnings
+from collections.abc import Mapping
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from normlab.config import TrainConfig
+from normlab import __version__
 from normlab.errors import NormlabError
 
-
-def _field_comments() -> dict[str, str]:
-    """``name: type = default  # comment`` lines of TrainConfig -> {name: comment}."""
-    comments = {}
-    for line in inspect.getsource(TrainConfig).splitlines():
-        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
-        if m:
-            comments[m.group(1)] = m.group(2)
-    return comments
+SHELLS = ("bash", "zsh")
+PATH_SETTINGS = {"data_root": "PATH", "pretrained": "PATH|imagenet", "out": "DIR"}
+METAVARS = {**PATH_SETTINGS, "augment": "NAME,...", "augment_params": "NAME.KEY=V,...", "head": "linear|mlp:H,..."}
+SHTAB_FILE = {"bash": "_shtab_compgen_files", "zsh": "_files", "tcsh": "f"}  # = shtab.FILE (shtab is imported only
+# by `normlab completion`)
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One ``--flag`` per config field; values stay strings here and are type-checked by ``make_config``."""
-    parser.add_argument("--config", metavar="FILE", help="YAML file of settings (flags override it)")
-    comments = _field_comments()
-    group = parser.add_argument_group("settings (override the config file)")
+# ---------------------------------------------------------------------------------- settings as flags
+
+class BoolFlag(argparse.Action):
+    """``--flag`` / ``--no-flag``, and ``--flag true|false`` as in YAML (the README's ``--sync-bn false``)."""
+
+    def __init__(self, option_strings, dest, default=None, type=None, help=None, **_):
+        negatives = [f"--no-{o[2:]}" for o in option_strings if o.startswith("--")]
+        super().__init__(option_strings + negatives, dest, nargs="?", default=default, type=type,
+                         metavar="true|false", help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string and option_string.startswith("--no-"):
+            if values is not None:
+                parser.error(f"{option_string} takes no value")
+            setattr(namespace, self.dest, False)
+        else:
+            setattr(namespace, self.dest, True if values is None else values)
+
+    def format_usage(self) -> str:
+        return " | ".join(self.option_strings)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if isinstance(action, BoolFlag):  # "--flag [true|false], --no-flag" instead of a value on both
+            positive, negative = action.option_strings[0], action.option_strings[-1]
+            return f"{positive} [{action.metavar}], {negative}"
+        return super()._format_action_invocation(action)
+
+
+def _typed(name: str):
+    """An argparse ``type`` that checks a value like the config file's loader does, with a one-line message."""
+    from normlab.config import _coerce, type_words
+
+    def convert(text: str):
+        try:
+            return _coerce(name, text)
+        except NormlabError:
+            raise argparse.ArgumentTypeError(f"expected {type_words(name)}, got {text!r}") from None
+
+    convert.__name__ = name
+    return convert
+
+
+def _describe(choices) -> str:
+    """``name: what it is`` for registries that describe their entries (models, shortcuts)."""
+    if not isinstance(choices, Mapping):
+        return ""
+    described = [(k, v if isinstance(v, str) else getattr(v, "help", None)) for k, v in choices.items()]
+    if not all(d for _, d in described):
+        return ""
+    return " (" + "; ".join(f"{k}: {d}" for k, d in described) + ")"
+
+
+def _metavar(f) -> str | None:
+    kind = str(f.type)
+    if f.name in METAVARS:
+        return METAVARS[f.name]
+    return ("X,Y,..." if kind.startswith("list") else "N" if "int" in kind else "X" if "float" in kind
+            else "TEXT")
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, title: str, skip: tuple[str, ...] = ()) -> None:
+    """One ``--flag`` per ``TrainConfig`` field. Defaults stay None here, so that only what the command line
+    sets overrides the config file or preset; the help shows the real default."""
+    from normlab.config import TrainConfig
+
+    group = parser.add_argument_group(title)
+    cfg = TrainConfig()
     for f in fields(TrainConfig):
+        if f.name in skip:
+            continue
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        if f.name == "out":
+            default = f"runs/{cfg.run_name()} for these defaults"
+        if isinstance(default, list):
+            default = ",".join(map(str, default))
+        choices = f.metadata.get("choices")
+        help_text = f"{f.metadata.get('help', '')}{_describe(choices)}"
+        if default is not None:  # an unset default is explained by the help text itself ("unset: ...")
+            help_text += f" [default: {default}]"
         # --depth: the same as --n, for torchrun, whose own parser rejects `--n` as an ambiguous abbreviation
         names = [f"--{f.name.replace('_', '-')}"] + (["--depth"] if f.name == "n" else [])
-        group.add_argument(*names, dest=f.name, default=None, metavar="V",
-                           help=f"{comments.get(f.name, '')} [default: {default}]")
+        if str(f.type) == "bool":
+            group.add_argument(*names, dest=f.name, action=BoolFlag, type=_typed(f.name), help=help_text)
+            continue
+        action = group.add_argument(*names, dest=f.name, default=None, type=_typed(f.name), help=help_text,
+                                    choices=list(choices) if choices is not None else None,
+                                    metavar=None if choices is not None else _metavar(f))
+        if f.name in PATH_SETTINGS:
+            action.complete = SHTAB_FILE
 
 
 def config_overrides(args: argparse.Namespace) -> dict:
+    from normlab.config import TrainConfig
+
     return {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
 
 
+def _comma_list(registry_name: str):
+    """An argparse ``type`` for a comma-separated list of registry names (``--norms bn,gn``)."""
+
+    def convert(text: str) -> list[str]:
+        from normlab import registry
+
+        names = [t.strip() for t in text.split(",") if t.strip()]
+        allowed = getattr(registry, registry_name)
+        for name in names:
+            if name not in allowed:
+                close = difflib.get_close_matches(name, list(allowed), n=1, cutoff=0.4)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise argparse.ArgumentTypeError(f"{name!r} is not one of {', '.join(allowed)}{hint}")
+        return names
+
+    convert.__name__ = registry_name.lower()
+    return convert
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+# ------------------------------------------------------------------------------------------- parser
+
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (``normlab: error: ...``) and a did-you-mean for unknown flags."""
+    """argparse with one-line errors (``normlab: error: ...``) and did-you-mean hints drawn from the
+    command actually given (not from every command's flags)."""
 
     def error(self, message: str):  # type: ignore[override]
-        m = re.match(r"unrecognized arguments: (\S+)", message)
+        message = " ".join(message.split())
+        m = re.match(r"unrecognized arguments: (.*)", message)
         if m:
-            flags = [o for a in self._actions for o in a.option_strings]
-            for sub in self._subparsers._group_actions if self._subparsers else []:
-                for p in getattr(sub, "choices", {}).values():
-                    flags += [o for a in p._actions for o in a.option_strings]
-            close = difflib.get_close_matches(m.group(1).split("=")[0], flags, n=1)
+            flags = [o for a in self._command_parser()._actions for o in a.option_strings]
+            hints = []
+            for token in m.group(1).split():
+                if token.startswith("-"):
+                    close = difflib.get_close_matches(token.split("=")[0], flags, n=1)
+                    if close and close[0] != token.split("=")[0]:
+                        hints.append(f"{token}: did you mean {close[0]}?")
+            if hints:
+                message += f" ({'; '.join(hints)})"
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m:
+            options = re.findall(r"'([^']*)'", m.group(2)) or [o.strip() for o in m.group(2).split(",")]
+            close = difflib.get_close_matches(m.group(1), options, n=1, cutoff=0.4)
             if close:
-                message += f" (did you mean {close[0]}?)"
-        self.exit(2, f"normlab: error: {message}; see `{self.prog} --help`\n")
+                message += f" (did you mean {close[0]!r}?)"
+        self.exit(2, f"normlab: error: {message}; see `{self._command_parser().prog} --help`\n")
+
+    def _command_parser(self) -> argparse.ArgumentParser:
+        """The parser of the subcommand on the command line (the top-level one sees every error first)."""
+        argv = getattr(self, "argv", None) or []
+        sub = next((a for a in self._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if sub is not None:
+            for token in argv:
+                if token in sub.choices:
+                    return sub.choices[token]
+        return self
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        self.argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_args(args, namespace)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="normlab", description=__doc__.splitlines()[0])
+    parser = Parser(prog="normlab", description="normalization layers (BN, IN, BIN, LN, GN) in CIFAR-style ResNets: "
+                    "train one model, run a whole study and its report, look inside runs",
+                    formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"normlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+    sub.add_parser = functools.partial(sub.add_parser, formatter_class=HelpFormatter)  # type: ignore[method-assign]
     p = sub.add_parser("train", help="train one model; writes a run folder")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
+    from normlab.config import RESUME_SAFE
+
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its last.pt, with its saved settings; only "
+                        f"{', '.join('--' + k.replace('_', '-') for k in RESUME_SAFE)} may change (epochs can only "
+                        "grow)")
     p.add_argument("--force", action="store_true", help="overwrite an output folder that already holds a run")
-    add_config_flags(p)
+    p.add_argument("--config", metavar="FILE", help="YAML file of settings (flags override it)")
+    add_setting_flags(p, "settings (override the config file)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("study", help="run a whole comparison (norms, batch sizes, augmentation) and write its report")
-    p.add_argument("--preset", default="quick", help="preset name in configs/ (quick, cifar10-paper, birds) or a YAML path")
-    p.add_argument("--out", metavar="DIR", help="study folder (default: studies/<preset name>)")
-    p.add_argument("--seeds", type=int, help="seeds per cell (mean ± std in the tables when > 1)")
-    p.add_argument("--jobs", type=int, default=1, help="runs at once: one per visible GPU, or CPU processes")
-    p.add_argument("--classes", help="comma-separated class names for Grad-CAM (default: every class, capped)")
-    p.add_argument("--norms", help="comma-separated norms to compare (default: all seven)")
-    p.add_argument("--force", action="store_true", help="accept a study folder made with other settings")
-    p.add_argument("--plan-only", action="store_true",
-                   help="write the plan (plan/<run>.yaml) and print one `normlab train` command per run, e.g. for a cluster")
-    from normlab.study.executors import add_executor_flags  # stdlib only: cheap to import
-
-    add_executor_flags(p)
-    group = p.add_argument_group("train settings shared by every run (override the preset)")
-    for f in fields(TrainConfig):
-        if f.name != "out":
-            group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, metavar="V")
+    add_study_flags(p)
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("report", help="(re)write the report of a study folder from its saved runs")
-    p.add_argument("study_dir", metavar="STUDY_DIR")
+    p.add_argument("study_dir", metavar="STUDY_DIR", help="a folder made by `normlab study`")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("gradcam", help="Grad-CAM galleries for one run folder")
-    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a folder made by `normlab train`")
     p.add_argument("--classes", help="comma-separated class names (default: every class, capped at --max-classes)")
-    p.add_argument("--per-class", type=int, default=5, help="correct and misclassified images per class")
-    p.add_argument("--max-classes", type=int, default=10)
-    p.add_argument("--split", default="val", choices=("val", "test", "train"))
+    p.add_argument("--per-class", type=int, default=5, metavar="N",
+                   help="correct and misclassified images per class [default: 5]")
+    p.add_argument("--max-classes", type=int, default=10, metavar="N",
+                   help="classes shown when --classes is not given [default: 10]")
+    p.add_argument("--split", default="val", choices=("val", "test", "train"), help="images from this split [default: val]")
     p.add_argument("--out", metavar="DIR", help="output folder (default: RUN_DIR/gradcam)")
     p.set_defaults(func=cmd_gradcam)
 
     p = sub.add_parser("augment-preview", help="a grid of one image under each augmentation of the catalogue")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--image", metavar="FILE", help="the image to augment")
-    src.add_argument("--dataset", help="take the first training image of this data set (with --data-root)")
-    p.add_argument("--data-root", metavar="DIR", help="data folder/tarball for --dataset")
-    p.add_argument("--image-size", type=int, help="resize the image to this square size first")
-    p.add_argument("--augment", help="comma-separated augmentations (default: the whole catalogue)")
-    p.add_argument("--augment-params", help="settings, e.g. cutout.size=8,rotation.degrees=15")
-    p.add_argument("--samples", type=int, default=6, help="random draws per augmentation (columns)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", metavar="FILE", default="augment-preview.png", help="output PNG")
+    src.add_argument("--dataset", type=_typed("dataset"), help="take the first training image of this data set "
+                     "(with --data-root)")
+    p.add_argument("--data-root", metavar="PATH", help="data folder/tarball for --dataset")
+    p.add_argument("--image-size", type=int, metavar="N", help="resize the image to this square size first")
+    p.add_argument("--augment", type=_comma_list("AUGMENTATIONS"), metavar="NAME,...",
+                   help="comma-separated augmentations (default: the whole catalogue)")
+    p.add_argument("--augment-params", metavar="NAME.KEY=V,...", help="settings, e.g. cutout.size=8,rotation.degrees=15")
+    p.add_argument("--samples", type=int, default=6, metavar="N", help="random draws per augmentation (columns) [default: 6]")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the random draws [default: 0]")
+    p.add_argument("--out", metavar="FILE", default="augment-preview.png", help="output PNG [default: augment-preview.png]")
     p.set_defaults(func=cmd_augment_preview)
 
     p = sub.add_parser("activations", help="feature maps after the stem and each stage of a run for one image")
-    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a folder made by `normlab train`")
     p.add_argument("--image", metavar="FILE", required=True, help="image file (resized/normalised like the run's data)")
-    p.add_argument("--channels", type=int, default=16, help="feature maps per figure (first N channels)")
+    p.add_argument("--channels", type=int, default=16, metavar="N", help="feature maps per figure (first N channels) "
+                   "[default: 16]")
     p.add_argument("--out", metavar="DIR", help="output folder (default: RUN_DIR/activations)")
     p.set_defaults(func=cmd_activations)
+
+    p = sub.add_parser("completion", help="print a shell completion script: eval \"$(normlab completion bash)\"")
+    p.add_argument("shell", choices=SHELLS, help="the shell to complete in")
+    p.set_defaults(func=cmd_completion)
     return parser
 
 
+def add_study_flags(p: argparse.ArgumentParser) -> None:
+    """The study command's flags, in groups: the study file, the study's own settings, how runs are executed,
+    and the train settings shared by every run. A new executor option goes into the ``execution`` group."""
+    from normlab.study.plan import StudyConfig, preset_names
+
+    defaults = StudyConfig()
+    spec = p.add_argument_group("what to run")
+    which = spec.add_mutually_exclusive_group()
+    which.add_argument("--preset", metavar="NAME|FILE",
+                       help=f"a preset ({', '.join(preset_names())}) or a YAML study file [default: quick]")
+    which.add_argument("--config", metavar="FILE", help="a YAML study file (`study:` and `train:` parts), like --preset FILE")
+    spec.add_argument("--out", metavar="DIR", help="study folder [default: studies/<the study's name>]")
+    own = p.add_argument_group("study settings (override the preset's `study:` part)")
+    own.add_argument("--seeds", type=int, metavar="K", help="seeds per cell (mean ± std in the tables when > 1)")
+    own.add_argument("--norms", type=_comma_list("NORMS"), metavar="NAME,...",
+                     help=f"norms compared [default: {','.join(defaults.norms)}]")
+    own.add_argument("--classes", type=_names, metavar="NAME,...",
+                     help="class names for Grad-CAM [default: every class, capped]")
+    run = p.add_argument_group("execution")
+    run.add_argument("--jobs", type=int, default=1, metavar="J", help="runs at once: one per visible GPU, or J CPU "
+                     "processes with the cores split between them [default: 1]")
+    run.add_argument("--force", action="store_true", help="accept a study folder made with other settings")
+    run.add_argument("--plan-only", action="store_true",
+                     help="write the plan (plan/<run>.yaml) and print one `normlab train` command per run, e.g. for a cluster")
+    from normlab.study.executors import add_executor_flags  # stdlib only: cheap to import
+
+    add_executor_flags(p)
+    add_setting_flags(p, "train settings shared by every run (override the preset's `train:` part)", skip=("out",))
+
+
+# ----------------------------------------------------------------------------------------- commands
+
 def cmd_augment_preview(args: argparse.Namespace) -> int:
-    from normlab.data.augmentations import parse_spec, preview_augmentations
+    from normlab.data.augmentations import preview_augmentations
 
     if args.samples < 1 or (args.image_size is not None and args.image_size < 1):
         raise NormlabError("--samples and --image-size must be >= 1")
-    names = parse_spec(args.augment) if args.augment else None
     if args.image:
         from normlab.analysis.activations import read_image
 
@@ -141,7 +309,7 @@ def cmd_augment_preview(args: argparse.Namespace) -> int:
         over = {"dataset": args.dataset, "data_root": args.data_root, "image_size": args.image_size}
         data = load_data(make_config({k: v for k, v in over.items() if v is not None}, where="augment-preview"))
         img = data.train_x[0]
-    print(preview_augmentations(img, args.out, names, args.augment_params, samples=args.samples, seed=args.seed))
+    print(preview_augmentations(img, args.out, args.augment, args.augment_params, samples=args.samples, seed=args.seed))
     return 0
 
 
@@ -154,19 +322,15 @@ def cmd_activations(args: argparse.Namespace) -> int:
     return 0
 
 
-def _split_list(text: str | None) -> list[str] | None:
-    return [t.strip() for t in text.split(",") if t.strip()] if text else None
-
-
 def cmd_study(args: argparse.Namespace) -> int:
     from normlab.study import run_study
     from normlab.study.executors import options_from_args
 
-    study_over = {k: v for k, v in {"seeds": args.seeds, "gradcam_classes": _split_list(args.classes),
-                                     "norms": _split_list(args.norms)}.items() if v is not None}
-    report = run_study(args.preset, args.out, study_overrides=study_over, train_overrides=config_overrides(args),
-                       jobs=args.jobs, force=args.force, plan_only=args.plan_only,
-                       executor_options=options_from_args(args))
+    study_over = {k: v for k, v in {"seeds": args.seeds, "gradcam_classes": args.classes,
+                                     "norms": args.norms}.items() if v is not None}
+    report = run_study(args.config or args.preset or "quick", args.out, study_overrides=study_over,
+                       train_overrides=config_overrides(args), jobs=args.jobs, force=args.force,
+                       plan_only=args.plan_only, executor_options=options_from_args(args))
     print(report)
     return 0
 
@@ -195,8 +359,8 @@ def cmd_gradcam(args: argparse.Namespace) -> int:
     from normlab.analysis.gradcam import run_gradcam
 
     run_dir = _existing(args.run_dir, "run folder")
-    index = run_gradcam(run_dir, classes=_split_list(args.classes), per_class=args.per_class, split=args.split,
-                        max_classes=args.max_classes, out_dir=args.out)
+    index = run_gradcam(run_dir, classes=_names(args.classes) if args.classes else None, per_class=args.per_class,
+                        split=args.split, max_classes=args.max_classes, out_dir=args.out)
     out = Path(args.out) if args.out else run_dir / "gradcam"
     for name, entry in index["classes"].items():
         print(out / entry["file"])
@@ -204,28 +368,57 @@ def cmd_gradcam(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from normlab.config import load_config
+    from normlab.config import check_pretrained_file, load_config
     from normlab.train.loop import train
 
     if args.resume:
-        extra = set(config_overrides(args)) | ({"config"} if args.config else set())
-        if extra:
-            raise NormlabError(f"--resume takes the run's saved config; drop {', '.join(sorted(extra))} "
-                               "(or start a new run with --out)")
-        train(None, resume_dir=args.resume)  # type: ignore[arg-type]
+        if args.config:
+            raise NormlabError("--resume takes the run's saved config; drop --config (or start a new run with --out)")
+        changes = config_overrides(args)
+        if changes and (Path(args.resume) / "summary.json").is_file():
+            raise NormlabError(f"--resume {args.resume}: the run is finished (summary.json exists), so there is "
+                               f"nothing to continue with {', '.join(sorted(changes))}; start a new run with --out")
+        train(None, resume_dir=args.resume, changes=changes)  # type: ignore[arg-type]
         return 0
     cfg = load_config(args.config, **config_overrides(args))
-    from normlab.models.transfer import check_pretrained_file
-
     check_pretrained_file(cfg)  # before any data is loaded
     out = train(cfg, force=args.force)
     print(out)
     return 0
 
 
+def cmd_completion(args: argparse.Namespace) -> int:
+    try:
+        import shtab
+    except ImportError:
+        raise NormlabError("shell completion needs shtab: pip install shtab") from None
+    print(shtab.complete(build_parser(), shell=args.shell))
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- main
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as ``normlab: warning: ...`` on one line, without the source line Python prints."""
+    text = " ".join(str(message).split()).removeprefix("normlab: ")
+    print(f"normlab: warning: {text}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args_in = sys.argv[1:] if argv is None else list(argv)
+    if args_in[:1] in (["--version"], ["-V"]):  # answered without importing torch
+        print(f"normlab {__version__}")
+        return 0
+    try:
+        parser = build_parser()
+    except ImportError as exc:  # the parser's choices come from the registries, which need torch
+        print(f"normlab: error: {exc}; normlab needs PyTorch: pip install 'torch>=2.4' 'torchvision>=0.19'",
+              file=sys.stderr)
+        return 2
+    try:
+        args = parser.parse_args(args_in)
+    except SystemExit as exc:  # --help, --version and usage errors: a return code like every other outcome
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         return args.func(args)
     except NormlabError as exc:
@@ -237,5 +430,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> int:
+    """The console script: ``main`` with warnings printed on one line (not in ``main`` itself, so a caller
+    such as a test keeps its own warning handling)."""
+    warnings.showwarning = _one_line_warning
+    return main()
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit(entry())

@@ -1,4 +1,4 @@
-"""The run configuration: one dataclass, a comment per field, validated at the edge.
+"""The run configuration: one dataclass, a help text and the allowed values per field, validated at the edge.
 
 A config is built from defaults, then a YAML file (``--config``), then command-line flags, and saved as
 ``config.yaml`` in every run folder and inside every checkpoint, so a run can be rebuilt exactly.
@@ -8,71 +8,106 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
 import yaml
 
+from normlab.data.augmentations import check_augment
 from normlab.errors import NormlabError
+from normlab.registry import ACTIVATIONS, AUGMENTATIONS, DATASETS, MODELS, NORMS, OPTIMIZERS, SCHEDULES, SHORTCUTS, choose
 
-NORM_NAMES = ("bn", "in", "bin", "ln", "gn", "nn", "torch_bn")
-DATASETS = ("fashion-mnist", "cifar10", "folder")
+IMAGENET = "imagenet"  # --pretrained imagenet: torchvision's ResNet18_Weights.IMAGENET1K_V1
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("fp32", "bf16", "fp16")
+COMPILE = ("auto", "on", "off")
+MEMORY_FORMATS = ("channels_last", "contiguous")
+ON_BAD_IMAGE = ("skip", "error")
+PROGRESS = ("auto", "bar", "plain", "off")
+# settings that a resumed run may change: none of them alters what the finished epochs computed
+RESUME_SAFE = {
+    "epochs": "more epochs continue the run (the schedule is stretched to the new length from the resumed step on)",
+    "patience": "early stopping decides from the next epoch on",
+    "progress": "console output only", "threads": "speed only", "eval_batch_size": "speed only",
+    "compile": "speed only",
+}
+
+
+def setting(default: Any = MISSING, help: str = "", *, choices: Any = None, factory: Any = None) -> Any:
+    """A ``TrainConfig`` field with its help text and allowed values: the single source of the CLI's flags,
+    their help, their choices and the validation (``choices`` is a registry dict or a tuple)."""
+    meta = {"help": help, "choices": choices}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+_AUG = ", ".join(n for n in AUGMENTATIONS if n != "standard")
 
 
 @dataclass
 class TrainConfig:
     # --- data ---
-    dataset: str = "fashion-mnist"  # fashion-mnist | cifar10 | folder
-    data_root: str | None = None  # folder/tarball with the data; None = find it (Debian's Fashion-MNIST, ...)
-    image_size: int | None = None  # resize folder images to this square size (None = data set's own; folder: 256)
-    val_fraction: float | None = None  # held-out part of train when the source has no val split (None = 0.1)
-    train_subset: int | None = None  # keep a seeded stratified subset of N training images (quick runs)
-    eval_subset: int | None = None  # cap val and test at a seeded stratified subset of N images each (quick runs)
-    on_bad_image: str = "skip"  # skip | error: what to do with an unreadable image in a folder
-    augment: str = "none"  # none | standard (pad 4 + random crop + horizontal flip, per image) | comma list of: crop, hflip, vflip, rotation, jitter, resized_crop, cutout, blur, saltpepper, mask
-    augment_params: str | None = None  # augmentation settings NAME.KEY=VALUE, e.g. cutout.size=8,rotation.degrees=15,mask.p=0.3,mask.block=4
+    dataset: str = setting("fashion-mnist", "data set", choices=DATASETS)
+    data_root: str | None = setting(None, "folder/tarball with the data (unset: find it, e.g. Debian's Fashion-MNIST)")
+    image_size: int | None = setting(None, "resize images to this square size (unset: the data set's own; folder: 256)")
+    val_fraction: float | None = setting(None, "held-out part of train when the source has no val split (unset: 0.1)")
+    train_subset: int | None = setting(None, "keep a seeded stratified subset of N training images (quick runs)")
+    eval_subset: int | None = setting(None, "cap val and test at a seeded stratified subset of N images each (quick runs)")
+    on_bad_image: str = setting("skip", "what to do with an unreadable image in a folder", choices=ON_BAD_IMAGE)
+    augment: str = setting("none", "none | standard (pad 4 + random crop + horizontal flip, per image) | a comma "
+                           f"list of: {_AUG}")
+    augment_params: str | None = setting(None, "augmentation settings NAME.KEY=VALUE, e.g. "
+                                         "cutout.size=8,rotation.degrees=15,mask.p=0.3,mask.block=4")
     # --- model ---
-    model: str = "resnet"  # resnet (the 6n+2 CIFAR ResNet) | resnet18 (torchvision, any norm) | compact (narrow ResNet, see --width)
-    n: int = 3  # blocks per stage: 6n+2 layers (n=3 -> ResNet-20)
-    norm: str = "bn"  # bn | in | bin | ln | gn | nn | torch_bn
-    gn_groups: int | None = None  # GroupNorm groups (None = 8, which divides 16, 32 and 64)
-    shortcut: str = "A"  # A: zero-padding identity (paper) | B: 1x1 conv + norm
-    activation: str = "relu"  # relu | leaky_relu | elu | gelu | silu | tanh | sigmoid
-    dropout: float = 0.0  # dropout before the classifier
-    width: int = 16  # compact: base width w, stage widths w/2w/2.5w (w=16, n=1: ~46k params)
-    head: str = "linear"  # classifier head: linear | mlp:H1,H2,... (Linear-ReLU-Dropout per hidden width, uses --dropout)
-    pretrained: str | None = None  # resnet18: PATH to a torchvision resnet18 state_dict, or imagenet (needs internet)
-    freeze: int = 0  # freeze the first K stages: 1 = stem (resnet18: conv1+bn1), 2 = + stage1/layer1, ... (resnet18 up to 5)
-    max_params: int | None = None  # refuse to build a model with more parameters than this
-    sync_bn: bool = True  # under DDP, synchronise batch statistics across ranks (bn, bin)
+    model: str = setting("resnet", "model family", choices=MODELS)
+    n: int = setting(3, "blocks per stage: 6n+2 layers (n=3: ResNet-20)")
+    norm: str = setting("bn", "normalization layer", choices=NORMS)
+    gn_groups: int | None = setting(None, "GroupNorm groups (unset: 8, which divides 16, 32 and 64)")
+    shortcut: str = setting("A", "residual shortcut when the shape changes", choices=SHORTCUTS)
+    activation: str = setting("relu", "activation after each norm", choices=ACTIVATIONS)
+    dropout: float = setting(0.0, "dropout before the classifier")
+    width: int = setting(16, "compact: base width w, stage widths w/2w/2.5w (w=16, n=1: ~46k params)")
+    head: str = setting("linear", "classifier head: linear | mlp:H1,H2,... (Linear-ReLU-Dropout per hidden width, "
+                        "uses --dropout)")
+    pretrained: str | None = setting(None, "resnet18: PATH to a torchvision resnet18 state_dict, or imagenet "
+                                     "(needs internet)")
+    freeze: int = setting(0, "freeze the first K stages: 1 = stem (resnet18: conv1+bn1), 2 = + stage1/layer1, ... "
+                          "(resnet18 up to 5)")
+    max_params: int | None = setting(None, "refuse to build a model with more parameters than this")
+    sync_bn: bool = setting(True, "under DDP, synchronise batch statistics across ranks (bn, bin)")
     # --- optimisation ---
-    epochs: int = 10  # maximum number of epochs
-    batch_size: int = 128  # images per optimizer step (global, over all ranks)
-    optimizer: str = "sgd"  # sgd | adam | adamw
-    lr: float = 0.1  # peak learning rate
-    momentum: float = 0.9  # SGD momentum (0 = plain SGD)
-    nesterov: bool = False  # Nesterov momentum for SGD
-    weight_decay: float = 5e-4  # applied only to tensors with >= 2 dims (never norm affines or biases)
-    schedule: str = "cosine"  # cosine | step | onecycle | constant
-    warmup_epochs: float = 0.0  # linear warm-up from 0 to lr over this many epochs
-    step_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # step schedule: fractions of training
-    step_gamma: float = 0.1  # step schedule: lr factor at each milestone
-    label_smoothing: float = 0.0  # cross-entropy label smoothing
-    grad_clip: float | None = None  # clip the gradient norm to this value (None = off)
-    patience: int | None = None  # early stopping: stop after this many epochs without a better val accuracy
+    epochs: int = setting(10, "maximum number of epochs")
+    batch_size: int = setting(128, "images per optimizer step (global, over all ranks)")
+    optimizer: str = setting("sgd", "optimizer", choices=OPTIMIZERS)
+    lr: float = setting(0.1, "peak learning rate")
+    momentum: float = setting(0.9, "SGD momentum (0 = plain SGD)")
+    nesterov: bool = setting(False, "Nesterov momentum for SGD")
+    weight_decay: float = setting(5e-4, "applied only to tensors with >= 2 dims (never norm affines or biases)")
+    schedule: str = setting("cosine", "learning-rate schedule after the warm-up", choices=SCHEDULES)
+    warmup_epochs: float = setting(0.0, "linear warm-up from 0 to lr over this many epochs")
+    step_milestones: list[float] = setting(help="step schedule: fractions of training (comma-separated)",
+                                           factory=lambda: [0.5, 0.75])
+    step_gamma: float = setting(0.1, "step schedule: lr factor at each milestone")
+    label_smoothing: float = setting(0.0, "cross-entropy label smoothing")
+    grad_clip: float | None = setting(None, "clip the gradient norm to this value (unset: off)")
+    patience: int | None = setting(None, "early stopping: stop after this many epochs without a better val accuracy")
     # --- runtime ---
-    seed: int = 0  # seeds init, data order, augmentation and dropout (splits use fixed seeds); CPU runs are deterministic
-    device: str = "auto"  # auto | cpu | cuda | mps
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 uses a grad scaler on CUDA)
-    compile: str = "auto"  # auto | on | off: torch.compile the model (auto: on CUDA only)
-    memory_format: str = "channels_last"  # channels_last | contiguous: activation layout (channels_last: faster convs and norms on CPU and GPU, bench/bench_norms.py)
-    threads: int | None = None  # CPU threads for this run (None = torch's default)
-    eval_batch_size: int = 512  # batch size for evaluation passes
-    probe_size: int = 256  # images in the fixed probe batch for feature quantiles
-    out: str | None = None  # run folder (None = runs/<dataset>-<norm>-n<n>-s<seed>)
-    progress: str = "auto"  # auto | bar | plain | off
+    seed: int = setting(0, "seeds init, data order, augmentation and dropout (splits use fixed seeds); CPU runs "
+                        "are deterministic")
+    device: str = setting("auto", "training device", choices=DEVICES)
+    precision: str = setting("fp32", "autocast precision (fp16 uses a grad scaler on CUDA)", choices=PRECISIONS)
+    compile: str = setting("auto", "torch.compile the model (auto: on CUDA only)", choices=COMPILE)
+    memory_format: str = setting("channels_last", "activation layout (channels_last: faster convs and norms on CPU "
+                                 "and GPU, bench/bench_norms.py)", choices=MEMORY_FORMATS)
+    threads: int | None = setting(None, "CPU threads for this run (unset: torch's default)")
+    eval_batch_size: int = setting(512, "batch size for evaluation passes")
+    probe_size: int = setting(256, "images in the fixed probe batch for feature quantiles")
+    out: str | None = setting(None, "run folder (unset: runs/<dataset>-<norm>-n<n>-b<batch_size>-<augment>-s<seed>)")
+    progress: str = setting("auto", "console progress", choices=PROGRESS)
 
     @property
     def layers(self) -> int:
@@ -82,6 +117,11 @@ class TrainConfig:
     def model_label(self) -> str:
         """How logs, titles and reports name the model: ``ResNet-20`` for the 6n+2 ResNet, else its name."""
         return f"ResNet-{self.layers}" if self.model == "resnet" else self.model
+
+    @property
+    def input_size(self) -> int:
+        """The input size the data will have (``image_size``, else the data set's own)."""
+        return self.image_size or DATASETS.get(self.dataset, 256)
 
     def run_name(self) -> str:
         return f"{self.dataset}-{self.norm}-n{self.n}-b{self.batch_size}-{self.augment}-s{self.seed}"
@@ -95,20 +135,9 @@ class TrainConfig:
         def bad(name: str, why: str) -> None:
             raise NormlabError(f"config: {name}={getattr(self, name)!r} {why}")
 
-        choices = {
-            "dataset": DATASETS, "norm": NORM_NAMES, "optimizer": ("sgd", "adam", "adamw"),
-            "schedule": ("cosine", "step", "onecycle", "constant"),
-            "device": ("auto", "cpu", "cuda", "mps"), "precision": ("fp32", "bf16", "fp16"),
-            "compile": ("auto", "on", "off"), "memory_format": ("channels_last", "contiguous"), "on_bad_image": ("skip", "error"), "shortcut": ("A", "B"),
-            "model": ("resnet", "resnet18", "compact"), "progress": ("auto", "bar", "plain", "off"),
-            "activation": ("relu", "leaky_relu", "elu", "gelu", "silu", "tanh", "sigmoid"),
-        }
-        for name, allowed in choices.items():
-            value = getattr(self, name)
-            if value not in allowed:
-                close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.4)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                bad(name, f"is not one of {', '.join(map(str, allowed))}{hint}")
+        for f in fields(self):
+            if f.metadata.get("choices") is not None:
+                choose(f.metadata["choices"], getattr(self, f.name), f.name)
         for name in ("n", "epochs", "batch_size", "eval_batch_size", "probe_size"):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
@@ -125,7 +154,7 @@ class TrainConfig:
             bad("val_fraction", "must be between 0 and 1 (exclusive)")
         if self.grad_clip is not None and self.grad_clip <= 0:
             bad("grad_clip", "must be > 0 (or left unset)")
-        if self.batch_size == 1 and self.norm in ("bn", "bin", "torch_bn"):
+        if self.batch_size == 1 and needs_batch_statistics(self.norm):
             bad("batch_size", f"cannot train with norm={self.norm!r}: BatchNorm needs more than one value per "
                 "channel to compute batch statistics; use --batch-size 2 or more, or --norm gn/ln/in")
         if self.gn_groups is not None and self.norm == "gn" and self.model == "resnet":
@@ -133,16 +162,80 @@ class TrainConfig:
                 if width % self.gn_groups:
                     bad("gn_groups", f"does not divide the ResNet's {width} channels; choose a divisor of 16 "
                         "(1, 2, 4, 8 or 16)")
-        from normlab.models.transfer import validate_workbench  # augment, head, freeze, pretrained, budget
-
-        validate_workbench(self)
+        check_augment(self.augment, self.augment_params)
+        parse_head(self.head)
+        spec = MODELS[self.model]
+        if not 0 <= self.freeze <= spec.freeze_units:
+            bad("freeze", f"is out of range for model {self.model}: use 0..{spec.freeze_units} "
+                f"(stages: {spec.freeze_stages})")
+        if self.pretrained is not None and not spec.pretrained:
+            bad("pretrained", f"needs --model resnet18 (weights are torchvision resnet18 state_dicts), not {self.model!r}")
+        if self.max_params is not None and self.max_params < 1:
+            bad("max_params", "must be >= 1 (or left unset)")
+        if self.width < 1:
+            bad("width", "must be >= 1")
         return self
+
+
+@functools.cache
+def needs_batch_statistics(norm: str) -> bool:
+    """Whether the norm normalizes with statistics over the batch (it then keeps running statistics for eval),
+    asked of the layer itself so that a new norm needs no entry here."""
+    from normlab.norms import make_norm
+
+    return hasattr(make_norm(norm, 16), "running_mean")
+
+
+def parse_head(spec: str) -> list[int]:
+    """``linear`` -> [], ``mlp:512,128`` -> [512, 128]."""
+    spec = str(spec).strip()
+    if spec == "linear":
+        return []
+    kind, _, widths = spec.partition(":")
+    try:
+        hidden = [int(w) for w in widths.split(",")] if kind == "mlp" and widths else None
+    except ValueError:
+        hidden = None
+    if not hidden or any(h < 1 for h in hidden):
+        raise NormlabError(f"config: head={spec!r} is not linear or mlp:H1,H2,... with positive hidden widths "
+                           "(e.g. mlp:512,128)")
+    return hidden
+
+
+def check_pretrained_file(cfg: TrainConfig) -> None:
+    """Fail early (one line) when ``--pretrained`` names a file that does not exist. Not part of ``validate()``:
+    a finished run's saved config must stay readable after the weight file has moved."""
+    if cfg.pretrained not in (None, IMAGENET) and not Path(cfg.pretrained).expanduser().is_file():
+        raise NormlabError(f"config: pretrained={cfg.pretrained!r}: no such file; pass a torchvision resnet18 "
+                           "state_dict file or 'imagenet'")
+
+
+def resume_config(saved: TrainConfig, changes: dict[str, Any]) -> TrainConfig:
+    """The saved config of a run with the changes a resume may make (``RESUME_SAFE``); anything else is refused
+    with a one-line error naming the setting."""
+    changes = {k: v for k, v in changes.items() if getattr(saved, k) != _coerce(k, v)}
+    for name in changes:
+        if name not in RESUME_SAFE:
+            raise NormlabError(f"--resume: {name} cannot change in a started run (it would not be the same run); "
+                               f"on resume only {', '.join(RESUME_SAFE)} can change; start a new run with --out")
+    cfg = make_config(saved.to_dict(), changes, where="saved run config")
+    if cfg.epochs < saved.epochs:
+        raise NormlabError(f"--resume: epochs={cfg.epochs} is less than the run's {saved.epochs}: epochs can only grow")
+    return cfg
 
 
 # --------------------------------------------------------------------------------------------- I/O
 
 def _field_types() -> dict[str, Any]:
     return get_type_hints(TrainConfig)
+
+
+def type_words(name: str) -> str:
+    """How a message names what the setting ``name`` takes: ``a number (float)``, ``true or false``, ..."""
+    kind = str(_field_types()[name])
+    words = ("comma-separated numbers" if kind.startswith("list") else "true or false" if "bool" in kind
+             else "a whole number (int)" if "int" in kind else "a number (float)" if "float" in kind else "text")
+    return words + (" or none" if "None" in kind else "")
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -185,7 +278,7 @@ def _coerce(name: str, value: Any) -> Any:
             raise ValueError
         return str(value)
     except (TypeError, ValueError):
-        raise NormlabError(f"config: {name}={value!r} has the wrong type; expected {kind.replace('typing.', '')}") from None
+        raise NormlabError(f"config: {name}={value!r} has the wrong type: expected {type_words(name)}") from None
 
 
 def check_keys(data: dict[str, Any], where: str) -> None:
@@ -200,7 +293,7 @@ def check_keys(data: dict[str, Any], where: str) -> None:
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise NormlabError(f"config file {path} not found: check the path (presets live in configs/)")
+        raise NormlabError(f"config file {path} not found: check the path")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:

@@ -31,12 +31,29 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    # os.umask can only be read by setting it; the set-and-restore pair is not thread-safe, so it is done
+    # once per process (the umask of a training process does not change while it runs)
+    global _UMASK
+    if _UMASK is None:
+        _UMASK = os.umask(0o022)
+        os.umask(_UMASK)
+    return _UMASK
+
+
+_UMASK: int | None = None
+
+
 def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(fileobj)`` on a temporary file next to ``path``, fsync it, then rename over ``path``."""
+    """Call ``write(fileobj)`` on a temporary file next to ``path``, fsync it, then rename over ``path``.
+
+    The file gets the mode ``open()`` would give it (0o666 less the umask): mkstemp creates 0o600, which
+    would hide every result file from the rest of a group sharing a study folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

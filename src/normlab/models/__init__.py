@@ -1,29 +1,13 @@
-"""Models: the CIFAR-style 6n+2 ResNet (``ResNet``), a builder from a run config, and inspection helpers."""
+"""Models, one job per module: ``resnet`` (the CIFAR-style 6n+2 ResNet), ``compact`` (its narrow family),
+``torchvision_resnet`` (ResNet-18 with any norm, pretrained weights), ``swap`` (``replace_norms`` for any
+model) and ``build`` (a model from a run config: family, head, budget, freezing)."""
 
 from __future__ import annotations
 
-from normlab.models.resnet import ACTIVATIONS, BasicBlock, ResNet, count_parameters, count_weighted_layers
+from normlab.models.build import build_model
+from normlab.models.resnet import BasicBlock, ResNet, count_parameters, count_weighted_layers
+from normlab.models.swap import replace_norms
+from normlab.registry import ACTIVATIONS
 
-__all__ = ["ACTIVATIONS", "BasicBlock", "ResNet", "build_model", "count_parameters", "count_weighted_layers"]
-
-
-def build_model(cfg, in_channels: int, num_classes: int, *, sync: bool = False) -> ResNet:
-    """The model a ``TrainConfig`` describes (resnet, resnet18, compact; see ``normlab.models.transfer`` for
-    heads, pretrained weights and freezing). ``sync`` turns on cross-rank batch statistics (bn, bin)."""
-    norm_kwargs = {"sync": sync}
-    if cfg.gn_groups is not None:
-        norm_kwargs["num_groups"] = cfg.gn_groups
-    from normlab.models.transfer import finish_model  # head, --max-params, --freeze
-
-    kind = getattr(cfg, "model", "resnet")
-    if kind == "resnet18":
-        from normlab.models.transfer import build_resnet18
-
-        return finish_model(build_resnet18(cfg, in_channels, num_classes, norm_kwargs), cfg, num_classes)
-    if kind == "compact":
-        from normlab.models.compact import build_compact
-
-        return finish_model(build_compact(cfg, in_channels, num_classes, norm_kwargs), cfg, num_classes)
-    model = ResNet(cfg.n, num_classes, norm=cfg.norm, in_channels=in_channels, shortcut=cfg.shortcut,
-                   norm_kwargs=norm_kwargs, activation=cfg.activation, dropout=cfg.dropout)
-    return finish_model(model, cfg, num_classes)
+__all__ = ["ACTIVATIONS", "BasicBlock", "ResNet", "build_model", "count_parameters", "count_weighted_layers",
+           "replace_norms"]

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from normlab.errors import NormlabError
+from normlab.registry import ACTIVATIONS, SHORTCUTS
 
 NormLayer = Callable[[int], nn.Module]
-SHORTCUTS = ("A", "B")
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -179,17 +179,6 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.dropout(torch.flatten(self.pool(self.features(x)), 1)))
-
-
-ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
-    "relu": lambda: nn.ReLU(inplace=True),
-    "leaky_relu": lambda: nn.LeakyReLU(0.1, inplace=True),
-    "elu": lambda: nn.ELU(inplace=True),
-    "gelu": nn.GELU,
-    "silu": lambda: nn.SiLU(inplace=True),
-    "tanh": nn.Tanh,
-    "sigmoid": nn.Sigmoid,
-}
 
 
 def activation_factory(name: str) -> Callable[[], nn.Module]:

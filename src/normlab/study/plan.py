@@ -1,6 +1,6 @@
 """A study = a base training config + the comparisons to run on it, expanded into a deduplicated run plan.
 
-Preset files (``configs/*.yaml``) have two mappings: ``study:`` (the fields of ``StudyConfig``) and
+Presets (``normlab/presets/*.yaml``, package data: ``preset_names()``) and study files have two mappings: ``study:`` (the fields of ``StudyConfig``) and
 ``train:`` (``TrainConfig`` settings shared by every run). Three comparisons share every setting but the
 one compared:
 
@@ -26,10 +26,23 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from normlab.config import NORM_NAMES, TrainConfig, make_config, read_yaml
-from normlab.errors import NormlabError
+from importlib import resources
 
-PRESET_DIR = Path(__file__).resolve().parents[3] / "configs"
+from normlab.config import TrainConfig, make_config, read_yaml
+from normlab.errors import NormlabError
+from normlab.norms import NORMS
+
+NORM_NAMES = tuple(NORMS)
+
+
+def _presets():
+    # package data, so presets are found in a wheel install as in a source checkout
+    return resources.files("normlab") / "presets"
+
+
+def preset_names() -> list[str]:
+    """The study presets shipped with normlab (``normlab study --preset NAME``)."""
+    return sorted(p.name.removesuffix(".yaml") for p in _presets().iterdir() if p.name.endswith(".yaml"))
 
 
 @dataclass
@@ -82,15 +95,23 @@ def load_preset(spec: str) -> tuple[dict, dict, Path]:
     """``spec`` is a preset name (``quick``) or a YAML path -> (study mapping, train mapping, path)."""
     path = Path(spec)
     if not path.suffix:
-        path = PRESET_DIR / f"{spec}.yaml"
-        if not path.is_file():
-            names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-            raise NormlabError(f"unknown study preset {spec!r}: choose one of {', '.join(names)} or give a YAML path")
+        names = preset_names()
+        if spec not in names:
+            close = difflib.get_close_matches(spec, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise NormlabError(f"unknown study preset {spec!r}{hint}: choose one of {', '.join(names)} "
+                               "or give a YAML study file")
+        with resources.as_file(_presets() / f"{spec}.yaml") as real:  # a real path even from a zip
+            return _read_study_file(real, where=Path(f"preset {spec}"))
+    return _read_study_file(path, where=path)
+
+
+def _read_study_file(path: Path, where: Path) -> tuple[dict, dict, Path]:
     data = read_yaml(path)
     unknown = set(data) - {"study", "train"}
     if unknown:
-        raise NormlabError(f"{path}: unknown top-level keys {sorted(unknown)}; a study file has `study:` and `train:`")
-    return dict(data.get("study") or {}), dict(data.get("train") or {}), path
+        raise NormlabError(f"{where}: unknown top-level keys {sorted(unknown)}; a study file has `study:` and `train:`")
+    return dict(data.get("study") or {}), dict(data.get("train") or {}), where
 
 
 def make_study_config(data: dict[str, Any], where: str = "study") -> StudyConfig:
@@ -183,4 +204,5 @@ def check_base(train: dict[str, Any]) -> dict[str, Any]:
     return train
 
 
-__all__ = ["Run", "StudyConfig", "TrainConfig", "load_preset", "make_study_config", "plan_runs", "study_record"]
+__all__ = ["Run", "StudyConfig", "TrainConfig", "load_preset", "make_study_config", "plan_runs", "preset_names",
+           "study_record"]

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from normlab.checkpoint import load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state
-from normlab.config import TrainConfig, dump_yaml, make_config, read_yaml
+from normlab.config import TrainConfig, dump_yaml, make_config, read_yaml, resume_config
 from normlab.data import load_data, normalize
 from normlab.device import pick_device, unwrap
 from normlab.errors import NormlabError
@@ -115,13 +115,14 @@ def prepare_run_dir(cfg: TrainConfig, force: bool) -> Path:
 
 
 def train(cfg: TrainConfig, *, force: bool = False, resume_dir: str | Path | None = None,
-          log=None) -> Path:
-    """Train one run (or resume ``resume_dir``) and return its folder."""
+          log=None, changes: dict | None = None) -> Path:
+    """Train one run (or resume ``resume_dir``, with the safe ``changes`` of ``config.resume_config``) and
+    return its folder."""
     if resume_dir is not None:
         out = Path(resume_dir)
         if not (out / "config.yaml").is_file():
             raise NormlabError(f"--resume {out}: no config.yaml there; point it at a run folder made by normlab train")
-        cfg = make_config(read_yaml(out / "config.yaml"), where=str(out / "config.yaml"))
+        cfg = resume_config(make_config(read_yaml(out / "config.yaml"), where=str(out / "config.yaml")), changes or {})
     dinfo = dist_utils.setup("cuda" if (cfg.device == "auto" or cfg.device.startswith("cuda"))
                              and torch.cuda.is_available() else "cpu")
     progress = EpochProgress(cfg.progress, enabled=dinfo.is_main)

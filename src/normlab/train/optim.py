@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from normlab.config import TrainConfig
+from normlab.registry import OPTIMIZERS, SCHEDULES, choose
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -21,12 +20,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+    return choose(OPTIMIZERS, cfg.optimizer, "optimizer")(param_groups(model, cfg.weight_decay), cfg)
 
 
 def lr_at(step: int, total_steps: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
@@ -35,13 +29,4 @@ def lr_at(step: int, total_steps: int, cfg: TrainConfig, steps_per_epoch: int) -
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
     t = (step - warmup) / max(1, total_steps - warmup)  # progress after warm-up, in [0, 1)
-    if cfg.schedule == "constant":
-        return cfg.lr
-    if cfg.schedule == "cosine":
-        return 0.5 * cfg.lr * (1 + math.cos(math.pi * t))
-    if cfg.schedule == "step":
-        return cfg.lr * cfg.step_gamma ** sum(t >= m for m in cfg.step_milestones)
-    # one-cycle: linear rise from lr/25 over the first 30 %, then cosine down to lr/1e4
-    if t < 0.3:
-        return cfg.lr / 25 + (cfg.lr - cfg.lr / 25) * t / 0.3
-    return cfg.lr / 1e4 + 0.5 * (cfg.lr - cfg.lr / 1e4) * (1 + math.cos(math.pi * (t - 0.3) / 0.7))
+    return choose(SCHEDULES, cfg.schedule, "schedule")(t, cfg)

@@ -1,0 +1,127 @@
+"""Every named choice of a run, one plain dict each: what validation, the CLI's choices and help, and the
+tests iterate over. Adding a value to one of these dicts is the whole change (plus its documentation).
+
+=============  ==========================================  =========================================
+setting        registry                                    value
+=============  ==========================================  =========================================
+norm           ``NORMS`` (owned by ``normlab.norms``)      factory ``(num_channels, **kw) -> module``
+augment        ``AUGMENTATIONS`` (``data.augmentations``)  (function, defaults, ints, probabilities)
+activation     ``ACTIVATIONS``                             factory ``() -> module``
+shortcut       ``SHORTCUTS``                               description
+optimizer      ``OPTIMIZERS``                              ``(param_groups, cfg) -> Optimizer``
+schedule       ``SCHEDULES``                               ``(t in [0, 1), cfg) -> learning rate``
+model          ``MODELS``                                  ``ModelSpec`` (builder path, freeze stages)
+dataset        ``DATASETS``                                default image size
+=============  ==========================================  =========================================
+
+This module sits below ``config`` and ``models`` (it imports only ``norms`` and ``data``), so the config
+can validate every choice without importing the models. Model builders are named by import path and
+resolved on use for the same reason.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from normlab.data.augmentations import CATALOGUE as AUGMENTATIONS
+from normlab.errors import NormlabError
+from normlab.norms import NORMS
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": lambda: nn.ReLU(inplace=True),
+    "leaky_relu": lambda: nn.LeakyReLU(0.1, inplace=True),
+    "elu": lambda: nn.ELU(inplace=True),
+    "gelu": nn.GELU,
+    "silu": lambda: nn.SiLU(inplace=True),
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+}
+
+SHORTCUTS: dict[str, str] = {
+    "A": "zero-padding identity (the paper's CIFAR choice)",
+    "B": "1x1 conv + norm (projection)",
+}
+
+
+def _sgd(groups: list[dict], cfg: Any) -> torch.optim.Optimizer:
+    # Nesterov needs momentum; with momentum 0 it is plain SGD rather than an error from torch
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+
+
+OPTIMIZERS: dict[str, Callable[[list[dict], Any], torch.optim.Optimizer]] = {
+    "sgd": _sgd,
+    "adam": lambda groups, cfg: torch.optim.Adam(groups, lr=cfg.lr),
+    "adamw": lambda groups, cfg: torch.optim.AdamW(groups, lr=cfg.lr),
+}
+
+
+def _onecycle(t: float, cfg: Any) -> float:
+    # linear rise from lr/25 over the first 30 %, then cosine down to lr/1e4
+    if t < 0.3:
+        return cfg.lr / 25 + (cfg.lr - cfg.lr / 25) * t / 0.3
+    return cfg.lr / 1e4 + 0.5 * (cfg.lr - cfg.lr / 1e4) * (1 + math.cos(math.pi * (t - 0.3) / 0.7))
+
+
+SCHEDULES: dict[str, Callable[[float, Any], float]] = {
+    "cosine": lambda t, cfg: 0.5 * cfg.lr * (1 + math.cos(math.pi * t)),
+    "step": lambda t, cfg: cfg.lr * cfg.step_gamma ** sum(t >= m for m in cfg.step_milestones),
+    "onecycle": _onecycle,
+    "constant": lambda t, cfg: cfg.lr,
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    builder: str  # "module:function" taking (cfg, in_channels, num_classes, norm_kwargs) -> nn.Module
+    freeze_stages: str  # what --freeze 1, 2, ... freeze, in order
+    help: str
+    pretrained: bool = False  # takes --pretrained (torchvision resnet18 weights)
+
+    @property
+    def freeze_units(self) -> int:
+        return len(self.freeze_stages.split(", "))
+
+    def build(self) -> Callable[..., nn.Module]:
+        module, _, name = self.builder.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+MODELS: dict[str, ModelSpec] = {
+    "resnet": ModelSpec("normlab.models.build:build_resnet", "stem, stage1, stage2, stage3",
+                        "the 6n+2 CIFAR ResNet"),
+    "resnet18": ModelSpec("normlab.models.torchvision_resnet:build_resnet18",
+                          "conv1+bn1, layer1, layer2, layer3, layer4", "torchvision's ResNet-18, any norm",
+                          pretrained=True),
+    "compact": ModelSpec("normlab.models.compact:build_compact", "stem, stage1, stage2, stage3",
+                         "narrow ResNet for small budgets, see --width"),
+}
+
+# data set -> its image size (folder: the size images are resized to unless --image-size says otherwise)
+DATASETS: dict[str, int] = {"fashion-mnist": 28, "cifar10": 32, "folder": 256}
+
+
+def choose(registry: Mapping[str, Any] | tuple[str, ...], value: Any, what: str) -> Any:
+    """``registry[value]`` (``value`` for a tuple of names), or a one-line NormlabError naming the choices and
+    the closest one."""
+    try:
+        if isinstance(registry, Mapping):
+            return registry[value]
+        if value in registry:
+            return value
+        raise KeyError(value)
+    except (KeyError, TypeError):
+        close = difflib.get_close_matches(str(value), [str(k) for k in registry], n=1, cutoff=0.4)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise NormlabError(f"config: {what}={value!r} is not one of {', '.join(map(str, registry))}{hint}") from None
+
+
+__all__ = ["ACTIVATIONS", "AUGMENTATIONS", "DATASETS", "MODELS", "NORMS", "OPTIMIZERS", "SCHEDULES", "SHORTCUTS",
+           "ModelSpec", "choose"]
