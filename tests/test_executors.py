@@ -317,15 +317,24 @@ def slurm_cluster():
     (submitit's local executor: same jobs, same pickles, same checkpoint/requeue path, no sbatch)."""
     need("submitit")
     if os.environ.get("NORMLAB_TEST_SLURM", "1") == "0":
-        return "local"
+        yield "local"
+        return
     state = Path(os.environ.get("NORMLAB_SLURM_STATE", "/tmp/normlab-slurm"))
-    res = subprocess.run(["bash", str(REPO / "scripts" / "slurm-local.sh"), "start"], capture_output=True, text=True,
-                         timeout=600)
+    script = ["bash", str(REPO / "scripts" / "slurm-local.sh")]
+    was_up = (state / "slurmctld.pid").is_file() and subprocess.run(
+        ["pgrep", "-F", str(state / "slurmctld.pid")], capture_output=True).returncode == 0
+    try:
+        res = subprocess.run(script + ["start"], capture_output=True, text=True, timeout=1200)
+    except subprocess.TimeoutExpired:
+        res = subprocess.CompletedProcess(script, 1, "", "slurm-local.sh start timed out")
     if res.returncode != 0 or not shutil.which("sbatch"):
         print(f"no real Slurm here, using submitit's local executor: {res.stderr.strip()[-300:]}")
-        return "local"
+        yield "local"
+        return
     os.environ["SLURM_CONF"] = str(state / "slurm.conf")
-    return "slurm"
+    yield "slurm"
+    if not was_up:  # leave the machine as we found it
+        subprocess.run(script + ["stop"], capture_output=True)
 
 
 def test_slurm_runs_a_study_end_to_end(slurm_cluster, ray_study, env):

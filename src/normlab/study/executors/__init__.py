@@ -169,7 +169,9 @@ def run_child(folder: Path, plan_file: Path, env: dict[str, str] | None = None, 
     logf = open(log_file, "a") if log_file is not None else None  # noqa: SIM115 - closed below
     try:
         if logf is not None:
-            logf.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {os.uname().nodename} pid {os.getpid()}: "
+            now = time.time()
+            logf.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now))}.{int(now % 1 * 1000):03d} "
+                       f"{os.uname().nodename} pid {os.getpid()}: "
                        f"{' '.join(cmd[2:])}\n")
             logf.flush()
             kwargs.update(stdout=logf, stderr=subprocess.STDOUT)
