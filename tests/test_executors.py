@@ -140,6 +140,34 @@ def test_sbatch_script_has_partition_time_gpus_and_array(tmp_path):
     assert "gpus_per_node" not in cpu._executor.parameters  # --device auto does not ask a CPU cluster for GPUs
 
 
+def test_ray_task_retries_a_child_killed_by_a_signal_not_a_failed_one(tmp_path, monkeypatch):
+    need("ray")
+    from normlab.study.executors import ray as ray_mod
+
+    codes = iter([-9, 2])
+    monkeypatch.setattr(ray_mod, "run_child", lambda *a, **k: next(codes))
+    with pytest.raises(ray_mod.RunInterrupted, match="signal 9"):  # retried by Ray (retry_exceptions)
+        ray_mod.train_task(str(tmp_path), str(tmp_path / "p.yaml"), 1)
+    assert ray_mod.train_task(str(tmp_path), str(tmp_path / "p.yaml"), 1) == 2  # an error exit: recorded, not retried
+
+
+def test_slurm_checkpoint_stops_the_child_and_hands_back_a_fresh_job(tmp_path):
+    need("submitit")
+    import pickle
+    import sys
+
+    from normlab.study.executors.slurm import TrainJob
+
+    job = TrainJob(str(tmp_path), str(tmp_path / "p.yaml"), 2, grace_s=20)
+    job._proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    delayed = job.checkpoint()
+    assert job._proc.poll() is not None and job._proc.returncode != -signal.SIGKILL  # SIGINT, not the kill
+    again = delayed.function
+    assert isinstance(again, TrainJob) and again is not job and again._proc is None
+    assert (again.folder, again.plan_file, again.threads) == (job.folder, job.plan_file, 2)
+    assert pickle.loads(pickle.dumps(job))._proc is None  # a process handle never travels
+
+
 # ------------------------------------------------------------------------------------- the run lock
 
 def test_lock_of_another_host_counts_while_its_heartbeat_is_fresh(tmp_path, monkeypatch):
