@@ -38,6 +38,7 @@ JOBS = [  # (name, script args)
                          "scaling_untuned.json"]),
     ("startup", ["bench_startup.py"]),
     ("distributed", ["bench_distributed.py"]),
+    ("executors", ["bench_executors.py"]),
 ]
 
 
@@ -267,6 +268,10 @@ def report() -> str:
     if dist_md.is_file():
         L += ["## 6. DDP (2 processes, gloo) vs 1 process, and a study with --jobs 2 vs --jobs 1", "",
               cmd("distributed"), "", dist_md.read_text().strip(), ""]
+    exec_md = RES / "executors.md"
+    if exec_md.is_file():
+        L += ["## 7. A study on local processes, Ray and Slurm; a worker killed and a job preempted", "",
+              cmd("executors"), "", exec_md.read_text().strip(), ""]
     notes = ROOT / "bench" / "NOTES.md"
     if notes.is_file():
         L += [notes.read_text().strip(), ""]

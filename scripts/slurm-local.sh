@@ -11,8 +11,9 @@ export SLURM_CONF=$CONF
 install() {
     command -v slurmctld >/dev/null && command -v munged >/dev/null && return
     [ "$(id -u)" = 0 ] || { echo "slurm-local: slurm-wlm/munge missing and not root" >&2; exit 1; }
-    for i in 1 2 3 4 5 6; do  # apt's lock may be held by another apt run: retry
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge && return
+    for i in 1 2 3; do  # apt's lock may be held by another apt run: retry
+        timeout 300 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq \
+            slurm-wlm munge && return
         sleep 10
     done
     exit 1

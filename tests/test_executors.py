@@ -140,6 +140,34 @@ def test_sbatch_script_has_partition_time_gpus_and_array(tmp_path):
     assert "gpus_per_node" not in cpu._executor.parameters  # --device auto does not ask a CPU cluster for GPUs
 
 
+def test_ray_task_retries_a_child_killed_by_a_signal_not_a_failed_one(tmp_path, monkeypatch):
+    need("ray")
+    from normlab.study.executors import ray as ray_mod
+
+    codes = iter([-9, 2])
+    monkeypatch.setattr(ray_mod, "run_child", lambda *a, **k: next(codes))
+    with pytest.raises(ray_mod.RunInterrupted, match="signal 9"):  # retried by Ray (retry_exceptions)
+        ray_mod.train_task(str(tmp_path), str(tmp_path / "p.yaml"), 1)
+    assert ray_mod.train_task(str(tmp_path), str(tmp_path / "p.yaml"), 1) == 2  # an error exit: recorded, not retried
+
+
+def test_slurm_checkpoint_stops_the_child_and_hands_back_a_fresh_job(tmp_path):
+    need("submitit")
+    import pickle
+    import sys
+
+    from normlab.study.executors.slurm import TrainJob
+
+    job = TrainJob(str(tmp_path), str(tmp_path / "p.yaml"), 2, grace_s=20)
+    job._proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    delayed = job.checkpoint()
+    assert job._proc.poll() is not None and job._proc.returncode != -signal.SIGKILL  # SIGINT, not the kill
+    again = delayed.function
+    assert isinstance(again, TrainJob) and again is not job and again._proc is None
+    assert (again.folder, again.plan_file, again.threads) == (job.folder, job.plan_file, 2)
+    assert pickle.loads(pickle.dumps(job))._proc is None  # a process handle never travels
+
+
 # ------------------------------------------------------------------------------------- the run lock
 
 def test_lock_of_another_host_counts_while_its_heartbeat_is_fresh(tmp_path, monkeypatch):
@@ -317,15 +345,24 @@ def slurm_cluster():
     (submitit's local executor: same jobs, same pickles, same checkpoint/requeue path, no sbatch)."""
     need("submitit")
     if os.environ.get("NORMLAB_TEST_SLURM", "1") == "0":
-        return "local"
+        yield "local"
+        return
     state = Path(os.environ.get("NORMLAB_SLURM_STATE", "/tmp/normlab-slurm"))
-    res = subprocess.run(["bash", str(REPO / "scripts" / "slurm-local.sh"), "start"], capture_output=True, text=True,
-                         timeout=600)
+    script = ["bash", str(REPO / "scripts" / "slurm-local.sh")]
+    was_up = (state / "slurmctld.pid").is_file() and subprocess.run(
+        ["pgrep", "-F", str(state / "slurmctld.pid")], capture_output=True).returncode == 0
+    try:
+        res = subprocess.run(script + ["start"], capture_output=True, text=True, timeout=1200)
+    except subprocess.TimeoutExpired:
+        res = subprocess.CompletedProcess(script, 1, "", "slurm-local.sh start timed out")
     if res.returncode != 0 or not shutil.which("sbatch"):
         print(f"no real Slurm here, using submitit's local executor: {res.stderr.strip()[-300:]}")
-        return "local"
+        yield "local"
+        return
     os.environ["SLURM_CONF"] = str(state / "slurm.conf")
-    return "slurm"
+    yield "slurm"
+    if not was_up:  # leave the machine as we found it
+        subprocess.run(script + ["stop"], capture_output=True)
 
 
 def test_slurm_runs_a_study_end_to_end(slurm_cluster, ray_study, env):

@@ -146,13 +146,19 @@ def train_command(folder: Path, plan_file: Path, python: str | None = None) -> l
 def _die_with_parent(ignore_term: bool = False) -> Callable[[], None]:
     """``preexec_fn``: the child gets SIGKILL when the worker that started it dies (Linux), so a killed Ray
     worker or Slurm step leaves no training behind that still holds the run's lock."""
+    try:  # looked up before the fork: the worker has threads, so the child must not touch the loader's locks
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: the scheduler's own clean-up has to do
+        prctl = None
+    parent = os.getpid()
+
     def setup() -> None:
         if ignore_term:  # Slurm sends SIGTERM before the checkpoint signal; the worker stops the child itself
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):  # not Linux: the scheduler's own clean-up has to do
-            pass
+        if prctl is not None:
+            prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+            if os.getppid() != parent:  # the worker died before the line above: follow it now
+                os.kill(os.getpid(), signal.SIGKILL)
     return setup
 
 
@@ -169,7 +175,9 @@ def run_child(folder: Path, plan_file: Path, env: dict[str, str] | None = None, 
     logf = open(log_file, "a") if log_file is not None else None  # noqa: SIM115 - closed below
     try:
         if logf is not None:
-            logf.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {os.uname().nodename} pid {os.getpid()}: "
+            now = time.time()
+            logf.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now))}.{int(now % 1 * 1000):03d} "
+                       f"{os.uname().nodename} pid {os.getpid()}: "
                        f"{' '.join(cmd[2:])}\n")
             logf.flush()
             kwargs.update(stdout=logf, stderr=subprocess.STDOUT)
