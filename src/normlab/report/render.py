@@ -97,7 +97,7 @@ color:#222;line-height:1.45}
 h1{border-bottom:2px solid #ddd}h2{border-bottom:1px solid #eee;margin-top:2em}
 table{border-collapse:collapse;margin:1em 0;font-size:0.92em}
 th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f4f4f4}
-td:first-child,th:first-child{text-align:left}
+td:first-child,th:first-child{text-align:left;white-space:nowrap}
 figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{color:#555;font-size:0.9em}
 pre{background:#f6f8fa;padding:0.8em;overflow-x:auto}nav ul{columns:3;font-size:0.9em}
 .findings{background:#f3f7fb;border-left:4px solid #0072B2;padding:0.6em 1.2em;margin:1em 0}
