@@ -167,3 +167,12 @@ def test_compare_gradcam_explains_the_same_images_by_every_run(run_dir, tmp_path
         assert (tmp_path / "cmp" / entry["file"]).read_bytes()[8:12] == b"WEBP"
     with pytest.raises(NormlabError, match="distinct label"):
         compare_gradcam([run_dir, gn_dir], tmp_path / "bad", labels=["x", "x"])
+
+
+def test_gradcam_command_takes_several_runs_and_a_device():
+    from normlab.cli import build_parser
+
+    args = build_parser().parse_args(["gradcam", "runs/a", "runs/b", "--device", "cuda"])
+    assert args.run_dir == ["runs/a", "runs/b"] and args.device == "cuda"
+    for cmd in (["activations", "r", "--image", "x.png"], ["report", "s"]):
+        assert build_parser().parse_args(cmd + ["--device", "mps"]).device == "mps"

@@ -142,3 +142,28 @@ def test_console_says_skipped_files_and_val_acc_even_with_progress_off(tmp_path,
                for line in lines), err
     assert lines[-1].startswith("done: finished") and "val acc" in lines[-1] and "test acc" not in lines[-1]
     assert "epoch   1/1" not in err  # progress off: only the result lines
+
+
+def test_world_of_a_torchrun_run(monkeypatch):
+    from normlab.train.loop import world_of
+
+    assert world_of()["world_size"] == 1 and world_of()["ranks"] == [0]
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    w = world_of()
+    assert w["world_size"] == 4 and w["ranks"] == [0, 1, 2, 3] and w["nodes"] == 2 and w["local_world_size"] == 2
+
+
+def test_a_data_warning_is_one_clean_line():
+    import warnings
+
+    from normlab.data.loader import _warn
+
+    notes: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _warn("class 'emu' has no folder in /data/val: its validation accuracy is undefined", notes)
+    (w,) = caught
+    assert issubclass(w.category, UserWarning) and notes == [str(w.message)]
+    shown = warnings.formatwarning(w.message, w.category, w.filename, w.lineno, None)
+    assert shown.count("\n") == 1 and "class 'emu'" in shown  # no source line of normlab's code under it
