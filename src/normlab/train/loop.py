@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normlab import runfolder
 from normlab.analysis.metrics import quantiles, scores_from_confusion
 from normlab.config import TrainConfig, dump_yaml, make_config, read_yaml
 from normlab.data import DataBundle, apply_augment, load_data, normalize
@@ -30,7 +31,6 @@ from normlab.errors import NormlabError
 from normlab.io import write_json, write_text
 from normlab.models import build_model, count_parameters
 from normlab.norms import clamp_gates_
-from normlab import runfolder
 from normlab.plots import plot_curves
 from normlab.train import distributed as dist_utils
 from normlab.train.checkpoint import load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state, unwrap
