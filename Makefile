@@ -29,6 +29,7 @@ install: $(STAMP)
 data:
 	@bash scripts/get-fashion-mnist.sh
 	@bash scripts/get-cxx.sh
+	@bash scripts/get-chromium.sh
 
 demo: $(STAMP) data
 	$(BIN)/normlab study --preset quick --out studies/quick

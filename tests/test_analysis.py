@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from normlab.analysis.galleries import load_run, misclassified_grid, plot_confusion, run_analyses
-from normlab.analysis.gradcam import gradcam_maps, last_stage_convs, run_gradcam, select_examples
+from normlab.analysis.gradcam import (compare_gradcam, gradcam_maps, last_stage_convs, pick_shared, run_gradcam,
+                                     select_examples)
 from normlab.config import make_config
 from normlab.data import normalize
 from normlab.errors import NormlabError
@@ -95,11 +96,12 @@ def test_select_examples():
 def test_run_gradcam(run_dir, tmp_path):
     index = run_gradcam(run_dir, classes=["green", ODD], per_class=2, out_dir=tmp_path / "cam")
     assert set(index["classes"]) == {"green", ODD}
-    pngs = sorted(p.name for p in (tmp_path / "cam").glob("*.png"))
+    pngs = sorted(p.name for p in (tmp_path / "cam").glob("*.webp"))  # image galleries: WebP, not PNG
     assert len(pngs) == 2 and pngs == sorted(v["file"] for v in index["classes"].values())
     assert all("<" not in f and "$" not in f and "\\" not in f for f in pngs)
     for entry in index["classes"].values():
-        assert (tmp_path / "cam" / entry["file"]).stat().st_size > 5_000
+        assert (tmp_path / "cam" / entry["file"]).read_bytes()[8:12] == b"WEBP"
+        assert (tmp_path / "cam" / entry["file"]).stat().st_size > 1_500
         assert entry["correct"] + entry["wrong"] >= 1 and entry["correct"] <= 2 and entry["wrong"] <= 2
     assert json.loads((tmp_path / "cam" / "gradcam.json").read_text()) == index
     with pytest.raises(NormlabError, match="green"):
@@ -107,7 +109,7 @@ def test_run_gradcam(run_dir, tmp_path):
     # default: every class (capped), into <run>/gradcam/
     index = run_gradcam(run_dir, per_class=1, max_classes=2)
     assert len(index["classes"]) == 2 and (run_dir / "gradcam" / "gradcam.json").is_file()
-    assert len(list((run_dir / "gradcam").glob("*.png"))) == 2
+    assert len(list((run_dir / "gradcam").glob("*.webp"))) == 2
 
 
 def test_gradcam_on_loaded_model_leaves_no_hooks(run_dir):
@@ -121,8 +123,9 @@ def test_gradcam_on_loaded_model_leaves_no_hooks(run_dir):
 def test_run_analyses(run_dir):
     paths = run_analyses(run_dir)
     assert set(paths) == {"confusion_val", "confusion_test", "misclassified_val"}
-    for name in ("confusion_val.png", "confusion_test.png", "misclassified_val.png"):
-        assert (run_dir / name).stat().st_size > 5_000, name
+    for name in ("confusion_val.png", "confusion_test.png", "misclassified_val.webp"):
+        assert (run_dir / name).stat().st_size > 2_000, name
+    assert (run_dir / "misclassified_val.webp").read_bytes()[8:12] == b"WEBP"
 
 
 def test_figures_with_odd_names(tmp_path):
@@ -137,3 +140,39 @@ def test_figures_with_odd_names(tmp_path):
     assert misclassified_grid(imgs[:0], [], [], names, tmp_path / "g0.png").is_file()
     with pytest.raises(NormlabError):
         plot_confusion(cm, names[:3], tmp_path / "bad.png")
+
+
+def test_pick_shared_chooses_agreed_and_disputed_images():
+    y = torch.tensor([0, 0, 0, 0, 1, 1])
+    preds = {"a": torch.tensor([0, 0, 1, 1, 1, 0]), "b": torch.tensor([0, 1, 1, 0, 1, 0])}
+    picks = pick_shared(preds, y, [0, 1], agree=5, disagree=5)
+    assert picks[0] == {"agree": [0], "disagree": [1, 3]}  # image 2: both wrong the same way -> neither
+    assert picks[1] == {"agree": [4], "disagree": []}
+    with pytest.raises(NormlabError):
+        pick_shared({"a": torch.tensor([0])}, y, [0])
+
+
+def test_compare_gradcam_explains_the_same_images_by_every_run(run_dir, tmp_path):
+    other = make_config(dict(dataset="folder", data_root=str(run_dir.parent / "imgs"), image_size=16, n=1, epochs=1,
+                             batch_size=16, lr=0.05, eval_batch_size=64, probe_size=16, progress="off", device="cpu",
+                             norm="gn", out=str(tmp_path / "gn")))
+    gn_dir = train(other)
+    index = compare_gradcam([run_dir, gn_dir], tmp_path / "cmp", labels=["bn", "gn"], agree=2, disagree=2)
+    assert set(index["runs"]) == {"bn", "gn"}
+    assert index["classes"], "no class had an image to show"
+    for name, entry in index["classes"].items():
+        shown = entry["agree_indices"] + entry["disagree_indices"]
+        assert 1 <= len(shown) <= 4
+        assert set(entry["predictions"]) == {"bn", "gn"} and all(len(p) == len(shown) for p in entry["predictions"].values())
+        assert (tmp_path / "cmp" / entry["file"]).read_bytes()[8:12] == b"WEBP"
+    with pytest.raises(NormlabError, match="distinct label"):
+        compare_gradcam([run_dir, gn_dir], tmp_path / "bad", labels=["x", "x"])
+
+
+def test_gradcam_command_takes_several_runs_and_a_device():
+    from normlab.cli import build_parser
+
+    args = build_parser().parse_args(["gradcam", "runs/a", "runs/b", "--device", "cuda"])
+    assert args.run_dir == ["runs/a", "runs/b"] and args.device == "cuda"
+    for cmd in (["activations", "r", "--image", "x.png"], ["report", "s"]):
+        assert build_parser().parse_args(cmd + ["--device", "mps"]).device == "mps"

@@ -63,19 +63,35 @@ def test_miniature_study_writes_every_section_and_figure(mini):
     md = (study_dir / "report.md").read_text()
     for section in SECTIONS + ("Comparison: optimizers",):
         assert f"## {section}" in md, section
-    assert "| optimizer=adam, lr=0.001 | 1 |" in md and "figures/compare_0.png" in md
-    figures = ["sanity_bn_vs_torch_bn.png", "loss_curves.png", "accuracy_f1_curves.png", "batch_size_curves.png",
+    assert "optimizer=adam, lr=0.001 | 1 |" in md and "figures/compare_0.png" in md
+    figures = ["sanity_bn_vs_torch_bn.png", "loss_curves.png", "error_accuracy_f1_curves.png", "batch_size_curves.png",
                "augmentation_curves.png", "quantiles.png", "time_per_epoch.png"]
     for fig in figures:
-        assert (study_dir / "figures" / fig).stat().st_size > 5000, fig
+        assert (study_dir / "figures" / fig).stat().st_size > 3000, fig
         assert f"figures/{fig}" in md
-    for norm in ("torch_bn", "bn", "in", "bin", "ln", "gn", "nn"):
-        assert f"| {norm} | 1 |" in md, norm  # a table row per variant
-    assert md.count("confusion_val.png)") == 7 and md.count("misclassified_val.png)") == 7
+    for norm, glyph in (("torch_bn", "■"), ("bn", "●"), ("in", "▲"), ("bin", "◆"), ("ln", "▼"), ("gn", "✚"), ("nn", "✖")):
+        assert f"| {glyph} {norm} | 1 |" in md, norm  # a table row per variant, with its figure marker
+    assert "figures/confusion_matrices.png" in md and md.count("misclassified_val.webp)") == 7  # colour images: WebP
     assert "Grad-CAM: cat" in md and "Ranking by mean test accuracy" in md
+    assert "Grad-CAM across norms: " in md and "gradcam_compare/" in md
+    # findings first: computed sentences before any table, the settings folded into the appendix
+    findings = md.split("## Findings", 1)[1].split("## ", 1)[0]
+    assert "Best variant by mean test accuracy" in findings and "within noise" in findings
+    assert "Sanity check: normlab's BN" in findings and "Batch size 4 → 16" in findings
+    assert "Augmentation (torch_bn)" in findings and "runs finished" in findings
+    assert md.index("## Findings") < md.index("| setting | value |")
     html = report.read_text()
-    assert html.count("data:image/png;base64,") >= len(figures) + 14
+    assert html.count("data:image/png;base64,") >= len(figures) + 1
+    assert html.count("data:image/webp;base64,") >= 7 + 2  # galleries of colour images as WebP
+    assert "<details><summary>" in html and 'class="findings"' in html
     assert 'src="figures/' not in html  # self-contained
+    # results as data: one row per planned run
+    import normlab
+
+    df = normlab.load_study(study_dir)
+    assert len(df) == len(plan) and set(df["status"]) <= {"finished", "stopped_early"}
+    assert {"norm", "batch_size", "augment", "seed", "test_acc", "val_macro_f1", "steady_seconds_per_epoch"} <= set(df.columns)
+    assert (study_dir / "results.csv").read_text().count("\n") == len(plan) + 1
 
 
 def test_report_escapes_names_from_the_data(mini):
@@ -148,6 +164,47 @@ def test_study_settings_are_validated():
         make_study_config({"norms": ["bn", "bm"]})
     with pytest.raises(NormlabError, match="unknown study preset 'quik'"):
         run_study("quik", log=lambda _: None)
+
+
+def test_noise_verdicts():
+    from normlab.report.stats import compare, mean_interval, paired_gap, proportion_gap
+
+    # one seed on 2,000 images: a 0.0005 gap (one image) is within noise; 0.10 is beyond test-set noise only
+    g = proportion_gap(0.8155, 0.8150, 2000)
+    assert not g.separated and g.verdict().startswith("within noise (one seed")
+    g = proportion_gap(0.85, 0.75, 2000)
+    assert g.separated and "one seed" in g.verdict() and "beyond test-set noise" in g.verdict()
+    assert not proportion_gap(1.0, 1.0, 50).separated  # two perfect scores: no zero-width "separation"
+    # paired over seeds: a steady +0.01 is separated, an alternating one is not
+    assert paired_gap({0: 0.81, 1: 0.82, 2: 0.83}, {0: 0.80, 1: 0.81, 2: 0.82}).separated
+    assert not paired_gap({0: 0.82, 1: 0.80, 2: 0.83}, {0: 0.80, 1: 0.82, 2: 0.81}).separated
+    assert paired_gap({0: 0.8}, {0: 0.7}) is None  # one shared seed: no pairing
+    assert compare({0: 0.8}, {0: 0.7}, 1000).basis == "test-set sampling only"
+    assert compare({0: 0.8, 1: 0.9}, {0: 0.7, 1: 0.8}, 1000).basis == "paired over seeds"
+    mean, half = mean_interval([1.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(12.706 * 2 ** 0.5 / 2 ** 0.5)
+
+
+def test_findings_name_failures_and_batch_effects(tmp_path):
+    from normlab.report.collect import RunRecord
+    from normlab.report.findings import batch_size, failures, summarise
+
+    def rec(name, norm, bs, acc, status="finished"):
+        groups = ("batch",) if bs == 8 else ("norms", "batch")
+        summary = None if status in ("failed", "missing") else {
+            "status": status, "test": {"acc": acc, "confusion": [[1000, 0], [0, 1000]]},
+            "train": {"acc": acc}, "diverged": {"epoch": 2, "step": 7} if status == "diverged" else None}
+        return RunRecord(name, tmp_path, {"norm": norm, "batch_size": bs, "seed": 0}, list(groups), norm, status,
+                         summary)
+
+    runs = [rec("bn8", "bn", 8, 0.60), rec("bn128", "bn", 128, 0.80), rec("gn8", "gn", 8, 0.78),
+            rec("gn128", "gn", 128, 0.79), rec("ln", "ln", 128, 0.1, "diverged"), rec("in", "in", 128, 0, "failed")]
+    text = batch_size(runs, "test")
+    assert "BN 0.6000 → 0.8000 (+0.2000" in text and "BN moves more" in text and "within noise" in text
+    f = failures(runs)
+    assert f.startswith("2 of 6 runs did not finish") and "ln diverged (epoch 2, step 7)" in f and "in failed" in f
+    items = summarise(runs)
+    assert items[0].startswith("Best variant by mean test accuracy: bn 0.8000")
 
 
 def test_report_helpers_are_pure_and_honest():

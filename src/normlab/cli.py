@@ -219,17 +219,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="(re)write the report of a study folder from its saved runs")
     p.add_argument("study_dir", metavar="STUDY_DIR", help="a folder made by `normlab study`")
+    p.add_argument("--device", default="cpu", help="device for the missing galleries and Grad-CAM (cpu, cuda, mps, auto)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("gradcam", help="Grad-CAM galleries for one run folder")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a folder made by `normlab train`")
+    p = sub.add_parser("gradcam", help="Grad-CAM galleries for one run folder; with several, the same images "
+                                       "explained by every run side by side")
+    p.add_argument("run_dir", metavar="RUN_DIR", nargs="+", help="folders made by `normlab train`")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
     p.add_argument("--classes", help="comma-separated class names (default: every class, capped at --max-classes)")
     p.add_argument("--per-class", type=int, default=5, metavar="N",
                    help="correct and misclassified images per class [default: 5]")
     p.add_argument("--max-classes", type=int, default=10, metavar="N",
                    help="classes shown when --classes is not given [default: 10]")
     p.add_argument("--split", default="val", choices=("val", "test", "train"), help="images from this split [default: val]")
-    p.add_argument("--out", metavar="DIR", help="output folder (default: RUN_DIR/gradcam)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: RUN_DIR/gradcam; with several runs: "
+                                                "gradcam_compare next to the first)")
     p.set_defaults(func=cmd_gradcam)
 
     p = sub.add_parser("augment-preview", help="a grid of one image under each augmentation of the catalogue")
@@ -253,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", type=int, default=16, metavar="N", help="feature maps per figure (first N channels) "
                    "[default: 16]")
     p.add_argument("--out", metavar="DIR", help="output folder (default: RUN_DIR/activations)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
     p.set_defaults(func=cmd_activations)
 
     p = sub.add_parser("completion", help="print a shell completion script: eval \"$(normlab completion bash)\"")
@@ -316,7 +321,8 @@ def cmd_augment_preview(args: argparse.Namespace) -> int:
 def cmd_activations(args: argparse.Namespace) -> int:
     from normlab.analysis.activations import run_activations
 
-    files = run_activations(_existing(args.run_dir, "run folder"), args.image, args.out, channels=args.channels)
+    files = run_activations(_existing(args.run_dir, "run folder"), args.image, args.out, channels=args.channels,
+                            device=args.device)
     for entry in files.values():
         print(entry["file"])
     return 0
@@ -349,19 +355,28 @@ def cmd_report(args: argparse.Namespace) -> int:
     study_dir = _existing(args.study_dir, "study folder")
     if not (study_dir / "plan.json").is_file():
         raise NormlabError(f"{study_dir} is not a study folder (no plan.json): run `normlab study --out {study_dir}` first")
-    analyse_study(study_dir)
+    analyse_study(study_dir, device=args.device)
     md, html = build_report(study_dir)
     print(html)
     return 0
 
 
 def cmd_gradcam(args: argparse.Namespace) -> int:
-    from normlab.analysis.gradcam import run_gradcam
+    from normlab.analysis.gradcam import compare_gradcam, run_gradcam
 
-    run_dir = _existing(args.run_dir, "run folder")
-    index = run_gradcam(run_dir, classes=_names(args.classes) if args.classes else None, per_class=args.per_class,
-                        split=args.split, max_classes=args.max_classes, out_dir=args.out)
-    out = Path(args.out) if args.out else run_dir / "gradcam"
+    run_dirs = [_existing(r, "run folder") for r in args.run_dir]
+    if len(run_dirs) > 1:
+        out = Path(args.out) if args.out else run_dirs[0].parent / "gradcam_compare"
+        labels = [r.name for r in run_dirs]
+        if len(set(labels)) != len(labels):
+            labels = [str(r) for r in run_dirs]
+        index = compare_gradcam(run_dirs, out, labels=labels, classes=_names(args.classes) if args.classes else None, split=args.split,
+                                max_classes=args.max_classes, device=args.device)
+    else:
+        run_dir = run_dirs[0]
+        index = run_gradcam(run_dir, classes=_names(args.classes) if args.classes else None, per_class=args.per_class, split=args.split,
+                            max_classes=args.max_classes, out_dir=args.out, device=args.device)
+        out = Path(args.out) if args.out else run_dir / "gradcam"
     for name, entry in index["classes"].items():
         print(out / entry["file"])
     return 0

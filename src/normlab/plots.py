@@ -5,7 +5,6 @@ Every function takes plain records (rows of ``metrics.csv``, arrays) and writes 
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,20 +28,59 @@ CURVE_PANELS = (
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, float]]:
-    """Rows of a run's ``metrics.csv`` as dicts of floats (empty cells -> NaN)."""
-    with open(path, newline="") as f:
-        return [{k: float(v) if v not in ("", None) else float("nan") for k, v in row.items()}
-                for row in csv.DictReader(f)]
+    """Rows of a run's ``metrics.csv`` (kept for callers of the old name; the run folder owns the format)."""
+    from normlab.runfolder import read_metrics as read
+
+    return read(path)
+
+
+# Galleries of heatmap overlays: lossy WebP (every current browser shows it) at q=70 is about half the
+# JPEG's bytes at the same look and a tenth of the PNG's, on nearest-neighbour-enlarged thumbnails.
+PHOTO_FORMAT = "webp"
+JPEG_QUALITY = 70  # JPEG and WebP
+
+
+def gallery_dpi(image_side: int) -> int:
+    """Resolution of a gallery figure: enough to show each pixel of a small (28-32 px) image as a 3-4 px
+    block, and detail of a large one; more only adds bytes. (Galleries scale their fonts to stay legible.)"""
+    return 64 if image_side <= 48 else 100
+
+
+def gallery_font(dpi: int, size: float = 8.0) -> float:
+    """A font size that keeps ``size`` points at 100 dpi legible at ``dpi``."""
+    return size * max(1.0, 100 / dpi)
 
 
 def save_figure(fig: plt.Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """PNG for line and bar charts (flat colours, exact); JPEG when ``path`` ends in .jpg/.jpeg, WebP in .webp
+    (photographs and heatmaps, where PNG is many times larger)."""
     path = Path(path)
     for ax in fig.axes:
         if ax.get_xlabel().startswith("epoch"):
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight"))
+    fmt = {".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}.get(path.suffix.lower(), "png")
+    if fmt == "png":
+        atomic_write(path, lambda f: f.write(_png_bytes(fig, dpi)))
+    else:
+        atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=dpi, bbox_inches="tight",
+                                                 pil_kwargs={"quality": JPEG_QUALITY}))
     plt.close(fig)
     return path
+
+
+def _png_bytes(fig: plt.Figure, dpi: int) -> bytes:
+    """The figure as a 256-colour PNG: a chart has a few flat colours plus their anti-aliased edges, which
+    256 colours hold without a visible change, at a quarter of the bytes of matplotlib's RGBA PNG."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    img = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    out = io.BytesIO()
+    img.quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(out, format="PNG", optimize=True)
+    return out.getvalue()
 
 
 def plot_curves(rows: Sequence[dict[str, float]], path: str | os.PathLike, title: str = "") -> Path:
@@ -69,17 +107,46 @@ def plot_curves(rows: Sequence[dict[str, float]], path: str | os.PathLike, title
 
 Series = dict[str, tuple[Sequence[float], Sequence[float]]]  # label -> (x, y)
 
+# One colour and marker per norm in every figure and table of a report (colour-blind-safe Okabe-Ito
+# colours; the marker tells them apart in grey too). Never by position: position changes between figures.
+VARIANT_STYLES: dict[str, tuple[str, str]] = {
+    "torch_bn": ("#000000", "s"), "bn": ("#0072B2", "o"), "in": ("#E69F00", "^"), "bin": ("#009E73", "D"),
+    "ln": ("#CC79A7", "v"), "gn": ("#D55E00", "P"), "nn": ("#56B4E9", "X"),
+}
+MARKER_GLYPHS = {"o": "●", "s": "■", "^": "▲", "D": "◆", "v": "▼", "P": "✚", "X": "✖", "*": "★", "h": "⬢", "<": "◀"}
+_EXTRA = (("#7F7F7F", "*"), ("#8C564B", "h"), ("#BCBD22", "<"), ("#17BECF", "*"), ("#9467BD", "h"), ("#F0E442", "<"))
+_LINES = ("-", "--", ":", "-.")
+
+
+def style_of(label: str, siblings: Sequence[str] = ()) -> dict[str, str]:
+    """Matplotlib style of a variant: its norm's colour and marker (the norm is the label's first word,
+    e.g. "gn · batch 8"); the rest of the label (batch size, augmentation) picks the line style by its
+    order in ``siblings``. Labels without a norm get a colour by their order in ``siblings``."""
+    norm, _, rest = str(label).partition(" · ")
+    same = [s for s in siblings if str(s).partition(" · ")[0] == norm] or [label]
+    line = _LINES[same.index(label) % len(_LINES)] if rest and label in same else "-"
+    if norm in VARIANT_STYLES:
+        color, marker = VARIANT_STYLES[norm]
+    else:
+        others = [s for s in siblings if str(s).partition(" · ")[0] not in VARIANT_STYLES] or [label]
+        color, marker = _EXTRA[(others.index(label) if label in others else 0) % len(_EXTRA)]
+        line = "-"
+    return {"color": color, "marker": marker, "linestyle": line}
+
 
 def plot_panels(panels: Sequence[tuple[str, str, Series]], path: str | os.PathLike, ncols: int = 2,
                 xlabel: str = "epoch", title: str = "", logy: Sequence[bool] | None = None,
-                styles: dict[str, str] | None = None) -> Path:
+                styles: dict[str, str] | None = None, dpi: int = 110) -> Path:
     """Several panels of overlaid curves: ``panels`` = [(panel title, y label, {label: (x, y)})]."""
     ncols = min(ncols, len(panels))
     nrows = -(-len(panels) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(6.2 * ncols, 4.2 * nrows), squeeze=False, constrained_layout=True)
     for i, (ax, (name, ylabel, series)) in enumerate(zip(axes.flat, panels)):
         for label, (x, y) in series.items():
-            ax.plot(x, y, (styles or {}).get(label, "-"), marker="o", ms=2.5, lw=1.5, label=label)
+            style = style_of(label, list(series))
+            if styles and label in styles:
+                style["linestyle"] = styles[label]
+            ax.plot(x, y, ms=3.5, lw=1.5, label=label, **style)
         ax.set(title=name, xlabel=xlabel, ylabel=ylabel)
         if logy and logy[i]:
             ax.set_yscale("log")
@@ -90,7 +157,7 @@ def plot_panels(panels: Sequence[tuple[str, str, Series]], path: str | os.PathLi
         ax.set_visible(False)
     if title:
         fig.suptitle(title)
-    return save_figure(fig, path)
+    return save_figure(fig, path, dpi=dpi)
 
 
 def plot_quantile_panels(variants: dict[str, tuple[Sequence[float], Sequence[Sequence[float]]]],
@@ -105,7 +172,7 @@ def plot_quantile_panels(variants: dict[str, tuple[Sequence[float], Sequence[Seq
     for ax, (label, (epochs, values)) in zip(axes.flat, variants.items()):
         for j, q in enumerate(qs):
             ax.plot(epochs, [v[j] for v in values], marker="o", ms=2.5, color=colors[j], label=f"{q * 100:g}th pct")
-        ax.set_title(label)
+        ax.set_title(label, color=style_of(label, list(variants))["color"])
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
@@ -118,12 +185,50 @@ def plot_quantile_panels(variants: dict[str, tuple[Sequence[float], Sequence[Seq
     return save_figure(fig, path)
 
 
+def plot_confusion_grid(mats: dict[str, Sequence[Sequence[float]]], classes: Sequence[str], path: str | os.PathLike,
+                        title: str = "") -> Path:
+    """Row-normalised confusion matrices of several variants side by side on one colour scale (counts
+    written in the cells up to 10 classes); each panel titled in its variant's colour."""
+    import numpy as np
+
+    n, k = len(mats), len(classes)
+    ncols = min(4, n) or 1
+    nrows = max(1, -(-n // ncols))
+    side = 2.6 if k <= 10 else 3.4
+    fig, axes = plt.subplots(nrows, ncols, figsize=(side * ncols + 0.8, side * nrows + 0.6), squeeze=False,
+                             constrained_layout=True)
+    for ax in axes.flat:
+        ax.set_visible(False)
+    names = [str(c)[:12] for c in classes]
+    for ax, (label, cm) in zip(axes.flat, mats.items()):
+        ax.set_visible(True)
+        cm = np.asarray(cm, dtype=float)
+        rows = cm.sum(axis=1, keepdims=True)
+        shown = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+        ax.imshow(shown, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+        if k <= 10:
+            for i in range(k):
+                for j in range(k):
+                    ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=5,
+                            color="white" if shown[i, j] > 0.5 else "black")
+        ticks = range(k) if k <= 30 else range(0, k, max(1, k // 10))
+        ax.set_xticks(list(ticks), [names[t] for t in ticks] if k <= 30 else list(ticks), rotation=90, fontsize=5,
+                      parse_math=False)
+        ax.set_yticks(list(ticks), [names[t] for t in ticks] if k <= 30 else list(ticks), fontsize=5, parse_math=False)
+        acc = np.trace(cm) / cm.sum() if cm.sum() else float("nan")
+        ax.set_title(f"{label} (acc {acc:.3f})", fontsize=9, color=style_of(label, list(mats))["color"],
+                     parse_math=False)
+    if title:
+        fig.suptitle(title, fontsize=10, parse_math=False)
+    return save_figure(fig, path, dpi=100)
+
+
 def plot_bars(values: dict[str, float], path: str | os.PathLike, title: str, ylabel: str,
               errors: dict[str, float] | None = None) -> Path:
     fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(values) + 2), 3.8), constrained_layout=True)
     labels = list(values)
     ax.bar(labels, [values[k] for k in labels], yerr=[(errors or {}).get(k, 0.0) for k in labels], capsize=3,
-           color="#4c72b0")
+           color=[style_of(k, labels)["color"] for k in labels])
     ax.set(title=title, ylabel=ylabel)
     ax.grid(alpha=0.3, axis="y")
     ax.tick_params(axis="x", rotation=30)

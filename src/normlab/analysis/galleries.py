@@ -2,7 +2,7 @@
 
 ``run_analyses(run_dir)`` never trains: it reads the run folder (``summary.json``'s confusion matrices,
 the best checkpoint) and the data set, and writes ``confusion_val.png``, ``confusion_test.png`` (when the
-data set has a test split) and ``misclassified_val.png``.
+data set has a test split) and ``misclassified_val.webp``.
 
 Class names are untrusted text from the data set: every label is drawn with ``parse_math=False`` (a
 ``$`` is a dollar sign, never mathtext), control characters are replaced and long names are shortened.
@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from normlab.errors import NormlabError
-from normlab.plots import plt, save_figure
+from normlab.plots import gallery_dpi, gallery_font, plt, save_figure
+from normlab.runfolder import CONFUSION_PNG, MISCLASSIFIED
 
 ANNOTATE_MAX = 15  # annotate confusion cells with counts up to this many classes
 TICKS_MAX = 60  # beyond this many classes the confusion axes get index ticks, not names
@@ -174,6 +175,7 @@ def misclassified_grid(images_uint8: Any, true: Any, pred: Any, classes: Sequenc
     """A grid of (misclassified) images labelled "true → predicted"; grayscale drawn in gray."""
     n = min(len(images_uint8), max_images)
     true, pred = [int(t) for t in list(true)[:n]], [int(p) for p in list(pred)[:n]]
+    dpi = gallery_dpi(max(images_uint8.shape[-2:]) if n else 64)
     cols = max(1, min(8, n))
     rows = max(1, math.ceil(n / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols + 0.4, 2.1 * rows + 0.6), squeeze=False,
@@ -184,13 +186,13 @@ def misclassified_grid(images_uint8: Any, true: Any, pred: Any, classes: Sequenc
         ax = axes.flat[i]
         ax.axis("on")
         _show(ax, images_uint8[i])
-        ax.set_title(f"{label(classes[true[i]], 16)}\n→ {label(classes[pred[i]], 16)}", fontsize=7,
+        ax.set_title(f"{label(classes[true[i]], 16)}\n→ {label(classes[pred[i]], 16)}", fontsize=gallery_font(dpi, 7),
                      parse_math=False)
     if n == 0:
         axes.flat[0].text(0.5, 0.5, "no misclassified images", ha="center", va="center",
                           transform=axes.flat[0].transAxes)
     fig.suptitle(label(title or "misclassified (true → predicted)", 160), parse_math=False)
-    return save_figure(fig, path)
+    return save_figure(fig, path, dpi=dpi)
 
 
 def gradcam_gallery(rows: dict[str, list[tuple[Any, np.ndarray, int, int]]], classes: Sequence[str],
@@ -203,6 +205,7 @@ def gradcam_gallery(rows: dict[str, list[tuple[Any, np.ndarray, int, int]]], cla
 
     kinds = (("correct", "correct"), ("wrong", "misclassified"))
     cols = max(1, max(len(rows.get(k, [])) for k, _ in kinds))
+    dpi = gallery_dpi(max((max(item[0].shape[-2:]) for k, _ in kinds for item in rows.get(k, [])), default=64))
     fig, axes = plt.subplots(2, cols, figsize=(3.0 * cols + 0.8, 2.0 * 2 + 0.9), squeeze=False,
                              constrained_layout=True)
     for r, (kind, name) in enumerate(kinds):
@@ -220,12 +223,44 @@ def gradcam_gallery(rows: dict[str, list[tuple[Any, np.ndarray, int, int]]], cla
             base = np.uint8(np.round(to_rgb01(img) * 255))
             sep = np.full((base.shape[0], max(1, base.shape[1] // 32), 3), 255, dtype=np.uint8)
             ax.imshow(np.concatenate([base, sep, overlay(img, cam_map)], axis=1), interpolation="nearest")
-            ax.set_title(f"true: {label(classes[t], 22)}\npred: {label(classes[p], 22)}", fontsize=8,
+            ax.set_title(f"true: {label(classes[t], 22)}\npred: {label(classes[p], 22)}", fontsize=gallery_font(dpi),
                          color="black" if t == p else "firebrick", parse_math=False)
-        axes[r][0].set_ylabel(name, fontsize=11)
+        axes[r][0].set_ylabel(name, fontsize=gallery_font(dpi, 11))
     fig.suptitle(label(title or "Grad-CAM", 160) + "\n(image | heatmap overlay, maps for the true class)",
                  parse_math=False)
-    return save_figure(fig, path)
+    return save_figure(fig, path, dpi=dpi)
+
+
+def compare_gallery(images: Any, true: int, per_run: dict[str, tuple[np.ndarray, list[int]]], kinds: Sequence[str],
+                    classes: Sequence[str], path: str | os.PathLike, title: str = "") -> Path:
+    """A row per image: the image, then each run's Grad-CAM overlay titled with that run's prediction
+    (red when wrong). ``per_run[label] = (maps N×H×W, predictions)``; ``kinds[i]`` labels row ``i``."""
+    from normlab.analysis.gradcam import overlay, to_rgb01
+
+    n, runs = len(images), list(per_run)
+    cols = 1 + len(runs)
+    side = 1.45 if max(images.shape[-2:]) <= 64 else 2.2  # inches per panel
+    dpi = gallery_dpi(max(images.shape[-2:]))
+    fs = gallery_font(dpi, 7)
+    fig, axes = plt.subplots(max(1, n), cols, figsize=(side * cols + 0.6, side * max(1, n) + 0.9), squeeze=False,
+                             constrained_layout=True)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for i in range(n):
+        axes[i][0].imshow(np.uint8(np.round(to_rgb01(images[i]) * 255)), interpolation="nearest")
+        axes[i][0].set_ylabel(kinds[i], fontsize=fs)
+        if i == 0:
+            axes[i][0].set_title(f"true: {label(classes[true], 18)}", fontsize=fs, parse_math=False)
+        for j, run in enumerate(runs, 1):
+            maps, preds = per_run[run]
+            axes[i][j].imshow(overlay(images[i], maps[i]), interpolation="nearest")
+            wrong = preds[i] != true
+            axes[i][j].set_title(f"{label(run, 14)}\n→ {label(classes[preds[i]], 14)}", fontsize=fs,
+                                 color="firebrick" if wrong else "black", parse_math=False)
+    fig.suptitle(label(title or "Grad-CAM across runs", 160) + "\n(maps for the true class; red title: wrong prediction)",
+                 parse_math=False, fontsize=fs + 1)
+    return save_figure(fig, path, dpi=dpi)
 
 
 # --------------------------------------------------------------------------- a finished run
@@ -234,12 +269,12 @@ def gradcam_gallery(rows: dict[str, list[tuple[Any, np.ndarray, int, int]]], cla
 def run_analyses(run_dir: str | Path, device: str = "cpu", max_images: int = 32) -> dict[str, str]:
     """Confusion matrices (val, and test when the data set has one) and the misclassified-val grid of a
     finished run; the confusions come from ``summary.json`` when it saved them. Returns ``{name: path}``."""
-    from normlab.train.loop import summary_of
+    from normlab.runfolder import read_summary
 
     run_dir = Path(run_dir)
     run = load_run(run_dir, device)
     data, cfg = run.data, run.cfg
-    summary = summary_of(run_dir) or {}
+    summary = read_summary(run_dir) or {}
     where = f"{cfg.dataset} · {cfg.model_label} · {cfg.norm}"
     out: dict[str, str] = {}
     cache: dict[str, tuple] = {}
@@ -253,12 +288,13 @@ def run_analyses(run_dir: str | Path, device: str = "cpu", max_images: int = 32)
         else:
             cache[split] = predictions(run.model, data, split, run.device, cfg.eval_batch_size)
             cm = cache[split][3].numpy()
-        out[f"confusion_{split}"] = str(plot_confusion(cm, data.classes, run_dir / f"confusion_{split}.png",
+        out[f"confusion_{split}"] = str(plot_confusion(cm, data.classes, run_dir / CONFUSION_PNG.format(split=split),
                                                        title=f"{split} confusion · {where}"))
     x, y, preds, _ = cache.get("val") or predictions(run.model, data, "val", run.device, cfg.eval_batch_size)
     wrong = torch.nonzero(preds != y).flatten()
     shown = wrong[:max_images]
     out["misclassified_val"] = str(misclassified_grid(
-        x[shown], y[shown], preds[shown], data.classes, run_dir / "misclassified_val.png", max_images,
+        x[shown], y[shown], preds[shown], data.classes, run_dir / MISCLASSIFIED[0 if data.in_channels == 1 else 1],
+        max_images,
         title=f"misclassified val images (first {len(shown)} of {len(wrong)}) · {where}"))
     return out

@@ -5,8 +5,10 @@ The maps come from ``pytorch_grad_cam.GradCAM`` on the convolutions of the last 
 map to [0, 1] at the input resolution, averages them (``BaseCAM.aggregate_multi_layers``: a mean) and
 rescales the mean to [0, 1]; that is the aggregation used here.
 
-``run_gradcam(run_dir)`` writes ``<run_dir>/gradcam/<k>_<class>.png`` galleries (rows "correct" and
+``run_gradcam(run_dir)`` writes ``<run_dir>/gradcam/<k>_<class>.jpg`` galleries (rows "correct" and
 "misclassified", image | heatmap overlay, true/predicted class in the titles) and ``gradcam.json``.
+``compare_gradcam(run_dirs, out)`` explains the same chosen val images (per class: some every model gets
+right, some the models disagree on) by every run side by side, each with its own prediction.
 Class names come from the data set and are treated as untrusted text: they only appear in figure
 titles (drawn as plain text, no mathtext) and JSON, and the file names use a sanitised slug.
 """
@@ -25,6 +27,8 @@ from torch import nn
 
 from normlab.device import unwrap
 from normlab.errors import NormlabError
+
+from normlab.plots import PHOTO_FORMAT
 
 CAM_BATCH = 16  # images per Grad-CAM forward/backward (bounds memory at 256×256)
 
@@ -170,11 +174,82 @@ def run_gradcam(run_dir: str | Path, classes: Sequence[str] | None = None, per_c
                 imgs, maps = x[:0], np.zeros((0,) + tuple(x.shape[-2:]), dtype=np.float32)
             rows[kind] = [(imgs[j], maps[j], k, int(preds[i])) for j, i in enumerate(idx)]
         name = data.classes[k]
-        fname = class_slug(k, name) + ".png"
+        fname = class_slug(k, name) + "." + PHOTO_FORMAT
         gradcam_gallery(rows, data.classes, out / fname,
                         title=f"Grad-CAM ({split}, true class) · {name}")
         index["classes"][name] = {"index": k, "file": fname, "correct": len(rows["correct"]),
                                   "wrong": len(rows["wrong"]), "correct_indices": picks[k]["correct"],
                                   "wrong_indices": picks[k]["wrong"]}
+    write_json(out / "gradcam.json", index)
+    return index
+
+
+def pick_shared(preds: dict[str, torch.Tensor], targets: torch.Tensor, classes_wanted: Sequence[int],
+                agree: int = 1, disagree: int = 2) -> dict[int, dict[str, list[int]]]:
+    """Per wanted class, the first ``agree`` images every model classifies correctly and the first
+    ``disagree`` images the models disagree on (predictions differ); an image all models get wrong in
+    the same way is neither. ``{k: {"agree": [...], "disagree": [...]}}``."""
+    t = torch.as_tensor(targets).reshape(-1).long()
+    stack = torch.stack([torch.as_tensor(p).reshape(-1).long() for p in preds.values()])
+    if stack.shape[1] != len(t):
+        raise NormlabError(f"pick_shared: {stack.shape[1]} predictions but {len(t)} targets")
+    all_right = (stack == t).all(0)
+    differ = (stack != stack[0]).any(0)
+    out: dict[int, dict[str, list[int]]] = {}
+    for k in classes_wanted:
+        of_k = t == int(k)
+        out[int(k)] = {"agree": torch.nonzero(of_k & all_right).flatten()[:agree].tolist(),
+                       "disagree": torch.nonzero(of_k & differ).flatten()[:disagree].tolist()}
+    return out
+
+
+def compare_gradcam(run_dirs: Sequence[str | Path], out_dir: str | Path, labels: Sequence[str] | None = None,
+                    classes: Sequence[str] | None = None, agree: int = 1, disagree: int = 2, split: str = "val",
+                    max_classes: int = 10, device: str = "cpu") -> dict[str, Any]:
+    """The same ``split`` images explained by every run in ``run_dirs`` (maps for the true class), one
+    figure per class: a row per image, the image then one overlay per run titled with that run's
+    prediction. The runs must share the data set. Writes ``<out_dir>/<k>_<class>.jpg`` and ``gradcam.json``."""
+    from normlab.analysis.galleries import compare_gallery, load_run, predict_split
+    from normlab.data import normalize
+    from normlab.io import write_json
+
+    if len(run_dirs) < 1:
+        raise NormlabError("compare_gradcam needs at least one run folder")
+    labels = list(labels) if labels is not None else [Path(r).name for r in run_dirs]
+    if len(labels) != len(run_dirs) or len(set(labels)) != len(labels):
+        raise NormlabError("compare_gradcam: give one distinct label per run folder")
+    loaded, preds = {}, {}
+    x = y = None
+    for label, run_dir in zip(labels, run_dirs):
+        run = load_run(run_dir, device)
+        rx, ry, rp = predict_split(run, split)
+        if y is None:
+            x, y, data = rx, ry, run.data
+        elif run.data.classes != data.classes or not torch.equal(ry, y):
+            raise NormlabError(f"{run_dir} was trained on other data than {run_dirs[0]} (classes or {split} images "
+                               "differ): compare runs of one data set")
+        loaded[label], preds[label] = run, rp
+    wanted = resolve_classes(list(classes) if classes is not None else None, data.classes, max_classes)
+    picks = pick_shared(preds, y, wanted, agree, disagree)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    index: dict[str, Any] = {"runs": {label: str(d) for label, d in zip(labels, run_dirs)}, "split": split,
+                             "target": "true class", "classes": {}}
+    for k in wanted:
+        idx = picks[k]["agree"] + picks[k]["disagree"]
+        if not idx:
+            continue
+        imgs = x[idx]
+        maps = {label: gradcam_maps(run.model, normalize(imgs.to(run.device), data.mean, data.std), [k] * len(idx))
+                for label, run in loaded.items()}
+        kinds = ["all right"] * len(picks[k]["agree"]) + ["disagree"] * len(picks[k]["disagree"])
+        name = data.classes[k]
+        fname = class_slug(k, name) + "." + PHOTO_FORMAT
+        compare_gallery(imgs, k, {label: (maps[label], [int(preds[label][i]) for i in idx]) for label in loaded},
+                        kinds, data.classes, out / fname, title=f"Grad-CAM across runs ({split}, true class) · {name}")
+        index["classes"][name] = {"index": k, "file": fname, "agree_indices": picks[k]["agree"],
+                                  "disagree_indices": picks[k]["disagree"],
+                                  "predictions": {label: [data.classes[int(preds[label][i])] for i in idx]
+                                                  for label in loaded}}
     write_json(out / "gradcam.json", index)
     return index

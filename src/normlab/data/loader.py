@@ -76,7 +76,8 @@ CIFAR10_NATIVE = 32
 
 def _warn(msg: str, notes: list[str]) -> None:
     notes.append(msg)
-    warnings.warn(msg, stacklevel=3)
+    # one line ("normlab:0: UserWarning: ..."): a source line of normlab's code tells a user nothing about their data
+    warnings.warn_explicit(msg, UserWarning, filename="normlab", lineno=0, module="normlab.data")
 
 
 # ------------------------------------------------------------------------------------------- cache

@@ -16,17 +16,20 @@ import torchvision
 import normlab
 from normlab import plots
 from normlab.config import make_config
+from normlab import runfolder
 from normlab.io import read_json, write_text
 from normlab.report.collect import (METRICS, SPLITS, RunRecord, by_cell, cell_metric, cell_status, collect_study,
                                     fmt, mean_curve, mean_quantiles, mean_std, rank)
-from normlab.report.render import Doc, to_html, to_markdown
+from normlab.report.findings import augmentation, batch_size, sanity, score_split, summarise
+from normlab.report.render import Doc, Swatch, to_html, to_markdown
+from normlab.study import folder as sf
 from normlab.device import cpu_name
 
 METRIC_NAMES = {"acc": "acc", "micro_f1": "micro-F1", "macro_f1": "macro-F1"}
-SECTIONS = ("Setup", "Results: all variants", "Sanity check: custom BN vs torch_bn", "Loss curves",
-            "Accuracy and F1 curves", "Batch size: BN vs GN", "Augmentation", "Feature-quantile evolution",
+SECTIONS = ("Findings", "Results: all variants", "Sanity check: custom BN vs torch_bn", "Loss curves",
+            "Error, accuracy and F1 curves", "Batch size: BN vs GN", "Augmentation", "Feature-quantile evolution",
             "Time per epoch", "Confusion matrices", "Per-class accuracy and most-confused pairs",
-            "Misclassified images", "Grad-CAM")
+            "Misclassified images", "Grad-CAM", "Grad-CAM across norms", "Appendix: setup and settings")
 
 
 def _hardware() -> str:
@@ -35,11 +38,16 @@ def _hardware() -> str:
     return f"{cpu}, {os.cpu_count()} cores; GPU: {gpu}"
 
 
-def _metric_table(cells: dict[str, list[RunRecord]], splits=SPLITS) -> tuple[list[str], list[list[str]]]:
+def swatch(label: str, siblings) -> Swatch:
+    style = plots.style_of(label, list(siblings))
+    return Swatch(label, style["color"], plots.MARKER_GLYPHS.get(style["marker"], "●"))
+
+
+def _metric_table(cells: dict[str, list[RunRecord]], splits=SPLITS) -> tuple[list[str], list[list]]:
     headers = ["variant", "seeds"] + [f"{s} {METRIC_NAMES[m]}" for s in splits for m in METRICS] + ["status"]
     rows = []
     for label, recs in cells.items():
-        row = [label, str(len(recs))]
+        row: list = [swatch(label, cells), str(len(recs))]
         for s in splits:
             for m in METRICS:
                 mean, std, n = cell_metric(recs, s, m)
@@ -61,57 +69,37 @@ def build_report(study_dir: str | Path) -> tuple[Path, Path]:
     study_dir = Path(study_dir)
     record, runs = collect_study(study_dir)
     study, base = record["study"], record["train"]
-    fig_dir = study_dir / "figures"
+    fig_dir = study_dir / sf.FIGURES
     fig_dir.mkdir(exist_ok=True)
     doc = Doc(f"normlab study: {study.get('name', study_dir.name)}")
     first_run = _first_with_summary(runs)
     first = first_run.summary if first_run else {}
     norms = by_cell(runs, "norms")
-    state = read_json(study_dir / "state.json") if (study_dir / "state.json").is_file() else {}
-
-    # ------------------------------------------------------------------ setup
-    doc.h(SECTIONS[0])
+    state = sf.read_state(study_dir)
     classes = first.get("classes", [])
-    data = first.get("data", {})
+
+    # ------------------------------------------------------------------ findings: the answer first
+    doc.h(SECTIONS[0])
     done = sum(r.usable for r in runs)
-    doc.p(f"{len(runs)} runs planned, {done} finished, {sum(r.status == 'diverged' for r in runs)} diverged, "
-          f"{sum(r.status in ('failed', 'missing') for r in runs)} failed or missing. Seeds per cell: {study['seeds']}.")
-    run_time = sum((r.summary or {}).get("wall_seconds", 0.0) for r in runs)
-    doc.table(["item", "value"], [
-        ["data set", f"{base['dataset']} ({data.get('source', base.get('data_root') or 'default location')})"],
-        ["classes", f"{len(classes)}: {', '.join(classes[:30])}{' …' if len(classes) > 30 else ''}"],
-        ["split sizes (train/val/test)", "/".join(str(data.get("counts", {}).get(k, "?")) for k in SPLITS)],
-        ["model", make_config(base).model_label
-                  + (f" (n={base['n']}, shortcut {base['shortcut']})" if base.get("model", "resnet") == "resnet" else "")
-         + (f", {first.get('params', 0):,} parameters with {first_run.config['norm']}" if first_run else "")],
-        ["hardware", _hardware()],
-        ["versions", f"normlab {normlab.__version__}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
-                     f"Python {platform.python_version()}"],
-        ["device / threads", f"{first.get('device', '?')} / {first.get('threads', '?')}"],
-        ["total time", f"{run_time / 60:.1f} min of training runs"
-                       + (f"; study wall time {state['wall_seconds'] / 60:.1f} min" if state.get("wall_seconds") else "")],
-    ])
-    doc.p("Shared training settings (every run uses these except for the setting its comparison varies):")
-    doc.table(["setting", "value"], [[k, str(v)] for k, v in base.items() if k not in ("out", "progress")])
+    doc.p(f"{len(runs)} runs planned, {done} finished; {study['seeds']} seed(s) per cell; data {base['dataset']}, "
+          f"{make_config(base).model_label}. Every sentence below is computed from the run folders.")
+    doc.findings(summarise(runs))
+    doc.p(f"Every run as one table row: {sf.RESULTS} (normlab.load_study(folder) gives it as a pandas DataFrame).")
 
     # ------------------------------------------------------------------ main table
     doc.h(SECTIONS[1])
     if norms:
         headers, rows = _metric_table(norms)
         doc.table(headers, rows)
-        test_acc = {label: cell_metric(recs, "test", "acc")[0] for label, recs in norms.items()}
-        if all(math.isnan(v) for v in test_acc.values()):
-            test_acc = {label: cell_metric(recs, "val", "acc")[0] for label, recs in norms.items()}
-            split = "val"
-        else:
-            split = "test"
-        ranking = rank(test_acc)
+        split = score_split(runs)
+        ranking = rank({label: cell_metric(recs, split, "acc")[0] for label, recs in norms.items()})
         if ranking:
-            doc.p(f"Ranking by mean {split} accuracy (computed from the table): "
-                  + "; ".join(f"{i}. {k} ({v:.4f})" for i, k, v in ranking)
+            doc.p(f"Ranking by mean {split} accuracy (computed from the table; see Findings for which gaps are "
+                  "within noise): " + "; ".join(f"{i}. {k} ({v:.4f})" for i, k, v in ranking)
                   + (". Variants without a number (diverged or failed) are left out." if len(ranking) < len(norms) else "."))
         doc.p("Accuracy is top-1 accuracy, which equals micro-F1 for single-label classification. Train figures are "
-              "from a clean eval-mode pass of the best-on-val weights; val and test use the same weights.")
+              "from a clean eval-mode pass of the best-on-val weights; val and test use the same weights. "
+              "Markers and colours are the same in every table and figure.")
 
     # ------------------------------------------------------------------ sanity check
     doc.h(SECTIONS[2])
@@ -122,11 +110,11 @@ def build_report(study_dir: str | Path) -> tuple[Path, Path]:
             for m in METRICS:
                 a, b = cell_metric(pair["bn"], s, m)[0], cell_metric(pair["torch_bn"], s, m)[0]
                 rows.append([f"{s} {METRIC_NAMES[m]}", f"{a:.4f}", f"{b:.4f}", f"{a - b:+.4f}"])
-        doc.table(["metric", "bn (normlab)", "torch_bn", "difference"], rows)
-        diffs = [abs(float(r[3])) for r in rows if r[3] not in ("+nan", "nan")]
-        if diffs:
-            doc.p(f"Largest absolute difference: {max(diffs):.4f}. Both start from the same weights and see the same "
-                  "batches; differences come from floating-point rounding in the normalization, amplified by training.")
+        doc.table(["metric", swatch("bn", norms), swatch("torch_bn", norms), "difference"], rows)
+        verdict = sanity(norms, score_split(runs))
+        if verdict:
+            doc.p(verdict + " Both start from the same weights and see the same batches; differences come from "
+                  "floating-point rounding in the normalization, amplified by training.")
         path = plots.plot_panels([
             ("Train loss", "loss", _curves(pair, "train_loss")), ("Val loss", "loss", _curves(pair, "val_loss")),
             ("Val accuracy", "accuracy", _curves(pair, "val_acc")), ("Val macro-F1", "macro-F1", _curves(pair, "val_macro_f1")),
@@ -135,23 +123,23 @@ def build_report(study_dir: str | Path) -> tuple[Path, Path]:
     else:
         doc.p("Not in this study (needs both `bn` and `torch_bn` in `norms`).")
 
-    custom = {k: v for k, v in norms.items() if k != "torch_bn"}
     # ------------------------------------------------------------------ loss curves
     doc.h(SECTIONS[3])
-    if custom:
-        path = plots.plot_panels([("Train loss", "loss", _curves(custom, "train_loss")),
-                                  ("Val loss", "loss", _curves(custom, "val_loss"))],
+    if norms:
+        path = plots.plot_panels([("Train loss", "loss", _curves(norms, "train_loss")),
+                                  ("Val loss", "loss", _curves(norms, "val_loss"))],
                                  fig_dir / "loss_curves.png", logy=[True, True])
-        doc.img(path, "Train and val loss of the custom variants (log scale), mean over seeds")
-    # ------------------------------------------------------------------ acc / F1 curves
+        doc.img(path, "Train and val loss of every variant (log scale), mean over seeds")
+    # ------------------------------------------------------------------ error / acc / F1 curves
     doc.h(SECTIONS[4])
     if norms:
-        path = plots.plot_panels([
-            ("Train accuracy", "accuracy", _curves(norms, "train_acc")), ("Val accuracy", "accuracy", _curves(norms, "val_acc")),
-            ("Val micro-F1", "micro-F1", _curves(norms, "val_micro_f1")),
-            ("Val macro-F1", "macro-F1", _curves(norms, "val_macro_f1")),
-        ], fig_dir / "accuracy_f1_curves.png")
-        doc.img(path, "Accuracy and F1 per epoch, all variants, mean over seeds")
+        panels = []
+        for key, name in (("error", "error"), ("acc", "accuracy"), ("micro_f1", "micro-F1"), ("macro_f1", "macro-F1")):
+            for split in ("train", "val"):
+                panels.append((f"{split.capitalize()} {name}", name, _curves(norms, f"{split}_{key}")))
+        path = plots.plot_panels(panels, fig_dir / "error_accuracy_f1_curves.png", dpi=85)  # 8 panels: ~1050 px wide
+        doc.img(path, "Error, accuracy, micro-F1 and macro-F1 per epoch, train (left; training pass, train mode) and "
+                      "val (right), every variant, mean over seeds")
 
     # ------------------------------------------------------------------ batch size
     doc.h(SECTIONS[5])
@@ -164,12 +152,15 @@ def build_report(study_dir: str | Path) -> tuple[Path, Path]:
         for row, label in zip(rows, batch):
             row.insert(2, "–" if math.isnan(epochs[label]) else f"{epochs[label]:.1f}")
         doc.table(headers, rows)
+        finding = batch_size(runs, score_split(runs))
+        if finding:
+            doc.p(finding)
         doc.p(f"Early stopping on val accuracy with patience {study['batch_patience']}, capped at "
               f"{study['batch_max_epochs']} epochs.")
         path = plots.plot_panels([("Val accuracy", "accuracy", _curves(batch, "val_acc")),
                                   ("Train loss", "loss", _curves(batch, "train_loss"))],
                                  fig_dir / "batch_size_curves.png", logy=[False, True])
-        doc.img(path, "BN and GN at each batch size")
+        doc.img(path, "BN and GN at each batch size (colour: norm; line style: batch size)")
     else:
         doc.p("Not in this study.")
 
@@ -179,10 +170,13 @@ def build_report(study_dir: str | Path) -> tuple[Path, Path]:
     if aug:
         headers, rows = _metric_table(aug)
         doc.table(headers, rows)
+        finding = augmentation(runs, score_split(runs))
+        if finding:
+            doc.p(finding)
         path = plots.plot_panels([("Train loss", "loss", _curves(aug, "train_loss")),
                                   ("Val accuracy", "accuracy", _curves(aug, "val_acc"))],
                                  fig_dir / "augmentation_curves.png")
-        doc.img(path, "With and without the standard augmentation")
+        doc.img(path, "With and without the augmentation (line style: augmentation)")
     else:
         doc.p("Not in this study.")
 
@@ -220,45 +214,123 @@ def build_report(study_dir: str | Path) -> tuple[Path, Path]:
     # ------------------------------------------------------------------ time
     doc.h(SECTIONS[8])
     if norms:
-        rows, secs = [], {}
-        for label, recs in norms.items():
-            s = mean_std([r.summary["seconds_per_epoch"] for r in recs if r.summary and r.summary.get("seconds_per_epoch")])
-            ips = mean_std([r.summary["images_per_s"] for r in recs if r.summary and r.summary.get("images_per_s")])
-            secs[label] = s[0]
-            rows.append([label, fmt(*s, len(recs), 2), fmt(*ips, len(recs), 0)])
-        doc.table(["variant", "seconds per epoch (train pass)", "images/s"], rows)
-        path = plots.plot_bars({k: v for k, v in secs.items() if not math.isnan(v)}, fig_dir / "time_per_epoch.png",
-                               "Training time per epoch", "seconds")
-        doc.img(path, "Seconds per training epoch, mean over seeds")
+        _time_section(doc, norms, fig_dir, first)
 
     # ------------------------------------------------------------------ per-run analyses (files written by analyses)
     seed0 = {label: next((r for r in recs if r.usable), None) for label, recs in norms.items()}
     doc.h(SECTIONS[9])
-    for label, r in seed0.items():
-        if r is not None:
-            for split in ("val", "test"):
-                doc.img(r.folder / f"confusion_{split}.png", f"{label}: confusion matrix on {split} ({r.name})")
+    split = score_split(runs)
+    mats = {label: r.summary[split]["confusion"] for label, r in seed0.items()
+            if r is not None and (r.summary.get(split) or {}).get("confusion")}
+    if mats and classes:
+        path = plots.plot_confusion_grid(mats, classes, fig_dir / "confusion_matrices.png",
+                                         title=f"{split} confusion matrices (rows: true class, colour: row fraction)")
+        doc.img(path, f"Confusion matrices on {split}, every variant (first seed), from summary.json")
+        doc.p("Each run folder also holds full-size confusion_val.png and confusion_test.png with class names: "
+              + ", ".join(f"{label}: runs/{r.name}/" for label, r in seed0.items() if r is not None) + ".")
     doc.h(SECTIONS[10])
     _per_class(doc, seed0, classes)
     doc.h(SECTIONS[11])
     for label, r in seed0.items():
         if r is not None:
-            doc.img(r.folder / "misclassified_val.png", f"{label}: misclassified val images, true → predicted ({r.name})")
+            doc.img(runfolder.misclassified_file(r.folder),
+                    f"{label}: misclassified val images, true → predicted ({r.name})")
     doc.h(SECTIONS[12])
-    best = state.get("gradcam_run")
-    if best and (study_dir / "runs" / best / "gradcam" / "gradcam.json").is_file():
-        index = read_json(study_dir / "runs" / best / "gradcam" / "gradcam.json")
+    best = state.get(sf.GRADCAM_RUN)
+    index = runfolder.gradcam_index(sf.run_dir(study_dir, best)) if best else None
+    if index:
         doc.p(f"Best model of the study by val accuracy: {best}. Maps for the true class from the 2n convolutions of the "
-              "last stage, mean-aggregated, on 5 correctly and 5 incorrectly classified val images per class.")
+              f"last stage, mean-aggregated, on up to {index.get('per_class', 5)} correctly and incorrectly classified "
+              "val images per class.")
         for cls, entry in index.get("classes", {}).items():
-            doc.img(study_dir / "runs" / best / "gradcam" / entry["file"], f"Grad-CAM: {cls}")
+            doc.img(sf.run_dir(study_dir, best) / runfolder.GRADCAM_DIR / entry["file"], f"Grad-CAM: {cls}")
     else:
         doc.p("No Grad-CAM gallery yet (it is made at the end of the study, or with `normlab gradcam RUN_DIR`).")
+    doc.h(SECTIONS[13])
+    _gradcam_across(doc, study_dir, state)
 
-    md_path, html_path = study_dir / "report.md", study_dir / "report.html"
+    # ------------------------------------------------------------------ appendix
+    doc.h(SECTIONS[14])
+    doc.fold("Setup, hardware, versions and the shared training settings")
+    _setup(doc, runs, study, base, first_run, state)
+    doc.end_fold()
+
+    md_path, html_path = study_dir / sf.REPORT_MD, study_dir / sf.REPORT_HTML
     write_text(md_path, to_markdown(doc, study_dir))
     write_text(html_path, to_html(doc))
     return md_path, html_path
+
+
+def _setup(doc: Doc, runs: list[RunRecord], study: dict, base: dict, first_run: RunRecord | None, state: dict) -> None:
+    first = first_run.summary if first_run else {}
+    classes = first.get("classes", [])
+    data = first.get("data", {})
+    done = sum(r.usable for r in runs)
+    doc.p(f"{len(runs)} runs planned, {done} finished, {sum(r.status == 'diverged' for r in runs)} diverged, "
+          f"{sum(r.status in ('failed', 'missing') for r in runs)} failed or missing. Seeds per cell: {study['seeds']}.")
+    run_time = sum((r.summary or {}).get("wall_seconds", 0.0) for r in runs)
+    world = first.get("world") or {}
+    doc.table(["item", "value"], [
+        ["data set", f"{base['dataset']} ({data.get('source', base.get('data_root') or 'default location')})"],
+        ["classes", f"{len(classes)}: {', '.join(classes[:30])}{' …' if len(classes) > 30 else ''}"],
+        ["split sizes (train/val/test)", "/".join(str(data.get("counts", {}).get(k, "?")) for k in SPLITS)],
+        ["model", make_config(base).model_label
+                  + (f" (n={base['n']}, shortcut {base['shortcut']})" if base.get("model", "resnet") == "resnet" else "")
+         + (f", {first.get('params', 0):,} parameters with {first_run.config['norm']}" if first_run else "")],
+        ["hardware", _hardware()],
+        ["versions", f"normlab {normlab.__version__}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
+                     f"Python {platform.python_version()}"],
+        ["device / threads / processes", f"{first.get('device', '?')} / {first.get('threads', '?')} / "
+                                         f"{world.get('world_size', 1)}"],
+        ["total time", f"{run_time / 60:.1f} min of training runs"
+                       + (f"; study wall time {state[sf.WALL_SECONDS] / 60:.1f} min" if state.get(sf.WALL_SECONDS) else "")],
+    ])
+    doc.p("Shared training settings (every run uses these except for the setting its comparison varies):")
+    doc.table(["setting", "value"], [[k, str(v)] for k, v in base.items() if k not in ("out", "progress")])
+
+
+def _time_section(doc: Doc, norms: dict[str, list[RunRecord]], fig_dir: Path, first: dict) -> None:
+    """Steady state (median of epochs 2..E) apart from the one-time first-epoch cost, with their source."""
+    rows, steady = [], {}
+    for label, recs in norms.items():
+        t = [runfolder.timing(r.rows) for r in recs if r.rows]
+        st = mean_std([x["steady_seconds_per_epoch"] for x in t if x["steady_seconds_per_epoch"] is not None])
+        fe = mean_std([x["first_epoch_seconds"] for x in t if x["first_epoch_seconds"] is not None])
+        ex = mean_std([x["first_epoch_extra_seconds"] for x in t if x["first_epoch_extra_seconds"] is not None])
+        ev = mean_std([x["eval_seconds_per_epoch"] for x in t if x["eval_seconds_per_epoch"] is not None])
+        ips = mean_std([x["steady_images_per_s"] for x in t if x["steady_images_per_s"] is not None])
+        epochs = sorted({x["steady_epochs"] + 1 for x in t})
+        steady[label] = st[0]
+        source = (f"metrics.csv epoch_seconds, median of epochs 2–{max(epochs)}" if epochs and max(epochs) > 1
+                  else "metrics.csv: one epoch only, no steady state")
+        rows.append([swatch(label, norms), fmt(*st, len(t), 2), fmt(*ips, len(t), 0), fmt(*fe, len(t), 2),
+                     fmt(*ex, len(t), 2), fmt(*ev, len(t), 2), f"{source}; {len(t)} seed(s)"])
+    doc.table(["variant", "steady s/epoch (train pass)", "steady images/s", "first epoch s",
+               "one-time extra s (first − steady)", "eval s/epoch", "source"], rows)
+    doc.p("The first epoch pays one-time costs — the build of the CPU norm kernels (once per machine, cached), "
+          "torch.compile where it is on, allocator and cache warm-up — so it is reported apart and the variants "
+          "are compared on their steady state. Runs of a study run one after another on "
+          f"{first.get('device', 'the device')} with {first.get('threads', '?')} thread(s); on a machine shared with "
+          "other work, timings carry that noise.")
+    path = plots.plot_bars({k: v for k, v in steady.items() if not math.isnan(v)}, fig_dir / "time_per_epoch.png",
+                           "Steady-state training time per epoch (first epoch excluded)", "seconds")
+    doc.img(path, "Seconds per training epoch in steady state (median of epochs 2+), mean over seeds")
+
+
+def _gradcam_across(doc: Doc, study_dir: Path, state: dict) -> None:
+    folder = study_dir / sf.GRADCAM_COMPARE_DIR
+    index = read_json(folder / runfolder.GRADCAM_INDEX) if (folder / runfolder.GRADCAM_INDEX).is_file() else None
+    if not index or not state.get(sf.GRADCAM_COMPARE):
+        doc.p("Not made yet (it needs two or more finished variants; `normlab gradcam RUN_DIR RUN_DIR ...` makes it "
+              "for any runs).")
+        return
+    runs = index.get("runs", {})
+    doc.p("The same val images explained by the first seed of every variant ("
+          + ", ".join(f"{k}: {Path(v).name}" for k, v in runs.items())
+          + "): per class, images that every model classifies correctly (\"all right\") and images the models "
+          "disagree on (\"disagree\"); maps for the true class, each titled with that model's prediction (red: wrong).")
+    for cls, entry in index.get("classes", {}).items():
+        doc.img(folder / entry["file"], f"Grad-CAM across norms: {cls}")
 
 
 def _per_class(doc: Doc, seed0: dict[str, RunRecord | None], classes: list[str]) -> None:
@@ -268,10 +340,11 @@ def _per_class(doc: Doc, seed0: dict[str, RunRecord | None], classes: list[str])
     if not runs or not classes:
         return
     accs = {k: per_class_accuracy(torch.tensor(r.summary["val"]["confusion"])).tolist() for k, r in runs.items()}
-    doc.table(["class"] + list(accs), [[c] + [f"{accs[k][i]:.3f}" for k in accs] for i, c in enumerate(classes)])
+    doc.table(["class"] + [swatch(k, seed0) for k in accs],
+              [[c] + [f"{accs[k][i]:.3f}" for k in accs] for i, c in enumerate(classes)])
     doc.p("Val accuracy per class (seed 0). Most-confused pairs on val (true → predicted: count):")
     rows = []
     for k, r in runs.items():
         pairs = most_confused_pairs(torch.tensor(r.summary["val"]["confusion"]), 3)
-        rows.append([k, "; ".join(f"{classes[t]} → {classes[p]}: {n}" for t, p, n in pairs)])
+        rows.append([swatch(k, seed0), "; ".join(f"{classes[t]} → {classes[p]}: {n}" for t, p, n in pairs)])
     doc.table(["variant", "most confused (val)"], rows)

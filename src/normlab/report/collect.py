@@ -8,9 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from normlab.config import read_yaml
-from normlab.io import read_json
-from normlab.plots import read_metrics
+from normlab import runfolder
+from normlab.study import folder as sf
 
 METRICS = ("acc", "micro_f1", "macro_f1")
 SPLITS = ("train", "val", "test")
@@ -35,18 +34,18 @@ class RunRecord:
 
 
 def read_run(folder: Path, name: str, config: dict, groups: list[str], cell: str) -> RunRecord:
-    summary = read_json(folder / "summary.json") if (folder / "summary.json").is_file() else None
-    status = summary["status"] if summary else ("failed" if (folder / "failed.json").is_file() else "missing")
-    rows = read_metrics(folder / "metrics.csv") if (folder / "metrics.csv").is_file() else []
-    q = read_json(folder / "quantiles.json") if (folder / "quantiles.json").is_file() else None
-    return RunRecord(name, folder, config, groups, cell, status, summary, rows, q)
+    status = runfolder.status_of(folder)
+    if status == "partial":  # a run still going or killed: the report shows it as not finished
+        status = "missing"
+    return RunRecord(name, folder, config, groups, cell, status, runfolder.read_summary(folder),
+                     runfolder.read_metrics(folder), runfolder.read_quantiles(folder))
 
 
 def collect_study(study_dir: Path) -> tuple[dict[str, Any], list[RunRecord]]:
     """(study.yaml contents, one record per planned run, in plan order)."""
-    record = read_yaml(study_dir / "study.yaml")
-    plan = read_json(study_dir / "plan.json")
-    runs = [read_run(study_dir / "runs" / p["name"], p["name"], p["config"], p["groups"], p["cell"]) for p in plan]
+    record = sf.read_record(study_dir)
+    plan = sf.read_plan(study_dir)
+    runs = [read_run(sf.run_dir(study_dir, p["name"]), p["name"], p["config"], p["groups"], p["cell"]) for p in plan]
     for r, p in zip(runs, plan):
         r.cells = dict(p.get("cells", {}))
     return record, runs

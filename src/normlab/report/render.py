@@ -10,6 +10,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+@dataclass(frozen=True)
+class Swatch:
+    """A table cell naming a variant with its figure colour and marker, so tables and figures agree."""
+    text: str
+    color: str
+    glyph: str
+
+    def __str__(self) -> str:
+        return f"{self.glyph} {self.text}"
+
+
+MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
+
+
 @dataclass
 class Doc:
     title: str
@@ -30,6 +44,16 @@ class Doc:
 
     def code(self, text: str) -> None:
         self.blocks.append(("code", text))
+
+    def fold(self, summary: str) -> None:
+        """Everything up to ``end_fold`` is folded away in HTML (``<details>``)."""
+        self.blocks.append(("fold", summary))
+
+    def end_fold(self) -> None:
+        self.blocks.append(("end_fold",))
+
+    def findings(self, items: list[str]) -> None:
+        self.blocks.append(("findings", items))
 
 
 def _md_text(text: str) -> str:
@@ -60,6 +84,10 @@ def to_markdown(doc: Doc, base: Path) -> str:
         elif kind == "img":
             rel = block[1].resolve().relative_to(base.resolve()).as_posix()
             out += [f"![{_md_text(block[2])}]({rel})", f"*{_md_text(block[2])}*", ""]
+        elif kind == "fold":
+            out += [f"**{_md_text(block[1])}**", ""]
+        elif kind == "findings":
+            out += [f"- {_md_text(item)}" for item in block[1]] + [""]
     return "\n".join(out)
 
 
@@ -69,10 +97,19 @@ color:#222;line-height:1.45}
 h1{border-bottom:2px solid #ddd}h2{border-bottom:1px solid #eee;margin-top:2em}
 table{border-collapse:collapse;margin:1em 0;font-size:0.92em}
 th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f4f4f4}
-td:first-child,th:first-child{text-align:left}
+td:first-child,th:first-child{text-align:left;white-space:nowrap}
 figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{color:#555;font-size:0.9em}
-pre{background:#f6f8fa;padding:0.8em;overflow-x:auto}nav ul{columns:2}
+pre{background:#f6f8fa;padding:0.8em;overflow-x:auto}nav ul{columns:3;font-size:0.9em}
+.findings{background:#f3f7fb;border-left:4px solid #0072B2;padding:0.6em 1.2em;margin:1em 0}
+.findings li{margin:0.35em 0}details{margin:1em 0}summary{cursor:pointer;font-weight:600}
+.sw{font-size:1.05em}
 """
+
+
+def _cell(c) -> str:
+    if isinstance(c, Swatch):
+        return f'<span class="sw" style="color:{html.escape(c.color)}">{html.escape(c.glyph)}</span> {html.escape(c.text)}'
+    return html.escape(str(c))
 
 
 def to_html(doc: Doc) -> str:
@@ -88,13 +125,20 @@ def to_html(doc: Doc) -> str:
         elif kind == "code":
             body.append(f"<pre>{esc(block[1])}</pre>")
         elif kind == "table":
-            head = "".join(f"<th>{esc(str(h))}</th>" for h in block[1])
-            rows = "".join("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in row) + "</tr>" for row in block[2])
+            head = "".join(f"<th>{_cell(h)}</th>" for h in block[1])
+            rows = "".join("<tr>" + "".join(f"<td>{_cell(c)}</td>" for c in row) + "</tr>" for row in block[2])
             body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
         elif kind == "img":
             data = base64.b64encode(block[1].read_bytes()).decode("ascii")
-            body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{esc(block[2])}">'
+            mime = MIME.get(block[1].suffix.lower(), "image/png")
+            body.append(f'<figure><img src="data:{mime};base64,{data}" alt="{esc(block[2])}">'
                         f"<figcaption>{esc(block[2])}</figcaption></figure>")
+        elif kind == "fold":
+            body.append(f"<details><summary>{esc(block[1])}</summary>")
+        elif kind == "end_fold":
+            body.append("</details>")
+        elif kind == "findings":
+            body.append('<ul class="findings">' + "".join(f"<li>{esc(i)}</li>" for i in block[1]) + "</ul>")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{esc(doc.title)}</title><style>{CSS}</style></head><body>"
             f"<h1>{esc(doc.title)}</h1><nav><ul>{''.join(toc)}</ul></nav>{''.join(body)}</body></html>\n")

@@ -7,14 +7,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from normlab.config import dump_yaml, read_yaml
+from normlab import runfolder
 from normlab.errors import NormlabError
-from normlab.io import read_json, write_json, write_text
+from normlab.study import folder as sf
+from normlab.study.folder import load_study, update_results
 from normlab.study.plan import StudyConfig, check_base, load_preset, make_study_config, plan_runs, study_record
 from normlab.study.executors import make_options
 from normlab.study.runner import check_study_dir, execute
 
-__all__ = ["StudyConfig", "analyse_study", "run_study"]
+__all__ = ["StudyConfig", "analyse_study", "load_study", "run_study", "update_results"]
 
 
 def run_study(spec: str, out: str | Path | None = None, *, study_overrides: dict[str, Any] | None = None,
@@ -32,53 +33,78 @@ def run_study(spec: str, out: str | Path | None = None, *, study_overrides: dict
     check_study_dir(study_dir, record, force)
     runs = plan_runs(study, base)
     study_dir.mkdir(parents=True, exist_ok=True)
-    write_text(study_dir / "study.yaml", dump_yaml(record))
-    write_json(study_dir / "plan.json", [dataclasses.asdict(r) for r in runs])
-    state_path = study_dir / "state.json"
-    previous = read_json(state_path).get("wall_seconds", 0.0) if state_path.is_file() else 0.0
+    sf.write_record(study_dir, record)
+    sf.write_plan(study_dir, [dataclasses.asdict(r) for r in runs])
+    previous = sf.read_state(study_dir).get(sf.WALL_SECONDS, 0.0)
     outcome = execute(study_dir, runs, jobs=jobs, log=log, plan_only=plan_only,
-                      options=make_options(study.executor, executor_options))
+                      options=make_options(study.executor, executor_options),
+                      on_finished=lambda _name, _state: update_results(study_dir))
     if plan_only:
-        return study_dir / "plan.json"
+        return study_dir / sf.PLAN
+    update_results(study_dir)
     analyse_study(study_dir, log=log)
-    state = read_json(state_path) if state_path.is_file() else {}
-    state.update(last_outcome=outcome, wall_seconds=previous + time.perf_counter() - t0)
-    write_json(state_path, state)
+    sf.update_state(study_dir, **{sf.LAST_OUTCOME: outcome, sf.WALL_SECONDS: previous + time.perf_counter() - t0})
     from normlab.report.build import build_report
 
     md, html = build_report(study_dir)
-    log(f"report: {html} (and {md.name})")
+    log(f"report: {html} (and {md.name}); results table: {study_dir / sf.RESULTS}")
     return html
 
 
 def analyse_study(study_dir: Path, device: str = "cpu", log=print) -> None:
     """Confusion matrices and misclassified grids for every finished run that lacks them; Grad-CAM for the
-    best run (by val accuracy) of the norm comparison. Reads checkpoints only: nothing is retrained."""
+    best run (by val accuracy) of the norm comparison, and the same chosen val images explained by the
+    first seed of every variant side by side; ``results.csv``. Reads checkpoints only: nothing is retrained."""
     from normlab.analysis.galleries import run_analyses
     from normlab.analysis.gradcam import run_gradcam
 
-    study = read_json(study_dir / "plan.json")
-    record = read_yaml(study_dir / "study.yaml")["study"]
+    study_dir = Path(study_dir)
+    plan = sf.read_plan(study_dir)
+    record = sf.read_record(study_dir)["study"]
     best, best_acc = None, -1.0
-    for p in study:
-        folder = study_dir / "runs" / p["name"]
-        summary = read_json(folder / "summary.json") if (folder / "summary.json").is_file() else None
+    compare: dict[str, str] = {}  # norm -> its lowest-seed usable run of the norm comparison
+    for p in plan:
+        folder = sf.run_dir(study_dir, p["name"])
+        summary = runfolder.read_summary(folder)
         if not summary or summary.get("status") == "diverged" or not summary.get("val"):
             continue
-        if not (folder / "misclassified_val.png").is_file():
+        if runfolder.misclassified_file(folder) is None:
             run_analyses(folder, device=device)
-        if "norms" in p["groups"] and summary["val"]["acc"] > best_acc:
-            best, best_acc = p["name"], summary["val"]["acc"]
-    state_path = study_dir / "state.json"
-    state = read_json(state_path) if state_path.is_file() else {}
+        if "norms" in p["groups"]:
+            compare.setdefault(p["config"]["norm"], p["name"])
+            if summary["val"]["acc"] > best_acc:
+                best, best_acc = p["name"], summary["val"]["acc"]
+    update_results(study_dir)
+    state = sf.read_state(study_dir)
+    settings = [record.get(k) for k in ("gradcam_classes", "gradcam_per_class", "gradcam_max_classes")]
     if best is not None:
-        gc_dir = study_dir / "runs" / best / "gradcam"
-        settings = [record.get(k) for k in ("gradcam_classes", "gradcam_per_class", "gradcam_max_classes")]
-        if (state.get("gradcam_run") != best or state.get("gradcam_settings") != settings
-                or not (gc_dir / "gradcam.json").is_file()):
+        gc_dir = sf.run_dir(study_dir, best) / runfolder.GRADCAM_DIR
+        if (state.get(sf.GRADCAM_RUN) != best or state.get(sf.GRADCAM_SETTINGS) != settings
+                or not (gc_dir / runfolder.GRADCAM_INDEX).is_file()):
             log(f"Grad-CAM on the best run: {best} (val acc {best_acc:.4f})")
-            run_gradcam(study_dir / "runs" / best, classes=record.get("gradcam_classes"),
+            run_gradcam(sf.run_dir(study_dir, best), classes=record.get("gradcam_classes"),
                         per_class=record.get("gradcam_per_class", 5), max_classes=record.get("gradcam_max_classes", 10),
                         device=device)
-        state.update(gradcam_run=best, gradcam_settings=settings)
-        write_json(state_path, state)
+        sf.update_state(study_dir, **{sf.GRADCAM_RUN: best, sf.GRADCAM_SETTINGS: settings})
+    if len(compare) > 1:
+        _compare_gradcam(study_dir, compare, record, settings, device, log)
+
+
+def _compare_gradcam(study_dir: Path, compare: dict[str, str], record: dict, settings: list, device: str,
+                     log) -> None:
+    from normlab.analysis.gradcam import compare_gradcam
+
+    out = study_dir / sf.GRADCAM_COMPARE_DIR
+    wanted = {"runs": compare, "settings": settings}
+    state = sf.read_state(study_dir)
+    if state.get(sf.GRADCAM_COMPARE) == wanted and (out / runfolder.GRADCAM_INDEX).is_file():
+        return
+    log(f"Grad-CAM across norms: the same val images explained by {', '.join(compare)}")
+    try:
+        compare_gradcam([sf.run_dir(study_dir, name) for name in compare.values()], out,
+                        labels=list(compare), classes=record.get("gradcam_classes"),
+                        max_classes=record.get("gradcam_max_classes", 10), device=device)
+    except NormlabError as exc:  # e.g. runs of other data after --force: the rest of the report still stands
+        log(f"Grad-CAM across norms skipped: {exc}")
+        return
+    sf.update_state(study_dir, **{sf.GRADCAM_COMPARE: wanted})

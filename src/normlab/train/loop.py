@@ -11,9 +11,7 @@ Run folder: ``config.yaml`` · ``metrics.csv`` · ``events.*`` (TensorBoard) · 
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
-import io
 import math
 import platform
 import shutil
@@ -22,19 +20,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from normlab import runfolder
 from normlab.checkpoint import load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state
 from normlab.config import TrainConfig, dump_yaml, make_config, read_yaml, resume_config
 from normlab.data import load_data, normalize
 from normlab.device import pick_device, unwrap
 from normlab.errors import NormlabError
 from normlab.evaluation import confusion, evaluate  # noqa: F401 - confusion: re-exported for older imports
-from normlab.io import read_json, write_json, write_text
+from normlab.io import write_json, write_text
 from normlab.metrics import quantiles, scores_from_confusion
 from normlab.models import build_model, count_parameters
-from normlab.plots import plot_curves, read_metrics
+from normlab.plots import plot_curves
 from normlab.train import distributed as dist_utils
 from normlab.train.optim import build_optimizer
 from normlab.train.progress import EpochProgress
@@ -87,11 +85,8 @@ def probe_quantiles(model: nn.Module, probe: torch.Tensor) -> dict[str, list[flo
 
 
 def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(path, buf.getvalue())
+    """``metrics.csv`` of the run folder ``path`` belongs to (the file path, or the folder itself)."""
+    runfolder.write_metrics(path.parent if path.name == runfolder.METRICS else path, rows)
 
 
 def run_dir_of(cfg: TrainConfig) -> Path:
@@ -317,9 +312,56 @@ def _log_epoch(writer, row: dict[str, float], log, cfg: TrainConfig) -> None:
         f"{row['epoch_seconds']:.1f}s ({row['images_per_s']:,.0f} img/s)")
 
 
+def hparams_of(cfg: TrainConfig, summary: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
+    """(settings, final metrics) in the types TensorBoard's HParams tab takes: lists and None become text."""
+    hp = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in cfg.to_dict().items()
+          if k not in ("out", "progress")}
+    metrics = {f"hparam/{k}": float(v) for k, v in runfolder.final_scores(summary).items() if v is not None}
+    metrics["hparam/epochs_run"] = float(summary.get("epochs_run") or 0)
+    return hp, metrics
+
+
+def _log_hparams(out: Path, cfg: TrainConfig, summary: dict[str, Any], log) -> None:
+    """The run's settings and final metrics, once, in the run folder itself (run_name "."), so that
+    ``tensorboard --logdir <study>/runs`` lists every run in the HParams tab next to its scalars."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        hp, metrics = hparams_of(cfg, summary)
+        with SummaryWriter(str(out)) as writer:
+            writer.add_hparams(hp, metrics, run_name=".")
+    except Exception as exc:  # TensorBoard is a convenience: a broken install must not lose the run
+        log(f"warning: could not write TensorBoard HParams ({type(exc).__name__}: {exc})")
+
+
+def world_of() -> dict[str, Any]:
+    """Processes of this run (torchrun): world size, ranks, per-node processes and nodes; 1 otherwise."""
+    import os
+
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        size, backend = tdist.get_world_size(), tdist.get_backend()
+    else:
+        size, backend = int(os.environ.get("WORLD_SIZE", "1")), None
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(size)))
+    return {"world_size": size, "ranks": list(range(size)), "local_world_size": local,
+            "nodes": max(1, size // max(1, local)), "backend": backend}
+
+
+def _say(log, text: str) -> None:
+    """``log``, and stderr when ``log`` is a progress display switched off: the result line always shows."""
+    log(text)
+    owner = getattr(log, "__self__", None)
+    if isinstance(owner, EpochProgress) and owner.mode == "off":
+        import sys
+
+        print(text, file=sys.stderr, flush=True)
+
+
 def _finish(cfg, out, model, data, device, state, n_params, wall, log) -> None:
-    """Evaluate the best-on-val weights on train, val and test; write summary.json and curves.png."""
-    best = out / "best.pt"
+    """Evaluate the best-on-val weights on train, val and test; write summary.json, HParams and curves.png."""
+    best = out / runfolder.BEST
     splits: dict[str, Any] = {}
     if best.is_file():
         load_weights(model, load_checkpoint(best, map_location=device), best)
@@ -338,17 +380,26 @@ def _finish(cfg, out, model, data, device, state, n_params, wall, log) -> None:
         **{split: splits.get(split) for split in ("train", "val", "test")},
         "seconds_per_epoch": (sum(r["epoch_seconds"] for r in rows) / len(rows)) if rows else None,
         "images_per_s": (sum(r["images_per_s"] for r in rows) / len(rows)) if rows else None,
-        "wall_seconds": wall, "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
-        "threads": torch.get_num_threads(), "data": _data_info(data.info),
+        "timing": {**runfolder.timing(rows), "data_load_seconds": data.info.get("load_seconds")},
+        "wall_seconds": wall, "device": str(device), "world": world_of(), "torch": torch.__version__,
+        "python": platform.python_version(), "threads": torch.get_num_threads(), "data": _data_info(data.info),
     }
-    write_json(out / "summary.json", summary)
+    runfolder.write_summary(out, summary)
+    _log_hparams(out, cfg, summary, log)
     if rows:
-        plot_curves(read_metrics(out / "metrics.csv"), out / "curves.png",
+        plot_curves(runfolder.read_metrics(out), out / runfolder.CURVES,
                     title=f"{cfg.dataset} · {cfg.model_label} · {cfg.norm} · seed {cfg.seed}")
-    test = splits.get("test") or splits.get("val") or {}
-    log(f"done: {status}; best epoch {state['best_epoch']}; "
-        + (f"test acc {test['acc']:.4f}, macro-F1 {test['macro_f1']:.4f}; " if test else "")
-        + f"run folder {out}")
+    skipped = int(data.info.get("num_skipped", 0) or 0)
+    if skipped:
+        shown = min(skipped, 20)
+        _say(log, f"skipped {skipped} unreadable image file{'s' if skipped > 1 else ''}; "
+                  f"{'the first ' + str(shown) + ' are' if skipped > shown else 'listed'} in "
+                  f"{out / runfolder.SUMMARY} (data.skipped)")
+    split = "test" if splits.get("test") else "val"
+    scores = splits.get(split) or {}
+    _say(log, f"done: {status}; best epoch {state['best_epoch']}; "
+         + (f"{split} acc {scores['acc']:.4f}, macro-F1 {scores['macro_f1']:.4f}; " if scores else "")
+         + f"run folder {out}")
 
 
 DATA_INFO_KEYS = ("source", "format", "cache_hit", "val_held_out", "val_fraction", "train_subset", "counts",
@@ -363,5 +414,4 @@ def _data_info(info: dict[str, Any]) -> dict[str, Any]:
 
 
 def summary_of(folder: str | Path) -> dict[str, Any] | None:
-    path = Path(folder) / "summary.json"
-    return read_json(path) if path.is_file() else None
+    return runfolder.read_summary(folder)

@@ -1,0 +1,100 @@
+"""Can the runs tell two variants apart? Pure functions behind the report's findings.
+
+Two sources of noise decide whether a gap between two accuracies means anything:
+
+* **seed noise** (initialisation, data order, augmentation): estimated only with several seeds per cell. Cells
+  whose runs share seed numbers are compared **paired** (seed s of A against seed s of B: same data order
+  and split), with a Student-t interval of the mean difference over seeds.
+* **test-set noise** (which images happen to be in the test set): with one seed this is all that can be
+  estimated. Without per-image predictions the two accuracies are treated as independent proportions; two
+  models scored on the *same* images make positively correlated errors, so this interval is wider than the
+  paired (McNemar) one: a gap inside it is within noise for certain, a gap outside it is beyond test-set
+  noise but still says nothing about seed noise, and the verdict says so.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+
+# two-sided 95 % Student-t quantiles by degrees of freedom (1..30); 1.96 beyond
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+Z95 = 1.96
+
+
+def t95(df: int) -> float:
+    if df < 1:
+        return math.inf
+    return _T95[df - 1] if df <= len(_T95) else Z95
+
+
+@dataclass(frozen=True)
+class Gap:
+    """Mean difference ``a - b`` with a 95 % half-width and what the half-width accounts for."""
+    diff: float
+    half_width: float  # inf when nothing can be estimated
+    n: int  # paired seeds, or 1 for a single-seed comparison
+    basis: str  # "paired over seeds" | "test-set sampling only" | "none"
+
+    @property
+    def separated(self) -> bool:
+        return math.isfinite(self.half_width) and abs(self.diff) > self.half_width
+
+    def verdict(self) -> str:
+        """A short phrase: 'within noise' / 'beyond noise' and on what evidence."""
+        if math.isnan(self.diff):
+            return "no data"
+        if self.basis == "paired over seeds":
+            if self.separated:
+                return f"beyond seed noise (paired over {self.n} seeds, 95 % interval ±{self.half_width:.4f})"
+            return f"within noise (paired over {self.n} seeds, 95 % interval ±{self.half_width:.4f})"
+        if self.basis == "test-set sampling only":
+            if self.separated:
+                return (f"beyond test-set noise (±{self.half_width:.4f}) but one seed: seed-to-seed variation "
+                        "cannot be ruled out")
+            return f"within noise (one seed; test-set sampling alone gives ±{self.half_width:.4f})"
+        return "cannot be separated (one seed and no test-set size)"
+
+
+def mean_interval(values: list[float]) -> tuple[float, float]:
+    """(mean, 95 % half-width of the mean over the values: t with n-1 df; inf for one value)."""
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return math.nan, math.inf
+    if len(vals) == 1:
+        return vals[0], math.inf
+    return statistics.fmean(vals), t95(len(vals) - 1) * statistics.stdev(vals) / math.sqrt(len(vals))
+
+
+def paired_gap(a: dict[int, float], b: dict[int, float]) -> Gap | None:
+    """Paired comparison over the seeds both cells have; None with fewer than two shared seeds."""
+    seeds = sorted(set(a) & set(b))
+    diffs = [a[s] - b[s] for s in seeds if not (math.isnan(a[s]) or math.isnan(b[s]))]
+    if len(diffs) < 2:
+        return None
+    mean, half = mean_interval(diffs)
+    return Gap(mean, half, len(diffs), "paired over seeds")
+
+
+def proportion_gap(acc_a: float, acc_b: float, n_images: int) -> Gap:
+    """One seed each, scored on the same ``n_images``: the unpaired (conservative) 95 % interval of the gap."""
+    if not n_images or math.isnan(acc_a) or math.isnan(acc_b):
+        return Gap(acc_a - acc_b, math.inf, 1, "none")
+    var = (acc_a * (1 - acc_a) + acc_b * (1 - acc_b)) / n_images
+    # a floor of one image either way: two perfect scores are not "separated" by a zero-width interval
+    half = max(Z95 * math.sqrt(var), 1.0 / n_images)
+    return Gap(acc_a - acc_b, half, 1, "test-set sampling only")
+
+
+def compare(a: dict[int, float], b: dict[int, float], n_images: int) -> Gap:
+    """Paired over seeds when both cells have two or more shared seeds, else the single-seed test-set gap
+    (of the seed means)."""
+    gap = paired_gap(a, b)
+    if gap is not None:
+        return gap
+    ma = statistics.fmean(a.values()) if a else math.nan
+    mb = statistics.fmean(b.values()) if b else math.nan
+    return proportion_gap(ma, mb, n_images)
+

@@ -1,0 +1,213 @@
+"""The run folder: the one place that knows its file names and the schema of what is in them.
+
+A run folder (``normlab train --out DIR``, ``<study>/runs/<name>``) holds:
+
+=================  ==========================================================================================
+``config.yaml``    the resolved ``TrainConfig``
+``metrics.csv``    one row per epoch, columns ``METRIC_COLUMNS`` (train figures from the training pass)
+``quantiles.json`` ``{"q": [...], "headline": layer, "epochs": [{"epoch": e, layer: [quantiles], ...}]}``
+``summary.json``   the finished run (``SUMMARY_KEYS``): status, train/val/test scores and confusion matrices
+                   of the best-on-val weights, timing (steady state and one-time costs), world size, versions
+``best.pt``        weights with the best val accuracy · ``last.pt`` weights + optimizer + RNG + progress
+``failed.json``    written by a study when the training process failed: ``{"returncode", "command"}``
+``events.*``       TensorBoard scalars per epoch, and the run's HParams once at the end
+``curves.png``, ``confusion_*.png``, ``misclassified_val.png|webp``, ``gradcam/`` (``gradcam.json`` + galleries)
+=================  ==========================================================================================
+
+Every reader and writer of these files goes through this module, so a change of name or key is made once.
+``SCHEMA_VERSION`` is stored in ``summary.json``; a summary without one is version 1 (the same keys
+minus the timing and world-size additions, which readers treat as absent).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from normlab.io import read_json, write_json, write_text
+
+SCHEMA_VERSION = 2
+
+CONFIG = "config.yaml"
+METRICS = "metrics.csv"
+QUANTILES = "quantiles.json"
+SUMMARY = "summary.json"
+BEST = "best.pt"
+LAST = "last.pt"
+FAILED = "failed.json"
+CURVES = "curves.png"
+TRAIN_LOG = "train.log"
+GRADCAM_DIR = "gradcam"
+GRADCAM_INDEX = "gradcam.json"
+CONFUSION_PNG = "confusion_{split}.png"
+# grey images: a 256-colour PNG is exact and the smallest; colour photographs: lossy WebP
+MISCLASSIFIED = ("misclassified_val.png", "misclassified_val.webp")
+
+RUN_MARKERS = (CONFIG, LAST, SUMMARY)  # any of these: the folder holds a run (never overwritten silently)
+
+SPLITS = ("train", "val", "test")
+SCORES = ("acc", "micro_f1", "macro_f1")
+# metrics.csv columns in order; extra columns are kept by the readers
+METRIC_COLUMNS = (("epoch", "lr")
+                  + tuple(f"{s}_{m}" for s in ("train", "val") for m in ("loss", "error") + SCORES)
+                  + ("epoch_seconds", "images_per_s", "eval_seconds"))
+# summary.json keys (schema 2); "timing" and "world" are new in 2
+SUMMARY_KEYS = ("schema_version", "status", "diverged", "run", "epochs_run", "best_epoch", "classes", "params",
+                "layers", "train", "val", "test", "seconds_per_epoch", "images_per_s", "timing", "wall_seconds",
+                "device", "world", "torch", "python", "threads", "data")
+STATUSES = ("finished", "stopped_early", "diverged")  # of summary.json; a study adds failed | missing | partial
+
+
+def _p(folder: str | Path, name: str) -> Path:
+    return Path(folder) / name
+
+
+def holds_run(folder: str | Path) -> bool:
+    return any(_p(folder, m).exists() for m in RUN_MARKERS)
+
+
+def run_state(folder: str | Path) -> str:
+    """finished (summary.json) | partial (last.pt: resumable) | new. What a study runner needs to decide."""
+    if _p(folder, SUMMARY).is_file():
+        return "finished"
+    if _p(folder, LAST).is_file():
+        return "partial"
+    return "new"
+
+
+# ----------------------------------------------------------------------------------------- metrics.csv
+
+
+def metrics_text(rows: list[dict[str, Any]]) -> str:
+    columns = [c for c in METRIC_COLUMNS if c in rows[0]] + [c for c in rows[0] if c not in METRIC_COLUMNS]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def write_metrics(folder: str | Path, rows: list[dict[str, Any]]) -> Path:
+    path = _p(folder, METRICS)
+    if rows:
+        write_text(path, metrics_text(rows))
+    return path
+
+
+def read_metrics(folder_or_file: str | Path) -> list[dict[str, float]]:
+    """Rows of ``metrics.csv`` as dicts of floats (empty cells -> NaN); [] when there is none yet.
+    Takes the run folder or the file itself."""
+    path = Path(folder_or_file)
+    if path.is_dir():
+        path = path / METRICS
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [{k: float(v) if v not in ("", None) else float("nan") for k, v in row.items()}
+                for row in csv.DictReader(f)]
+
+
+# ----------------------------------------------------------------------------------------- quantiles.json
+
+
+def write_quantiles(folder: str | Path, qs: tuple[float, ...] | list[float], epochs: list[dict[str, Any]],
+                    headline: str = "last_norm") -> Path:
+    path = _p(folder, QUANTILES)
+    write_json(path, {"q": list(qs), "headline": headline, "epochs": epochs})
+    return path
+
+
+def read_quantiles(folder: str | Path) -> dict[str, Any] | None:
+    path = _p(folder, QUANTILES)
+    return read_json(path) if path.is_file() else None
+
+
+# ----------------------------------------------------------------------------------------- summary.json
+
+
+def write_summary(folder: str | Path, summary: dict[str, Any]) -> Path:
+    path = _p(folder, SUMMARY)
+    write_json(path, {"schema_version": SCHEMA_VERSION, **summary})
+    return path
+
+
+def read_summary(folder: str | Path) -> dict[str, Any] | None:
+    path = _p(folder, SUMMARY)
+    if not path.is_file():
+        return None
+    summary = read_json(path)
+    summary.setdefault("schema_version", 1)
+    return summary
+
+
+def read_failure(folder: str | Path) -> dict[str, Any] | None:
+    path = _p(folder, FAILED)
+    return read_json(path) if path.is_file() else None
+
+
+def write_failure(folder: str | Path, returncode: int, command: list[str]) -> Path:
+    path = _p(folder, FAILED)
+    write_json(path, {"returncode": returncode, "command": command})
+    return path
+
+
+def read_config(folder: str | Path) -> dict[str, Any] | None:
+    from normlab.config import read_yaml
+
+    path = _p(folder, CONFIG)
+    return read_yaml(path) if path.is_file() else None
+
+
+def status_of(folder: str | Path) -> str:
+    """finished | stopped_early | diverged (summary) · failed (failed.json) · partial (last.pt) · missing."""
+    summary = read_summary(folder)
+    if summary:
+        return summary["status"]
+    if _p(folder, FAILED).is_file():
+        return "failed"
+    return "partial" if _p(folder, LAST).is_file() else "missing"
+
+
+def timing(rows: list[dict[str, float]]) -> dict[str, Any]:
+    """Steady-state training time per epoch and the first epoch's one-time extra, from metrics rows.
+
+    The first epoch pays one-time costs (the CPU norm kernels' build, ``torch.compile``, allocator and
+    cache warm-up); averaging it in ranks a variant by its set-up, not its speed. Steady state is the
+    median train-pass time of epochs 2..E (the median resists a noisy neighbour on a shared machine);
+    with a single epoch there is no steady state and ``steady_seconds_per_epoch`` is None.
+    """
+    secs = [r["epoch_seconds"] for r in rows if not math.isnan(r.get("epoch_seconds", math.nan))]
+    ips = [r["images_per_s"] for r in rows[1:] if not math.isnan(r.get("images_per_s", math.nan))]
+    steady = statistics.median(secs[1:]) if len(secs) > 1 else None
+    return {
+        "first_epoch_seconds": secs[0] if secs else None,
+        "steady_seconds_per_epoch": steady,
+        "steady_images_per_s": statistics.median(ips) if ips else None,
+        "steady_epochs": max(0, len(secs) - 1),
+        "first_epoch_extra_seconds": (secs[0] - steady) if secs and steady is not None else None,
+        "eval_seconds_per_epoch": (statistics.median([r["eval_seconds"] for r in rows if "eval_seconds" in r])
+                                   if rows and "eval_seconds" in rows[0] else None),
+    }
+
+
+def final_scores(summary: dict[str, Any] | None) -> dict[str, float | None]:
+    """``{"train_acc": ..., "val_macro_f1": ..., "test_loss": ...}`` flat, None where a split is absent."""
+    out: dict[str, float | None] = {}
+    for split in SPLITS:
+        part = (summary or {}).get(split) or {}
+        for m in ("loss",) + SCORES:
+            out[f"{split}_{m}"] = part.get(m)
+    return out
+
+
+def misclassified_file(folder: str | Path) -> Path | None:
+    return next((p for p in (Path(folder) / n for n in MISCLASSIFIED) if p.is_file()), None)
+
+
+def gradcam_index(folder: str | Path) -> dict[str, Any] | None:
+    path = Path(folder) / GRADCAM_DIR / GRADCAM_INDEX
+    return read_json(path) if path.is_file() else None
