@@ -126,6 +126,10 @@ def test_run_analyses(run_dir):
     for name in ("confusion_val.png", "confusion_test.png", "misclassified_val.webp"):
         assert (run_dir / name).stat().st_size > 2_000, name
     assert (run_dir / "misclassified_val.webp").read_bytes()[8:12] == b"WEBP"
+    preds = json.loads((run_dir / "predictions.json").read_text())
+    assert set(preds) == {"val", "test"} and len(preds["val"]["true"]) == len(preds["val"]["pred"]) == 3 * 8
+    cm = json.loads((run_dir / "summary.json").read_text())["val"]["confusion"]
+    assert sum(t == p for t, p in zip(preds["val"]["true"], preds["val"]["pred"])) == sum(cm[i][i] for i in range(3))
 
 
 def test_figures_with_odd_names(tmp_path):

@@ -43,6 +43,8 @@ def test_run_folder_round_trip(tmp_path):
     assert runfolder.run_state(run) == "finished" and runfolder.status_of(run) == "stopped_early"
     flat = runfolder.final_scores(got)
     assert flat["val_acc"] == 0.5 and flat["test_acc"] is None
+    runfolder.write_predictions(run, {"test": ([0, 1, 2], [0, 2, 2])})
+    assert runfolder.read_predictions(run) == {"test": {"true": [0, 1, 2], "pred": [0, 2, 2]}}
     # a summary written before the schema had a version reads as version 1
     (run / runfolder.SUMMARY).write_text(json.dumps({"status": "finished"}))
     assert runfolder.read_summary(run)["schema_version"] == 1

@@ -45,8 +45,20 @@ def mini(tmp_path_factory):
     spec = write_spec(root / "mini.yaml", data,
                       compare={"optimizers": [{"optimizer": "sgd"}, {"optimizer": "adam", "lr": 0.001}]})
     lines: list[str] = []
-    report = run_study(str(spec), root / "study", log=lines.append)
-    return root / "study", report, spec, lines
+    import random
+
+    import torch
+
+    import normlab
+
+    threads = torch.get_num_threads()
+    torch.manual_seed(11)
+    random.seed(11)
+    expected = (torch.get_rng_state(), random.getstate())
+    folder = normlab.study(str(spec), root / "study", log=lines.append)  # the Python API runs the study
+    assert torch.get_num_threads() == threads and torch.equal(torch.get_rng_state(), expected[0])
+    assert random.getstate() == expected[1]  # the analyses (model builds, Grad-CAM) drew from these
+    return root / "study", folder / "report.html", spec, lines
 
 
 def test_miniature_study_writes_every_section_and_figure(mini):
@@ -77,6 +89,7 @@ def test_miniature_study_writes_every_section_and_figure(mini):
     # findings first: computed sentences before any table, the settings folded into the appendix
     findings = md.split("## Findings", 1)[1].split("## ", 1)[0]
     assert "Best variant by mean test accuracy" in findings and "within noise" in findings
+    assert "McNemar" in findings  # one seed, per-image predictions saved by the analyses: a paired test
     assert "Sanity check: normlab's BN" in findings and "Batch size 4 → 16" in findings
     assert "Augmentation (torch_bn)" in findings and "runs finished" in findings
     assert md.index("## Findings") < md.index("| setting | value |")
@@ -181,6 +194,14 @@ def test_noise_verdicts():
     assert paired_gap({0: 0.8}, {0: 0.7}) is None  # one shared seed: no pairing
     assert compare({0: 0.8}, {0: 0.7}, 1000).basis == "test-set sampling only"
     assert compare({0: 0.8, 1: 0.9}, {0: 0.7, 1: 0.8}, 1000).basis == "paired over seeds"
+    # one seed each but per-image predictions: McNemar on the images only one model gets right
+    from normlab.report.stats import mcnemar_gap, mcnemar_p
+
+    assert mcnemar_p(0, 0) == 1.0 and mcnemar_p(10, 0) == pytest.approx(2 / 1024)
+    g = mcnemar_gap([0] * 100, [0] * 100, [0] * 90 + [1] * 10)
+    assert g.separated and g.diff == pytest.approx(0.1) and "McNemar on 100 shared images" in g.verdict()
+    g = mcnemar_gap([0] * 100, [0] * 98 + [1, 0], [0] * 99 + [1])  # one image each way: no evidence
+    assert not g.separated and g.diff == 0 and g.verdict().startswith("within noise")
     mean, half = mean_interval([1.0, 3.0])
     assert mean == 2.0 and half == pytest.approx(12.706 * 2 ** 0.5 / 2 ** 0.5)
 

@@ -9,6 +9,8 @@ A run folder (``normlab train --out DIR``, ``<study>/runs/<name>``) holds:
 ``summary.json``   the finished run (``SUMMARY_KEYS``): status, train/val/test scores and confusion matrices
                    of the best-on-val weights, timing (steady state and one-time costs), world size, versions
 ``best.pt``        weights with the best val accuracy · ``last.pt`` weights + optimizer + RNG + progress
+``predictions.json`` per-image ``{"val": {"true": [...], "pred": [...]}, "test": ...}`` of the best weights
+                   (written by the analyses: paired tests between runs on the same images)
 ``failed.json``    written by a study when the training process failed: ``{"returncode", "command"}``
 ``events.*``       TensorBoard scalars per epoch, and the run's HParams once at the end
 ``curves.png``, ``confusion_*.png``, ``misclassified_val.png|webp``, ``gradcam/`` (``gradcam.json`` + galleries)
@@ -39,6 +41,7 @@ SUMMARY = "summary.json"
 BEST = "best.pt"
 LAST = "last.pt"
 FAILED = "failed.json"
+PREDICTIONS = "predictions.json"
 CURVES = "curves.png"
 TRAIN_LOG = "train.log"
 GRADCAM_DIR = "gradcam"
@@ -153,6 +156,18 @@ def write_failure(folder: str | Path, returncode: int, command: list[str]) -> Pa
     path = _p(folder, FAILED)
     write_json(path, {"returncode": returncode, "command": command})
     return path
+
+
+def write_predictions(folder: str | Path, splits: dict[str, tuple[list[int], list[int]]]) -> Path:
+    """``splits[name] = (true, pred)`` class indices in data order."""
+    path = _p(folder, PREDICTIONS)
+    write_json(path, {k: {"true": list(map(int, t)), "pred": list(map(int, p))} for k, (t, p) in splits.items()})
+    return path
+
+
+def read_predictions(folder: str | Path) -> dict[str, dict[str, list[int]]] | None:
+    path = _p(folder, PREDICTIONS)
+    return read_json(path) if path.is_file() else None
 
 
 def read_config(folder: str | Path) -> dict[str, Any] | None:

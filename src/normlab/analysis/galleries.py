@@ -2,7 +2,7 @@
 
 ``run_analyses(run_dir)`` never trains: it reads the run folder (``summary.json``'s confusion matrices,
 the best checkpoint) and the data set, and writes ``confusion_val.png``, ``confusion_test.png`` (when the
-data set has a test split) and ``misclassified_val.webp``.
+data set has a test split), ``misclassified_val.png|webp`` and ``predictions.json``.
 
 Class names are untrusted text from the data set: every label is drawn with ``parse_math=False`` (a
 ``$`` is a dollar sign, never mathtext), control characters are replaced and long names are shortened.
@@ -26,7 +26,7 @@ from torch import nn
 
 from normlab.errors import NormlabError
 from normlab.plots import gallery_dpi, gallery_font, plt, save_figure
-from normlab.runfolder import CONFUSION_PNG, MISCLASSIFIED
+from normlab.runfolder import CONFUSION_PNG, MISCLASSIFIED, write_predictions
 
 ANNOTATE_MAX = 15  # annotate confusion cells with counts up to this many classes
 TICKS_MAX = 60  # beyond this many classes the confusion axes get index ticks, not names
@@ -281,16 +281,15 @@ def run_analyses(run_dir: str | Path, device: str = "cpu", max_images: int = 32)
     for split in ("val", "test"):
         if getattr(data, f"{split}_x") is None:
             continue
+        cache[split] = predictions(run.model, data, split, run.device, cfg.eval_batch_size)
         saved = (summary.get(split) or {}).get("confusion")
         k = data.num_classes
-        if saved is not None and np.asarray(saved).shape == (k, k):
-            cm = np.asarray(saved)
-        else:
-            cache[split] = predictions(run.model, data, split, run.device, cfg.eval_batch_size)
-            cm = cache[split][3].numpy()
+        cm = np.asarray(saved) if saved is not None and np.asarray(saved).shape == (k, k) else cache[split][3].numpy()
         out[f"confusion_{split}"] = str(plot_confusion(cm, data.classes, run_dir / CONFUSION_PNG.format(split=split),
                                                        title=f"{split} confusion · {where}"))
-    x, y, preds, _ = cache.get("val") or predictions(run.model, data, "val", run.device, cfg.eval_batch_size)
+    # per-image results: the report pairs two runs on the same images (McNemar) when it has one seed each
+    write_predictions(run_dir, {split: (c[1].tolist(), c[2].tolist()) for split, c in cache.items()})
+    x, y, preds, _ = cache["val"]
     wrong = torch.nonzero(preds != y).flatten()
     shown = wrong[:max_images]
     out["misclassified_val"] = str(misclassified_grid(

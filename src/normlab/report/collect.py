@@ -27,6 +27,7 @@ class RunRecord:
     rows: list[dict[str, float]] = field(default_factory=list)
     quantiles: dict[str, Any] | None = None
     cells: dict[str, str] = field(default_factory=dict)  # group -> the cell label it has there
+    predictions: dict[str, Any] | None = None  # predictions.json: per-image true/pred per split
 
     @property
     def usable(self) -> bool:
@@ -38,7 +39,8 @@ def read_run(folder: Path, name: str, config: dict, groups: list[str], cell: str
     if status == "partial":  # a run still going or killed: the report shows it as not finished
         status = "missing"
     return RunRecord(name, folder, config, groups, cell, status, runfolder.read_summary(folder),
-                     runfolder.read_metrics(folder), runfolder.read_quantiles(folder))
+                     runfolder.read_metrics(folder), runfolder.read_quantiles(folder),
+                     predictions=runfolder.read_predictions(folder))
 
 
 def collect_study(study_dir: Path) -> tuple[dict[str, Any], list[RunRecord]]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from normlab import runfolder
 from normlab.report.collect import RunRecord, by_cell
-from normlab.report.stats import Gap, Z95, compare
+from normlab.report.stats import Gap, Z95, compare, mcnemar_gap
 
 
 def score_split(runs: list[RunRecord]) -> str:
@@ -32,6 +32,19 @@ def n_images(records: list[RunRecord], split: str) -> int:
     return 0
 
 
+def gap_between(a: list[RunRecord], b: list[RunRecord], split: str, metric: str = "acc") -> Gap:
+    """a − b: paired over seeds with two or more shared seeds; with one seed each, McNemar on the shared
+    images when both runs saved their predictions (``predictions.json``), else the unpaired interval."""
+    sa, sb = seed_scores(a, split, metric), seed_scores(b, split, metric)
+    ra = [r for r in a if r.usable and ((r.predictions or {}).get(split))]
+    rb = [r for r in b if r.usable and ((r.predictions or {}).get(split))]
+    if metric == "acc" and len(set(sa) & set(sb)) < 2 and len(ra) == len(sa) == 1 and len(rb) == len(sb) == 1:
+        pa, pb = ra[0].predictions[split], rb[0].predictions[split]
+        if pa["true"] == pb["true"] and pa["true"]:
+            return mcnemar_gap(pa["true"], pa["pred"], pb["pred"])
+    return compare(sa, sb, n_images(a, split))
+
+
 def _mean(scores: dict[int, float]) -> float:
     return statistics.fmean(scores.values()) if scores else math.nan
 
@@ -49,12 +62,11 @@ def best_variant(norms: dict[str, list[RunRecord]], split: str) -> str | None:
         return None
     ranked = sorted(scores, key=lambda k: -_mean(scores[k]))
     best = ranked[0]
-    n = n_images(norms[best], split)
     if len(ranked) == 1:
         return f"Only {_cell_text(best, scores[best])} has a {split} accuracy: nothing to compare it with."
     second = ranked[1]
-    gap = compare(scores[best], scores[second], n)
-    ties = [k for k in ranked[1:] if not compare(scores[best], scores[k], n).separated]
+    gap = gap_between(norms[best], norms[second], split)
+    ties = [k for k in ranked[1:] if not gap_between(norms[best], norms[k], split).separated]
     text = (f"Best variant by mean {split} accuracy: {_cell_text(best, scores[best])}, ahead of "
             f"{_cell_text(second, scores[second])} by {gap.diff:+.4f}: {gap.verdict()}.")
     if ties and len(ties) > 1:
@@ -70,7 +82,7 @@ def sanity(norms: dict[str, list[RunRecord]], split: str) -> str | None:
     a, b = seed_scores(norms["bn"], split), seed_scores(norms["torch_bn"], split)
     if not a or not b:
         return "Sanity check (normlab BN vs torch_bn): not available, a run did not finish."
-    gap = compare(a, b, n_images(norms["bn"], split))
+    gap = gap_between(norms["bn"], norms["torch_bn"], split)
     ok = not gap.separated
     return (f"Sanity check: normlab's BN {'agrees with' if ok else 'DIFFERS from'} PyTorch's BatchNorm2d — {split} acc "
             f"{_mean(a):.4f} vs {_mean(b):.4f} ({gap.diff:+.4f}, {gap.verdict()})"
@@ -97,7 +109,7 @@ def batch_size(runs: list[RunRecord], split: str) -> str | None:
         lo, hi = min(sizes), max(sizes)
         a, b = seed_scores(sizes[hi], split), seed_scores(sizes[lo], split)
         if a and b:
-            moves[norm] = (compare(a, b, n_images(sizes[hi], split)), lo, hi, a, b)
+            moves[norm] = (gap_between(sizes[hi], sizes[lo], split), lo, hi, a, b)
     if not moves:
         return "Batch size: no comparison finished."
     parts = [f"{norm.upper()} {_mean(b):.4f} → {_mean(a):.4f} ({g.diff:+.4f}, {g.verdict()})"
@@ -106,11 +118,12 @@ def batch_size(runs: list[RunRecord], split: str) -> str | None:
     text = f"Batch size {lo} → {hi} ({split} acc): " + "; ".join(parts) + "."
     if "bn" in moves and "gn" in moves:
         gb, gg = moves["bn"][0], moves["gn"][0]
-        half = math.hypot(gb.half_width, gg.half_width)
         more = "BN" if abs(gb.diff) > abs(gg.diff) else "GN"
-        clear = math.isfinite(half) and abs(abs(gb.diff) - abs(gg.diff)) > half
+        # the larger change is clearly larger when the smaller one is within noise and the larger one is not
+        clear = (gb.separated != gg.separated) and (gb.separated == (more == "BN"))
         text += (f" {more} moves more (|Δ| {abs(gb.diff):.4f} vs {abs(gg.diff):.4f})"
-                 + ("." if clear else ", but the difference between the two changes is within noise."))
+                 + (f"; only {more}'s change is beyond noise." if clear else
+                    ", but whether one moves more than the other is not established by these runs."))
     return text
 
 
@@ -128,7 +141,7 @@ def augmentation(runs: list[RunRecord], split: str) -> str | None:
         if not with_aug or not base:
             parts.append(f"{mode}: did not finish")
             continue
-        g = compare(with_aug, base, n_images(of_mode, split))
+        g = gap_between(of_mode, modes["none"], split)
         gap_none = _mean(seed_scores(modes["none"], "train")) - _mean(base)
         gap_aug = _mean(seed_scores(of_mode, "train")) - _mean(with_aug)
         parts.append(f"{mode} vs none: {split} acc {_mean(with_aug):.4f} vs {_mean(base):.4f} ({g.diff:+.4f}, "
@@ -173,7 +186,10 @@ def summarise(runs: list[RunRecord]) -> list[str]:
              failures(runs), timing_line(norms)]
     seeds = {len(v) for v in norms.values()}
     if seeds == {1}:
-        items.append(f"One seed per cell: \"within noise\" above means the gap is smaller than the {split} set's "
-                     f"sampling noise (95 %, ±{Z95:.2f}·√(p(1−p)/n) per model); a gap beyond it may still be seed "
-                     "noise. Run more seeds (--seeds 3) for a paired comparison.")
+        paired = all((r.predictions or {}).get(split) for r in runs if r.usable)
+        how = ("an exact McNemar test on the images only one of the two models gets right (p < 0.05 = beyond)"
+               if paired else f"the unpaired 95 % interval ±{Z95:.2f}·√(Σ p(1−p)/n) of the two accuracies")
+        items.append(f"One seed per cell: \"within noise\" above means the {split} set cannot separate the two by "
+                     f"{how}; a gap beyond it may still be seed noise. Run more seeds (--seeds 3) for a comparison "
+                     "paired over seeds.")
     return [i for i in items if i]

@@ -6,10 +6,11 @@ Two sources of noise decide whether a gap between two accuracies means anything:
   whose runs share seed numbers are compared **paired** (seed s of A against seed s of B: same data order
   and split), with a Student-t interval of the mean difference over seeds.
 * **test-set noise** (which images happen to be in the test set): with one seed this is all that can be
-  estimated. Without per-image predictions the two accuracies are treated as independent proportions; two
-  models scored on the *same* images make positively correlated errors, so this interval is wider than the
-  paired (McNemar) one: a gap inside it is within noise for certain, a gap outside it is beyond test-set
-  noise but still says nothing about seed noise, and the verdict says so.
+  estimated. With per-image predictions (``predictions.json``, written by the analyses) the two models are
+  paired on the same images: an exact McNemar test on the images only one of them gets right. Without
+  them the accuracies are treated as independent proportions; two models scored on the *same* images make
+  positively correlated errors, so that interval is wider than the paired one (conservative). Either way,
+  a gap beyond test-set noise still says nothing about seed noise, and the verdict says so.
 """
 
 from __future__ import annotations
@@ -36,10 +37,14 @@ class Gap:
     diff: float
     half_width: float  # inf when nothing can be estimated
     n: int  # paired seeds, or 1 for a single-seed comparison
-    basis: str  # "paired over seeds" | "test-set sampling only" | "none"
+    basis: str  # "paired over seeds" | "McNemar" | "test-set sampling only" | "none"
+    p: float | None = None  # McNemar's two-sided p-value
+    images: int = 0  # images of the McNemar pairing
 
     @property
     def separated(self) -> bool:
+        if self.p is not None:
+            return self.p < 0.05
         return math.isfinite(self.half_width) and abs(self.diff) > self.half_width
 
     def verdict(self) -> str:
@@ -50,6 +55,12 @@ class Gap:
             if self.separated:
                 return f"beyond seed noise (paired over {self.n} seeds, 95 % interval ±{self.half_width:.4f})"
             return f"within noise (paired over {self.n} seeds, 95 % interval ±{self.half_width:.4f})"
+        if self.basis == "McNemar":
+            p = "p<0.001" if self.p < 0.001 else f"p={self.p:.3f}"
+            if self.separated:
+                return (f"beyond test-set noise (McNemar on {self.images} shared images, {p}) but one seed: "
+                        "seed-to-seed variation cannot be ruled out")
+            return f"within noise (one seed; McNemar on {self.images} shared images, {p})"
         if self.basis == "test-set sampling only":
             if self.separated:
                 return (f"beyond test-set noise (±{self.half_width:.4f}) but one seed: seed-to-seed variation "
@@ -98,3 +109,23 @@ def compare(a: dict[int, float], b: dict[int, float], n_images: int) -> Gap:
     mb = statistics.fmean(b.values()) if b else math.nan
     return proportion_gap(ma, mb, n_images)
 
+
+
+def mcnemar_p(only_a_right: int, only_b_right: int) -> float:
+    """Exact two-sided McNemar p-value from the discordant counts (a binomial test at 1/2)."""
+    n = only_a_right + only_b_right
+    if n == 0:
+        return 1.0
+    k = min(only_a_right, only_b_right)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
+def mcnemar_gap(true: list[int], pred_a: list[int], pred_b: list[int]) -> Gap:
+    """Two models (one seed each) on the same images: accuracy gap and the exact McNemar test."""
+    if not (len(true) == len(pred_a) == len(pred_b)) or not true:
+        raise ValueError("mcnemar_gap needs predictions of both models on the same, non-empty image list")
+    a = [p == t for p, t in zip(pred_a, true)]
+    b = [p == t for p, t in zip(pred_b, true)]
+    only_a = sum(x and not y for x, y in zip(a, b))
+    only_b = sum(y and not x for x, y in zip(a, b))
+    return Gap((sum(a) - sum(b)) / len(true), math.nan, 1, "McNemar", p=mcnemar_p(only_a, only_b), images=len(true))

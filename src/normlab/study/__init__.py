@@ -68,7 +68,7 @@ def analyse_study(study_dir: Path, device: str = "cpu", log=print) -> None:
         summary = runfolder.read_summary(folder)
         if not summary or summary.get("status") == "diverged" or not summary.get("val"):
             continue
-        if runfolder.misclassified_file(folder) is None:
+        if runfolder.misclassified_file(folder) is None or not (folder / runfolder.PREDICTIONS).is_file():
             run_analyses(folder, device=device)
         if "norms" in p["groups"]:
             compare.setdefault(p["config"]["norm"], p["name"])
