@@ -7,13 +7,7 @@ unless told ``average="micro"``); in single-label classification it equals micro
 from __future__ import annotations
 
 import torch
-from torchmetrics.classification import MulticlassConfusionMatrix
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
-
-
-def confusion_metric(num_classes: int, device: torch.device | str = "cpu") -> MulticlassConfusionMatrix:
-    """An accumulating confusion matrix (rows = true class, columns = predicted); syncs under DDP."""
-    return MulticlassConfusionMatrix(num_classes=num_classes).to(device)
 
 
 def scores_from_confusion(cm: torch.Tensor) -> dict[str, float]:
