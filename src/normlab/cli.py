@@ -68,7 +68,7 @@ def _typed(name: str):
         try:
             return _coerce(name, text)
         except NormlabError:
-            raise argparse.ArgumentTypeError(f"expected {type_words(name)}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"wrong type: expected {type_words(name)}, got {text!r}") from None
 
     convert.__name__ = name
     return convert
