@@ -40,8 +40,14 @@ def _run(cmd, **kw) -> subprocess.CompletedProcess:
 
 def _checkout_copy(dest: Path) -> Path:
     """Tracked and unignored files only (what a fresh clone has), without build leftovers."""
-    listed = _run(["git", "-C", REPO, "ls-files", "-co", "--exclude-standard"])
-    assert listed.returncode == 0, listed.stderr
+    try:
+        listed = _run(["git", "-C", REPO, "ls-files", "-co", "--exclude-standard"])
+    except FileNotFoundError:  # no git here
+        listed = None
+    if listed is None or listed.returncode != 0:  # not a git checkout (e.g. an unpacked sdist): copy the sources
+        shutil.copytree(REPO, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "studies", "runs", ".pytest_cache"))
+        return dest
     for rel in listed.stdout.splitlines():
         if (REPO / rel).is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
