@@ -318,3 +318,53 @@ def test_activations_command(workbench_runs, tmp_path, name, stages):
     assert main(["activations", str(workbench_runs[name]), "--image", str(img), "--out", str(out)]) == 0
     assert sorted(p.name for p in out.glob("*.png")) == sorted(["stem.png"] + [f"stage{i + 1}.png" for i in range(stages)])
     assert main(["activations", str(workbench_runs[name]), "--image", str(tmp_path / "nope.png")]) == 2
+
+
+# ------------------------------------------------------------------------- timm norm+activation layers
+
+timm = pytest.importorskip("timm")
+
+
+def _randomised_stats(model: nn.Module) -> nn.Module:
+    """Non-default running statistics and affines, so that a swap that loses them shows in the outputs."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", ["efficientnet_b0", "resnet18"])
+@pytest.mark.parametrize("norm", ["bn", "torch_bn"])
+def test_same_kind_swap_of_timm_models_changes_nothing(arch, norm):
+    """timm's BatchNormAct2d subclasses nn.BatchNorm2d and applies SiLU itself: the swap must keep it."""
+    model = _randomised_stats(timm.create_model(arch, pretrained=False, num_classes=10))
+    silu = sum(isinstance(m, nn.SiLU) for m in model.modules())
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(x)
+    replace_norms(model, norm_layer(norm))
+    assert sum(isinstance(m, nn.SiLU) for m in model.modules()) == silu
+    assert not any(type(m).__name__ == "BatchNormAct2d" for m in model.modules())
+    if norm == "bn":
+        assert any(isinstance(m, BatchNorm2d) for m in model.modules())
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref, atol=1e-4, rtol=1e-4)
+    if arch == "efficientnet_b0":
+        assert silu == 49  # the count the issue saw drop to 16 when the activations were lost
+
+
+def test_unknown_norm_subclass_is_refused_with_one_line():
+    class ScaledBN(nn.BatchNorm2d):  # does more than normalize, and normlab cannot know what
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), ScaledBN(4))
+    with pytest.raises(NormlabError, match=r"^replace_norms: 1 is a .*ScaledBN, a subclass of BatchNorm2d") as info:
+        replace_norms(model, norm_layer("gn", num_groups=2))
+    assert "\n" not in str(info.value)
+    assert type(model[1]) is ScaledBN  # nothing was changed

@@ -68,7 +68,7 @@ def _typed(name: str):
         try:
             return _coerce(name, text)
         except NormlabError:
-            raise argparse.ArgumentTypeError(f"expected {type_words(name)}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"wrong type: expected {type_words(name)}, got {text!r}") from None
 
     convert.__name__ = name
     return convert
@@ -427,8 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
     except ImportError as exc:  # the parser's choices come from the registries, which need torch
-        print(f"normlab: error: {exc}; normlab needs PyTorch: pip install 'torch>=2.4' 'torchvision>=0.19'",
-              file=sys.stderr)
+        need = ("PyTorch: pip install 'torch>=2.4' 'torchvision>=0.19' (or the build for your GPU from pytorch.org)"
+                if exc.name in ("torch", "torchvision") else "its dependencies: pip install normlab installs them")
+        print(f"normlab: error: {exc}; normlab needs {need}", file=sys.stderr)
         return 2
     try:
         args = parser.parse_args(args_in)

@@ -104,14 +104,6 @@ def predict_split(run: LoadedRun, split: str) -> tuple[torch.Tensor, torch.Tenso
     return x, y, preds
 
 
-def misclassified_examples(model: nn.Module, data: Any, split: str = "val", device: str | torch.device = "cpu",
-                           max_images: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The first ``max_images`` misclassified ``split`` images (data order): ``(images_uint8, true, pred)``."""
-    x, y, preds, _ = predictions(model, data, split, device)
-    wrong = torch.nonzero(preds != y).flatten()[:max_images]
-    return x[wrong], y[wrong], preds[wrong]
-
-
 # --------------------------------------------------------------------------- figures
 
 

@@ -1,0 +1,128 @@
+"""One registry per choice: every value of every registry works, an unknown value is an error (never a
+silent default), a new norm needs one entry, and the layers import downwards only."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from normlab import cli, registry
+from normlab.config import TrainConfig, make_config
+from normlab.errors import NormlabError
+from normlab.models import build_model, replace_norms
+from normlab.models.swap import is_norm
+from normlab.norms import NORMS, GroupNorm2d
+from normlab.train.optim import build_optimizer, lr_at
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def test_every_optimizer_builds_and_unknown_is_an_error():
+    model = nn.Linear(3, 2)
+    for name in registry.OPTIMIZERS:
+        opt = build_optimizer(model, make_config({"optimizer": name, "lr": 0.01}))
+        assert isinstance(opt, torch.optim.Optimizer) and opt.param_groups[0]["lr"] == 0.01
+    assert type(build_optimizer(model, make_config({"optimizer": "adam"}))) is torch.optim.Adam
+    with pytest.raises(NormlabError, match="optimizer='sdg'.*did you mean 'sgd'"):
+        make_config({"optimizer": "sdg"})
+    bad = dataclasses.replace(make_config({}), optimizer="lion")  # past validation: still no silent AdamW
+    with pytest.raises(NormlabError, match="optimizer='lion' is not one of sgd, adam, adamw"):
+        build_optimizer(model, bad)
+
+
+def test_every_schedule_stays_in_range_and_unknown_is_an_error():
+    for name in registry.SCHEDULES:
+        cfg = make_config({"schedule": name, "lr": 0.2})
+        lrs = [lr_at(s, 100, cfg, 10) for s in range(100)]
+        assert all(0 < lr <= 0.2 + 1e-12 for lr in lrs), name
+    assert lr_at(99, 100, make_config({"schedule": "constant", "lr": 0.2}), 10) == 0.2
+    bad = dataclasses.replace(make_config({}), schedule="linear")  # was silently one-cycle
+    with pytest.raises(NormlabError, match="schedule='linear'"):
+        lr_at(0, 10, bad, 1)
+
+
+@pytest.mark.parametrize("model", list(registry.MODELS))
+def test_every_model_builds(model):
+    cfg = make_config({"model": model, "n": 1, "width": 8, "norm": "gn", "gn_groups": 4})
+    net = build_model(cfg, in_channels=3, num_classes=5)
+    assert net(torch.randn(2, 3, 16, 16)).shape == (2, 5)
+    assert 0 <= cfg.freeze <= registry.MODELS[model].freeze_units
+
+
+@pytest.mark.parametrize("name", list(registry.ACTIVATIONS))
+def test_every_activation_builds(name):
+    net = build_model(make_config({"activation": name, "n": 1}), 1, 3)
+    assert net(torch.randn(2, 1, 8, 8)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("setting, registry_name", [
+    ("norm", "NORMS"), ("activation", "ACTIVATIONS"), ("shortcut", "SHORTCUTS"), ("optimizer", "OPTIMIZERS"),
+    ("schedule", "SCHEDULES"), ("model", "MODELS"), ("dataset", "DATASETS")])
+def test_config_choices_are_the_registries(setting, registry_name):
+    field = {f.name: f for f in dataclasses.fields(TrainConfig)}[setting]
+    assert field.metadata["choices"] is getattr(registry, registry_name)
+    with pytest.raises(NormlabError, match=f"{setting}="):
+        make_config({setting: "no-such-value"})
+
+
+def test_a_new_norm_is_one_registry_entry(monkeypatch, capsys):
+    """Register a norm in NORMS only: config, CLI choices, models and replace_norms all take it."""
+
+    class MyNorm(GroupNorm2d):
+        pass
+
+    monkeypatch.setitem(NORMS, "my", lambda c, **kw: MyNorm(c, num_groups=2))
+    cfg = make_config({"norm": "my", "batch_size": 1})  # and it needs no batch statistics
+    net = build_model(cfg, 3, 4)
+    assert any(type(m) is MyNorm for m in net.modules())
+    assert net(torch.randn(1, 3, 8, 8)).shape == (1, 4)
+    capsys.readouterr()
+    assert cli.main(["train", "--help"]) == 0
+    assert "torch_bn,my}" in capsys.readouterr().out
+    monkeypatch.setitem(NORMS, "my", MyNorm)
+    assert is_norm(MyNorm(4, num_groups=2))  # swappable without a second list
+    swapped = replace_norms(nn.Sequential(MyNorm(4, num_groups=2)), lambda c: nn.BatchNorm2d(c))
+    assert type(swapped[0]) is nn.BatchNorm2d
+
+
+def test_config_does_not_import_models_or_training():
+    code = ("import sys, normlab.config; bad = [m for m in sys.modules if m.startswith(('normlab.models', "
+            "'normlab.train', 'normlab.study', 'normlab.analysis', 'normlab.report'))]; print(bad); assert not bad")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": str(SRC)},
+                         timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+# lower number = lower layer; a module may import its own layer and those below
+LAYERS = {"errors": 0, "io": 0, "norms": 1, "data": 1, "plots": 1, "registry": 2, "config": 3, "models": 4,
+          "analysis": 5, "train": 6, "study": 7, "report": 7, "cli": 8, "__main__": 9, "__init__": 9}
+KNOWN_UPWARD = {"normlab.analysis.galleries"}  # analysis -> train, issue 18 item 3: the analysis/train split
+
+
+def _imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("normlab."):
+            found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("normlab.")}
+    return found
+
+
+def test_imports_go_downwards_only():
+    upward = []
+    for path in (SRC / "normlab").rglob("*.py"):
+        rel = path.relative_to(SRC).with_suffix("")
+        module = ".".join(rel.parts).removesuffix(".__init__")
+        if len(rel.parts) < 2 or module in KNOWN_UPWARD:
+            continue
+        own = LAYERS[rel.parts[1].removesuffix(".py") if len(rel.parts) > 2 else rel.stem]
+        upward += [f"{module} -> normlab.{t}" for t in _imports(path) if t in LAYERS and LAYERS[t] > own]
+    assert not upward, upward
