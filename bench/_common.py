@@ -15,7 +15,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> dict:
-    from normlab.train.runtime import cpu_name
+    from normlab.device import cpu_name
 
     cpu = cpu_name()
     import os

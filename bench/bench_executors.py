@@ -286,7 +286,7 @@ def _ours(root: Path) -> list[str]:
 
 
 def _cpu() -> str:
-    from normlab.train.runtime import cpu_name
+    from normlab.device import cpu_name
 
     return cpu_name()
 

@@ -183,7 +183,7 @@ def bound_steps(memory_format: str, precision: str = "fp32"):
     values stay finite) stepping on one resident, already normalized batch -- no data path at all. Its images/s over the conventional side's is
     the largest ratio any implementation of normlab's norms and data pipeline could reach here."""
     from normlab.models.resnet import ResNet
-    from normlab.train.runtime import autocast
+    from normlab.device import autocast
 
     torch.manual_seed(0)
     model = ResNet(3, 10, norm=lambda c: nn.Identity()).train()

@@ -29,7 +29,7 @@ from normlab.config import dump_yaml, make_config
 from normlab.errors import NormlabError
 from normlab.models import build_model
 from normlab.train import loop
-from normlab.train.checkpoint import load_checkpoint, save_checkpoint
+from normlab.checkpoint import load_checkpoint, save_checkpoint
 from normlab.train.runtime import RunLock
 
 from conftest import make_image_folder

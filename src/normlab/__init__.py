@@ -19,7 +19,7 @@ import types
 from pathlib import Path
 from typing import Any
 
-__version__ = "0.1.0"
+from normlab.version import __version__
 __all__ = ["__version__", "load_study", "preserved_torch_state", "study", "train"]
 
 

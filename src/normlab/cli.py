@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from normlab import __version__
+from normlab.version import __version__
 from normlab.errors import NormlabError
 
 SHELLS = ("bash", "zsh")

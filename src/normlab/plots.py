@@ -27,13 +27,6 @@ CURVE_PANELS = (
 )
 
 
-def read_metrics(path: str | os.PathLike) -> list[dict[str, float]]:
-    """Rows of a run's ``metrics.csv`` (kept for callers of the old name; the run folder owns the format)."""
-    from normlab.runfolder import read_metrics as read
-
-    return read(path)
-
-
 # Galleries of heatmap overlays: lossy WebP (every current browser shows it) at q=70 is about half the
 # JPEG's bytes at the same look and a tenth of the PNG's, on nearest-neighbour-enlarged thumbnails.
 PHOTO_FORMAT = "webp"

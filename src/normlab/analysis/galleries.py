@@ -26,7 +26,7 @@ from torch import nn
 
 from normlab.errors import NormlabError
 from normlab.plots import gallery_dpi, gallery_font, plt, save_figure
-from normlab.runfolder import CONFUSION_PNG, MISCLASSIFIED, write_predictions
+from normlab.runfolder import BEST, CONFUSION_PNG, LAST, MISCLASSIFIED, write_predictions
 
 ANNOTATE_MAX = 15  # annotate confusion cells with counts up to this many classes
 TICKS_MAX = 60  # beyond this many classes the confusion axes get index ticks, not names
@@ -61,7 +61,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise NormlabError(f"run folder {run_dir} not found: pass a folder made by `normlab train`")
-    path = next((p for p in (run_dir / "best.pt", run_dir / "last.pt") if p.is_file()), None)
+    path = next((p for p in (run_dir / BEST, run_dir / LAST) if p.is_file()), None)
     if path is None:
         raise NormlabError(f"{run_dir} has no best.pt or last.pt: train the run (or resume it) first")
     dev = device if isinstance(device, torch.device) else pick_device(str(device))
@@ -150,6 +150,22 @@ def plot_confusion(cm: Any, classes: Sequence[str], path: str | os.PathLike, tit
     return save_figure(fig, path)
 
 
+def to_rgb01(img_uint8: torch.Tensor | np.ndarray) -> np.ndarray:
+    """A ``C × H × W`` uint8 image as ``H × W × 3`` float32 in [0, 1] (grayscale repeated)."""
+    a = img_uint8.cpu().numpy() if isinstance(img_uint8, torch.Tensor) else np.asarray(img_uint8)
+    a = np.transpose(a, (1, 2, 0)).astype(np.float32) / 255.0
+    if a.shape[2] == 1:
+        a = np.repeat(a, 3, axis=2)
+    return np.clip(a[:, :, :3], 0.0, 1.0)
+
+
+def overlay(img_uint8: torch.Tensor | np.ndarray, cam_map: np.ndarray) -> np.ndarray:
+    """The heatmap superimposed on the image (``H × W × 3`` uint8, RGB)."""
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    return show_cam_on_image(to_rgb01(img_uint8), np.clip(cam_map, 0.0, 1.0).astype(np.float32), use_rgb=True)
+
+
 def _show(ax, img_uint8: Any) -> None:
     a = img_uint8.cpu().numpy() if isinstance(img_uint8, torch.Tensor) else np.asarray(img_uint8)
     if a.ndim == 3 and a.shape[0] in (1, 3):
@@ -193,8 +209,6 @@ def gradcam_gallery(rows: dict[str, list[tuple[Any, np.ndarray, int, int]]], cla
 
     ``rows["correct"]`` / ``rows["wrong"]`` are lists of ``(image_uint8 C×H×W, map H×W, true, pred)``.
     """
-    from normlab.analysis.gradcam import overlay, to_rgb01
-
     kinds = (("correct", "correct"), ("wrong", "misclassified"))
     cols = max(1, max(len(rows.get(k, [])) for k, _ in kinds))
     dpi = gallery_dpi(max((max(item[0].shape[-2:]) for k, _ in kinds for item in rows.get(k, [])), default=64))
@@ -227,8 +241,6 @@ def compare_gallery(images: Any, true: int, per_run: dict[str, tuple[np.ndarray,
                     classes: Sequence[str], path: str | os.PathLike, title: str = "") -> Path:
     """A row per image: the image, then each run's Grad-CAM overlay titled with that run's prediction
     (red when wrong). ``per_run[label] = (maps N×H×W, predictions)``; ``kinds[i]`` labels row ``i``."""
-    from normlab.analysis.gradcam import overlay, to_rgb01
-
     n, runs = len(images), list(per_run)
     cols = 1 + len(runs)
     side = 1.45 if max(images.shape[-2:]) <= 64 else 2.2  # inches per panel

@@ -126,21 +126,6 @@ def class_slug(k: int, name: str) -> str:
     return f"{k:03d}_{slug}" if slug else f"{k:03d}"
 
 
-def to_rgb01(img_uint8: torch.Tensor | np.ndarray) -> np.ndarray:
-    """A ``C × H × W`` uint8 image as ``H × W × 3`` float32 in [0, 1] (grayscale repeated)."""
-    a = img_uint8.cpu().numpy() if isinstance(img_uint8, torch.Tensor) else np.asarray(img_uint8)
-    a = np.transpose(a, (1, 2, 0)).astype(np.float32) / 255.0
-    if a.shape[2] == 1:
-        a = np.repeat(a, 3, axis=2)
-    return np.clip(a[:, :, :3], 0.0, 1.0)
-
-
-def overlay(img_uint8: torch.Tensor | np.ndarray, cam_map: np.ndarray) -> np.ndarray:
-    """The heatmap superimposed on the image (``H × W × 3`` uint8, RGB)."""
-    from pytorch_grad_cam.utils.image import show_cam_on_image
-
-    return show_cam_on_image(to_rgb01(img_uint8), np.clip(cam_map, 0.0, 1.0).astype(np.float32), use_rgb=True)
-
 
 def run_gradcam(run_dir: str | Path, classes: Sequence[str] | None = None, per_class: int = 5, split: str = "val",
                 max_classes: int = 10, device: str = "cpu", out_dir: str | Path | None = None) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-import normlab
+from normlab.version import __version__
 from normlab import plots
 from normlab.config import make_config
 from normlab import runfolder
@@ -278,7 +278,7 @@ def _setup(doc: Doc, runs: list[RunRecord], study: dict, base: dict, first_run: 
                   + (f" (n={base['n']}, shortcut {base['shortcut']})" if base.get("model", "resnet") == "resnet" else "")
          + (f", {first.get('params', 0):,} parameters with {first_run.config['norm']}" if first_run else "")],
         ["hardware", _hardware()],
-        ["versions", f"normlab {normlab.__version__}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
+        ["versions", f"normlab {__version__}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
                      f"Python {platform.python_version()}"],
         ["device / threads / processes", f"{first.get('device', '?')} / {first.get('threads', '?')} / "
                                          f"{world.get('world_size', 1)}"],

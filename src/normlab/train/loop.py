@@ -28,8 +28,8 @@ from normlab.config import TrainConfig, dump_yaml, make_config, read_yaml, resum
 from normlab.data import load_data, normalize
 from normlab.device import pick_device, unwrap
 from normlab.errors import NormlabError
-from normlab.evaluation import confusion, evaluate  # noqa: F401 - confusion: re-exported for older imports
-from normlab.io import write_json, write_text
+from normlab.evaluation import evaluate
+from normlab.io import write_text
 from normlab.metrics import quantiles, scores_from_confusion
 from normlab.models import build_model, count_parameters
 from normlab.plots import plot_curves
@@ -40,12 +40,7 @@ from normlab.train.runtime import RunLock, compile_settings, grad_scaler, maybe_
 from normlab.train.step import TrainStep
 
 
-RUN_MARKERS = ("config.yaml", "last.pt", "summary.json")
 QUANTILES = (0.01, 0.2, 0.8, 0.99)
-
-
-def holds_run(folder: Path) -> bool:
-    return any((folder / m).exists() for m in RUN_MARKERS)
 
 
 def epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
@@ -84,11 +79,6 @@ def probe_quantiles(model: nn.Module, probe: torch.Tensor) -> dict[str, list[flo
     return out
 
 
-def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
-    """``metrics.csv`` of the run folder ``path`` belongs to (the file path, or the folder itself)."""
-    runfolder.write_metrics(path.parent if path.name == runfolder.METRICS else path, rows)
-
-
 def run_dir_of(cfg: TrainConfig) -> Path:
     return Path(cfg.out or Path("runs") / cfg.run_name())
 
@@ -97,7 +87,7 @@ def prepare_run_dir(cfg: TrainConfig, force: bool) -> Path:
     out = run_dir_of(cfg)
     if out.exists() and not out.is_dir():
         raise NormlabError(f"output {out} exists and is not a folder: choose another --out")
-    if out.is_dir() and holds_run(out):
+    if out.is_dir() and runfolder.holds_run(out):
         if not force:
             raise NormlabError(f"output folder {out} already holds a run: continue it with `normlab train --resume "
                                f"{out}`, choose another --out, or pass --force to overwrite it")
@@ -123,7 +113,7 @@ def train(cfg: TrainConfig, *, force: bool = False, resume_dir: str | Path | Non
     progress = EpochProgress(cfg.progress, enabled=dinfo.is_main)
     log = log or progress.log
     if resume_dir is not None:
-        if (out / "summary.json").is_file():
+        if runfolder.run_state(out) == "finished":
             log(f"run {out} is already finished (summary.json exists); nothing to do")
             return out
     elif dinfo.is_main:
@@ -155,7 +145,7 @@ def _train(cfg: TrainConfig, out: Path, dinfo, progress: EpochProgress, log) -> 
     if dinfo.is_main:
         write_text(out / "config.yaml", dump_yaml(cfg.to_dict()))
     # resuming: last.pt holds every weight, so --pretrained is not fetched again
-    build_cfg = dataclasses.replace(cfg, pretrained=None) if (out / "last.pt").is_file() else cfg
+    build_cfg = dataclasses.replace(cfg, pretrained=None) if (out / runfolder.LAST).is_file() else cfg
     model = build_model(build_cfg, data.in_channels, data.num_classes, sync=cfg.sync_bn and dinfo.enabled)
     if cfg.sync_bn and dinfo.enabled:
         model = dist_utils.sync_native_batchnorm(model, device, log if dinfo.is_main else None)
@@ -178,7 +168,7 @@ def _train(cfg: TrainConfig, out: Path, dinfo, progress: EpochProgress, log) -> 
 
     state: dict[str, Any] = {"epoch": 0, "rows": [], "best_acc": -1.0, "best_epoch": 0, "bad_epochs": 0,
                              "quantiles": [], "diverged": None, "train_seconds": 0.0}
-    last = out / "last.pt"
+    last = out / runfolder.LAST
     if last.is_file():
         resume_from(last, model, optimizer, scaler, state)
         log(f"resuming {out} after epoch {state['epoch']}")
@@ -260,8 +250,8 @@ def _train(cfg: TrainConfig, out: Path, dinfo, progress: EpochProgress, log) -> 
         else:
             state["bad_epochs"] += 1
         _log_epoch(writer, row, log, cfg)
-        write_metrics(out / "metrics.csv", state["rows"])
-        write_json(out / "quantiles.json", {"q": list(QUANTILES), "headline": "last_norm", "epochs": state["quantiles"]})
+        runfolder.write_metrics(out, state["rows"])
+        runfolder.write_quantiles(out, QUANTILES, state["quantiles"])
         save_checkpoint(last, model, cfg, optimizer=optimizer.state_dict(), rng=rng_state(), state=state,
                         scaler=scaler.state_dict() if scaler is not None else None)
         stop = cfg.patience is not None and state["bad_epochs"] >= cfg.patience

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from normlab.device import autocast, cpu_name, pick_device  # noqa: F401 - re-exported for older imports
 from normlab.errors import NormlabError
 
 try:
