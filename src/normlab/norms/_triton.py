@@ -27,11 +27,22 @@ import os
 
 import torch
 
-try:  # triton is optional: without it (or on a torch without it) the norms use the tensor-op path
-    import triton
-    import triton.language as tl
-except Exception:  # noqa: BLE001
-    triton = None
+_state: dict = {}
+
+
+def kernels():
+    """The kernel module, imported on first use; None when triton does not import (the tensor ops run)."""
+    if "mod" not in _state:
+        try:
+            from normlab.norms import _triton_kernels
+        except Exception:  # noqa: BLE001 -- no triton, or one that does not work with this torch
+            _triton_kernels = None
+        _state["mod"] = _triton_kernels
+    return _state["mod"]
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 NCHW, NHWC = "rows", "nhwc"
@@ -49,10 +60,10 @@ def interpreting() -> bool:
 
 def usable(x: torch.Tensor) -> str | None:
     """The layout to run ``x`` through the Triton kernels in, or None (tensor ops or C++ instead)."""
-    if triton is None or x.dtype not in DTYPES or x.dim() != 4 or x.numel() == 0:
+    if x.dtype not in DTYPES or x.dim() != 4 or x.numel() == 0:
         return None
     mode = setting()
-    if mode == "0" or not (x.is_cuda or (mode == "1" and x.is_cpu and interpreting())):
+    if mode == "0" or not (x.is_cuda or (mode == "1" and x.is_cpu and interpreting())) or kernels() is None:
         return None
     if x.is_contiguous():
         return NCHW
@@ -63,61 +74,6 @@ def usable(x: torch.Tensor) -> str | None:
 
 def like(t: torch.Tensor, fmt: str) -> torch.Tensor:
     return t.contiguous() if fmt == NCHW else t.contiguous(memory_format=torch.channels_last)
-
-
-if triton is not None:
-
-    @triton.jit
-    def _sums_kernel(a_ptr, b_ptr, m_ptr, g_ptr, ctr_ptr, p1_ptr, p2_ptr, C, HW, sN, sC, sS, ctr_sn, NSB,
-                     PRODUCT: tl.constexpr, HAS_MASK: tl.constexpr, BS: tl.constexpr, BC: tl.constexpr):
-        n = tl.program_id(0).to(tl.int64)
-        sb = tl.program_id(1)
-        cb = tl.program_id(2)
-        s = sb * BS + tl.arange(0, BS)
-        c = cb * BC + tl.arange(0, BC)
-        mc = c < C
-        msk = (s < HW)[:, None] & mc[None, :]
-        off = n * sN + s[:, None].to(tl.int64) * sS + c[None, :] * sC
-        ctr = tl.load(ctr_ptr + n * ctr_sn + c, mask=mc, other=0.0)[None, :]
-        a = tl.load(a_ptr + off, mask=msk, other=0.0).to(tl.float32)
-        if PRODUCT:  # backward: g and g * (x - mean)
-            if HAS_MASK:
-                y = tl.load(m_ptr + off, mask=msk, other=0.0).to(tl.float32)
-                a = tl.where(y > 0, a, 0.0)
-                tl.store(g_ptr + off, a.to(g_ptr.dtype.element_ty), mask=msk)
-            b = tl.load(b_ptr + off, mask=msk, other=0.0).to(tl.float32)
-            f1 = a
-            f2 = a * tl.where(msk, b - ctr, 0.0)
-        else:  # forward: shifted sums
-            f1 = tl.where(msk, a - ctr, 0.0)
-            f2 = f1 * f1
-        out = (n * NSB + sb) * C + c
-        tl.store(p1_ptr + out, tl.sum(f1, axis=0), mask=mc)
-        tl.store(p2_ptr + out, tl.sum(f2, axis=0), mask=mc)
-
-    @triton.jit
-    def _affine_kernel(p_ptr, q_ptr, r_ptr, out_ptr, P_ptr, Q_ptr, Qc_ptr, R_ptr, total, C, HW, coef_sn,
-                       NHWC_: tl.constexpr, HAS_Q: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
-                       BLOCK: tl.constexpr):
-        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        m = i < total
-        if NHWC_:
-            c = i % C
-            n = i // (HW * C)
-        else:
-            c = (i // HW) % C
-            n = i // (HW * C)
-        k = n * coef_sn + c
-        v = tl.load(p_ptr + i, mask=m, other=0.0).to(tl.float32) * tl.load(P_ptr + k, mask=m, other=0.0)
-        v += tl.load(R_ptr + k, mask=m, other=0.0)
-        if HAS_Q:
-            q = tl.load(q_ptr + i, mask=m, other=0.0).to(tl.float32)
-            v += (q - tl.load(Qc_ptr + k, mask=m, other=0.0)) * tl.load(Q_ptr + k, mask=m, other=0.0)
-        if HAS_RES:
-            v += tl.load(r_ptr + i, mask=m, other=0.0).to(tl.float32)
-        if RELU:
-            v = tl.maximum(v, 0.0)
-        tl.store(out_ptr + i, v.to(out_ptr.dtype.element_ty), mask=m)
 
 
 def _pow2(v: int) -> int:
@@ -137,13 +93,13 @@ def channel_sums(a: torch.Tensor, fmt: str, center: torch.Tensor, b: torch.Tenso
     hw = h * w
     bc = min(_pow2(c), 64)
     bs = max(1, min(_pow2(hw), 4096 // bc))
-    nsb = triton.cdiv(hw, bs)
+    nsb = _cdiv(hw, bs)
     p1 = torch.empty(n, nsb, c, dtype=torch.float32, device=a.device)
     p2 = torch.empty_like(p1)
     g = torch.empty_like(a) if mask is not None else None
     center = _f32(center)
     s_n, s_c, s_s = (c * hw, hw, 1) if fmt == NCHW else (c * hw, 1, c)
-    _sums_kernel[(n, nsb, triton.cdiv(c, bc))](
+    kernels()._sums_kernel[(n, nsb, _cdiv(c, bc))](
         a, a if b is None else b, a if mask is None else mask, a if g is None else g, center, p1, p2,
         c, hw, s_n, s_c, s_s, c if center.dim() == 2 else 0, nsb,
         PRODUCT=b is not None, HAS_MASK=mask is not None, BS=bs, BC=bc)
@@ -162,7 +118,7 @@ def affine(p: torch.Tensor, fmt: str, P: torch.Tensor, R: torch.Tensor, q: torch
     Qc = P if Qc is None else _f32(Qc)
     total = p.numel()
     block = 1024
-    _affine_kernel[(triton.cdiv(total, block),)](
+    kernels()._affine_kernel[(_cdiv(total, block),)](
         p, p if q is None else q, p if residual is None else residual, out, P, Q, Qc, R, total, c, h * w,
         c if P.dim() == 2 else 0, NHWC_=fmt == NHWC, HAS_Q=q is not None, HAS_RES=residual is not None,
         RELU=bool(relu), BLOCK=block)
