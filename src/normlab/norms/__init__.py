@@ -88,6 +88,16 @@ class NormAct2d(nn.Sequential):
         self.drop = drop if drop is not None else nn.Identity()
         self.act = act
 
+    # timm's norm+act layers are norms themselves; model code reaches for their affine (e.g. RegNet's
+    # zero_init_last: nn.init.zeros_(block.conv3.bn.weight))
+    @property
+    def weight(self):
+        return self.norm.weight
+
+    @property
+    def bias(self):
+        return self.norm.bias
+
 
 def _activation(act_layer: Any, act_kwargs: dict | None, inplace: bool) -> nn.Module:
     if act_layer is None:
