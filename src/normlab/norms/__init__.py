@@ -1,7 +1,9 @@
 """From-scratch normalization layers (BN, IN, BIN, LN, GN) and the name -> factory registry.
 
-Every layer takes the channel count first (``Layer(num_channels, *, eps=...)``), so
-``norm_layer(name, **kw)`` can be handed to normlab's ResNet or to ``torchvision.models.resnet18``.
+Every layer takes the channel count first and torch's ``device``/``dtype`` factory keywords
+(``Layer(num_channels, eps=..., *, device=None, dtype=None)``), so ``norm_layer(name, **kw)`` can be handed to
+normlab's ResNet, to torchvision's models and to ``timm.create_model(..., norm_layer=...)`` (for timm models
+built from norm+activation layers, name the activation: ``norm_layer("gn", act_layer=nn.SiLU)``).
 
 =========  ===================================================================
 name       layer
