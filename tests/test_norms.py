@@ -841,3 +841,161 @@ def test_norms_and_resnet_run_on_a_non_cpu_device(name):
     out.sum().backward()
     assert out.shape == (4, 10)
     assert all(p.grad is not None and p.grad.device.type == "meta" for p in model.parameters() if p.requires_grad)
+
+
+# ------------------------------------------------------------------ ctypes signatures, hot path, interop
+
+def test_ctypes_signatures_match_the_cpp_entry_points():
+    """Each Python ctypes declaration agrees, argument by argument, with the C++ ``NORMLAB_EXPORT`` macro it
+    binds (a mismatch would corrupt memory silently), and every exported entry point is declared."""
+    import ctypes
+
+    src = _kernels.SOURCE.read_text()
+    macro = src[src.index("#define NORMLAB_EXPORT"):].replace("\\\n", "\n")
+    found = dict(re.findall(r'extern "C" void normlab_(\w+)_##X\((.*?)\)\s*\{', macro, re.S))
+    assert set(found) == set(_kernels._SIGNATURES)
+
+    def ctype(param: str):
+        param = " ".join(param.split())
+        if "*" in param:
+            return ctypes.c_void_p
+        kind = param.replace("const ", "").split()[0]
+        return {"i64": ctypes.c_int64, "int": ctypes.c_int, "double": ctypes.c_double}[kind]
+
+    for name, params in found.items():
+        want = [ctype(p) for p in params.split(",")]
+        assert _kernels._SIGNATURES[name] == want, name
+    for suffix in ("f", "d", "b"):  # one instantiation per storage dtype, all declared
+        assert f"NORMLAB_EXPORT(" in src and re.search(rf"NORMLAB_EXPORT\(\w+, \w+, {suffix}\)", src)
+
+
+@pytest.mark.parametrize("name", ["bn", "gn", "in", "ln", "bin"])
+@pytest.mark.parametrize("cl", [False, True])
+def test_statistics_exact_for_large_mean_inputs(name, cl, norm_path, request):
+    """|mean|/std = 1000 (float32): outputs and running variance as close to a float64 reference as native
+    float32 layers get (one-pass float32 sums of x and x² were off by ~5e-2 there). The tensor-op path (and
+    the Triton kernels, in test_triton_norms.py) use shifted sums. The C++ kernels do not pass yet: their
+    "float64 sums" add runs of up to 4096 values (256 rows in the register sums) accumulated in float, so
+    x² loses the same precision; strict xfail, so the day they are fixed this test says so."""
+    if norm_path == "cpp":
+        request.applymarker(pytest.mark.xfail(strict=True, reason="C++ kernels: float run sums of x and x²"))
+    x = make_input((8, 16, 6, 6), cl).detach() * 0.5 + 1000.0
+    kw = {"momentum": 1.0} if name in ("bn", "bin") else {}
+    ours = make_norm(name, 16, **kw)
+    ref = {"bn": lambda: nn.BatchNorm2d(16, momentum=1.0), "bin": lambda: nn.BatchNorm2d(16, momentum=1.0),
+           "gn": lambda: nn.GroupNorm(8, 16), "in": lambda: nn.GroupNorm(16, 16), "ln": lambda: nn.GroupNorm(1, 16)}
+    nat32, nat64 = ref[name](), ref[name]().double()
+    xo = x.clone().requires_grad_()
+    y = ours(xo)
+    want = nat64(x.double())
+    err_ours = (y.double() - want).abs().max().item()
+    err_native = (nat32(x).double() - want).abs().max().item()
+    assert err_ours <= max(2 * err_native, 1e-3), (err_ours, err_native)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    y.backward(dy)
+    x64 = x.double().requires_grad_()
+    nat64(x64).backward(dy.double())
+    assert (xo.grad.double() - x64.grad).abs().max().item() < 5e-3 * x64.grad.abs().max().item()
+    if name in ("bn", "bin"):
+        rel = ((ours.running_var.double() - nat64.running_var) / nat64.running_var).abs().max().item()
+        rel_native = ((nat32.running_var.double() - nat64.running_var) / nat64.running_var).abs().max().item()
+        assert rel <= max(2 * rel_native, 1e-3), (rel, rel_native)
+
+
+@pytest.mark.parametrize("cls", [BatchNorm2d, BatchInstanceNorm2d])
+@pytest.mark.parametrize("relu", [False, True])
+def test_synced_batchnorm_has_no_host_sync(cls, relu, norm_path, monkeypatch):
+    """Synced BN with a (mocked) world of two ranks holding the same batch: outputs, input gradients and
+    running statistics equal native BN on the doubled batch, and the tensor-op path never reads a tensor on
+    the host (no ``.item()``: the global count stays a device tensor, so CUDA never waits and torch.compile
+    does not break its graph)."""
+    c = 6
+    monkeypatch.setattr(_functional, "distributed_active", lambda: True)
+    monkeypatch.setattr(_functional, "_all_reduce", lambda t: t.mul_(2))
+    if norm_path == "ops":
+        def no_item(self):
+            raise AssertionError("host sync: .item() in synced BN")
+        monkeypatch.setattr(torch.Tensor, "item", no_item)
+    ours = cls(c, sync=True) if cls is BatchNorm2d else cls(c, sync=True)
+    ref = nn.BatchNorm2d(c)
+    randomize_affine(ours, ref)
+    x = make_input((4, c, 5, 5)).detach() + 50.0
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    xo = x.clone().requires_grad_()
+    y = ours.forward_relu(xo) if relu and cls is BatchNorm2d else ours(xo)
+    y.backward(dy)
+    monkeypatch.undo()
+    x2 = torch.cat([x, x]).requires_grad_()
+    y2 = ref(x2)
+    if relu and cls is BatchNorm2d:
+        y2 = torch.relu(y2)
+    y2.backward(torch.cat([dy, dy]))
+    close(y, y2[:4].detach(), atol=1e-4, rtol=1e-4)
+    close(xo.grad, x2.grad[:4], atol=1e-4, rtol=1e-4)
+    close(ours.running_mean, ref.running_mean, atol=1e-4, rtol=1e-5)
+    close(ours.running_var, ref.running_var, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["bn", "in", "bin", "ln", "gn", "nn", "torch_bn"])
+def test_every_norm_takes_device_and_dtype_factory_keywords(name):
+    m = make_norm(name, 8, device="cpu", dtype=torch.float64)
+    for t in list(m.parameters()) + [b for b in m.buffers() if b.is_floating_point()]:
+        assert t.dtype == torch.float64 and t.device.type == "cpu"
+    meta = make_norm(name, 8, device="meta")
+    assert all(p.device.type == "meta" for p in meta.parameters())
+    x = torch.randn(4, 8, 3, 3, dtype=torch.float64)
+    assert m(x).dtype == torch.float64
+
+
+def test_norm_layer_is_a_plain_function_that_timm_keeps_whole():
+    """timm's get_norm_layer keeps only a partial's keywords; a function is passed through untouched, so the
+    settings bound in it (here num_groups) survive, and it takes timm's device/dtype keywords."""
+    import types
+
+    f = norm_layer("gn", num_groups=2)
+    assert isinstance(f, types.FunctionType)
+    m = f(8, device="cpu", dtype=torch.float32)
+    assert isinstance(m, GroupNorm2d) and m.num_groups == 2
+    with pytest.raises(NormlabError, match="act_layer"):
+        f(8, apply_act=True, inplace=True)  # a norm+act request without the activation: refused, one line
+    na = norm_layer("gn", num_groups=2, act_layer=nn.SiLU)(8, inplace=True)
+    assert isinstance(na, norms.NormAct2d) and isinstance(na.act, nn.SiLU) and isinstance(na.norm, GroupNorm2d)
+    assert isinstance(norm_layer("bn", act_layer=nn.ReLU)(8, apply_act=False).act, nn.Identity)
+
+
+def test_clamp_gates_walks_the_model_once(monkeypatch):
+    from normlab.models.resnet import ResNet
+
+    model = ResNet(1, 10, norm="bin")
+    walks = []
+    real = nn.Module.modules
+    monkeypatch.setattr(nn.Module, "modules", lambda self: walks.append(1) or real(self))
+    gates = [m.rho for m in real(model) if isinstance(m, BatchInstanceNorm2d)]
+    for step in range(3):
+        with torch.no_grad():
+            for g in gates:
+                g.fill_(2.0 if step % 2 else -1.0)
+        clamp_gates_(model)
+        assert all(((g >= 0) & (g <= 1)).all() for g in gates)
+    assert len(walks) == 1
+    clamp_gates_(model, refresh=True)
+    assert len(walks) == 2
+
+
+def test_fusion_is_decided_on_mode_and_layer_changes():
+    from normlab.models.resnet import ResNet
+
+    model = ResNet(1, 10)
+    blk = model.stages[0][0]
+    assert blk.fused() and model.stem.fused()
+    model.eval()
+    assert not blk.fused() and not model.stem.fused()
+    model.train()
+    blk.act2 = nn.GELU()  # another activation swapped in: decided again
+    assert not blk.fused()
+    blk.act2 = nn.ReLU(inplace=True)
+    assert blk.fused()
+    blk.fuse = False
+    assert not blk.fused()
+    model.stem[1] = nn.BatchNorm2d(16)  # a norm without forward_relu
+    assert not model.stem.fused()

@@ -55,16 +55,70 @@ class PadShortcut(nn.Module):
         return x
 
 
-def _watched(*modules: nn.Module) -> bool:
-    """True when module hooks (of these modules, or global ones) expect the modules to be called."""
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _hooked(modules: tuple[nn.Module, ...]) -> bool:
+    """Whether module hooks (on these modules, or global ones) expect the modules to be called.
+
+    Why this reads torch's hook dicts instead of deciding once: torch has no public way to ask whether
+    hooks are registered (``register_module_forward_hook`` & co. only return a handle, and a handle's
+    ``remove()`` tells nobody), so a decision cached when hooks are added would miss every hook added
+    through torch's public API afterwards and silently hand a probe the fused tensor instead of the norm's
+    output. These are the same dicts ``nn.Module.__call__`` itself tests on every call of every module;
+    everything else about fusing (mode, layer types, ``fuse``) is decided once, in ``_Fusing.train``.
+    """
     from torch.nn.modules import module as m
 
-    kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-    return any(getattr(m, "_global" + k, None) for k in kinds) or any(
-        getattr(mod, k, None) for mod in modules for k in kinds)
+    return any(getattr(m, "_global" + k, None) for k in _HOOK_DICTS) or any(
+        getattr(mod, k, None) for mod in modules for k in _HOOK_DICTS)
 
 
-class BasicBlock(nn.Module):
+class _Fusing:
+    """Mixin for the stem and the blocks: whether forward may fuse norm + ReLU (+ residual) is decided when the
+    mode, the ``fuse`` switch or the layers change (``train()``, setting ``fuse``, construction), not per call;
+    only hooks are checked per call (see ``_hooked``)."""
+
+    _fusable: bool = False
+    _watch: tuple = ()
+
+    def _fusion_parts(self) -> tuple[tuple[nn.Module, ...], tuple[nn.Module, ...]]:
+        """(norms, activations) that the fused path replaces."""
+        raise NotImplementedError
+
+    def _decide(self) -> None:
+        norms, acts = self._fusion_parts()
+        self._fusable = bool(self.__dict__.get("_fuse", True) and self.training
+                             and all(hasattr(n, "forward_relu") for n in norms)
+                             and all(type(a) is nn.ReLU for a in acts))
+        self._watch = norms + acts
+
+    @property
+    def fuse(self) -> bool:
+        return self.__dict__.get("_fuse", True)
+
+    @fuse.setter
+    def fuse(self, value: bool) -> None:
+        self.__dict__["_fuse"] = bool(value)
+        if "_modules" in self.__dict__ and self._modules:
+            self._decide()
+
+    def train(self, mode: bool = True):
+        out = super().train(mode)
+        self._decide()
+        return out
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if isinstance(value, nn.Module) and getattr(self, "_built", False):
+            self._decide()  # a layer swapped in (e.g. another norm or activation)
+
+    def fused(self) -> bool:
+        """Whether forward takes the fused norm + ReLU (+ residual) path now."""
+        return self._fusable and not _hooked(self._watch)
+
+
+class BasicBlock(_Fusing, nn.Module):
     """Two 3×3 convs, a norm after each, ReLU, and a residual connection around both.
 
     With ``fuse`` (the default), a norm that offers ``forward_relu`` (normlab's BN, GN, LN and IN) computes
@@ -76,7 +130,6 @@ class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int, norm_layer: NormLayer, shortcut: str = "A",
                  act: Callable[[], nn.Module] = lambda: nn.ReLU(inplace=True), fuse: bool = True) -> None:
         super().__init__()
-        self.fuse = fuse
         self.conv1 = _conv3x3(cin, cout, stride)
         self.bn1 = norm_layer(cout)
         self.act1 = act()
@@ -89,12 +142,11 @@ class BasicBlock(nn.Module):
             self.shortcut = PadShortcut(cin, cout, stride)
         else:  # option B: projection
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), norm_layer(cout))
+        self.fuse = fuse
+        self._built = True
 
-    def fused(self) -> bool:
-        """Whether forward takes the fused norm + ReLU (+ residual) path now."""
-        return (self.fuse and self.training and hasattr(self.bn1, "forward_relu") and hasattr(self.bn2, "forward_relu")
-                and type(self.act1) is nn.ReLU and type(self.act2) is nn.ReLU
-                and not _watched(self.bn1, self.bn2, self.act1, self.act2))
+    def _fusion_parts(self):
+        return (self.bn1, self.bn2), (self.act1, self.act2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused():
@@ -105,7 +157,7 @@ class BasicBlock(nn.Module):
         return self.act2(out + self.shortcut(x))
 
 
-class Stem(nn.Sequential):
+class Stem(_Fusing, nn.Sequential):
     """The first 3×3 conv, its norm and the activation: an ``nn.Sequential`` (parameters ``stem.0``, ``stem.1``),
     whose norm computes ``relu(norm(x))`` itself in training with ``fuse``, under the same conditions as
     ``BasicBlock``."""
@@ -113,12 +165,10 @@ class Stem(nn.Sequential):
     def __init__(self, conv: nn.Module, norm: nn.Module, act: nn.Module, fuse: bool = True) -> None:
         super().__init__(conv, norm, act)
         self.fuse = fuse
+        self._built = True
 
-    def fused(self) -> bool:
-        """Whether forward takes the fused norm + ReLU path now."""
-        _, norm, act = self
-        return (self.fuse and self.training and hasattr(norm, "forward_relu") and type(act) is nn.ReLU
-                and not _watched(norm, act))
+    def _fusion_parts(self):
+        return (self[1],), (self[2],)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused():

@@ -1,7 +1,9 @@
 """From-scratch normalization layers (BN, IN, BIN, LN, GN) and the name -> factory registry.
 
-Every layer takes the channel count first (``Layer(num_channels, *, eps=...)``), so
-``norm_layer(name, **kw)`` can be handed to normlab's ResNet or to ``torchvision.models.resnet18``.
+Every layer takes the channel count first and torch's ``device``/``dtype`` factory keywords
+(``Layer(num_channels, eps=..., *, device=None, dtype=None)``), so ``norm_layer(name, **kw)`` can be handed to
+normlab's ResNet, to torchvision's models and to ``timm.create_model(..., norm_layer=...)`` (for timm models
+built from norm+activation layers, name the activation: ``norm_layer("gn", act_layer=nn.SiLU)``).
 
 =========  ===================================================================
 name       layer
@@ -22,7 +24,6 @@ apply to, so ``norm_layer(any_name, num_groups=g, sync=s)`` always works.
 from __future__ import annotations
 
 import difflib
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -75,16 +76,82 @@ def make_norm(name: str, num_channels: int, **kw: Any) -> nn.Module:
     return NORMS[name](num_channels, **kw)
 
 
-def norm_layer(name: str, **kw: Any) -> Callable[[int], nn.Module]:
-    """A one-argument factory ``channels -> module`` (e.g. for ``torchvision.models.resnet18(norm_layer=...)``).
+# what timm hands a norm+activation layer (BatchNormAct2d & co.) beyond a norm's own settings
+_NORM_ACT_KWARGS = ("apply_act", "act_layer", "act_kwargs", "inplace", "drop_layer")
 
-    The name is checked now, so a typo fails before any model is built.
+
+class NormAct2d(nn.Sequential):
+    """A norm followed by an activation (and optionally a drop layer): what timm's norm+activation layers
+    (``BatchNormAct2d``, ...) are, for any normlab norm. Parameters live under ``norm.``."""
+
+    def __init__(self, norm: nn.Module, act: nn.Module, drop: nn.Module | None = None) -> None:
+        super().__init__()
+        self.norm = norm
+        self.drop = drop if drop is not None else nn.Identity()
+        self.act = act
+
+    # timm's norm+act layers are norms themselves; model code reaches for their affine (e.g. RegNet's
+    # zero_init_last: nn.init.zeros_(block.conv3.bn.weight))
+    @property
+    def weight(self):
+        return self.norm.weight
+
+    @property
+    def bias(self):
+        return self.norm.bias
+
+
+def _activation(act_layer: Any, act_kwargs: dict | None, inplace: bool) -> nn.Module:
+    if act_layer is None:
+        return nn.Identity()
+    if isinstance(act_layer, str):
+        from timm.layers import get_act_layer  # a string only comes from timm
+
+        act_layer = get_act_layer(act_layer)
+    kw = dict(act_kwargs or {})
+    try:
+        return act_layer(inplace=inplace, **kw)
+    except TypeError:  # activations without an inplace option (GELU, Tanh, ...)
+        return act_layer(**kw)
+
+
+def norm_layer(name: str, **kw: Any) -> Callable[..., nn.Module]:
+    """A factory ``(num_channels, *, device=None, dtype=None) -> module`` for normlab's ResNet, for
+    ``torchvision.models.*(norm_layer=...)`` and for ``timm.create_model(..., norm_layer=...)``.
+
+    It is a plain function with the settings bound inside it, because timm's ``get_norm_layer`` keeps only a
+    ``functools.partial``'s keywords and passes functions through untouched. The name is checked now, so a
+    typo fails before any model is built.
+
+    timm's EfficientNet, RegNet, ... build norm+activation layers (``BatchNormAct2d``) and call the factory with
+    ``apply_act``/``inplace`` but without saying which activation (timm looks it up only for its own norm
+    classes): give it with ``act_layer=`` (e.g. ``norm_layer("gn", act_layer=nn.SiLU)`` for efficientnet_b0,
+    ``nn.ReLU`` for regnetx) and the factory builds :class:`NormAct2d`; without it such a call is refused with a
+    one-line error, never silently built without the model's activation.
     """
     _check_name(name)
-    return functools.partial(make_norm, name, **kw)
+    act_layer = kw.pop("act_layer", None)
+
+    def factory(num_channels: int, **call_kw: Any) -> nn.Module:
+        extra = {k: call_kw.pop(k) for k in _NORM_ACT_KWARGS if k in call_kw}
+        norm = make_norm(name, num_channels, **kw, **call_kw)
+        if not extra:
+            return norm
+        act = extra.get("act_layer", act_layer)
+        if act is None:
+            raise NormlabError(
+                f"this model asks for a norm+activation layer ({', '.join(sorted(extra))} given) but not for "
+                f"its activation: use normlab.norms.norm_layer({name!r}, act_layer=<the model's activation, "
+                "e.g. torch.nn.SiLU for efficientnet, torch.nn.ReLU for regnetx>)")
+        drop = extra.get("drop_layer")
+        return NormAct2d(norm, _activation(act, extra.get("act_kwargs"), extra.get("inplace", True))
+                         if extra.get("apply_act", True) else nn.Identity(), drop() if drop else None)
+
+    factory.__name__ = factory.__qualname__ = f"normlab_{name}"
+    return factory
 
 
 __all__ = [
     "DEFAULT_GROUPS", "NORMS", "BatchInstanceNorm2d", "BatchNorm2d", "GroupNorm2d", "InstanceNorm2d",
-    "LayerNorm2d", "clamp_gates_", "make_norm", "norm_layer",
+    "LayerNorm2d", "NormAct2d", "clamp_gates_", "make_norm", "norm_layer",
 ]

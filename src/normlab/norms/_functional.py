@@ -6,9 +6,10 @@
 
 Design (shared by both):
 
-* Statistics are single pass (sum and sum of squares, combined in float64) and computed in float32 when
-  the input is bf16/fp16 (autocast); the output comes back in the input dtype, while the weight and
-  bias gradients come back in the parameters' dtype.
+* Statistics are single pass: sums of ``x - k`` and ``(x - k)²`` with ``k`` one sample of the channel or
+  group (shifted sums: exact for large-mean inputs), combined in float64, computed in float32 when the
+  input is bf16/fp16 (autocast); the output comes back in the input dtype, while the weight and bias
+  gradients come back in the parameters' dtype. Backward centres x on the mean before the products.
 * The per-channel affine is fused: ``y = x * scale + shift`` with ``scale = rstd * weight`` and
   ``shift = bias - mean * scale``, one ``addcmul`` over the big tensor (measured faster on CPU than
   normalizing first and applying the affine as separate ops).
@@ -16,10 +17,12 @@ Design (shared by both):
   recomputed in backward. Saving the input (not the output) keeps the in-place ReLU that follows
   every norm in a ResNet legal, and uses the same memory as the native kernels.
 * Outputs follow the input's memory format (channels_last in, channels_last out).
-* Fast path: float32, float64 and bfloat16 CPU tensors in NCHW or channels_last go through the C++
-  kernels of ``_kernels`` (same math, one pass per sweep over the big tensor, the small per-channel math
-  in C too); everything else (CUDA, float16, other strides, torch.compile tracing, no compiler,
-  ``NORMLAB_KERNELS=0``) through the tensor ops below. Tests run every norm test on both paths.
+* Back-ends (``backend``): float32, float64 and bfloat16 CPU tensors in NCHW or channels_last go through the
+  C++ kernels of ``_kernels`` (float64 sums; one pass per sweep over the big tensor, the small per-channel
+  math in C too); CUDA tensors (float32, bfloat16, float16; NCHW or channels_last) through the Triton
+  kernels of ``_triton``; everything else (other strides, float16 on CPU, torch.compile tracing, no
+  compiler, ``NORMLAB_KERNELS=0`` / ``NORMLAB_TRITON=0``) through the tensor ops below. Tests run every
+  norm test on the C++ and tensor-op paths, and the Triton kernels under ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from normlab.errors import NormlabError
-from normlab.norms import _kernels
+from normlab.norms import _kernels, _triton
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -35,13 +38,27 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def fast_layout(x: torch.Tensor) -> str | None:
-    """The C++ kernels' layout for ``x`` (see ``_kernels``), or None to use tensor ops -- always the
-    tensor ops under torch.compile, which traces them into fused kernels of its own (ctypes calls would
-    break the graph)."""
+CPP, TRITON = "cpp", "triton"
+
+
+def backend(x: torch.Tensor) -> tuple[str, str] | None:
+    """``(back-end, layout)`` for ``x``: the Triton kernels for CUDA tensors (see ``_triton.usable``), the
+    C++ kernels for the CPU tensors they take, or None for the tensor ops -- always the tensor ops under
+    torch.compile, which traces them into fused kernels of its own (opaque kernel calls would break the
+    graph)."""
     if torch.compiler.is_compiling():
         return None
-    return _kernels.usable(x)
+    fmt = _triton.usable(x)
+    if fmt:
+        return TRITON, fmt
+    fmt = _kernels.usable(x)
+    return (CPP, fmt) if fmt else None
+
+
+def fast_layout(x: torch.Tensor) -> str | None:
+    """The C++ kernels' layout for ``x`` when they are the back-end that takes it, else None."""
+    be = backend(x)
+    return be[1] if be and be[0] == CPP else None
 
 
 def distributed_active() -> bool:
@@ -58,24 +75,37 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _moments(s1: torch.Tensor, s2: torch.Tensor, count: int, ct: torch.dtype):
-    """Mean and biased variance from the sum and sum of squares, combined in float64.
+def _moments(s1: torch.Tensor, s2: torch.Tensor, count, ct: torch.dtype, shift: torch.Tensor | None = None):
+    """Mean and biased variance from the sums of ``x - shift`` and ``(x - shift)²``, combined in float64.
 
-    E[x²] − E[x]² loses relative precision ~1e-7·(mean/std)² in float32 sums: negligible for conv
-    activations (|mean| of the order of std), and the price of a single fast pass (var_mean's
-    Welford reduction is ~5x slower on CPU).
+    E[x²] − E[x]² on plain float32 sums loses ~1e-7·(mean/std)² relative precision (5e-2 at
+    |mean|/std = 1000); with ``shift`` one sample of the same channel or group, |mean − shift| is of the
+    order of std and the loss is gone, at the price of no extra pass (Welford would cost a slower one).
+    The C++ kernels' float64 sums need no shift. ``count`` may be a tensor (synced BN: no host sync).
     """
     m64 = s1.double() / count
     v64 = (s2.double() / count - m64 * m64).clamp_min(0)
+    if shift is not None:
+        m64 = m64 + shift.double()
     return m64.to(ct), v64.to(ct)
 
 
 def _update_running(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
-                    var: torch.Tensor, total: int, momentum: float) -> None:
+                    var: torch.Tensor, total, momentum: float) -> None:
     """nn.BatchNorm2d's running-statistics update, in place: the batch mean and unbiased batch variance."""
     with torch.no_grad():
         running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
         running_var.mul_(1 - momentum).add_((var * (total / (total - 1))).to(running_var.dtype), alpha=momentum)
+
+
+def _sample_shift(x: torch.Tensor, ct: torch.dtype, group_size: int | None = None) -> torch.Tensor:
+    """The origin of the shifted sums: one value of every channel (shape (C,), from sample 0), or with
+    ``group_size`` one value of every (sample, group) (shape (N, G), from the group's first channel)."""
+    n, c = x.shape[:2]
+    if x.numel() == 0:
+        return torch.zeros(c if group_size is None else (n, c // group_size), dtype=ct, device=x.device)
+    k = x[0, :, 0, 0] if group_size is None else x[:, ::group_size, 0, 0]
+    return k.detach().to(ct)
 
 
 class BatchNormFunction(torch.autograd.Function):
@@ -86,6 +116,8 @@ class BatchNormFunction(torch.autograd.Function):
     per-channel sum, sum of squares and count are all-reduced in forward, and the two per-channel
     gradient sums (of dy and dy·x̂) in backward, so every rank computes exactly the gradient of
     single-process BN on the concatenated batch. Weight/bias gradients stay local (DDP averages them).
+    The synced count stays a device tensor (no host sync, nothing that breaks a torch.compile graph),
+    except for the C++ kernels, which take it as a number on the CPU, where reading it costs nothing.
 
     ``residual`` (x's shape, dtype and memory format, or None) and ``relu`` fuse the ResNet block's
     ``relu(bn(x) + residual)`` into the norm: the output is computed in one pass, and backward masks
@@ -98,35 +130,45 @@ class BatchNormFunction(torch.autograd.Function):
                 sync: bool, residual=None, relu: bool = False):  # noqa: D102
         c = x.shape[1]
         ct = compute_dtype(x.dtype)
-        xf = x if x.dtype == ct else x.to(ct)
         dims = (0, 2, 3)
         local = x.numel() // c if c else 0
         sync = bool(sync) and distributed_active()
-        fmt = fast_layout(x)
-        if fmt:  # C++: both sums in one pass over x, float64 per channel
+        if not sync and local <= 1:
+            raise NormlabError(
+                f"BatchNorm got {local} value per channel (input shape {tuple(x.shape)}) and cannot compute "
+                "batch statistics in training: use a batch size of 2 or more, or a per-sample norm (gn/ln/in)")
+        be = backend(x)
+        kind, fmt = be if be else (None, None)
+        shift = buf = None
+        if kind == CPP:  # C++: both sums in one pass over x, float64 per channel (no shift needed)
             s = _kernels.bn_sums(x, None, fmt)[0]
             s1, s2 = s[0], s[1]
         else:
-            # x² goes into the buffer that will hold y (one big allocation fewer per call)
-            buf = torch.mul(xf, xf)
-            s1, s2 = xf.sum(dims), buf.sum(dims)  # one pass each, no Welford (5x slower on CPU)
+            shift = _sample_shift(x, ct)
+            if kind == TRITON:
+                p1, p2, _ = _triton.channel_sums(x, fmt, shift)
+                s1, s2 = p1.double().sum((0, 1)), p2.double().sum((0, 1))
+            else:
+                xf = x if x.dtype == ct else x.to(ct)
+                buf = torch.sub(xf, shift.view(1, c, 1, 1))  # x - shift, in the buffer that will hold y
+                s1 = buf.sum(dims)
+                s2 = buf.mul_(buf).sum(dims)
+        total = local
         if sync:
-            packed = torch.cat([s1.double(), s2.double(),
-                                torch.tensor([float(local)], dtype=torch.float64, device=x.device)])
+            if shift is not None:  # every rank has its own shift: back to plain sums, in float64
+                k, s1 = shift.double(), s1.double()
+                s1, s2 = s1 + local * k, s2.double() + k * (2 * s1 + local * k)
+                shift = None
+            packed = torch.cat([s1.double(), s2.double(), s1.new_full((1,), float(local), dtype=torch.float64)])
             packed = _all_reduce(packed)
-            total = int(round(packed[-1].item()))
-            s1, s2 = packed[:c], packed[c:2 * c]
-        else:
-            total = local
-        if total <= 1:
-            raise NormlabError(
-                f"BatchNorm got {total} value per channel (input shape {tuple(x.shape)}) and cannot compute "
-                "batch statistics in training: use a batch size of 2 or more, or a per-sample norm (gn/ln/in)")
+            s1, s2, total = packed[:c], packed[c:2 * c], packed[2 * c]
+            if kind == CPP:
+                total = int(round(total.item()))
         ctx.total, ctx.sync, ctx.relu = total, sync, bool(relu)
         ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
         ctx.residual_dtype = residual.dtype if residual is not None else None
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        if fmt:  # C++: statistics, running-statistics update and the affine (+ residual, ReLU) in one call
+        if kind == CPP:  # C++: statistics, running-statistics update and the affine (+ residual, ReLU) in one call
             res = None if residual is None else _kernels.like(residual.to(x.dtype), fmt)
             y, mean, rstd, updated = _kernels.bn_forward(x, fmt, s1, s2, total, weight, bias, eps, momentum,
                                                          running_mean, running_var, res, ctx.relu)
@@ -134,19 +176,23 @@ class BatchNormFunction(torch.autograd.Function):
                 _update_running(running_mean, running_var, *_moments(s1, s2, total, torch.float64), total, momentum)
             ctx.save_for_backward(x, weight, mean, rstd, y if ctx.relu else None)
             return y
-        mean, var = _moments(s1, s2, total, ct)
+        mean, var = _moments(s1, s2, total, ct, shift)
         if running_mean is not None:
             _update_running(running_mean, running_var, mean, var, total, momentum)
         rstd = torch.rsqrt(var + eps)
         scale = rstd if weight is None else rstd * weight.to(ct)
-        shift = -mean * scale if bias is None else bias.to(ct) - mean * scale
-        y = torch.addcmul(shift.view(1, c, 1, 1), xf, scale.view(1, c, 1, 1), out=buf)
-        if residual is not None:
-            y.add_(residual)
-        if ctx.relu:
-            y.clamp_min_(0)
-        if y.dtype != x.dtype:
-            y = y.to(x.dtype)
+        shift_y = -mean * scale if bias is None else bias.to(ct) - mean * scale
+        if kind == TRITON:
+            res = None if residual is None else _triton.like(residual, fmt)
+            y = _triton.affine(x, fmt, scale, shift_y, residual=res, relu=ctx.relu)
+        else:
+            y = torch.addcmul(shift_y.view(1, c, 1, 1), xf, scale.view(1, c, 1, 1), out=buf)
+            if residual is not None:
+                y.add_(residual)
+            if ctx.relu:
+                y.clamp_min_(0)
+            if y.dtype != x.dtype:
+                y = y.to(x.dtype)
         ctx.save_for_backward(x, weight, mean, rstd, y if ctx.relu else None)
         return y
 
@@ -156,9 +202,10 @@ class BatchNormFunction(torch.autograd.Function):
         c = x.shape[1]
         ct = mean.dtype
         dims = (0, 2, 3)
-        fmt = fast_layout(x)
+        be = backend(x)
+        kind, fmt = be if be else (None, None)
         want_res = ctx.has_residual and ctx.needs_input_grad[8]
-        if fmt:  # C++: sums of dy and dy*(x - mean) in one pass (+ weight/bias grads), then dx in one
+        if kind == CPP:  # C++: sums of dy and dy*(x - mean) in one pass (+ weight/bias grads), then dx in one
             dyf = _kernels.like(dy if dy.dtype == x.dtype else dy.to(x.dtype), fmt)
             s, grad_weight, grad_bias, g = _kernels.bn_sums(
                 dyf, x, fmt, center=mean, rstd=rstd, grad_weight=weight is not None and ctx.needs_input_grad[1],
@@ -177,16 +224,20 @@ class BatchNormFunction(torch.autograd.Function):
                     s = _all_reduce(s)
                 grad_x = _kernels.bn_backward(dyf, x, fmt, s, ctx.total, weight, mean, rstd)
             return grad_x, grad_weight, grad_bias, None, None, None, None, None, grad_res, None
-        if ctx.relu:
-            dy = torch.where(y > 0, dy, 0)
-        grad_res = _residual_grad(dy, ctx) if want_res else None
-        dyf = dy if dy.dtype == ct else dy.to(ct)
-        xf = x if x.dtype == ct else x.to(ct)
-        sum_dy = dyf.sum(dims)
-        # sum of dy * (x - mean), from the uncentered sum (one pass fewer; combined in float64);
-        # dy * x goes into the buffer that becomes grad_x
-        buf = torch.mul(dyf, xf)
-        sum_dy_xc = (buf.sum(dims).double() - mean.double() * sum_dy.double()).to(ct)
+        if kind == TRITON:  # sums of g and g*(x - mean) in one pass (g = dy masked by the ReLU, written out)
+            g = _triton.like(dy if dy.dtype == x.dtype else dy.to(x.dtype), fmt)
+            p1, p2, gm = _triton.channel_sums(g, fmt, mean, b=x, mask=_triton.like(y, fmt) if ctx.relu else None)
+            g = g if gm is None else gm
+            sum_dy, sum_dy_xc = p1.double().sum((0, 1)).to(ct), p2.double().sum((0, 1)).to(ct)
+        else:
+            g = torch.where(y > 0, dy, 0) if ctx.relu else dy
+            dyf = g if g.dtype == ct else g.to(ct)
+            xf = x if x.dtype == ct else x.to(ct)
+            sum_dy = dyf.sum(dims)
+            # centred before the product: sum(dy*x) - mean*sum(dy) would cancel for large-mean inputs
+            buf = torch.sub(xf, mean.view(1, c, 1, 1))  # x - mean, in the buffer that becomes grad_x
+            sum_dy_xc = (buf * dyf).sum(dims)
+        grad_res = _residual_grad(g, ctx) if want_res else None
         grad_weight = grad_bias = grad_x = None
         if weight is not None and ctx.needs_input_grad[1]:
             grad_weight = (sum_dy_xc * rstd).to(weight.dtype)
@@ -200,11 +251,13 @@ class BatchNormFunction(torch.autograd.Function):
             a = rstd if weight is None else rstd * weight.to(ct)
             b = -a * rstd * rstd * sum_dy_xc / m
             cst = -a * sum_dy / m
-            # dx = a*dy + b*(x - mean) + cst = a*dy + b*x + (cst - b*mean): two fused passes
-            grad_x = torch.addcmul((cst - b * mean).view(1, c, 1, 1), xf, b.view(1, c, 1, 1), out=buf)
-            grad_x.addcmul_(dyf, a.view(1, c, 1, 1))
-            if grad_x.dtype != x.dtype:
-                grad_x = grad_x.to(x.dtype)
+            # dx = a*dy + b*(x - mean) + cst
+            if kind == TRITON:
+                grad_x = _triton.affine(g, fmt, a, cst, q=x, Q=b, Qc=mean)
+            else:
+                grad_x = buf.mul_(b.view(1, c, 1, 1)).add_(cst.view(1, c, 1, 1)).addcmul_(dyf, a.view(1, c, 1, 1))
+                if grad_x.dtype != x.dtype:
+                    grad_x = grad_x.to(x.dtype)
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, grad_res, None
 
 
@@ -221,35 +274,47 @@ class GroupNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, num_groups: int, eps: float, residual=None, relu: bool = False):  # noqa: D102
         n, c = x.shape[:2]
         g = num_groups
+        cg = c // g
         ct = compute_dtype(x.dtype)
         ctx.num_groups, ctx.relu = g, bool(relu)
         ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.residual_dtype = residual.dtype if residual is not None else None
-        fmt = fast_layout(x)
-        if fmt:  # C++: sums, statistics and affine (+ residual, ReLU) in one call (two passes over x)
+        be = backend(x)
+        kind, fmt = be if be else (None, None)
+        if kind == CPP:  # C++: sums, statistics and affine (+ residual, ReLU) in one call (two passes over x)
             res = None if residual is None else _kernels.like(residual.to(x.dtype), fmt)
             y, mean, rstd = _kernels.gn_forward(x, fmt, g, weight, bias, eps, res, ctx.relu)
             ctx.save_for_backward(x, weight, mean, rstd, y if ctx.relu else None)
             return y
-        xf = x if x.dtype == ct else x.to(ct)
-        # per-(sample, channel) sums, then summed over each group on the small (N, C) tensors
-        buf = torch.mul(xf, xf)  # x², in the buffer that will hold y
-        s1 = xf.sum((2, 3)).view(n, g, c // g).sum(2)
-        s2 = buf.sum((2, 3)).view(n, g, c // g).sum(2)
-        mean, var = _moments(s1, s2, (c // g) * x.shape[2] * x.shape[3], ct)  # (N, G)
+        shift = _sample_shift(x, ct, cg)  # (N, G)
+        shift_c = shift.repeat_interleave(cg, dim=1)  # (N, C)
+        if kind == TRITON:  # per-(sample, channel) partial sums, then summed over blocks and the group
+            p1, p2, _ = _triton.channel_sums(x, fmt, shift_c)
+            s1 = p1.double().sum(1).view(n, g, cg).sum(2)
+            s2 = p2.double().sum(1).view(n, g, cg).sum(2)
+        else:
+            xf = x if x.dtype == ct else x.to(ct)
+            buf = torch.sub(xf, shift_c.view(n, c, 1, 1))  # x - shift, in the buffer that will hold y
+            s1 = buf.sum((2, 3)).view(n, g, cg).sum(2)
+            s2 = buf.mul_(buf).sum((2, 3)).view(n, g, cg).sum(2)
+        mean, var = _moments(s1, s2, cg * x.shape[2] * x.shape[3], ct, shift)  # (N, G)
         rstd = torch.rsqrt(var + eps)
-        rstd_c = rstd.repeat_interleave(c // g, dim=1)  # (N, C)
-        mean_c = mean.repeat_interleave(c // g, dim=1)
+        rstd_c = rstd.repeat_interleave(cg, dim=1)  # (N, C)
+        mean_c = mean.repeat_interleave(cg, dim=1)
         scale = rstd_c if weight is None else rstd_c * weight.to(ct)
-        shift = -mean_c * scale if bias is None else bias.to(ct) - mean_c * scale
-        y = torch.addcmul(shift.view(n, c, 1, 1), xf, scale.view(n, c, 1, 1), out=buf)
-        if residual is not None:
-            y.add_(residual)
-        if ctx.relu:
-            y.clamp_min_(0)
-        if y.dtype != x.dtype:
-            y = y.to(x.dtype)
+        shift_y = -mean_c * scale if bias is None else bias.to(ct) - mean_c * scale
+        if kind == TRITON:
+            res = None if residual is None else _triton.like(residual, fmt)
+            y = _triton.affine(x, fmt, scale, shift_y, residual=res, relu=ctx.relu)
+        else:
+            y = torch.addcmul(shift_y.view(n, c, 1, 1), xf, scale.view(n, c, 1, 1), out=buf)
+            if residual is not None:
+                y.add_(residual)
+            if ctx.relu:
+                y.clamp_min_(0)
+            if y.dtype != x.dtype:
+                y = y.to(x.dtype)
         ctx.save_for_backward(x, weight, mean, rstd, y if ctx.relu else None)
         return y
 
@@ -260,9 +325,10 @@ class GroupNormFunction(torch.autograd.Function):
         g = ctx.num_groups
         cg = c // g
         ct = mean.dtype
-        fmt = fast_layout(x)
+        be = backend(x)
+        kind, fmt = be if be else (None, None)
         want_res = ctx.has_residual and ctx.needs_input_grad[5]
-        if fmt:  # C++: one pass for the (N, C) sums of dy and dy*x (ReLU: dy masked, written out), one for dx
+        if kind == CPP:  # C++: one pass for the (N, C) sums of dy and dy*x (ReLU: dy masked, written out), one for dx
             gx, gw, gb, gm = _kernels.gn_backward(
                 _kernels.like(dy if dy.dtype == x.dtype else dy.to(x.dtype), fmt), x, fmt, g, weight, mean, rstd,
                 ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
@@ -273,37 +339,44 @@ class GroupNormFunction(torch.autograd.Function):
                 gb = gb.to(ctx.bias_dtype)
             grad_res = _residual_grad(dy if gm is None else gm, ctx) if want_res else None
             return gx, gw, gb, None, None, grad_res, None
-        if ctx.relu:
-            dy = torch.where(y > 0, dy, 0)
-        grad_res = _residual_grad(dy, ctx) if want_res else None
-        dyf = dy if dy.dtype == ct else dy.to(ct)
-        xf = x if x.dtype == ct else x.to(ct)
-        s1 = dyf.sum((2, 3))  # (N, C): sum of dy
-        buf = torch.mul(dyf, xf)  # dy * x, in the buffer that becomes grad_x
-        s2 = buf.sum((2, 3))  # (N, C): sum of dy * x
         rstd_c = rstd.repeat_interleave(cg, dim=1)
         mean_c = mean.repeat_interleave(cg, dim=1)
+        if kind == TRITON:  # (N, C) sums of g and g*(x - mean) in one pass (g: dy masked by the ReLU)
+            gr = _triton.like(dy if dy.dtype == x.dtype else dy.to(x.dtype), fmt)
+            p1, p2, gm = _triton.channel_sums(gr, fmt, mean_c, b=x, mask=_triton.like(y, fmt) if ctx.relu else None)
+            gr = gr if gm is None else gm
+            s1, s2 = p1.double().sum(1).to(ct), p2.double().sum(1).to(ct)
+        else:
+            gr = torch.where(y > 0, dy, 0) if ctx.relu else dy
+            dyf = gr if gr.dtype == ct else gr.to(ct)
+            xf = x if x.dtype == ct else x.to(ct)
+            s1 = dyf.sum((2, 3))  # (N, C): sum of dy
+            # centred before the product (exact for large-mean inputs), in the buffer that becomes grad_x
+            buf = torch.sub(xf, mean_c.view(n, c, 1, 1))
+            s2 = (buf * dyf).sum((2, 3))  # (N, C): sum of dy * (x - mean)
+        grad_res = _residual_grad(gr, ctx) if want_res else None
         grad_x = grad_weight = grad_bias = None
         if weight is not None and ctx.needs_input_grad[1]:
-            grad_weight = ((s2 - mean_c * s1) * rstd_c).sum(0).to(weight.dtype)
+            grad_weight = (s2 * rstd_c).sum(0).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = s1.sum(0).to(ctx.bias_dtype)
         if ctx.needs_input_grad[0]:
             wf = None if weight is None else weight.to(ct)
             ws1 = s1 if wf is None else s1 * wf
             ws2 = s2 if wf is None else s2 * wf
-            sum_g1 = ws1.view(n, g, cg).sum(2)  # (N, G): sum of w*dy over the group
-            sum_g2 = ws2.view(n, g, cg).sum(2)  # (N, G): sum of w*dy*x
             m = cg * h * w
-            m1 = sum_g1 / m
-            m2 = rstd * ((sum_g2.double() - mean.double() * sum_g1.double()) / m).to(ct)  # mean of w*dy*x̂
+            m1 = ws1.view(n, g, cg).sum(2) / m  # (N, G): mean of w*dy over the group
+            m2 = rstd * ws2.view(n, g, cg).sum(2) / m  # (N, G): mean of w*dy*x̂
             b = (-rstd * rstd * m2).repeat_interleave(cg, dim=1)
-            cst = (rstd * (rstd * m2 * mean - m1)).repeat_interleave(cg, dim=1)
+            cst = (-rstd * m1).repeat_interleave(cg, dim=1)
             a = rstd_c if wf is None else rstd_c * wf
-            grad_x = torch.addcmul(cst.view(n, c, 1, 1), xf, b.view(n, c, 1, 1), out=buf)
-            grad_x.addcmul_(dyf, a.view(n, c, 1, 1))
-            if grad_x.dtype != x.dtype:
-                grad_x = grad_x.to(x.dtype)
+            # dx = a*dy + b*(x - mean) + cst
+            if kind == TRITON:
+                grad_x = _triton.affine(gr, fmt, a, cst, q=x, Q=b, Qc=mean_c)
+            else:
+                grad_x = buf.mul_(b.view(n, c, 1, 1)).add_(cst.view(n, c, 1, 1)).addcmul_(dyf, a.view(n, c, 1, 1))
+                if grad_x.dtype != x.dtype:
+                    grad_x = grad_x.to(x.dtype)
         return grad_x, grad_weight, grad_bias, None, None, grad_res, None
 
 

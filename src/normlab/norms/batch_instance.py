@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
 from normlab.norms._functional import GroupNormFunction, check_input
-from normlab.norms.batch import bn_forward
+from normlab.norms.batch import BatchStatsNorm
 
 
-class BatchInstanceNorm2d(nn.Module):
+class BatchInstanceNorm2d(BatchStatsNorm):
     """y = (ρ·x̂_BN + (1−ρ)·x̂_IN)·γ + β with a per-channel gate ρ ∈ [0, 1] (parameter ``rho``).
 
     * ``rho`` starts at 1 (pure BN). It is kept in [0, 1] two ways, as in the paper's code: the
@@ -26,26 +28,23 @@ class BatchInstanceNorm2d(nn.Module):
     (plus β) and (1−ρ)·γ, summed; autograd carries the gradients to ρ and γ through the products.
     """
 
-    track_running_stats = True
-
-    def __init__(self, num_channels: int, *, eps: float = 1e-5, momentum: float | None = 0.1,
-                 sync: bool = False) -> None:
-        super().__init__()
-        self.num_channels = self.num_features = num_channels
-        self.eps, self.momentum, self.sync = eps, momentum, sync
-        self.weight = nn.Parameter(torch.ones(num_channels))
-        self.bias = nn.Parameter(torch.zeros(num_channels))
-        self.rho = nn.Parameter(torch.ones(num_channels))
-        self.register_buffer("running_mean", torch.zeros(num_channels))
-        self.register_buffer("running_var", torch.ones(num_channels))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+    def __init__(self, num_channels: int, eps: float = 1e-5, momentum: float | None = 0.1, *,
+                 sync: bool = False, device=None, dtype=None) -> None:
+        super().__init__(num_channels, eps=eps, momentum=momentum, track_running_stats=True, sync=sync,
+                         device=device)
+        f = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.ones(num_channels, **f))
+        self.bias = nn.Parameter(torch.zeros(num_channels, **f))
+        self.rho = nn.Parameter(torch.ones(num_channels, **f))
+        if dtype is not None:
+            self.running_mean, self.running_var = self.running_mean.to(dtype), self.running_var.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.num_channels, type(self).__name__)
         # Clamped value, identity gradient: torch.clamp's gradient is 0 at the bounds, and rho starts
         # at exactly 1, so a plain clamp would freeze every gate at 1 (BIN would train as BN).
         rho = self.rho + (self.rho.detach().clamp(0, 1) - self.rho.detach())
-        y_bn = bn_forward(self, x, rho * self.weight, self.bias)
+        y_bn = self.batch_norm(x, rho * self.weight, self.bias)
         y_in = GroupNormFunction.apply(x, (1 - rho) * self.weight, None, self.num_channels, self.eps)
         return y_bn + y_in
 
@@ -53,13 +52,20 @@ class BatchInstanceNorm2d(nn.Module):
         return f"{self.num_channels}, eps={self.eps}, momentum={self.momentum}, sync={self.sync}"
 
 
+_GATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> its BIN gates, found once
+
+
 @torch.no_grad()
-def clamp_gates_(module: nn.Module) -> nn.Module:
+def clamp_gates_(module: nn.Module, *, refresh: bool = False) -> nn.Module:
     """Clamp every BatchInstanceNorm2d gate ``rho`` in ``module`` into [0, 1], in place; returns ``module``.
 
-    Call it after each optimizer step (works through DDP / torch.compile wrappers).
+    Call it after each optimizer step (works through DDP / torch.compile wrappers). The gates are found by
+    one walk over the modules on the first call and remembered (the trainer calls this every step); pass
+    ``refresh=True`` after adding or replacing BIN layers in ``module``. No gates: nothing runs at all.
     """
-    for m in module.modules():
-        if isinstance(m, BatchInstanceNorm2d):
-            m.rho.clamp_(0, 1)
+    gates = None if refresh else _GATES.get(module)
+    if gates is None:
+        gates = _GATES[module] = [m.rho for m in module.modules() if isinstance(m, BatchInstanceNorm2d)]
+    for rho in gates:
+        rho.clamp_(0, 1)
     return module

@@ -42,7 +42,8 @@ class GroupNorm2d(GroupStatsNorm):
     G = C is InstanceNorm. A ``num_groups`` that does not divide the channel count raises NormlabError.
     """
 
-    def __init__(self, num_channels: int, num_groups: int | None = None, *, eps: float = 1e-5) -> None:
+    def __init__(self, num_channels: int, num_groups: int | None = None, eps: float = 1e-5, *,
+                 device=None, dtype=None) -> None:
         super().__init__()
         groups = DEFAULT_GROUPS if num_groups is None else num_groups
         if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
@@ -52,9 +53,10 @@ class GroupNorm2d(GroupStatsNorm):
             divisors = ", ".join(str(d) for d in range(1, num_channels + 1) if num_channels % d == 0)
             raise NormlabError(f"GroupNorm: {groups} groups do not divide {num_channels} channels; "
                                f"use --gn-groups with a divisor of {num_channels} ({divisors})")
-        self.num_channels, self.num_groups, self.eps = num_channels, groups, eps
-        self.weight = nn.Parameter(torch.ones(num_channels))
-        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.num_channels = self.num_features = num_channels
+        self.num_groups, self.eps = groups, eps
+        self.weight = nn.Parameter(torch.ones(num_channels, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(num_channels, device=device, dtype=dtype))
 
     def groups(self) -> int:
         return self.num_groups

@@ -15,13 +15,14 @@ class InstanceNorm2d(GroupStatsNorm):
     ``nn.InstanceNorm2d(C, affine=True)`` and ``nn.GroupNorm(C, C)``.
     """
 
-    def __init__(self, num_channels: int, *, eps: float = 1e-5, affine: bool = True) -> None:
+    def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True, *, device=None,
+                 dtype=None) -> None:
         super().__init__()
         self.num_channels = self.num_features = num_channels
         self.eps, self.affine = eps, affine
         if affine:
-            self.weight = nn.Parameter(torch.ones(num_channels))
-            self.bias = nn.Parameter(torch.zeros(num_channels))
+            self.weight = nn.Parameter(torch.ones(num_channels, device=device, dtype=dtype))
+            self.bias = nn.Parameter(torch.zeros(num_channels, device=device, dtype=dtype))
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)

@@ -15,12 +15,12 @@ class LayerNorm2d(GroupStatsNorm):
     any input size. No running statistics; train and eval are the same.
     """
 
-    def __init__(self, num_channels: int, *, eps: float = 1e-5) -> None:
+    def __init__(self, num_channels: int, eps: float = 1e-5, *, device=None, dtype=None) -> None:
         super().__init__()
-        self.num_channels = num_channels
+        self.num_channels = self.num_features = num_channels
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(num_channels))
-        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.weight = nn.Parameter(torch.ones(num_channels, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(num_channels, device=device, dtype=dtype))
 
     def groups(self) -> int:
         return 1
