@@ -3,7 +3,6 @@ silent default), a new norm needs one entry, and the layers import downwards onl
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import subprocess
 import sys
@@ -99,30 +98,3 @@ def test_config_does_not_import_models_or_training():
                          timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
 
-
-# lower number = lower layer; a module may import its own layer and those below
-LAYERS = {"errors": 0, "io": 0, "norms": 1, "data": 1, "plots": 1, "registry": 2, "config": 3, "models": 4,
-          "analysis": 5, "train": 6, "study": 7, "report": 7, "cli": 8, "__main__": 9, "__init__": 9}
-KNOWN_UPWARD = {"normlab.analysis.galleries"}  # analysis -> train, issue 18 item 3: the analysis/train split
-
-
-def _imports(path: Path) -> set[str]:
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("normlab."):
-            found.add(node.module.split(".")[1])
-        elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("normlab.")}
-    return found
-
-
-def test_imports_go_downwards_only():
-    upward = []
-    for path in (SRC / "normlab").rglob("*.py"):
-        rel = path.relative_to(SRC).with_suffix("")
-        module = ".".join(rel.parts).removesuffix(".__init__")
-        if len(rel.parts) < 2 or module in KNOWN_UPWARD:
-            continue
-        own = LAYERS[rel.parts[1].removesuffix(".py") if len(rel.parts) > 2 else rel.stem]
-        upward += [f"{module} -> normlab.{t}" for t in _imports(path) if t in LAYERS and LAYERS[t] > own]
-    assert not upward, upward
