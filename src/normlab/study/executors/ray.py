@@ -48,9 +48,15 @@ class RayExecutor:
         env_vars = {k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}  # workers must import normlab
         kwargs = {"include_dashboard": False, "log_to_driver": False,
                   "runtime_env": {"env_vars": env_vars} if env_vars else None}
-        if self.options.ray_address is None:
-            kwargs["num_cpus"] = self.options.ray_num_cpus
-        ray.init(address=self.options.ray_address, **kwargs)
+        if self.options.ray_address is not None:
+            ray.init(address=self.options.ray_address, **kwargs)
+            return True
+        try:
+            ray.init(num_cpus=self.options.ray_num_cpus, **kwargs)
+        except Exception as e:  # noqa: BLE001 - a loaded machine can miss Ray's start-up timeouts once
+            self.log(f"starting a local Ray instance failed ({str(e).strip()[:200]}); trying once more")
+            ray.shutdown()
+            ray.init(num_cpus=self.options.ray_num_cpus, **kwargs)
         return True
 
     def resources(self, tasks: list[RunTask]) -> tuple[int, float]:
