@@ -152,9 +152,10 @@ def read_failure(folder: str | Path) -> dict[str, Any] | None:
     return read_json(path) if path.is_file() else None
 
 
-def write_failure(folder: str | Path, returncode: int, command: list[str]) -> Path:
+def write_failure(folder: str | Path, returncode: int | None, command: list[str], **details: Any) -> Path:
+    """``failed.json``: how a study's run ended without a summary (exit code, command, executor, note)."""
     path = _p(folder, FAILED)
-    write_json(path, {"returncode": returncode, "command": command})
+    write_json(path, {"returncode": returncode, "command": command, **details})
     return path
 
 

@@ -15,8 +15,10 @@ from typing import Any, Callable
 
 from normlab.config import dump_yaml
 from normlab.errors import NormlabError
-from normlab.io import read_json, write_json, write_text
-from normlab.study.executors import ExecutorOptions, RunTask, make_executor, make_options, run_state, train_command
+from normlab.io import write_text
+from normlab import runfolder
+from normlab.runfolder import run_state
+from normlab.study.executors import ExecutorOptions, RunTask, make_options, train_command
 from normlab.study.plan import Run
 from normlab.train.runtime import RunLock
 
@@ -66,18 +68,19 @@ def execute(study_dir: Path, runs: list[Run], jobs: int = 1, log=print, plan_onl
 
     def report(task: RunTask, returncode: int | None, seconds: float, note: str) -> None:
         folder = task.folder
-        ok = returncode == 0 and (folder / "summary.json").is_file()
+        summary = runfolder.read_summary(folder) if returncode == 0 else None
+        ok = summary is not None
         with lock:
             if ok:
-                s = read_json(folder / "summary.json")
+                s = summary
                 extra = f"test acc {s['test']['acc']:.4f}" if s.get("test") else s.get("status", "")
                 log(f"[{task.index}/{task.total}] {task.name}: {s.get('status')} in {seconds:.0f}s, {extra}")
             else:
                 code = "no exit code" if returncode is None else f"exit code {returncode}"
                 log(f"[{task.index}/{task.total}] {task.name}: FAILED ({code}); the study goes on"
                     + (f"; {note}" if note else ""))
-                write_json(folder / "failed.json", {"returncode": returncode, "executor": executor.name,
-                                                    "note": note, "command": train_command(folder, task.plan_file)})
+                runfolder.write_failure(folder, returncode, train_command(folder, task.plan_file),
+                                        executor=executor.name, note=note)
             state = outcome[task.name] = "finished" if ok else "failed"
             if on_finished is not None:
                 on_finished(task.name, state)
@@ -111,3 +114,21 @@ def check_study_dir(study_dir: Path, record: dict, force: bool) -> None:
         return
     raise NormlabError(f"study folder {study_dir} holds a study with other settings ({'; '.join(diffs[:3])}): "
                        "use another --out, or --force to add runs with the new settings next to the old ones")
+
+
+def make_executor(options: ExecutorOptions, jobs: int, study_dir: Path, log=print):
+    if options.executor == "local":
+        from normlab.study.executors.local import LocalExecutor
+
+        return LocalExecutor(jobs=jobs, runs_per_gpu=options.runs_per_gpu, log=log)
+    if options.executor == "ray":
+        try:
+            from normlab.study.executors.ray import RayExecutor
+        except ImportError as e:
+            raise NormlabError(f"--executor ray needs Ray: pip install 'normlab[ray]' ({e})") from None
+        return RayExecutor(options, log=log)
+    try:
+        from normlab.study.executors.slurm import SlurmExecutor
+    except ImportError as e:
+        raise NormlabError(f"--executor slurm needs submitit: pip install 'normlab[slurm]' ({e})") from None
+    return SlurmExecutor(options, study_dir, log=log)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from normlab.errors import NormlabError
+from normlab.runfolder import run_state
 
 EXECUTORS = ("local", "ray", "slurm")
 
@@ -127,12 +128,6 @@ class RunTask:
 Report = Callable[[RunTask, "int | None", float, str], None]  # (task, exit code or None, seconds, note)
 
 
-def run_state(folder: Path) -> str:
-    if (folder / "summary.json").is_file():
-        return "finished"
-    if (folder / "last.pt").is_file():
-        return "partial"
-    return "new"
 
 
 def train_command(folder: Path, plan_file: Path, python: str | None = None) -> list[str]:
@@ -232,20 +227,3 @@ def gpu_slots(jobs: int, gpus: list[str], runs_per_gpu: int = 1) -> list[str | N
     jobs = max(1, min(jobs, len(gpus) * runs_per_gpu))
     return [gpus[s % len(gpus)] for s in range(jobs)]
 
-
-def make_executor(options: ExecutorOptions, jobs: int, study_dir: Path, log=print):
-    if options.executor == "local":
-        from normlab.study.executors.local import LocalExecutor
-
-        return LocalExecutor(jobs=jobs, runs_per_gpu=options.runs_per_gpu, log=log)
-    if options.executor == "ray":
-        try:
-            from normlab.study.executors.ray import RayExecutor
-        except ImportError as e:
-            raise NormlabError(f"--executor ray needs Ray: pip install 'normlab[ray]' ({e})") from None
-        return RayExecutor(options, log=log)
-    try:
-        from normlab.study.executors.slurm import SlurmExecutor
-    except ImportError as e:
-        raise NormlabError(f"--executor slurm needs submitit: pip install 'normlab[slurm]' ({e})") from None
-    return SlurmExecutor(options, study_dir, log=log)
