@@ -98,6 +98,10 @@ def _update_running(running_mean: torch.Tensor, running_var: torch.Tensor, mean:
         running_var.mul_(1 - momentum).add_((var * (total / (total - 1))).to(running_var.dtype), alpha=momentum)
 
 
+# The big buffers below are allocated with empty_like(x) and written with out=: a broadcast sub with an
+# (N, C, 1, 1) operand otherwise allocates through a slower path on channels_last (measured 0.48 vs 0.19 ms).
+
+
 def _sample_shift(x: torch.Tensor, ct: torch.dtype, group_size: int | None = None) -> torch.Tensor:
     """The origin of the shifted sums: one value of every channel (shape (C,), from sample 0), or with
     ``group_size`` one value of every (sample, group) (shape (N, G), from the group's first channel)."""
@@ -150,7 +154,8 @@ class BatchNormFunction(torch.autograd.Function):
                 s1, s2 = p1.double().sum((0, 1)), p2.double().sum((0, 1))
             else:
                 xf = x if x.dtype == ct else x.to(ct)
-                buf = torch.sub(xf, shift.view(1, c, 1, 1))  # x - shift, in the buffer that will hold y
+                # x - shift, in the buffer that will hold y
+                buf = torch.sub(xf, shift.view(1, c, 1, 1), out=torch.empty_like(xf))
                 s1 = buf.sum(dims)
                 s2 = buf.mul_(buf).sum(dims)
         total = local
@@ -235,7 +240,8 @@ class BatchNormFunction(torch.autograd.Function):
             xf = x if x.dtype == ct else x.to(ct)
             sum_dy = dyf.sum(dims)
             # centred before the product: sum(dy*x) - mean*sum(dy) would cancel for large-mean inputs
-            buf = torch.sub(xf, mean.view(1, c, 1, 1)).mul_(dyf)  # dy*(x - mean), the buffer that becomes grad_x
+            # dy*(x - mean), in the buffer that becomes grad_x
+            buf = torch.sub(xf, mean.view(1, c, 1, 1), out=torch.empty_like(xf)).mul_(dyf)
             sum_dy_xc = buf.sum(dims)
         grad_res = _residual_grad(g, ctx) if want_res else None
         grad_weight = grad_bias = grad_x = None
@@ -296,7 +302,8 @@ class GroupNormFunction(torch.autograd.Function):
             s2 = p2.double().sum(1).view(n, g, cg).sum(2)
         else:
             xf = x if x.dtype == ct else x.to(ct)
-            buf = torch.sub(xf, shift_c.view(n, c, 1, 1))  # x - shift, in the buffer that will hold y
+            # x - shift, in the buffer that will hold y
+            buf = torch.sub(xf, shift_c.view(n, c, 1, 1), out=torch.empty_like(xf))
             s1 = buf.sum((2, 3)).view(n, g, cg).sum(2)
             s2 = buf.mul_(buf).sum((2, 3)).view(n, g, cg).sum(2)
         mean, var = _moments(s1, s2, cg * x.shape[2] * x.shape[3], ct, shift)  # (N, G)
@@ -353,7 +360,7 @@ class GroupNormFunction(torch.autograd.Function):
             xf = x if x.dtype == ct else x.to(ct)
             s1 = dyf.sum((2, 3))  # (N, C): sum of dy
             # centred before the product (exact for large-mean inputs), in the buffer that becomes grad_x
-            buf = torch.sub(xf, mean_c.view(n, c, 1, 1)).mul_(dyf)
+            buf = torch.sub(xf, mean_c.view(n, c, 1, 1), out=torch.empty_like(xf)).mul_(dyf)
             s2 = buf.sum((2, 3))  # (N, C): sum of dy * (x - mean)
         grad_res = _residual_grad(gr, ctx) if want_res else None
         grad_x = grad_weight = grad_bias = None
