@@ -80,7 +80,7 @@ def fake_study(study_dir: Path) -> Path:
                                       "threads": 2, "data": {"counts": {"train": 500, "val": 150, "test": 150}}})
         for name in ("confusion_val.png", "confusion_test.png"):
             Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(run / name)
-        Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(run / runfolder.MISCLASSIFIED)
+        Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(run / runfolder.MISCLASSIFIED[1])
     gc = sf.run_dir(study_dir, "bn-s0") / runfolder.GRADCAM_DIR
     gc.mkdir()
     Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(gc / "000_T-shirt_top.jpg", quality=85)

