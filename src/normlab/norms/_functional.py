@@ -18,7 +18,7 @@ Design (shared by both):
   every norm in a ResNet legal, and uses the same memory as the native kernels.
 * Outputs follow the input's memory format (channels_last in, channels_last out).
 * Back-ends (``backend``): float32, float64 and bfloat16 CPU tensors in NCHW or channels_last go through the
-  C++ kernels of ``_kernels`` (shifted sums, float64 across runs; one pass per sweep over the big tensor, the small per-channel
+  C++ kernels of ``_kernels`` (float64 sums; one pass per sweep over the big tensor, the small per-channel
   math in C too); CUDA tensors (float32, bfloat16, float16; NCHW or channels_last) through the Triton
   kernels of ``_triton``; everything else (other strides, float16 on CPU, torch.compile tracing, no
   compiler, ``NORMLAB_KERNELS=0`` / ``NORMLAB_TRITON=0``) through the tensor ops below. Tests run every
@@ -81,7 +81,7 @@ def _moments(s1: torch.Tensor, s2: torch.Tensor, count, ct: torch.dtype, shift: 
     E[x²] − E[x]² on plain float32 sums loses ~1e-7·(mean/std)² relative precision (5e-2 at
     |mean|/std = 1000); with ``shift`` one sample of the same channel or group, |mean − shift| is of the
     order of std and the loss is gone, at the price of no extra pass (Welford would cost a slower one).
-    The C++ kernels shift the same way, value by value. ``count`` may be a tensor (synced BN: no host sync).
+    The C++ kernels' float64 sums need no shift. ``count`` may be a tensor (synced BN: no host sync).
     """
     m64 = s1.double() / count
     v64 = (s2.double() / count - m64 * m64).clamp_min(0)
@@ -144,9 +144,9 @@ class BatchNormFunction(torch.autograd.Function):
         be = backend(x)
         kind, fmt = be if be else (None, None)
         shift = buf = None
-        if kind == CPP:  # C++: both shifted sums in one pass over x (the kernel picks the shift, as below)
+        if kind == CPP:  # C++: both sums in one pass over x, float64 per channel (no shift needed)
             s = _kernels.bn_sums(x, None, fmt)[0]
-            s1, s2, shift = s[0], s[1], s[2]
+            s1, s2 = s[0], s[1]
         else:
             shift = _sample_shift(x, ct)
             if kind == TRITON:
@@ -176,10 +176,9 @@ class BatchNormFunction(torch.autograd.Function):
         if kind == CPP:  # C++: statistics, running-statistics update and the affine (+ residual, ReLU) in one call
             res = None if residual is None else _kernels.like(residual.to(x.dtype), fmt)
             y, mean, rstd, updated = _kernels.bn_forward(x, fmt, s1, s2, total, weight, bias, eps, momentum,
-                                                         running_mean, running_var, res, ctx.relu, shift)
+                                                         running_mean, running_var, res, ctx.relu)
             if not updated:  # running statistics of another dtype (rare): updated here
-                _update_running(running_mean, running_var, *_moments(s1, s2, total, torch.float64, shift), total,
-                                momentum)
+                _update_running(running_mean, running_var, *_moments(s1, s2, total, torch.float64), total, momentum)
             ctx.save_for_backward(x, weight, mean, rstd, y if ctx.relu else None)
             return y
         mean, var = _moments(s1, s2, total, ct, shift)
@@ -337,7 +336,7 @@ class GroupNormFunction(torch.autograd.Function):
         be = backend(x)
         kind, fmt = be if be else (None, None)
         want_res = ctx.has_residual and ctx.needs_input_grad[5]
-        if kind == CPP:  # C++: one pass for the (N, C) sums of dy and dy*(x - mean) (ReLU: dy masked, written out), one for dx
+        if kind == CPP:  # C++: one pass for the (N, C) sums of dy and dy*x (ReLU: dy masked, written out), one for dx
             gx, gw, gb, gm = _kernels.gn_backward(
                 _kernels.like(dy if dy.dtype == x.dtype else dy.to(x.dtype), fmt), x, fmt, g, weight, mean, rstd,
                 ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
