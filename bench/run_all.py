@@ -32,6 +32,10 @@ JOBS = [  # (name, script args)
                             "4", "--out", "pipeline_long_bf16.json"]),
     ("pipeline_t1", ["bench_pipeline.py", "--threads", "1", "--no-accuracy", "--out", "pipeline_t1.json"]),
     ("pipeline_unfused", ["bench_pipeline.py", "--no-fuse", "--no-accuracy", "--out", "pipeline_unfused.json"]),
+    # throughput of TrainStep, the step `normlab train` runs (the rows above before 2026-11-28 timed a hand copy)
+    ("pipeline_trainstep", ["bench_pipeline.py", "--no-accuracy", "--out", "pipeline_trainstep.json"]),
+    ("pipeline_trainstep_bf16", ["bench_pipeline.py", "--no-accuracy", "--precision", "bf16", "--out",
+                                 "pipeline_trainstep_bf16.json"]),
     ("fused_blocks", ["exp_fused_blocks.py"]),
     ("scaling", ["bench_scaling.py"]),
     ("scaling_untuned", ["bench_scaling.py", "--memory-format", "contiguous", "--no-tune-malloc", "--out",
@@ -181,7 +185,7 @@ def report() -> str:
                      f"**{f3(r['ratio'], 2)}** | {r['first_step_s']['normlab']:.1f} / {r['first_step_s']['native']:.1f} |")
         L.append("")
     pipes = [(k, load(f"{k}.json")) for k in ("pipeline", "pipeline_bf16", "pipeline_compiled", "pipeline_long", "pipeline_long_bf16", "pipeline_t1",
-                                            "pipeline_unfused")]
+                                            "pipeline_unfused", "pipeline_trainstep", "pipeline_trainstep_bf16")]
     pipes = [(k, p) for k, p in pipes if p]
     if pipes:
         L += ["## 2. End to end: normlab vs a conventional pipeline (ResNet-20 BN, batch 128, standard augmentation)",
