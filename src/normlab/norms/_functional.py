@@ -112,6 +112,22 @@ def _sample_shift(x: torch.Tensor, ct: torch.dtype, group_size: int | None = Non
     return k.detach().to(ct)
 
 
+def _affine_out(kind, fmt, x, xf, buf, scale, shift_y, shape, residual, relu: bool) -> torch.Tensor:
+    """``y = x*scale + shift_y`` (+ residual, ReLU) in x's dtype, for the Triton and tensor-op back-ends of both
+    Functions. ``scale``/``shift_y``: (C,) for BN, (N, C) for the group norms, broadcast over (H, W) as
+    ``shape``; ``xf`` is x in the compute dtype and ``buf`` the compute-dtype buffer the output is written into
+    (tensor ops only)."""
+    if kind == TRITON:
+        res = None if residual is None else _triton.like(residual, fmt)
+        return _triton.affine(x, fmt, scale, shift_y, residual=res, relu=relu)
+    y = torch.addcmul(shift_y.view(shape), xf, scale.view(shape), out=buf)
+    if residual is not None:
+        y.add_(residual)
+    if relu:
+        y.clamp_min_(0)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
 class BatchNormFunction(torch.autograd.Function):
     """Batch statistics over (N, H, W) per channel; optionally updates running stats in place.
 
@@ -143,7 +159,7 @@ class BatchNormFunction(torch.autograd.Function):
                 "batch statistics in training: use a batch size of 2 or more, or a per-sample norm (gn/ln/in)")
         be = backend(x)
         kind, fmt = be if be else (None, None)
-        shift = buf = None
+        shift = buf = xf = None
         if kind == CPP:  # C++: both sums in one pass over x, float64 per channel (no shift needed)
             s = _kernels.bn_sums(x, None, fmt)[0]
             s1, s2 = s[0], s[1]
@@ -187,17 +203,7 @@ class BatchNormFunction(torch.autograd.Function):
         rstd = torch.rsqrt(var + eps)
         scale = rstd if weight is None else rstd * weight.to(ct)
         shift_y = -mean * scale if bias is None else bias.to(ct) - mean * scale
-        if kind == TRITON:
-            res = None if residual is None else _triton.like(residual, fmt)
-            y = _triton.affine(x, fmt, scale, shift_y, residual=res, relu=ctx.relu)
-        else:
-            y = torch.addcmul(shift_y.view(1, c, 1, 1), xf, scale.view(1, c, 1, 1), out=buf)
-            if residual is not None:
-                y.add_(residual)
-            if ctx.relu:
-                y.clamp_min_(0)
-            if y.dtype != x.dtype:
-                y = y.to(x.dtype)
+        y = _affine_out(kind, fmt, x, xf, buf, scale, shift_y, (1, c, 1, 1), residual, ctx.relu)
         ctx.save_for_backward(x, weight, mean, rstd, y if ctx.relu else None)
         return y
 
@@ -296,6 +302,7 @@ class GroupNormFunction(torch.autograd.Function):
             return y
         shift = _sample_shift(x, ct, cg)  # (N, G)
         shift_c = shift.repeat_interleave(cg, dim=1)  # (N, C)
+        xf = buf = None  # tensor ops only
         if kind == TRITON:  # per-(sample, channel) partial sums, then summed over blocks and the group
             p1, p2, _ = _triton.channel_sums(x, fmt, shift_c)
             s1 = p1.double().sum(1).view(n, g, cg).sum(2)
@@ -312,17 +319,7 @@ class GroupNormFunction(torch.autograd.Function):
         mean_c = mean.repeat_interleave(cg, dim=1)
         scale = rstd_c if weight is None else rstd_c * weight.to(ct)
         shift_y = -mean_c * scale if bias is None else bias.to(ct) - mean_c * scale
-        if kind == TRITON:
-            res = None if residual is None else _triton.like(residual, fmt)
-            y = _triton.affine(x, fmt, scale, shift_y, residual=res, relu=ctx.relu)
-        else:
-            y = torch.addcmul(shift_y.view(n, c, 1, 1), xf, scale.view(n, c, 1, 1), out=buf)
-            if residual is not None:
-                y.add_(residual)
-            if ctx.relu:
-                y.clamp_min_(0)
-            if y.dtype != x.dtype:
-                y = y.to(x.dtype)
+        y = _affine_out(kind, fmt, x, xf, buf, scale, shift_y, (n, c, 1, 1), residual, ctx.relu)
         ctx.save_for_backward(x, weight, mean, rstd, y if ctx.relu else None)
         return y
 
@@ -409,6 +406,17 @@ def fusable_residual(x: torch.Tensor, residual: torch.Tensor | None) -> bool:
     """Whether a norm's fused ``relu(norm(x) + residual)`` can take ``residual`` in its own pass: None, or a
     tensor of x's shape and dtype (anything else is added unfused, with broadcasting and type promotion)."""
     return residual is None or (residual.shape == x.shape and residual.dtype == x.dtype)
+
+
+def init_affine(module: torch.nn.Module, num_channels: int, affine: bool = True, device=None, dtype=None) -> None:
+    """The per-channel ``weight`` (ones) and ``bias`` (zeros) every norm has, or both registered as None, as
+    torch's layers do (``device``/``dtype``: the factory keywords)."""
+    if affine:
+        module.weight = torch.nn.Parameter(torch.ones(num_channels, device=device, dtype=dtype))
+        module.bias = torch.nn.Parameter(torch.zeros(num_channels, device=device, dtype=dtype))
+    else:
+        module.register_parameter("weight", None)
+        module.register_parameter("bias", None)
 
 
 def check_input(x: torch.Tensor, num_channels: int, who: str) -> None:

@@ -119,15 +119,23 @@ def library():
     return _state["lib"]
 
 
-def layout(x: torch.Tensor) -> str | None:
-    """NCHW or NHWC when the fast path can take ``x`` (CPU, float32/64 or bfloat16, dense 4-D), else None."""
-    if not x.is_cpu or x.dtype not in _SUFFIX or x.dim() != 4 or x.numel() == 0:
+def dense_layout(x: torch.Tensor) -> str | None:
+    """NCHW or NHWC when ``x`` is a non-empty 4-D tensor dense in one of them (what every kernel back-end walks),
+    else None."""
+    if x.dim() != 4 or x.numel() == 0:
         return None
     if x.is_contiguous():
         return NCHW
     if x.is_contiguous(memory_format=torch.channels_last):
         return NHWC
     return None
+
+
+def layout(x: torch.Tensor) -> str | None:
+    """NCHW or NHWC when the fast path can take ``x`` (CPU, float32/64 or bfloat16, dense 4-D), else None."""
+    if not x.is_cpu or x.dtype not in _SUFFIX:
+        return None
+    return dense_layout(x)
 
 
 def usable(x: torch.Tensor) -> str | None:

@@ -27,6 +27,8 @@ import os
 
 import torch
 
+from normlab.norms._kernels import NCHW, NHWC, dense_layout
+
 _state: dict = {}
 
 
@@ -45,7 +47,6 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-NCHW, NHWC = "rows", "nhwc"
 
 
 def setting() -> str:
@@ -60,16 +61,13 @@ def interpreting() -> bool:
 
 def usable(x: torch.Tensor) -> str | None:
     """The layout to run ``x`` through the Triton kernels in, or None (tensor ops or C++ instead)."""
-    if x.dtype not in DTYPES or x.dim() != 4 or x.numel() == 0:
+    fmt = dense_layout(x)
+    if x.dtype not in DTYPES or fmt is None:
         return None
     mode = setting()
     if mode == "0" or not (x.is_cuda or (mode == "1" and x.is_cpu and interpreting())) or kernels() is None:
         return None
-    if x.is_contiguous():
-        return NCHW
-    if x.is_contiguous(memory_format=torch.channels_last):
-        return NHWC
-    return None
+    return fmt
 
 
 def like(t: torch.Tensor, fmt: str) -> torch.Tensor:

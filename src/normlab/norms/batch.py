@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from normlab.norms._functional import BatchNormFunction, batch_norm_eval, check_input, fusable_residual
+from normlab.norms._functional import BatchNormFunction, batch_norm_eval, check_input, fusable_residual, init_affine
 
 
 class BatchStatsNorm(nn.Module):
@@ -72,12 +72,7 @@ class BatchNorm2d(BatchStatsNorm):
         super().__init__(num_channels, eps=eps, momentum=momentum, track_running_stats=track_running_stats,
                          sync=sync, device=device)
         self.affine = affine
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_channels, device=device, dtype=dtype))
-            self.bias = nn.Parameter(torch.zeros(num_channels, device=device, dtype=dtype))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        init_affine(self, num_channels, affine, device, dtype)
         if dtype is not None and track_running_stats:
             self.running_mean, self.running_var = self.running_mean.to(dtype), self.running_var.to(dtype)
 

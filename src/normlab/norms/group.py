@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from normlab.errors import NormlabError
-from normlab.norms._functional import GroupNormFunction, check_input, fusable_residual
+from normlab.norms._functional import GroupNormFunction, check_input, fusable_residual, init_affine
 
 DEFAULT_GROUPS = 8  # divides the CIFAR ResNet's 16, 32 and 64 channels (2, 4 and 8 channels per group)
 
@@ -55,8 +55,7 @@ class GroupNorm2d(GroupStatsNorm):
                                f"use --gn-groups with a divisor of {num_channels} ({divisors})")
         self.num_channels = self.num_features = num_channels
         self.num_groups, self.eps = groups, eps
-        self.weight = nn.Parameter(torch.ones(num_channels, device=device, dtype=dtype))
-        self.bias = nn.Parameter(torch.zeros(num_channels, device=device, dtype=dtype))
+        init_affine(self, num_channels, device=device, dtype=dtype)
 
     def groups(self) -> int:
         return self.num_groups

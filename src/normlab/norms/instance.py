@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
+from normlab.norms._functional import init_affine
 from normlab.norms.group import GroupStatsNorm
 
 
@@ -20,12 +18,7 @@ class InstanceNorm2d(GroupStatsNorm):
         super().__init__()
         self.num_channels = self.num_features = num_channels
         self.eps, self.affine = eps, affine
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_channels, device=device, dtype=dtype))
-            self.bias = nn.Parameter(torch.zeros(num_channels, device=device, dtype=dtype))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        init_affine(self, num_channels, affine, device, dtype)
 
     def groups(self) -> int:
         return self.num_channels

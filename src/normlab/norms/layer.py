@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
+from normlab.norms._functional import init_affine
 from normlab.norms.group import GroupStatsNorm
 
 
@@ -19,8 +17,7 @@ class LayerNorm2d(GroupStatsNorm):
         super().__init__()
         self.num_channels = self.num_features = num_channels
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(num_channels, device=device, dtype=dtype))
-        self.bias = nn.Parameter(torch.zeros(num_channels, device=device, dtype=dtype))
+        init_affine(self, num_channels, device=device, dtype=dtype)
 
     def groups(self) -> int:
         return 1
