@@ -108,3 +108,188 @@ def test_channels_last_model_matches_contiguous():
         a = model(x)
         b = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------ fusion and hooks
+# The stem and blocks fuse norm + ReLU (+ residual add) in training; a hook on one of those layers turns its
+# owner's fusion off when it is registered and back on when its handle is removed (decided then, not per call).
+
+def _pair(**kw):
+    """A fused ResNet-8 and the same weights unfused."""
+    torch.manual_seed(0)
+    a, b = ResNet(1, 10, **kw), ResNet(1, 10, fuse=False, **kw)
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def _fusing(model):
+    return {name: m.fused() for name, m in model.named_modules() if hasattr(m, "fused")}
+
+
+_HOOKS = {  # kind -> register(module, record) -> handle
+    "forward_pre": lambda m, rec: m.register_forward_pre_hook(lambda _m, a: rec.append(a[0].detach().clone())),
+    "forward": lambda m, rec: m.register_forward_hook(lambda _m, _a, o: rec.append(o.detach().clone())),
+    "forward_kwargs": lambda m, rec: m.register_forward_hook(
+        lambda _m, _a, _kw, o: rec.append(o.detach().clone()), with_kwargs=True, always_call=True),
+    "full_backward": lambda m, rec: m.register_full_backward_hook(lambda _m, _gi, go: rec.append(go[0].clone())),
+    "full_backward_pre": lambda m, rec: m.register_full_backward_pre_hook(lambda _m, go: rec.append(go[0].clone())),
+    "backward": lambda m, rec: m.register_backward_hook(lambda _m, _gi, go: rec.append(go[0].clone())),
+}
+# (hooked layer, its owner, hook kinds): torch itself refuses backward hooks on a layer whose output an in-place
+# ReLU overwrites (the ReLUs, and a norm followed directly by one), fused or not, so those pairs are left out
+_TARGETS = [("stages.0.0.bn2", "stages.0.0", list(_HOOKS)), ("stem.1", "stem", ["forward_pre", "forward"]),
+            ("stages.1.0.act1", "stages.1.0", ["forward_pre", "forward_kwargs"]), ("stem.2", "stem", ["forward"])]
+
+
+@pytest.mark.filterwarnings("ignore:Using a non-full backward hook")  # torch's, for register_backward_hook
+@pytest.mark.parametrize("target,owner,kind", [(t, o, k) for t, o, kinds in _TARGETS for k in kinds])
+def test_a_hook_added_after_train_unfuses_its_owner_until_removed(kind, target, owner):
+    """A hook registered on a fused norm or ReLU after ``train()`` turns off its owner's fusion (only its owner's)
+    and fires exactly as on the unfused model, with the same values; its handle's ``remove()`` fuses again."""
+    register = _HOOKS[kind]
+    a, b = _pair()
+    a.train(), b.train()
+    assert all(_fusing(a).values())
+    seen = {"a": [], "b": []}
+    handles = [register(m.get_submodule(target), seen[k]) for k, m in (("a", a), ("b", b))]
+    assert _fusing(a) == {name: name != owner for name in _fusing(a)}
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 10, (4,), generator=torch.Generator().manual_seed(2))
+    for m in (a, b):
+        nn.functional.cross_entropy(m(x), y).backward()
+    assert len(seen["a"]) == len(seen["b"]) == 1
+    torch.testing.assert_close(seen["a"][0], seen["b"][0])
+    if kind.startswith("forward") and target.endswith(("bn2", ".1")):
+        assert (seen["a"][0] < 0).any()  # the norm's own output or input, not a fused ReLU's
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    handles[0].remove()
+    handles[0].remove()  # a second remove() changes nothing
+    assert all(_fusing(a).values())
+    nn.functional.cross_entropy(a(x), y).backward()
+    assert len(seen["a"]) == 1  # removed: not called again
+
+
+def test_only_the_registry_relu_and_hook_watched_norms_fuse():
+    """A plain ``nn.ReLU`` cannot report its hooks, so a block never skips it; the registry's ReLU prints and
+    computes as ``nn.ReLU``."""
+    from normlab.registry import ACTIVATIONS, ReLU
+
+    relu = ACTIVATIONS["relu"]()
+    assert type(relu) is ReLU and isinstance(relu, nn.ReLU) and repr(relu) == repr(nn.ReLU(inplace=True))
+    model = ResNet(1, 10)
+    blk = model.stages[0][0]
+    blk.act2 = nn.ReLU(inplace=True)
+    assert not blk.fused()
+    seen = []
+    blk.act2.register_forward_hook(lambda *_: seen.append(1))
+    model(torch.randn(2, 3, 8, 8))
+    assert seen == [1]
+    blk.act2 = ACTIVATIONS["relu"]()
+    assert blk.fused()
+
+
+def test_global_hooks_are_seen_when_fusion_is_decided():
+    """The documented policy: a global module hook (torch gives no public way to watch those) is taken into
+    account when fusion is decided -- at construction and ``train()``/``eval()`` among others -- not per call."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    model = ResNet(1, 10)
+    blk = model.stages[0][0]
+    called = []
+    handle = register_module_forward_hook(lambda m, _i, o: called.append((m, o.detach().clone())))
+    try:
+        assert ResNet(1, 10).stages[0][0].fused() is False  # built while a global hook exists: unfused
+        assert blk.fused()  # registered after the decision: not seen yet
+        model(torch.randn(2, 3, 8, 8))
+        assert any(m is blk for m, _ in called) and not any(m is blk.bn1 for m, _ in called)
+        model.train()
+        assert not any(_fusing(model).values())
+        called.clear()
+        model(torch.randn(2, 3, 8, 8))
+        norm_out = [o for m, o in called if m is blk.bn1]
+        assert len(norm_out) == 1 and (norm_out[0] < 0).any()  # the norm's own output
+    finally:
+        handle.remove()
+    assert not blk.fused()  # the removal is not seen either...
+    model.train()
+    assert all(_fusing(model).values())  # ...until the next decision
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+def test_copies_fuse_and_watch_their_own_layers(how, tmp_path):
+    import copy
+    import pickle
+
+    model = ResNet(1, 10)
+    if how == "deepcopy":
+        twin = copy.deepcopy(model)
+    elif how == "pickle":
+        twin = pickle.loads(pickle.dumps(model))
+    else:
+        torch.save(model, tmp_path / "m.pt")
+        twin = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert all(_fusing(twin).values())
+    h = twin.stages[0][0].bn1.register_forward_hook(lambda *_: None)
+    assert not twin.stages[0][0].fused() and all(_fusing(model).values())
+    h.remove()
+    assert all(_fusing(twin).values())
+    h = model.stem[1].register_forward_hook(lambda *_: None)
+    assert not model.stem.fused() and twin.stem.fused()
+    if how == "deepcopy":  # a copy of a hooked model has the hook too (torch copies it), so it does not fuse
+        hooked = copy.deepcopy(model)
+        assert not hooked.stem.fused()
+        h.remove()
+        assert model.stem.fused() and not hooked.stem.fused()
+
+
+def test_state_dict_is_unchanged_and_loads_into_a_hooked_model():
+    a, b = _pair()
+    assert list(a.state_dict()) == list(b.state_dict())
+    h = a.stages[0][0].bn1.register_forward_hook(lambda *_: None)
+    a.load_state_dict(ResNet(1, 10).state_dict())
+    assert not a.stages[0][0].fused()
+    h.remove()
+    assert a.stages[0][0].fused()
+
+
+def test_replace_norms_decides_fusion_again():
+    from normlab.models.swap import replace_norms
+
+    model = ResNet(1, 10, norm="torch_bn")
+    assert not any(_fusing(model).values())
+    replace_norms(model, norm_layer("gn"))
+    assert all(_fusing(model).values())
+    old = model.stages[0][0].bn1
+    replace_norms(model, norm_layer("gn"))
+    old.register_forward_hook(lambda *_: None)  # swapped out: no longer reports to the block
+    assert all(_fusing(model).values())
+    model.stages[0][0].bn1.register_forward_hook(lambda *_: None)
+    assert not model.stages[0][0].fused()
+    replace_norms(model, norm_layer("torch_bn"))
+    assert not any(_fusing(model).values())
+
+
+def test_hooks_under_torch_compile_and_ddp(tmp_path):
+    """A compiled model and a DDP-wrapped one follow hooks added and removed after wrapping (torch.compile's
+    tensor-op path differs from the C++ kernels in the last bits: compared with a tolerance)."""
+    import torch.distributed as dist
+
+    a, b = _pair()
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    compiled = torch.compile(a, backend="eager")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(a)
+        for wrapped in (compiled, ddp):
+            torch.testing.assert_close(wrapped(x), b(x), atol=1e-5, rtol=1e-5)
+            seen = []
+            h = a.stages[0][0].bn2.register_forward_hook(lambda _m, _i, o: seen.append(o.detach().clone()))
+            out = wrapped(x)
+            torch.testing.assert_close(out, b(x), atol=1e-5, rtol=1e-5)
+            assert len(seen) == 1 and (seen[0] < 0).any()  # the norm's output, before the add and the ReLU
+            h.remove()
+            torch.testing.assert_close(wrapped(x), b(x), atol=1e-5, rtol=1e-5)
+            assert len(seen) == 1 and a.stages[0][0].fused()
+    finally:
+        dist.destroy_process_group()

@@ -34,9 +34,16 @@ from torch import nn
 from normlab.data.augmentations import CATALOGUE as AUGMENTATIONS
 from normlab.errors import NormlabError
 from normlab.norms import NORMS
+from normlab.norms._hooks import HookWatched
+
+
+class ReLU(HookWatched, nn.ReLU):
+    """``nn.ReLU`` (same computation, repr and state) that tells its owner when a module hook is registered on it
+    or removed: the ResNet's stem and blocks fuse it into their norm only while nothing watches it."""
+
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
-    "relu": lambda: nn.ReLU(inplace=True),
+    "relu": lambda: ReLU(inplace=True),
     "leaky_relu": lambda: nn.LeakyReLU(0.1, inplace=True),
     "elu": lambda: nn.ELU(inplace=True),
     "gelu": nn.GELU,
@@ -124,4 +131,4 @@ def choose(registry: Mapping[str, Any] | tuple[str, ...], value: Any, what: str)
 
 
 __all__ = ["ACTIVATIONS", "AUGMENTATIONS", "DATASETS", "MODELS", "NORMS", "OPTIMIZERS", "SCHEDULES", "SHORTCUTS",
-           "ModelSpec", "choose"]
+           "ModelSpec", "ReLU", "choose"]

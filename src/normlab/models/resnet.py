@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from normlab.errors import NormlabError
-from normlab.registry import ACTIVATIONS, SHORTCUTS
+from normlab.norms._hooks import HookWatched
+from normlab.registry import ACTIVATIONS, SHORTCUTS, ReLU
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -55,29 +56,29 @@ class PadShortcut(nn.Module):
         return x
 
 
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+def _global_hooks() -> bool:
+    """Whether global module hooks (``torch.nn.modules.module.register_module_forward_hook`` & co.) are registered.
 
-
-def _hooked(modules: tuple[nn.Module, ...]) -> bool:
-    """Whether module hooks (on these modules, or global ones) expect the modules to be called.
-
-    Why this reads torch's hook dicts instead of deciding once: torch has no public way to ask whether
-    hooks are registered (``register_module_forward_hook`` & co. only return a handle, and a handle's
-    ``remove()`` tells nobody), so a decision cached when hooks are added would miss every hook added
-    through torch's public API afterwards and silently hand a probe the fused tensor instead of the norm's
-    output. These are the same dicts ``nn.Module.__call__`` itself tests on every call of every module;
-    everything else about fusing (mode, layer types, ``fuse``) is decided once, in ``_Fusing.train``.
-    """
+    torch has no public way to ask this, nor to learn when one is added or removed (those functions only return a
+    handle), so this reads torch's own private test, and only when fusion is decided, never per call."""
     from torch.nn.modules import module as m
 
-    return any(getattr(m, "_global" + k, None) for k in _HOOK_DICTS) or any(
-        getattr(mod, k, None) for mod in modules for k in _HOOK_DICTS)
+    return bool(m._has_any_global_hook())
 
 
 class _Fusing:
-    """Mixin for the stem and the blocks: whether forward may fuse norm + ReLU (+ residual) is decided when the
-    mode, the ``fuse`` switch or the layers change (``train()``, setting ``fuse``, construction), not per call;
-    only hooks are checked per call (see ``_hooked``)."""
+    """Mixin for the stem and the blocks: whether forward fuses norm + ReLU (+ residual) is decided once, when
+    something it depends on changes, and kept in ``_fusable``; forward only reads it.
+
+    It fuses when ``fuse`` is on, in training mode, when the norms offer ``forward_relu`` and are normlab's
+    (hook-watched) norms, the activations are the registry's ``ReLU`` (exactly: a plain ``nn.ReLU`` cannot tell
+    anyone of its hooks, so it is never skipped), none of them has a module hook, and no global module hook is
+    registered. Decided again on: construction, ``train()``/``eval()``, setting ``fuse``, a layer assigned
+    (another norm or activation), a copy or unpickling of the block, and -- told by the layers themselves (see
+    ``normlab.norms._hooks``) -- a module hook registered on one of its norms or ReLUs or that hook's handle
+    removed. Global hooks cannot be watched: one registered after the decision is seen at the next one (call
+    ``model.train()``, or ``decide_fusion()``, after registering it; until then the fused path skips the
+    norms' and ReLUs' calls, so it does not fire there)."""
 
     _fusable: bool = False
     _watch: tuple = ()
@@ -86,12 +87,22 @@ class _Fusing:
         """(norms, activations) that the fused path replaces."""
         raise NotImplementedError
 
-    def _decide(self) -> None:
+    def decide_fusion(self) -> None:
+        """Decide (again) whether forward takes the fused path; see the class docstring for when it is called."""
         norms, acts = self._fusion_parts()
-        self._fusable = bool(self.__dict__.get("_fuse", True) and self.training
-                             and all(hasattr(n, "forward_relu") for n in norms)
-                             and all(type(a) is nn.ReLU for a in acts))
-        self._watch = norms + acts
+        parts = norms + acts
+        for old in self._watch:
+            if isinstance(old, HookWatched) and not any(old is p for p in parts):
+                old.unwatch_hooks(self)  # a layer swapped out no longer reports here
+        for part in parts:
+            if isinstance(part, HookWatched):
+                part.watch_hooks(self)
+        self._watch = parts
+        self._fusable = bool(self.fuse and self.training
+                             and all(isinstance(n, HookWatched) and hasattr(n, "forward_relu") for n in norms)
+                             and all(type(a) is ReLU for a in acts)
+                             and not any(p.has_hooks() for p in parts)
+                             and not _global_hooks())
 
     @property
     def fuse(self) -> bool:
@@ -101,21 +112,25 @@ class _Fusing:
     def fuse(self, value: bool) -> None:
         self.__dict__["_fuse"] = bool(value)
         if "_modules" in self.__dict__ and self._modules:
-            self._decide()
+            self.decide_fusion()
 
     def train(self, mode: bool = True):
         out = super().train(mode)
-        self._decide()
+        self.decide_fusion()
         return out
 
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
         if isinstance(value, nn.Module) and getattr(self, "_built", False):
-            self._decide()  # a layer swapped in (e.g. another norm or activation)
+            self.decide_fusion()  # a layer swapped in (e.g. another norm or activation)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.decide_fusion()  # a copy or an unpickled block: its layers do not know it as their owner yet
 
     def fused(self) -> bool:
         """Whether forward takes the fused norm + ReLU (+ residual) path now."""
-        return self._fusable and not _hooked(self._watch)
+        return self._fusable
 
 
 class BasicBlock(_Fusing, nn.Module):
@@ -123,12 +138,13 @@ class BasicBlock(_Fusing, nn.Module):
 
     With ``fuse`` (the default), a norm that offers ``forward_relu`` (normlab's BN, GN, LN and IN) computes
     ``relu(norm(x))`` and ``relu(norm(x) + shortcut)`` itself in training: the same values without the
-    separate ReLU and add ops and their sweeps over memory. Not when a forward hook watches the norms or
-    ReLUs (feature probes, Grad-CAM, user hooks: they get the unfused modules' outputs) nor in eval mode.
+    separate ReLU and add ops and their sweeps over memory. Not in eval mode, and not while a module hook is
+    registered on the norms or ReLUs (feature probes, Grad-CAM, user hooks: they get the unfused modules'
+    outputs) or a global module hook was registered when fusion was last decided (see ``_Fusing``).
     """
 
     def __init__(self, cin: int, cout: int, stride: int, norm_layer: NormLayer, shortcut: str = "A",
-                 act: Callable[[], nn.Module] = lambda: nn.ReLU(inplace=True), fuse: bool = True) -> None:
+                 act: Callable[[], nn.Module] = ACTIVATIONS["relu"], fuse: bool = True) -> None:
         super().__init__()
         self.conv1 = _conv3x3(cin, cout, stride)
         self.bn1 = norm_layer(cout)
@@ -149,7 +165,7 @@ class BasicBlock(_Fusing, nn.Module):
         return (self.bn1, self.bn2), (self.act1, self.act2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused():
+        if self._fusable:
             out = self.bn1.forward_relu(self.conv1(x))
             return self.bn2.forward_relu(self.conv2(out), self.shortcut(x))
         out = self.act1(self.bn1(self.conv1(x)))
@@ -171,7 +187,7 @@ class Stem(_Fusing, nn.Sequential):
         return (self[1],), (self[2],)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused():
+        if self._fusable:
             return self[1].forward_relu(self[0](x))
         return super().forward(x)
 

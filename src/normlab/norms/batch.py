@@ -6,9 +6,10 @@ import torch
 from torch import nn
 
 from normlab.norms._functional import BatchNormFunction, batch_norm_eval, check_input, fusable_residual, init_affine
+from normlab.norms._hooks import HookWatched
 
 
-class BatchStatsNorm(nn.Module):
+class BatchStatsNorm(HookWatched, nn.Module):
     """What BN and BIN's BN branch share: the running-statistics buffers and settings, and
     :meth:`batch_norm` (batch statistics in training, running statistics in eval)."""
 

@@ -7,11 +7,12 @@ from torch import nn
 
 from normlab.errors import NormlabError
 from normlab.norms._functional import GroupNormFunction, check_input, fusable_residual, init_affine
+from normlab.norms._hooks import HookWatched
 
 DEFAULT_GROUPS = 8  # divides the CIFAR ResNet's 16, 32 and 64 channels (2, 4 and 8 channels per group)
 
 
-class GroupStatsNorm(nn.Module):
+class GroupStatsNorm(HookWatched, nn.Module):
     """The forward shared by the norms with per-(sample, group) statistics (GroupNorm, InstanceNorm,
     LayerNorm); subclasses set ``num_channels``, ``eps``, ``weight``, ``bias`` and ``groups()``."""
 
