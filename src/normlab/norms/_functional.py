@@ -18,7 +18,7 @@ Design (shared by both):
   every norm in a ResNet legal, and uses the same memory as the native kernels.
 * Outputs follow the input's memory format (channels_last in, channels_last out).
 * Back-ends (``backend``): float32, float64 and bfloat16 CPU tensors in NCHW or channels_last go through the
-  C++ kernels of ``_kernels`` (float64 sums; one pass per sweep over the big tensor, the small per-channel
+  C++ kernels of ``_kernels`` (shifted sums, float64 across runs; one pass per sweep over the big tensor, the small per-channel
   math in C too); CUDA tensors (float32, bfloat16, float16; NCHW or channels_last) through the Triton
   kernels of ``_triton``; everything else (other strides, float16 on CPU, torch.compile tracing, no
   compiler, ``NORMLAB_KERNELS=0`` / ``NORMLAB_TRITON=0``) through the tensor ops below. Tests run every
@@ -75,13 +75,33 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _broadcast(t: torch.Tensor) -> torch.Tensor:
+    """Rank 0's ``t`` on every rank, in place."""
+    import torch.distributed as dist
+
+    dist.broadcast(t, src=0)
+    return t
+
+
+def _common_shift(x: torch.Tensor, ct: torch.dtype) -> torch.Tensor:
+    """Synced BN's shift: rank 0's ``_sample_shift`` (one value of every channel), broadcast to every rank.
+
+    With one shift on every rank the shifted sums simply add up in the all-reduce, and every rank's float
+    partial sums of ``x - shift`` are those one process on the whole batch computes (it picks the same value:
+    the first sample's). Each rank shifting by its own value instead rounds its partial sums differently:
+    mean / rstd then differed by an ulp from one process's, enough to flip a fused ReLU's mask at an output
+    within ~1e-7 of 0 and change the gradients by far more than the rounding (a synced ResNet's gradients
+    were off by up to 6% against one process on the whole batch)."""
+    return _broadcast(_sample_shift(x, ct).clone(memory_format=torch.contiguous_format))  # a copy, not a view of x
+
+
 def _moments(s1: torch.Tensor, s2: torch.Tensor, count, ct: torch.dtype, shift: torch.Tensor | None = None):
     """Mean and biased variance from the sums of ``x - shift`` and ``(x - shift)²``, combined in float64.
 
     E[x²] − E[x]² on plain float32 sums loses ~1e-7·(mean/std)² relative precision (5e-2 at
     |mean|/std = 1000); with ``shift`` one sample of the same channel or group, |mean − shift| is of the
     order of std and the loss is gone, at the price of no extra pass (Welford would cost a slower one).
-    The C++ kernels' float64 sums need no shift. ``count`` may be a tensor (synced BN: no host sync).
+    The C++ kernels shift the same way, value by value. ``count`` may be a tensor (synced BN: no host sync).
     """
     m64 = s1.double() / count
     v64 = (s2.double() / count - m64 * m64).clamp_min(0)
@@ -132,8 +152,9 @@ class BatchNormFunction(torch.autograd.Function):
     """Batch statistics over (N, H, W) per channel; optionally updates running stats in place.
 
     ``running_mean`` / ``running_var`` (or None) are updated with ``momentum`` and the unbiased
-    batch variance, as ``nn.BatchNorm2d`` does. With ``sync`` and an active process group, the
-    per-channel sum, sum of squares and count are all-reduced in forward, and the two per-channel
+    batch variance, as ``nn.BatchNorm2d`` does. With ``sync`` and an active process group, every rank
+    shifts its sums by rank 0's shift (broadcast, see ``_common_shift``), the per-channel shifted sum, sum
+    of squares and count are all-reduced in forward, and the two per-channel
     gradient sums (of dy and dy·x̂) in backward, so every rank computes exactly the gradient of
     single-process BN on the concatenated batch. Weight/bias gradients stay local (DDP averages them).
     The synced count stays a device tensor (no host sync, nothing that breaks a torch.compile graph),
@@ -159,12 +180,13 @@ class BatchNormFunction(torch.autograd.Function):
                 "batch statistics in training: use a batch size of 2 or more, or a per-sample norm (gn/ln/in)")
         be = backend(x)
         kind, fmt = be if be else (None, None)
-        shift = buf = xf = None
-        if kind == CPP:  # C++: both sums in one pass over x, float64 per channel (no shift needed)
-            s = _kernels.bn_sums(x, None, fmt)[0]
-            s1, s2 = s[0], s[1]
+        buf = xf = None
+        common = _common_shift(x, ct) if sync else None  # one shift for every rank: the shifted sums add up
+        if kind == CPP:  # C++: both shifted sums in one pass over x (shift: `common`, else picked as below)
+            s = _kernels.bn_sums(x, None, fmt, center=common)[0]
+            s1, s2, shift = s[0], s[1], s[2]
         else:
-            shift = _sample_shift(x, ct)
+            shift = common if sync else _sample_shift(x, ct)
             if kind == TRITON:
                 p1, p2, _ = _triton.channel_sums(x, fmt, shift)
                 s1, s2 = p1.double().sum((0, 1)), p2.double().sum((0, 1))
@@ -175,11 +197,7 @@ class BatchNormFunction(torch.autograd.Function):
                 s1 = buf.sum(dims)
                 s2 = buf.mul_(buf).sum(dims)
         total = local
-        if sync:
-            if shift is not None:  # every rank has its own shift: back to plain sums, in float64
-                k, s1 = shift.double(), s1.double()
-                s1, s2 = s1 + local * k, s2.double() + k * (2 * s1 + local * k)
-                shift = None
+        if sync:  # sums of x - shift, shift the same on every rank
             packed = torch.cat([s1.double(), s2.double(), s1.new_full((1,), float(local), dtype=torch.float64)])
             packed = _all_reduce(packed)
             s1, s2, total = packed[:c], packed[c:2 * c], packed[2 * c]
@@ -192,9 +210,10 @@ class BatchNormFunction(torch.autograd.Function):
         if kind == CPP:  # C++: statistics, running-statistics update and the affine (+ residual, ReLU) in one call
             res = None if residual is None else _kernels.like(residual.to(x.dtype), fmt)
             y, mean, rstd, updated = _kernels.bn_forward(x, fmt, s1, s2, total, weight, bias, eps, momentum,
-                                                         running_mean, running_var, res, ctx.relu)
+                                                         running_mean, running_var, res, ctx.relu, shift)
             if not updated:  # running statistics of another dtype (rare): updated here
-                _update_running(running_mean, running_var, *_moments(s1, s2, total, torch.float64), total, momentum)
+                _update_running(running_mean, running_var, *_moments(s1, s2, total, torch.float64, shift), total,
+                                momentum)
             ctx.save_for_backward(x, weight, mean, rstd, y if ctx.relu else None)
             return y
         mean, var = _moments(s1, s2, total, ct, shift)
@@ -333,7 +352,7 @@ class GroupNormFunction(torch.autograd.Function):
         be = backend(x)
         kind, fmt = be if be else (None, None)
         want_res = ctx.has_residual and ctx.needs_input_grad[5]
-        if kind == CPP:  # C++: one pass for the (N, C) sums of dy and dy*x (ReLU: dy masked, written out), one for dx
+        if kind == CPP:  # C++: one pass for the (N, C) sums of dy and dy*(x - mean) (ReLU: dy masked, written out), one for dx
             gx, gw, gb, gm = _kernels.gn_backward(
                 _kernels.like(dy if dy.dtype == x.dtype else dy.to(x.dtype), fmt), x, fmt, g, weight, mean, rstd,
                 ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],

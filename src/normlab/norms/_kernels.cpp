@@ -1,8 +1,10 @@
 // normlab's CPU kernels for the norm layers (float32, float64, bfloat16 storage; NCHW and channels_last).
 //
 // Every norm reduces to per-(sample, channel) work on a 4-D tensor:
-//   sums   s1[n,c] = sum_hw a,   s2[n,c] = sum_hw a*b        (b = a in forward: sum and sum of squares;
-//                                                            b = x in backward: sum dy and sum dy*x)
+//   sums   forward:  s1[n,c] = sum_hw (x - k),  s2[n,c] = sum_hw (x - k)^2   (k: one value of the channel
+//                                                                         (BN) or of the group (GN))
+//          backward: s1[n,c] = sum_hw dy,       s2[n,c] = sum_hw dy*(x - mean)
+//          shifted / centred value by value, so no float run sum cancels for large-mean inputs
 //   affine y = x * scale[n,c] + shift[n,c]                  (forward)
 //   grad   dx = a[n,c] * dy + b[n,c] * x + k[n,c]           (backward)
 // BatchNorm sums over n and broadcasts per-channel coefficients (split in two calls so DDP can
@@ -129,38 +131,61 @@ static inline T masked(const S* pa, const S* pm, S* pg, i64 i) {
   return v;
 }
 
-// acc1 += a, acc2 += a * b (b = a with SAME) for the 16 values at offset o; MASK as in vmasked.
+// Shifted sums, for the 16 values at offset o (MASK as in vmasked), with k the shift of each value's channel:
+// SAME (forward): acc1 += a - k, acc2 += (a - k)^2; otherwise (backward): acc1 += a, acc2 += a * (b - k).
+// With k one value of the channel (forward) or its mean (backward), no float run sum cancels for inputs
+// whose mean is large relative to their spread (E[x^2] - E[x]^2 of plain float sums lost ~1e-7*(mean/std)^2).
 template <typename S, bool SAME, bool MASK>
-static inline void vaccumulate(vf16& acc1, vf16& acc2, const S* a, const S* b, const S* m, S* g, i64 o) {
-  const vf16 x = vmasked<S, MASK>(a + o, MASK ? m + o : nullptr, MASK ? g + o : nullptr);
-  acc1 += x;
-  acc2 += x * (SAME ? x : vload(b + o));
+static inline void vaccumulate(vf16& acc1, vf16& acc2, const S* a, const S* b, const S* m, S* g, i64 o, vf16 k) {
+  if (SAME) {
+    const vf16 x = vload(a + o) - k;
+    acc1 += x;
+    acc2 += x * x;
+  } else {
+    const vf16 x = vmasked<S, MASK>(a + o, MASK ? m + o : nullptr, MASK ? g + o : nullptr);
+    acc1 += x;
+    acc2 += x * (vload(b + o) - k);
+  }
+}
+
+// The scalar form of vaccumulate, for value i: the two terms added to the sums.
+template <typename S, bool SAME, bool MASK, typename T = typename Compute<S>::T>
+static inline void shifted(const S* pa, const S* pb, const S* pm, S* pg, i64 i, T k, T& t1, T& t2) {
+  if (SAME) {
+    t1 = ld(pa[i]) - k;
+    t2 = t1 * t1;
+  } else {
+    t1 = masked<S, MASK>(pa, pm, pg, i);
+    t2 = t1 * (ld(pb[i]) - k);
+  }
 }
 
 template <typename S, bool SAME, bool MASK = false, typename T = typename Compute<S>::T>
-static inline void run_sums(const S* pa, const S* pb, i64 len, T& out1, T& out2, const S* pm = nullptr,
+static inline void run_sums(const S* pa, const S* pb, i64 len, T k, T& out1, T& out2, const S* pm = nullptr,
                             S* pg = nullptr) {
   if constexpr (!std::is_same_v<S, double>) {
     // float / bfloat16: two vectors of 16 accumulators per sum, explicit, and one tree reduction at the end.
     // (The lane loop, still used for double, left short runs -- an 8x8 map's 64 values in a ResNet's last
     // stage -- to a reduction that cost as much as the run: 2x native's time there, measured on AMD Zen 4.)
     vf16 a1 = {}, a2 = {}, c1 = {}, c2 = {};
+    const vf16 kv = vf16{} + k;
     i64 i = 0;
     for (; i + 32 <= len; i += 32) {
-      vaccumulate<S, SAME, MASK>(a1, a2, pa, pb, pm, pg, i);
-      vaccumulate<S, SAME, MASK>(c1, c2, pa, pb, pm, pg, i + 16);
+      vaccumulate<S, SAME, MASK>(a1, a2, pa, pb, pm, pg, i, kv);
+      vaccumulate<S, SAME, MASK>(c1, c2, pa, pb, pm, pg, i + 16, kv);
     }
     if (i + 16 <= len) {
-      vaccumulate<S, SAME, MASK>(a1, a2, pa, pb, pm, pg, i);
+      vaccumulate<S, SAME, MASK>(a1, a2, pa, pb, pm, pg, i, kv);
       i += 16;
     }
     a1 += c1;
     a2 += c2;
     T f1 = 0, f2 = 0;
     for (; i < len; ++i) {
-      const T va = masked<S, MASK>(pa, pm, pg, i);
-      f1 += va;
-      f2 += va * (SAME ? va : ld(pb[i]));
+      T t1, t2;
+      shifted<S, SAME, MASK>(pa, pb, pm, pg, i, k, t1, t2);
+      f1 += t1;
+      f2 += t2;
     }
     out1 = f1 + hsum(a1);
     out2 = f2 + hsum(a2);
@@ -171,16 +196,18 @@ static inline void run_sums(const S* pa, const S* pb, i64 len, T& out1, T& out2,
     for (; i + L <= len; i += L) {
 #pragma omp simd
       for (int l = 0; l < L; ++l) {
-        const T va = masked<S, MASK>(pa, pm, pg, i + l);
-        acc1[l] += va;
-        acc2[l] += va * (SAME ? va : ld(pb[i + l]));
+        T t1, t2;
+        shifted<S, SAME, MASK>(pa, pb, pm, pg, i + l, k, t1, t2);
+        acc1[l] += t1;
+        acc2[l] += t2;
       }
     }
     T f1 = 0, f2 = 0;
     for (; i < len; ++i) {
-      const T va = masked<S, MASK>(pa, pm, pg, i);
-      f1 += va;
-      f2 += va * (SAME ? va : ld(pb[i]));
+      T t1, t2;
+      shifted<S, SAME, MASK>(pa, pb, pm, pg, i, k, t1, t2);
+      f1 += t1;
+      f2 += t2;
     }
 #pragma omp simd reduction(+ : f1, f2)
     for (int l = 0; l < L; ++l) {
@@ -212,9 +239,12 @@ static void tile(const T* v, i64 c, i64 tl, T* out) {
 // 2-2.6x slower than the same sums in NCHW. GCC/Clang vector extensions: 512-bit where the CPU has it,
 // split into narrower instructions elsewhere.
 template <int V, typename S, bool SAME, bool MASK>
-static void sample_sums_regs(const S* a, const S* b, i64 hw, double* d1, double* d2, const S* m, S* g) {
+static void sample_sums_regs(const S* a, const S* b, i64 hw, const float* k, double* d1, double* d2, const S* m,
+                             S* g) {
   constexpr int C = 16 * V, R = V >= 3 ? 1 : 4 / V;
   constexpr i64 kChunk = 256;  // rows per float accumulation before the sums move to double
+  vf16 kv[V];
+  for (int v = 0; v < V; ++v) kv[v] = vload(k + 16 * v);
   std::fill(d1, d1 + C, 0.0);
   std::fill(d2, d2 + C, 0.0);
   for (i64 r0 = 0; r0 < hw; r0 += kChunk) {
@@ -222,17 +252,17 @@ static void sample_sums_regs(const S* a, const S* b, i64 hw, double* d1, double*
     vf16 acc1[R][V] = {}, acc2[R][V] = {};
     i64 r = r0;
     for (; r + R <= r1; r += R) {
-      for (int k = 0; k < R; ++k) {
-        for (int v = 0; v < V; ++v) vaccumulate<S, SAME, MASK>(acc1[k][v], acc2[k][v], a, b, m, g, (r + k) * C + 16 * v);
+      for (int q = 0; q < R; ++q) {
+        for (int v = 0; v < V; ++v) vaccumulate<S, SAME, MASK>(acc1[q][v], acc2[q][v], a, b, m, g, (r + q) * C + 16 * v, kv[v]);
       }
     }
     for (; r < r1; ++r)
-      for (int v = 0; v < V; ++v) vaccumulate<S, SAME, MASK>(acc1[0][v], acc2[0][v], a, b, m, g, r * C + 16 * v);
-    for (int k = 0; k < R; ++k) {
+      for (int v = 0; v < V; ++v) vaccumulate<S, SAME, MASK>(acc1[0][v], acc2[0][v], a, b, m, g, r * C + 16 * v, kv[v]);
+    for (int q = 0; q < R; ++q) {
       for (int v = 0; v < V; ++v) {
         for (int l = 0; l < 16; ++l) {
-          d1[16 * v + l] += acc1[k][v][l];
-          d2[16 * v + l] += acc2[k][v][l];
+          d1[16 * v + l] += acc1[q][v][l];
+          d2[16 * v + l] += acc2[q][v][l];
         }
       }
     }
@@ -241,27 +271,29 @@ static void sample_sums_regs(const S* a, const S* b, i64 hw, double* d1, double*
 
 // Runs the register path when it applies (float / bfloat16 storage, c = 16, 32, 48, 64); false otherwise.
 template <typename S, bool SAME, bool MASK>
-static inline bool sample_sums_fast(const S* a, const S* b, i64 hw, i64 c, double* d1, double* d2, const S* m,
-                                    S* g) {
+static inline bool sample_sums_fast(const S* a, const S* b, i64 hw, i64 c, const typename Compute<S>::T* k,
+                                    double* d1, double* d2, const S* m, S* g) {
   if constexpr (std::is_same_v<S, double>) {
     return false;
   } else {
     switch (c) {
-      case 16: sample_sums_regs<1, S, SAME, MASK>(a, b, hw, d1, d2, m, g); return true;
-      case 32: sample_sums_regs<2, S, SAME, MASK>(a, b, hw, d1, d2, m, g); return true;
-      case 48: sample_sums_regs<3, S, SAME, MASK>(a, b, hw, d1, d2, m, g); return true;
-      case 64: sample_sums_regs<4, S, SAME, MASK>(a, b, hw, d1, d2, m, g); return true;
+      case 16: sample_sums_regs<1, S, SAME, MASK>(a, b, hw, k, d1, d2, m, g); return true;
+      case 32: sample_sums_regs<2, S, SAME, MASK>(a, b, hw, k, d1, d2, m, g); return true;
+      case 48: sample_sums_regs<3, S, SAME, MASK>(a, b, hw, k, d1, d2, m, g); return true;
+      case 64: sample_sums_regs<4, S, SAME, MASK>(a, b, hw, k, d1, d2, m, g); return true;
       default: return false;
     }
   }
 }
 
-// Per-channel sums of one sample in channels_last, a (hw, c) block: d1[j] = sum a, d2[j] = sum a*b.
-// q1, q2: scratch of tile_len(c) values (accumulated in T over 32 tiles, then added to the double sums).
+// Per-channel shifted sums (see vaccumulate) of one sample in channels_last, a (hw, c) block, with k the
+// channels' shifts tiled to tile_len(c) values: d1[j] = sum (a - k), d2[j] = sum (a - k)^2 (SAME), or
+// d1[j] = sum a, d2[j] = sum a*(b - k). q1, q2: scratch of tile_len(c) values (accumulated in T over 32 tiles,
+// then added to the double sums).
 template <typename S, bool SAME, bool MASK = false, typename T = typename Compute<S>::T>
-static void sample_sums_nhwc(const S* a, const S* b, i64 hw, i64 c, double* d1, double* d2, T* q1, T* q2,
-                             const S* m = nullptr, S* g = nullptr) {
-  if (sample_sums_fast<S, SAME, MASK>(a, b, hw, c, d1, d2, m, g)) return;
+static void sample_sums_nhwc(const S* a, const S* b, i64 hw, i64 c, const T* k, double* d1, double* d2, T* q1,
+                             T* q2, const S* m = nullptr, S* g = nullptr) {
+  if (sample_sums_fast<S, SAME, MASK>(a, b, hw, c, k, d1, d2, m, g)) return;
   const i64 tl = tile_len(c), len = hw * c;
   std::fill(d1, d1 + c, 0.0);
   std::fill(d2, d2 + c, 0.0);
@@ -277,9 +309,11 @@ static void sample_sums_nhwc(const S* a, const S* b, i64 hw, i64 c, double* d1, 
       S* g0 = MASK ? g + i : nullptr;
 #pragma omp simd
       for (i64 t = 0; t < tl; ++t) {
-        const T x0 = masked<S, MASK>(a0, m0, g0, t), x1 = masked<S, MASK>(a0, m0, g0, tl + t);
+        T x0, y0, x1, y1;
+        shifted<S, SAME, MASK>(a0, b0, m0, g0, t, k[t], x0, y0);
+        shifted<S, SAME, MASK>(a0, b0, m0, g0, tl + t, k[t], x1, y1);
         q1[t] += x0 + x1;
-        q2[t] += SAME ? x0 * x0 + x1 * x1 : x0 * ld(b0[t]) + x1 * ld(b0[tl + t]);
+        q2[t] += y0 + y1;
       }
     }
     for (; i < end; i += tl) {  // the rest: a whole number of rows, at most one tile
@@ -290,9 +324,10 @@ static void sample_sums_nhwc(const S* a, const S* b, i64 hw, i64 c, double* d1, 
       S* g0 = MASK ? g + i : nullptr;
 #pragma omp simd
       for (i64 t = 0; t < len0; ++t) {
-        const T x0 = masked<S, MASK>(a0, m0, g0, t);
+        T x0, y0;
+        shifted<S, SAME, MASK>(a0, b0, m0, g0, t, k[t], x0, y0);
         q1[t] += x0;
-        q2[t] += x0 * (SAME ? x0 : ld(b0[t]));
+        q2[t] += y0;
       }
     }
     for (i64 t0 = 0; t0 < tl; t0 += c) {
@@ -349,41 +384,47 @@ static inline void grad_tiled(const S* dy, const S* x, S* dx, i64 len, i64 tl, c
   }
 }
 
+// BatchNorm's per-(sample, channel) shifted sums in channels_last, k the c per-channel shifts.
 template <typename S, bool SAME, bool MASK = false, typename T = typename Compute<S>::T>
-static void sums_nhwc(const S* a, const S* b, i64 n, i64 hw, i64 c, double* s1, double* s2, int nt,
+static void sums_nhwc(const S* a, const S* b, i64 n, i64 hw, i64 c, const T* k, double* s1, double* s2, int nt,
                       const S* m = nullptr, S* g = nullptr) {
+  const i64 tl = tile_len(c);
+  std::vector<T> kt(tl);
+  tile(k, c, tl, kt.data());
 #pragma omp parallel num_threads(nt) if (nt > 1 && n > 1 && n * hw * c >= kParallelMin)
   {
-    std::vector<T> q1(tile_len(c)), q2(tile_len(c));
+    std::vector<T> q1(tl), q2(tl);
 #pragma omp for schedule(static)
-    for (i64 k = 0; k < n; ++k) {
-      const i64 off = k * hw * c;
-      sample_sums_nhwc<S, SAME, MASK>(a + off, SAME ? nullptr : b + off, hw, c, s1 + k * c, s2 + k * c, q1.data(),
-                                      q2.data(), MASK ? m + off : nullptr, MASK ? g + off : nullptr);
+    for (i64 s = 0; s < n; ++s) {
+      const i64 off = s * hw * c;
+      sample_sums_nhwc<S, SAME, MASK>(a + off, SAME ? nullptr : b + off, hw, c, kt.data(), s1 + s * c, s2 + s * c,
+                                      q1.data(), q2.data(), MASK ? m + off : nullptr, MASK ? g + off : nullptr);
     }
   }
 }
 
-// Sums of a contiguous run of any length: runs of 4096 in T, combined in double.
+// Shifted sums (see vaccumulate; one shift k) of a contiguous run of any length: runs of 4096 in T,
+// combined in double.
 template <typename S, bool SAME, bool MASK = false, typename T = typename Compute<S>::T>
-static void long_sums(const S* a, const S* b, i64 len, double& d1, double& d2, const S* m = nullptr,
+static void long_sums(const S* a, const S* b, i64 len, T k, double& d1, double& d2, const S* m = nullptr,
                       S* g = nullptr) {
   d1 = d2 = 0;
   for (i64 start = 0; start < len; start += 4096) {
     T f1, f2;
-    run_sums<S, SAME, MASK>(a + start, SAME ? a + start : b + start, std::min<i64>(4096, len - start), f1, f2,
+    run_sums<S, SAME, MASK>(a + start, SAME ? a + start : b + start, std::min<i64>(4096, len - start), k, f1, f2,
                             MASK ? m + start : nullptr, MASK ? g + start : nullptr);
     d1 += f1;
     d2 += f2;
   }
 }
 
-template <typename S, bool SAME, bool MASK = false>
-static void sums_rows(const S* a, const S* b, i64 rows, i64 hw, double* s1, double* s2, int nt,
+// Per-row shifted sums in NCHW, row r shifted by k[r].
+template <typename S, bool SAME, bool MASK = false, typename T = typename Compute<S>::T>
+static void sums_rows(const S* a, const S* b, i64 rows, i64 hw, const T* k, double* s1, double* s2, int nt,
                       const S* m = nullptr, S* g = nullptr) {
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && rows * hw >= kParallelMin)
   for (i64 r = 0; r < rows; ++r)
-    long_sums<S, SAME, MASK>(a + r * hw, SAME ? a + r * hw : b + r * hw, hw, s1[r], s2[r],
+    long_sums<S, SAME, MASK>(a + r * hw, SAME ? a + r * hw : b + r * hw, hw, k[r], s1[r], s2[r],
                              MASK ? m + r * hw : nullptr, MASK ? g + r * hw : nullptr);
 }
 
@@ -447,38 +488,49 @@ static void grad_nhwc(const S* dy, const S* x, S* dx, i64 len, i64 c, const T* a
 // ------------------------------------------------------------------ the norms, built on those loops
 // Layout: 0 = NCHW contiguous, 1 = channels_last. Per-channel / per-group math in double.
 
-// m, g (backward of BN + ReLU): a is masked by m > 0 and the masked a written to g.
-template <typename S>
-static void sums_nc(const S* a, const S* b, int nhwc, i64 n, i64 c, i64 hw, double* s1, double* s2,
+// Per-channel shifted sums (see vaccumulate) with shifts k; m, g (backward of BN + ReLU): a is masked by
+// m > 0 and the masked a written to g.
+template <typename S, typename T = typename Compute<S>::T>
+static void sums_nc(const S* a, const S* b, int nhwc, i64 n, i64 c, i64 hw, const T* k, double* s1, double* s2,
                     int nt, const S* m = nullptr, S* g = nullptr) {
   if (nhwc) {
-    if (b == nullptr) sums_nhwc<S, true>(a, a, n, hw, c, s1, s2, nt);
-    else if (m) sums_nhwc<S, false, true>(a, b, n, hw, c, s1, s2, nt, m, g);
-    else sums_nhwc<S, false>(a, b, n, hw, c, s1, s2, nt);
+    if (b == nullptr) sums_nhwc<S, true>(a, a, n, hw, c, k, s1, s2, nt);
+    else if (m) sums_nhwc<S, false, true>(a, b, n, hw, c, k, s1, s2, nt, m, g);
+    else sums_nhwc<S, false>(a, b, n, hw, c, k, s1, s2, nt);
   } else {
-    if (b == nullptr) sums_rows<S, true>(a, a, n * c, hw, s1, s2, nt);
-    else if (m) sums_rows<S, false, true>(a, b, n * c, hw, s1, s2, nt, m, g);
-    else sums_rows<S, false>(a, b, n * c, hw, s1, s2, nt);
+    std::vector<T> kr(n * c);  // per row (no r % c in the loop: a division per row cost ~5% at 8x8 maps)
+    for (i64 s = 0; s < n; ++s) std::memcpy(kr.data() + s * c, k, c * sizeof(T));
+    if (b == nullptr) sums_rows<S, true>(a, a, n * c, hw, kr.data(), s1, s2, nt);
+    else if (m) sums_rows<S, false, true>(a, b, n * c, hw, kr.data(), s1, s2, nt, m, g);
+    else sums_rows<S, false>(a, b, n * c, hw, kr.data(), s1, s2, nt);
   }
 }
 
-// BatchNorm, step 1 (forward and backward): per-channel sums over (N, H, W) of a and a*b (b = a when
-// null). With ``center`` (backward: the batch mean) s2 becomes sum a*(b - center); with ``rstd`` and
-// ``gw`` / ``gb`` the weight and bias gradients s2*rstd and s1 are written too. With ``m`` (backward of
-// BN + ReLU: the output y) a is masked by m > 0 first and the masked a written to ``g``. DDP all-reduces
-// s1, s2 between step 1 and step 2.
+// BatchNorm, step 1 (forward and backward): per-channel sums over (N, H, W).
+// Forward (b null): s1 = sum (a - k), s2 = sum (a - k)^2 with k[j] = center[j] when given (synced BN: one
+// shift shared by every rank), else the channel's first value (sample 0, position 0); k is written to ``k``
+// (float64, exact) when given: shifted sums, exact for large-mean inputs.
+// Backward (b = x): s1 = sum a, s2 = sum a*(b - center) (``center``: the batch mean; null: 0), centred value
+// by value. With ``rstd`` and ``gw`` / ``gb`` the weight and bias gradients s2*rstd and s1 are written too.
+// With ``m`` (backward of BN + ReLU: the output y) a is masked by m > 0 first and the masked a written to
+// ``g``. Synced BN all-reduces s1, s2 between step 1 and 2 (forward: shifted by the shared k).
 template <typename S, typename T = typename Compute<S>::T>
 static void bn_sums(const S* a, const S* b, int nhwc, i64 n, i64 c, i64 hw, const T* center,
-                    const T* rstd, double* s1, double* s2, T* gw, T* gb, const S* m, S* g, int nt) {
+                    const T* rstd, double* s1, double* s2, double* k, T* gw, T* gb, const S* m, S* g, int nt) {
   std::vector<double> p1(n * c), p2(n * c);
-  sums_nc<S>(a, b, nhwc, n, c, hw, p1.data(), p2.data(), nt, m, g);
+  std::vector<T> shift(c, T(0));
+  for (i64 j = 0; j < c; ++j) {
+    if (center) shift[j] = center[j];
+    else if (b == nullptr) shift[j] = ld(a[nhwc ? j : j * hw]);
+    if (k) k[j] = double(shift[j]);
+  }
+  sums_nc<S>(a, b, nhwc, n, c, hw, shift.data(), p1.data(), p2.data(), nt, m, g);
   for (i64 j = 0; j < c; ++j) {
     double t1 = 0, t2 = 0;
-    for (i64 k = 0; k < n; ++k) {
-      t1 += p1[k * c + j];
-      t2 += p2[k * c + j];
+    for (i64 q = 0; q < n; ++q) {
+      t1 += p1[q * c + j];
+      t2 += p2[q * c + j];
     }
-    if (center) t2 -= double(center[j]) * t1;
     s1[j] = t1;
     s2[j] = t2;
     if (gw) gw[j] = T(t2 * double(rstd[j]));
@@ -486,17 +538,19 @@ static void bn_sums(const S* a, const S* b, int nhwc, i64 n, i64 c, i64 hw, cons
   }
 }
 
-// BatchNorm forward, step 2: statistics from the (global) sums, running-statistics update (unbiased
-// variance, as nn.BatchNorm2d), then y = x * scale + shift (+ res when given; clamped at 0 with relu).
+// BatchNorm forward, step 2: statistics from the (global) sums of x - k and (x - k)^2 (k null: 0),
+// running-statistics update (unbiased variance, as nn.BatchNorm2d), then y = x * scale + shift (+ res when
+// given; clamped at 0 with relu).
 template <typename S, typename T = typename Compute<S>::T>
 static void bn_forward(const S* x, S* y, int nhwc, i64 n, i64 c, i64 hw, const double* s1,
-                       const double* s2, double total, const T* w, const T* bias, double eps,
+                       const double* s2, const double* k, double total, const T* w, const T* bias, double eps,
                        double momentum, T* run_mean, T* run_var, T* mean_out, T* rstd_out, const S* res,
                        int relu, int nt) {
   std::vector<T> scale(n * c), shift(n * c);
   for (i64 j = 0; j < c; ++j) {
-    const double mean = s1[j] / total;
-    const double var = std::max(s2[j] / total - mean * mean, 0.0);
+    const double d = s1[j] / total;  // mean - k
+    const double var = std::max(s2[j] / total - d * d, 0.0);
+    const double mean = (k ? k[j] : 0.0) + d;
     if (run_mean) {
       run_mean[j] = T((1 - momentum) * double(run_mean[j]) + momentum * mean);
       run_var[j] = T((1 - momentum) * double(run_var[j]) + momentum * var * total / (total - 1));
@@ -545,19 +599,20 @@ static void bn_backward(const S* dy, const S* x, S* dx, int nhwc, i64 n, i64 c, 
 // in channels_last a sample is one (H*W, C) block; each block's statistics and its affine (forward), or
 // its sums and dx (backward), are done back to back while the block is still in cache.
 
-// Statistics of group q from per-channel sums d1, d2 (of one sample).
-static inline void group_stats(const double* d1, const double* d2, i64 q, i64 cg, double count, double eps,
-                               double& mean, double& rstd) {
+// Statistics of group q from per-channel sums d1, d2 (of one sample) of x - k and (x - k)^2, k the group's shift.
+static inline void group_stats(const double* d1, const double* d2, i64 q, i64 cg, double k, double count,
+                               double eps, double& mean, double& rstd) {
   double t1 = 0, t2 = 0;
   for (i64 j = q * cg; j < (q + 1) * cg; ++j) {
     t1 += d1[j];
     t2 += d2[j];
   }
-  mean = t1 / count;
-  rstd = 1.0 / std::sqrt(std::max(t2 / count - mean * mean, 0.0) + eps);
+  const double d = t1 / count;  // mean - k
+  mean = k + d;
+  rstd = 1.0 / std::sqrt(std::max(t2 / count - d * d, 0.0) + eps);
 }
 
-// dx = a*dy + b*x + k for group q, from the sample's per-channel sums of dy (p1) and dy*x (p2):
+// dx = a*dy + b*x + k for group q, from the sample's per-channel sums of dy (p1) and dy*(x - mean) (p2):
 // a = rstd*w, b = -rstd^2*m2, k = rstd*(rstd*m2*mean - m1), m1 = mean of w*dy, m2 = mean of w*dy*x_hat.
 template <typename T>
 static inline void group_grad_coefs(const double* p1, const double* p2, const T* w, i64 q, i64 cg,
@@ -569,7 +624,7 @@ static inline void group_grad_coefs(const double* p1, const double* p2, const T*
     g2 += wj * p2[j];
   }
   const double m1 = g1 / count;
-  const double m2 = rstd * (g2 - mean * g1) / count;
+  const double m2 = rstd * g2 / count;
   b = -rstd * rstd * m2;
   k = rstd * (rstd * m2 * mean - m1);
 }
@@ -587,9 +642,11 @@ static void gn_forward_t(const S* x, S* y, int nhwc, i64 n, i64 c, i64 hw, i64 g
       const S* px = x + blk * cg * hw;
       S* py = y + blk * cg * hw;
       double t1, t2;
-      long_sums<S, true>(px, px, cg * hw, t1, t2);
-      const double mean = t1 / count;
-      const double rstd = 1.0 / std::sqrt(std::max(t2 / count - mean * mean, 0.0) + eps);
+      const T k = ld(px[0]);  // the shift: the block's first value
+      long_sums<S, true>(px, px, cg * hw, k, t1, t2);
+      const double d = t1 / count;  // mean - k
+      const double mean = double(k) + d;
+      const double rstd = 1.0 / std::sqrt(std::max(t2 / count - d * d, 0.0) + eps);
       const T m = T(mean), r = T(rstd);
       mean_out[blk] = m;
       rstd_out[blk] = r;
@@ -609,18 +666,24 @@ static void gn_forward_t(const S* x, S* y, int nhwc, i64 n, i64 c, i64 hw, i64 g
 #pragma omp parallel num_threads(nt) if (nt > 1 && n > 1 && n * c * hw >= kParallelMin)
   {
     const i64 tl = tile_len(c);
-    std::vector<T> q1(tl), q2(tl), scale(tl), shift(tl);
+    std::vector<T> q1(tl), q2(tl), scale(tl), shift(tl), kt(tl);
     std::vector<double> d1(c), d2(c);
 #pragma omp for schedule(static)
     for (i64 s = 0; s < n; ++s) {
       const S* px = x + s * hw * c;
       S* py = y + s * hw * c;
+      // the shifts: each group's first value (its first channel at position 0), per channel, tiled
+      for (i64 q = 0; q < g; ++q) std::fill(kt.data() + q * cg, kt.data() + (q + 1) * cg, ld(px[q * cg]));
       const bool whole = g == 1;  // LayerNorm: one sum over the whole sample (into d1[0], d2[0])
-      if (whole) long_sums<S, true>(px, px, hw * c, d1[0], d2[0]);
-      else sample_sums_nhwc<S, true>(px, nullptr, hw, c, d1.data(), d2.data(), q1.data(), q2.data());
+      if (whole) {
+        long_sums<S, true>(px, px, hw * c, kt[0], d1[0], d2[0]);
+      } else {
+        tile(kt.data(), c, tl, kt.data());
+        sample_sums_nhwc<S, true>(px, nullptr, hw, c, kt.data(), d1.data(), d2.data(), q1.data(), q2.data());
+      }
       for (i64 q = 0; q < g; ++q) {
         double mean, rstd;
-        group_stats(d1.data(), d2.data(), q, whole ? 1 : cg, count, eps, mean, rstd);
+        group_stats(d1.data(), d2.data(), q, whole ? 1 : cg, double(kt[q * cg]), count, eps, mean, rstd);
         const T m = T(mean), r = T(rstd);
         mean_out[s * g + q] = m;
         rstd_out[s * g + q] = r;
@@ -652,7 +715,7 @@ static void gn_backward_t(const S* dy, const S* x, S* dx, int nhwc, i64 n, i64 c
                           const T* w, const T* mean, const T* rstd, T* gw, T* gb, const S* m, S* gout, int nt) {
   const i64 cg = c / g;
   const double count = double(cg * hw);
-  std::vector<double> p1(n * c), p2(n * c);  // sum dy, sum dy*x per (n, c)
+  std::vector<double> p1(n * c), p2(n * c);  // sum dy, sum dy*(x - mean) per (n, c): centred value by value
   if (!nhwc) {
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && n * c * hw >= kParallelMin)
     for (i64 blk = 0; blk < n * g; ++blk) {
@@ -661,7 +724,7 @@ static void gn_backward_t(const S* dy, const S* x, S* dx, int nhwc, i64 n, i64 c
       for (i64 j = 0; j < cg; ++j) {
         const i64 row = s * c + q * cg + j;
         const i64 o = off + j * hw;
-        long_sums<S, false, MASK>(dy + o, x + o, hw, p1[row], p2[row], MASK ? m + o : nullptr,
+        long_sums<S, false, MASK>(dy + o, x + o, hw, mean[blk], p1[row], p2[row], MASK ? m + o : nullptr,
                                   MASK ? gout + o : nullptr);
       }
       if (!dx) continue;
@@ -683,13 +746,16 @@ static void gn_backward_t(const S* dy, const S* x, S* dx, int nhwc, i64 n, i64 c
 #pragma omp parallel num_threads(nt) if (nt > 1 && n > 1 && n * c * hw >= kParallelMin)
     {
       const i64 tl = tile_len(c);
-      std::vector<T> q1(tl), q2(tl), va(tl), vb(tl), vk(tl);
+      std::vector<T> q1(tl), q2(tl), va(tl), vb(tl), vk(tl), kt(tl);
 #pragma omp for schedule(static)
       for (i64 s = 0; s < n; ++s) {
         const i64 off = s * hw * c;
         double* d1 = p1.data() + s * c;
         double* d2 = p2.data() + s * c;
-        sample_sums_nhwc<S, false, MASK>(dy + off, x + off, hw, c, d1, d2, q1.data(), q2.data(),
+        for (i64 q = 0; q < g; ++q)  // centre on the group's mean
+          std::fill(kt.data() + q * cg, kt.data() + (q + 1) * cg, mean[s * g + q]);
+        tile(kt.data(), c, tl, kt.data());
+        sample_sums_nhwc<S, false, MASK>(dy + off, x + off, hw, c, kt.data(), d1, d2, q1.data(), q2.data(),
                                          MASK ? m + off : nullptr, MASK ? gout + off : nullptr);
         if (!dx) continue;
         for (i64 q = 0; q < g; ++q) {
@@ -715,7 +781,7 @@ static void gn_backward_t(const S* dy, const S* x, S* dx, int nhwc, i64 n, i64 c
       for (i64 s = 0; s < n; ++s) {
         const i64 q = s * g + j / cg;
         t1 += p1[s * c + j];
-        t2 += (p2[s * c + j] - double(mean[q]) * p1[s * c + j]) * double(rstd[q]);
+        t2 += p2[s * c + j] * double(rstd[q]);
       }
       if (gw) gw[j] = T(t2);
       if (gb) gb[j] = T(t1);
@@ -735,16 +801,17 @@ static void gn_backward(const S* dy, const S* x, S* dx, int nhwc, i64 n, i64 c, 
 // pointers mean "absent" (no affine, no running statistics, gradient not needed).
 #define NORMLAB_EXPORT(S, T, X)                                                                       \
   extern "C" void normlab_bn_sums_##X(const S* a, const S* b, int nhwc, i64 n, i64 c, i64 hw,         \
-                                      const T* center, const T* rstd, double* s1, double* s2, T* gw,  \
-                                      T* gb, const S* m, S* g, int nt) {                             \
-    bn_sums<S>(a, b, nhwc, n, c, hw, center, rstd, s1, s2, gw, gb, m, g, nt);                        \
+                                      const T* center, const T* rstd, double* s1, double* s2,         \
+                                      double* k, T* gw, T* gb, const S* m, S* g, int nt) {           \
+    bn_sums<S>(a, b, nhwc, n, c, hw, center, rstd, s1, s2, k, gw, gb, m, g, nt);                     \
   }                                                                                                  \
   extern "C" void normlab_bn_forward_##X(const S* x, S* y, int nhwc, i64 n, i64 c, i64 hw,            \
-                                         const double* s1, const double* s2, double total,           \
+                                         const double* s1, const double* s2, const double* k,        \
+                                         double total,                                               \
                                          const T* w, const T* b, double eps, double momentum,        \
                                          T* run_mean, T* run_var, T* mean_out, T* rstd_out,          \
                                          const S* res, int relu, int nt) {                           \
-    bn_forward<S>(x, y, nhwc, n, c, hw, s1, s2, total, w, b, eps, momentum, run_mean, run_var,       \
+    bn_forward<S>(x, y, nhwc, n, c, hw, s1, s2, k, total, w, b, eps, momentum, run_mean, run_var,    \
                   mean_out, rstd_out, res, relu, nt);                                                \
   }                                                                                                  \
   extern "C" void normlab_bn_backward_##X(const S* dy, const S* x, S* dx, int nhwc, i64 n, i64 c,    \

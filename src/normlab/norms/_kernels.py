@@ -33,8 +33,8 @@ _state: dict = {"lib": None, "tried": False, "error": None}
 
 _P, _I, _D, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
 _SIGNATURES = {
-    "bn_sums": [_P, _P, _INT, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _INT],
-    "bn_forward": [_P, _P, _INT, _I, _I, _I, _P, _P, _D, _P, _P, _D, _D, _P, _P, _P, _P, _P, _INT, _INT],
+    "bn_sums": [_P, _P, _INT, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P, _INT],
+    "bn_forward": [_P, _P, _INT, _I, _I, _I, _P, _P, _P, _D, _P, _P, _D, _D, _P, _P, _P, _P, _P, _INT, _INT],
     "bn_backward": [_P, _P, _P, _INT, _I, _I, _I, _P, _P, _D, _P, _P, _P, _INT],
     "gn_forward": [_P, _P, _INT, _I, _I, _I, _I, _P, _P, _D, _P, _P, _P, _INT, _INT],
     "gn_backward": [_P, _P, _P, _INT, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _INT],
@@ -179,27 +179,32 @@ def _as(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 def bn_sums(a: torch.Tensor, b: torch.Tensor | None, fmt: str, center: torch.Tensor | None = None,
             rstd: torch.Tensor | None = None, grad_weight: bool = False, grad_bias: bool = False,
             mask: torch.Tensor | None = None):
-    """Per-channel sums over (N, H, W): ``s`` = float64 (2, C) holding ``sum a`` and ``sum a*(b - center)``
-    (``b=None``: b = a; no center: 0); with ``rstd``, also the weight / bias gradients ``s[1]*rstd`` and
-    ``s[0]`` in the compute dtype (float32 for bfloat16; or None). With ``mask`` (a ReLU's output, in a's
-    layout and dtype; needs ``b``), ``a`` is first replaced by ``g = a * (mask > 0)``.
-    Returns ``(s, grad_weight, grad_bias, g)`` (g None without mask)."""
+    """Per-channel sums over (N, H, W), centred value by value (exact for large-mean inputs).
+    ``b=None`` (forward): ``s`` = float64 (3, C) holding the shifted sums ``sum (a - k)``, ``sum (a - k)²``
+    and the shift ``k`` (``center`` when given -- synced BN: one shift for every rank --, else each channel's
+    first value, chosen by the kernel). Otherwise (backward): ``s`` =
+    float64 (2, C) holding ``sum a`` and ``sum a*(b - center)`` (no center: 0); with ``rstd``, also the
+    weight / bias gradients ``s[1]*rstd`` and ``s[0]`` in the compute dtype (float32 for bfloat16; or None).
+    With ``mask`` (a ReLU's output, in a's layout and dtype; needs ``b``), ``a`` is first replaced by
+    ``g = a * (mask > 0)``. Returns ``(s, grad_weight, grad_bias, g)`` (g None without mask)."""
     c, ct = a.shape[1], _COMPUTE[a.dtype]
     center, rstd = _as(center, ct), _as(rstd, ct)
-    s = torch.empty(2, c, dtype=torch.float64)
+    s = torch.empty(3 if b is None else 2, c, dtype=torch.float64)
     gw = torch.empty(c, dtype=ct) if grad_weight else None
     gb = torch.empty(c, dtype=ct) if grad_bias else None
     g = torch.empty_like(a) if mask is not None else None
     _fn("bn_sums", a.dtype)(a.data_ptr(), _ptr(b), *_geom(a, fmt), _ptr(center), _ptr(rstd), s[0].data_ptr(),
-                            s[1].data_ptr(), _ptr(gw), _ptr(gb), _ptr(mask), _ptr(g), torch.get_num_threads())
+                            s[1].data_ptr(), s[2].data_ptr() if b is None else None, _ptr(gw), _ptr(gb),
+                            _ptr(mask), _ptr(g), torch.get_num_threads())
     return s, gw, gb, g
 
 
 def bn_forward(x: torch.Tensor, fmt: str, s1: torch.Tensor, s2: torch.Tensor, total: int,
                weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, momentum: float,
                running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
-               residual: torch.Tensor | None = None, relu: bool = False):
-    """BN's normalization from the float64 per-channel sums ``s1``, ``s2`` of ``total`` values per channel;
+               residual: torch.Tensor | None = None, relu: bool = False, shift: torch.Tensor | None = None):
+    """BN's normalization from the float64 per-channel sums ``s1``, ``s2`` of ``x - shift`` and
+    ``(x - shift)²`` (float64 ``shift``; None: plain sums) over ``total`` values per channel;
     updates the running statistics in place (unbiased variance) when they are contiguous tensors of the
     compute dtype. ``residual`` (x's layout and dtype) is added to the output, ``relu`` clamps it at 0.
     Returns ``(y, mean, rstd, updated)``: ``updated`` is False when there were running statistics the
@@ -211,8 +216,9 @@ def bn_forward(x: torch.Tensor, fmt: str, s1: torch.Tensor, s2: torch.Tensor, to
     stats = torch.empty(2, c, dtype=ct)
     # every pointer handed to C belongs to a tensor bound to a name here (kept alive during the call)
     s1c, s2c, w, b = s1.contiguous(), s2.contiguous(), _as(weight, ct), _as(bias, ct)
+    k = _as(shift, torch.float64)
     _fn("bn_forward", x.dtype)(
-        x.data_ptr(), y.data_ptr(), *_geom(x, fmt), s1c.data_ptr(), s2c.data_ptr(),
+        x.data_ptr(), y.data_ptr(), *_geom(x, fmt), s1c.data_ptr(), s2c.data_ptr(), _ptr(k),
         float(total), _ptr(w), _ptr(b), float(eps), float(momentum),
         _ptr(running_mean) if updated else None, _ptr(running_var) if updated else None,
         stats[0].data_ptr(), stats[1].data_ptr(), _ptr(residual), int(relu), torch.get_num_threads())
