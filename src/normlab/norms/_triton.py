@@ -1,24 +1,32 @@
-"""The norms' CUDA path: two Triton kernels shared by BN, BIN, IN, LN and GN.
+"""The norms' CUDA path: Triton kernels shared by BN, BIN, IN, LN and GN.
 
 Every norm needs the same two sweeps over the big tensor, so two kernels serve all of them:
 
 * ``channel_sums``: per-(sample, channel) partial sums over a block of H*W positions, in float32, of either
   ``x - center`` and ``(x - center)²`` (forward statistics; ``center`` is one sample of the channel or
-  group, so the sums are *shifted* and stay exact for inputs whose mean is far larger than their std), or
-  ``g`` and ``g * (x - center)`` (backward; ``g = dy`` masked by ``y > 0`` under a fused ReLU, and written
-  out because it is also the residual's gradient). BN adds the partials over samples and blocks, GN over
-  blocks and the group's channels: in float64 on the small (N, blocks, C) tensor, so no atomics and a
-  deterministic result.
+  group, so the sums are *shifted* and stay exact for inputs whose mean is far larger than their std; with
+  ``center=None`` the kernel reads that sample from x itself), or ``g`` and ``g * (x - center)`` (backward;
+  ``g = dy`` masked by ``y > 0`` under a fused ReLU, and written out because it is also the residual's
+  gradient).
 * ``affine``: ``out = p * P[n, c] + (q - Qc[n, c]) * Q[n, c] + R[n, c] (+ residual) (ReLU)`` in memory order,
   which is the forward normalization (``q`` absent) and the input gradient (``p = g``, ``q = x``,
   ``Qc = mean``) of every norm; BN's coefficients are per channel (sample stride 0).
 
-Inputs are float32, bfloat16 or float16 in NCHW or channels_last; statistics and coefficients are float32.
-The small per-channel math stays in ``_functional`` (tensor ops), shared with the tensor-op path.
+Between them, one small *finish* kernel turns the (N, blocks, C) partials into what the affine needs:
+``bn_stats`` (BN forward: sums over samples and blocks, mean, rstd, the running-statistics update, scale
+and shift), ``bn_grads`` (BN backward: weight/bias gradients, dx's coefficients), ``gn_stats`` and
+``gn_grads`` (the same per (sample, group), summing over blocks and the group's channels). They add the
+partials in float64 in a fixed order (no atomics: deterministic). A forward or a backward is thus three
+launches (sums, finish, affine), as many as native BN's kernels; it was 18-28 when the small per-channel math
+ran as torch ops (counted under the interpreter, ``tests/test_triton_norms.py``). Synced BN adds the packing
+of the local sums (``bn_pack`` / ``bn_grads(pack=True)``) and the all-reduce.
 
-Selection (``usable``): CUDA tensors when triton imports, unless ``NORMLAB_TRITON=0``; ``NORMLAB_TRITON=1``
-also takes CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was imported -- how the tests run
-these kernels without a GPU.
+Inputs are float32, bfloat16 or float16 in NCHW or channels_last; statistics and coefficients are float32;
+weights, their gradients and running statistics keep their own dtype.
+
+Selection (``usable``): non-empty CUDA tensors when triton imports, unless ``NORMLAB_TRITON=0``;
+``NORMLAB_TRITON=1`` also takes CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was imported --
+how the tests run these kernels without a GPU.
 """
 
 from __future__ import annotations
@@ -133,7 +141,11 @@ def affine(p: torch.Tensor, fmt: str, P: torch.Tensor, R: torch.Tensor, q: torch
 
 # The finish kernels: (N, blocks, C) partials -> statistics and the affine's coefficients, one launch each.
 
-def _finish_blocks(rows: int, c: int, tile: int = 1024) -> tuple[int, int]:
+FINISH_TILE, FINISH_WARPS = 4096, 8  # the finish kernels' row loops: few, wide iterations (they are latency-bound)
+
+
+def _finish_blocks(rows: int, c: int, tile: int = FINISH_TILE) -> tuple[int, int]:
+    """(channels per program, rows per iteration) of the finish kernels' loops over rows."""
     bc = min(_pow2(c), 32)
     return bc, max(1, min(_pow2(rows), tile // bc))
 
@@ -158,12 +170,18 @@ def bn_stats(p1: torch.Tensor, p2: torch.Tensor, count, weight: torch.Tensor | N
     cnt_t = count if torch.is_tensor(count) else None
     bc, br = _finish_blocks(rows, c)
     running = running_mean is not None
+    rm, rv = (running_mean, running_var) if running else (p1, p1)
+    if running and not (rm.is_contiguous() and rv.is_contiguous()):  # updated in place: contiguous copies
+        rm, rv = rm.contiguous(), rv.contiguous()
     kernels()._bn_stats_kernel[(_cdiv(c, bc),)](
         p1, p2, rows, c, _or(cnt_t, p1), 0 if cnt_t is not None else int(count), p1 if x is None else x,
-        x.stride(1) if x is not None else 0, p1, _or(weight, p1), _or(bias, p1),
-        p1 if running_mean is None else running_mean, p1 if running_var is None else running_var, out[0], out[1], out[2], out[3], p1, p1,
-        float(eps), float(momentum), SHIFT=1 if x is not None else 0, CNT_PTR=cnt_t is not None, PACK=False,
-        HAS_W=weight is not None, HAS_B=bias is not None, RUNNING=running, BR=br, BC=bc)
+        x.stride(1) if x is not None else 0, p1, _or(weight, p1), _or(bias, p1), rm, rv,
+        out[0], out[1], out[2], out[3], p1, p1, float(eps), float(momentum), SHIFT=1 if x is not None else 0,
+        CNT_PTR=cnt_t is not None, PACK=False, HAS_W=weight is not None, HAS_B=bias is not None, RUNNING=running,
+        BR=br, BC=bc, num_warps=FINISH_WARPS)
+    if running and rm is not running_mean:
+        running_mean.copy_(rm)
+        running_var.copy_(rv)
     return out[0], out[1], out[2], out[3]
 
 
@@ -177,7 +195,7 @@ def bn_pack(p1: torch.Tensor, p2: torch.Tensor, count: int, shift: torch.Tensor 
     kernels()._bn_stats_kernel[(max(1, _cdiv(c, bc)),)](
         p1, p2, rows, c, p1, int(count), p1, 0, p1 if shift is None else _f32(shift), p1, p1, p1, p1,
         p1, p1, p1, p1, packed[:c], packed[c:], 0.0, 0.0, SHIFT=0 if shift is None else 2, CNT_PTR=False,
-        PACK=True, HAS_W=False, HAS_B=False, RUNNING=False, BR=br, BC=bc)
+        PACK=True, HAS_W=False, HAS_B=False, RUNNING=False, BR=br, BC=bc, num_warps=FINISH_WARPS)
     return packed
 
 
@@ -204,7 +222,7 @@ def bn_grads(p1: torch.Tensor, p2: torch.Tensor, count, rstd: torch.Tensor, weig
         p1, p2, rows, c, _or(cnt_t, p1), 0 if cnt_t is not None or pack else int(count), rstd, _or(weight, p1),
         _or(gw, p1), _or(gb, p1), *coef, out if pack else p1, CNT_PTR=cnt_t is not None,
         HAS_W=weight is not None, WANT_GW=gw is not None, WANT_GB=gb is not None, COEF=not pack, PACK=pack,
-        BR=br, BC=bc)
+        BR=br, BC=bc, num_warps=FINISH_WARPS)
     return gw, gb, (out if pack else (out[0], out[1], out[2]))
 
 
@@ -255,5 +273,5 @@ def gn_grads(p1: torch.Tensor, p2: torch.Tensor, num_groups: int, count: int, me
         kernels()._gn_grad_kernel[(nprog,)](
             p1, p2, n, nsb, c, cg, g, int(count), mean, rstd, _or(weight, p1), _or(gw, p1), _or(gb, p1), *cf,
             HAS_W=weight is not None, WANT_GW=gw is not None, WANT_GB=gb is not None, COEF=coefficients,
-            BR=br, BCG=bcg, BC=bc, BRC=brc)
+            BR=br, BCG=bcg, BC=bc, BRC=brc, num_warps=FINISH_WARPS)
     return gw, gb, (None if coef is None else (coef[0], coef[1], coef[2], coef[3]))

@@ -70,14 +70,18 @@ def _affine_kernel(p_ptr, q_ptr, r_ptr, out_ptr, P_ptr, Q_ptr, Qc_ptr, R_ptr, to
 
 
 @triton.jit
-def _rows_sum(p_ptr, R, C, c, mc, BR: tl.constexpr, BC: tl.constexpr):
-    """Float64 sum over the R rows of an (R, C) float32/float64 tensor, for the channels ``c``."""
-    acc = tl.zeros([BR, BC], dtype=tl.float64)
+def _rows_sums(p1_ptr, p2_ptr, R, C, c, mc, BR: tl.constexpr, BC: tl.constexpr):
+    """Float64 sums over the R rows of two (R, C) float32/float64 tensors, for the channels ``c``: one loop,
+    so that the loads of both are in flight together."""
+    s1 = tl.zeros([BC], dtype=tl.float64)
+    s2 = tl.zeros([BC], dtype=tl.float64)
     for r0 in range(0, R, BR):
         r = r0 + tl.arange(0, BR)
         m = (r < R)[:, None] & mc[None, :]
-        acc += tl.load(p_ptr + r[:, None].to(tl.int64) * C + c[None, :], mask=m, other=0.0).to(tl.float64)
-    return tl.sum(acc, axis=0)
+        off = r[:, None].to(tl.int64) * C + c[None, :]
+        s1 += tl.sum(tl.load(p1_ptr + off, mask=m, other=0.0).to(tl.float64), axis=0)
+        s2 += tl.sum(tl.load(p2_ptr + off, mask=m, other=0.0).to(tl.float64), axis=0)
+    return s1, s2
 
 
 @triton.jit
@@ -91,8 +95,7 @@ def _bn_stats_kernel(p1_ptr, p2_ptr, R, C, cnt_ptr, count, x_ptr, sC, k_ptr, w_p
     SHIFT: 0 plain sums, 1 shifted by x[0, c, 0, 0], 2 shifted by the tensor ``k``."""
     c = tl.program_id(0) * BC + tl.arange(0, BC)
     mc = c < C
-    s1 = _rows_sum(p1_ptr, R, C, c, mc, BR, BC)
-    s2 = _rows_sum(p2_ptr, R, C, c, mc, BR, BC)
+    s1, s2 = _rows_sums(p1_ptr, p2_ptr, R, C, c, mc, BR, BC)
     if CNT_PTR:
         cnt = tl.load(cnt_ptr).to(tl.float64)
     else:
@@ -118,17 +121,17 @@ def _bn_stats_kernel(p1_ptr, p2_ptr, R, C, cnt_ptr, count, x_ptr, sC, k_ptr, w_p
         shift = -mean * scale
         if HAS_B:
             shift += tl.load(b_ptr + c, mask=mc, other=0.0).to(tl.float64)
-        tl.store(mean_ptr + c, mean.to(mean_ptr.dtype.element_ty), mask=mc)
-        tl.store(rstd_ptr + c, rstd.to(rstd_ptr.dtype.element_ty), mask=mc)
-        tl.store(scale_ptr + c, scale.to(scale_ptr.dtype.element_ty), mask=mc)
-        tl.store(shift_ptr + c, shift.to(shift_ptr.dtype.element_ty), mask=mc)
+        tl.store(mean_ptr + c, mean.to(tl.float32), mask=mc)
+        tl.store(rstd_ptr + c, rstd.to(tl.float32), mask=mc)
+        tl.store(scale_ptr + c, scale.to(tl.float32), mask=mc)
+        tl.store(shift_ptr + c, shift.to(tl.float32), mask=mc)
         if RUNNING:  # nn.BatchNorm2d's update: batch mean and unbiased batch variance, in the buffers' dtype
             rm = tl.load(rm_ptr + c, mask=mc, other=0.0).to(tl.float64)
             rv = tl.load(rv_ptr + c, mask=mc, other=0.0).to(tl.float64)
             rm = rm * (1 - momentum) + mean * momentum
             rv = rv * (1 - momentum) + var * (cnt / (cnt - 1)) * momentum
-            tl.store(rm_ptr + c, rm.to(rm_ptr.dtype.element_ty), mask=mc)
-            tl.store(rv_ptr + c, rv.to(rv_ptr.dtype.element_ty), mask=mc)
+            tl.store(rm_ptr + c, rm.to(tl.float32).to(rm_ptr.dtype.element_ty), mask=mc)
+            tl.store(rv_ptr + c, rv.to(tl.float32).to(rv_ptr.dtype.element_ty), mask=mc)
 
 
 @triton.jit
@@ -141,13 +144,12 @@ def _bn_grad_kernel(p1_ptr, p2_ptr, R, C, cnt_ptr, count, rstd_ptr, w_ptr, gw_pt
     coefficients a = rstd·w, b = -a·rstd²·sum_dy_xc/m, cst = -a·sum_dy/m."""
     c = tl.program_id(0) * BC + tl.arange(0, BC)
     mc = c < C
-    s1 = _rows_sum(p1_ptr, R, C, c, mc, BR, BC)
-    s2 = _rows_sum(p2_ptr, R, C, c, mc, BR, BC)
+    s1, s2 = _rows_sums(p1_ptr, p2_ptr, R, C, c, mc, BR, BC)
     rstd = tl.load(rstd_ptr + c, mask=mc, other=0.0).to(tl.float64)
     if WANT_GW:
-        tl.store(gw_ptr + c, (s2 * rstd).to(gw_ptr.dtype.element_ty), mask=mc)
+        tl.store(gw_ptr + c, (s2 * rstd).to(tl.float32).to(gw_ptr.dtype.element_ty), mask=mc)
     if WANT_GB:
-        tl.store(gb_ptr + c, s1.to(gb_ptr.dtype.element_ty), mask=mc)
+        tl.store(gb_ptr + c, s1.to(tl.float32).to(gb_ptr.dtype.element_ty), mask=mc)
     if PACK:
         tl.store(o_ptr + c, s1, mask=mc)
         tl.store(o_ptr + C + c, s2, mask=mc)
@@ -159,9 +161,9 @@ def _bn_grad_kernel(p1_ptr, p2_ptr, R, C, cnt_ptr, count, rstd_ptr, w_ptr, gw_pt
         a = rstd
         if HAS_W:
             a = rstd * tl.load(w_ptr + c, mask=mc, other=1.0).to(tl.float64)
-        tl.store(a_ptr + c, a.to(a_ptr.dtype.element_ty), mask=mc)
-        tl.store(b_ptr + c, (-a * rstd * rstd * s2 / cnt).to(b_ptr.dtype.element_ty), mask=mc)
-        tl.store(cst_ptr + c, (-a * s1 / cnt).to(cst_ptr.dtype.element_ty), mask=mc)
+        tl.store(a_ptr + c, a.to(tl.float32), mask=mc)
+        tl.store(b_ptr + c, (-a * rstd * rstd * s2 / cnt).to(tl.float32), mask=mc)
+        tl.store(cst_ptr + c, (-a * s1 / cnt).to(tl.float32), mask=mc)
 
 
 @triton.jit
@@ -169,8 +171,8 @@ def _group_sums(p1_ptr, p2_ptr, w_ptr, n, g, NSB, C, CG, HAS_W: tl.constexpr, BR
                 BCG: tl.constexpr):
     """Float64 sums of the partials (N, NSB, C) over the blocks and the channels of group g of sample n,
     weighted per channel by w when HAS_W."""
-    acc1 = tl.zeros([BR, BCG], dtype=tl.float64)
-    acc2 = tl.zeros([BR, BCG], dtype=tl.float64)
+    acc1 = tl.zeros([BCG], dtype=tl.float64)
+    acc2 = tl.zeros([BCG], dtype=tl.float64)
     for c0 in range(0, CG, BCG):
         j = c0 + tl.arange(0, BCG)
         mj = j < CG
@@ -182,9 +184,9 @@ def _group_sums(p1_ptr, p2_ptr, w_ptr, n, g, NSB, C, CG, HAS_W: tl.constexpr, BR
             r = r0 + tl.arange(0, BR)
             m = (r < NSB)[:, None] & mj[None, :]
             off = (n * NSB + r[:, None]).to(tl.int64) * C + ch[None, :]
-            acc1 += tl.load(p1_ptr + off, mask=m, other=0.0).to(tl.float64) * wv[None, :]
-            acc2 += tl.load(p2_ptr + off, mask=m, other=0.0).to(tl.float64) * wv[None, :]
-    return tl.sum(tl.sum(acc1, axis=1), axis=0), tl.sum(tl.sum(acc2, axis=1), axis=0)
+            acc1 += tl.sum(tl.load(p1_ptr + off, mask=m, other=0.0).to(tl.float64), axis=0) * wv
+            acc2 += tl.sum(tl.load(p2_ptr + off, mask=m, other=0.0).to(tl.float64), axis=0) * wv
+    return tl.sum(acc1, axis=0), tl.sum(acc2, axis=0)
 
 
 @triton.jit
@@ -202,8 +204,8 @@ def _gn_stats_kernel(p1_ptr, p2_ptr, NSB, C, CG, G, count, x_ptr, sN, sC, w_ptr,
     var = tl.maximum(s2 / cnt - m * m, 0.0)
     mean = m + tl.load(x_ptr + n.to(tl.int64) * sN + (g * CG) * sC).to(tl.float32).to(tl.float64)
     rstd = 1.0 / tl.sqrt(var + eps)
-    tl.store(mean_ptr + pid, mean.to(mean_ptr.dtype.element_ty))
-    tl.store(rstd_ptr + pid, rstd.to(rstd_ptr.dtype.element_ty))
+    tl.store(mean_ptr + pid, mean.to(tl.float32))
+    tl.store(rstd_ptr + pid, rstd.to(tl.float32))
     for c0 in range(0, CG, BCG):
         j = c0 + tl.arange(0, BCG)
         mj = j < CG
@@ -214,8 +216,8 @@ def _gn_stats_kernel(p1_ptr, p2_ptr, NSB, C, CG, G, count, x_ptr, sN, sC, w_ptr,
         shift = -mean * scale
         if HAS_B:
             shift += tl.load(b_ptr + ch, mask=mj, other=0.0).to(tl.float64)
-        tl.store(scale_ptr + n * C + ch, scale.to(scale_ptr.dtype.element_ty), mask=mj)
-        tl.store(shift_ptr + n * C + ch, shift.to(shift_ptr.dtype.element_ty), mask=mj)
+        tl.store(scale_ptr + n * C + ch, scale.to(tl.float32), mask=mj)
+        tl.store(shift_ptr + n * C + ch, shift.to(tl.float32), mask=mj)
 
 
 @triton.jit
@@ -224,9 +226,10 @@ def _gn_grad_kernel(p1_ptr, p2_ptr, N, NSB, C, CG, G, count, mean_ptr, rstd_ptr,
                     WANT_GB: tl.constexpr, COEF: tl.constexpr, BR: tl.constexpr, BCG: tl.constexpr,
                     BC: tl.constexpr, BRC: tl.constexpr):
     """GN backward. Programs [0, N·G) when COEF, one per (sample, group): dx's (N, C) coefficients
-    a = rstd·w, b = -rstd³·Σ(w·dy·(x - mean))/m and cst = -rstd·Σ(w·dy)/m (Σ over the group, m its count), written
-    per channel together with the mean, expanded to (N, C) for the affine's centring; the programs after them, one per block of BC channels: the weight and bias
-    gradients, sums over samples and blocks of rstd[n, group]·sum_dy_xc and sum_dy."""
+    a = rstd·w, b = -rstd³·Σ(w·dy·(x - mean))/m and cst = -rstd·Σ(w·dy)/m (Σ over the group, m its count),
+    written per channel with the mean (expanded to (N, C) for the affine's centring). The programs after them,
+    one per block of BC channels: the weight and bias gradients, sums over samples and blocks of
+    rstd[n, group]·sum_dy_xc and of sum_dy."""
     pid = tl.program_id(0)
     ncoef = 0
     if COEF:
@@ -247,17 +250,17 @@ def _gn_grad_kernel(p1_ptr, p2_ptr, N, NSB, C, CG, G, count, mean_ptr, rstd_ptr,
             a = tl.zeros([BCG], dtype=tl.float64) + rstd
             if HAS_W:
                 a = a * tl.load(w_ptr + g * CG + j, mask=mj, other=1.0).to(tl.float64)
-            tl.store(a_ptr + ch, a.to(a_ptr.dtype.element_ty), mask=mj)
-            tl.store(b_ptr + ch, (tl.zeros([BCG], dtype=tl.float64) + bq).to(b_ptr.dtype.element_ty), mask=mj)
-            tl.store(cst_ptr + ch, (tl.zeros([BCG], dtype=tl.float64) + cst).to(cst_ptr.dtype.element_ty),
+            tl.store(a_ptr + ch, a.to(tl.float32), mask=mj)
+            tl.store(b_ptr + ch, (tl.zeros([BCG], dtype=tl.float64) + bq).to(tl.float32), mask=mj)
+            tl.store(cst_ptr + ch, (tl.zeros([BCG], dtype=tl.float64) + cst).to(tl.float32),
                      mask=mj)
-            tl.store(mc_ptr + ch, (tl.zeros([BCG], dtype=tl.float32) + mean).to(mc_ptr.dtype.element_ty),
+            tl.store(mc_ptr + ch, tl.zeros([BCG], dtype=tl.float32) + mean,
                      mask=mj)
     else:
         c = (pid - ncoef) * BC + tl.arange(0, BC)
         mc = c < C
-        acc1 = tl.zeros([BRC, BC], dtype=tl.float64)
-        acc2 = tl.zeros([BRC, BC], dtype=tl.float64)
+        acc1 = tl.zeros([BC], dtype=tl.float64)
+        acc2 = tl.zeros([BC], dtype=tl.float64)
         rows = N * NSB
         for r0 in range(0, rows, BRC):
             r = r0 + tl.arange(0, BRC)
@@ -265,9 +268,9 @@ def _gn_grad_kernel(p1_ptr, p2_ptr, N, NSB, C, CG, G, count, mean_ptr, rstd_ptr,
             m = mr[:, None] & mc[None, :]
             off = r[:, None].to(tl.int64) * C + c[None, :]
             rs = tl.load(rstd_ptr + (r // NSB)[:, None] * G + (c // CG)[None, :], mask=m, other=0.0)
-            acc1 += tl.load(p1_ptr + off, mask=m, other=0.0).to(tl.float64)
-            acc2 += tl.load(p2_ptr + off, mask=m, other=0.0).to(tl.float64) * rs.to(tl.float64)
+            acc1 += tl.sum(tl.load(p1_ptr + off, mask=m, other=0.0).to(tl.float64), axis=0)
+            acc2 += tl.sum(tl.load(p2_ptr + off, mask=m, other=0.0).to(tl.float64) * rs.to(tl.float64), axis=0)
         if WANT_GW:
-            tl.store(gw_ptr + c, tl.sum(acc2, axis=0).to(gw_ptr.dtype.element_ty), mask=mc)
+            tl.store(gw_ptr + c, acc2.to(tl.float32).to(gw_ptr.dtype.element_ty), mask=mc)
         if WANT_GB:
-            tl.store(gb_ptr + c, tl.sum(acc1, axis=0).to(gb_ptr.dtype.element_ty), mask=mc)
+            tl.store(gb_ptr + c, acc1.to(tl.float32).to(gb_ptr.dtype.element_ty), mask=mc)
