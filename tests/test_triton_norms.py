@@ -1,6 +1,7 @@
 """The norms' Triton kernels (their CUDA path), run on CPU tensors by Triton's interpreter, against torch's
 native layers: outputs, input/weight/bias gradients and running statistics, for float32, bfloat16 and
-float16 inputs in NCHW and channels_last, with and without the fused residual add + ReLU.
+float16 inputs in NCHW and channels_last, with and without the fused residual add + ReLU; and the number of
+kernel launches per forward and backward (counted, not timed).
 
 ``triton.jit`` (and triton's own library functions, jitted when triton is imported) pick the interpreter at
 import time, so TRITON_INTERPRET=1 is set here, at collection, before anything imports triton (normlab imports
@@ -25,8 +26,10 @@ if FRESH:
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from normlab.norms import BatchInstanceNorm2d, _functional, _triton, make_norm  # noqa: E402
+from normlab.norms import (  # noqa: E402
+    BatchInstanceNorm2d, BatchNorm2d, InstanceNorm2d, _functional, _triton, make_norm)
 
 # half precision: outputs and input gradients are rounded to the storage dtype; statistics stay float32
 TOL = {torch.float32: (2e-5, 2e-4), torch.bfloat16: (6e-2, 2e-2), torch.float16: (8e-3, 4e-3)}
@@ -184,3 +187,190 @@ def test_triton_statistics_exact_for_large_mean_inputs(name, spy):
         rel = ((ours.running_var.double() - ref.running_var) / ref.running_var).abs().max()
         assert rel < 2e-3, rel
     assert spy["sums"] == 1
+
+
+class Launches(TorchDispatchMode):
+    """Records every kernel launch of the code run under it: each Triton launch (the jitted kernels are wrapped
+    by ``count_launches``) and each torch op that runs a kernel -- all but views and bare allocations. On a GPU
+    every entry is at least one launch; the Triton interpreter's own tensor copies are not counted."""
+
+    FREE = {torch.ops.aten.empty, torch.ops.aten.empty_like, torch.ops.aten.empty_strided,
+            torch.ops.aten.new_empty, torch.ops.aten.new_empty_strided}
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+        self.paused = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.paused and not func.is_view and func.overloadpacket not in self.FREE:
+            self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+    def triton(self) -> list[str]:
+        return [op[len("triton:"):] for op in self.ops if op.startswith("triton:")]
+
+
+@pytest.fixture
+def count_launches(monkeypatch):
+    """Wraps every jitted kernel of ``_triton_kernels`` so that a launch under a ``Launches`` mode is recorded
+    (and the interpreter's work inside it is not); returns a function that gives a fresh mode."""
+    mod = _triton.kernels()
+    current: list[Launches] = []
+
+    class Counted:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                mode = current[-1] if current else None
+                if mode is None:
+                    return self.kernel[grid](*args, **kwargs)
+                mode.ops.append("triton:" + self.name)
+                mode.paused = True
+                try:
+                    return self.kernel[grid](*args, **kwargs)
+                finally:
+                    mode.paused = False
+            return launch
+
+    for name in [k for k in vars(mod) if k.endswith("_kernel")]:
+        monkeypatch.setattr(mod, name, Counted(name, getattr(mod, name)))
+
+    def new() -> Launches:
+        current.append(Launches())
+        return current[-1]
+    return new
+
+
+FINISH = {"bn": ("_bn_stats_kernel", "_bn_grad_kernel")}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["bn", "in", "ln", "gn"])
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "residual_relu"])
+def test_triton_launches_per_forward_and_backward(name, dtype, fused, count_launches):
+    """Three launches per forward (sums with the shift read from x, finish, affine) and per backward (sums,
+    finish, dx) -- as many as native BN's kernels, down from 18-28 (the small per-channel math as torch ops).
+    BN's module forward adds one: ``num_batches_tracked += 1``, as native's does."""
+    c = SHAPE[1]
+    ours = make_norm(name, c, **({"num_groups": 4} if name == "gn" else {}))
+    x = inputs(SHAPE, dtype, True).requires_grad_()
+    res = inputs(SHAPE, dtype, True, seed=3).requires_grad_() if fused else None
+    dy = inputs(SHAPE, dtype, True, seed=5, mean=0.0, std=1.0)
+    fwd = count_launches()
+    with fwd:
+        y = ours.forward_relu(x, res) if fused else ours(x)
+    bwd = count_launches()
+    with bwd:
+        torch.autograd.grad(y, [x, ours.weight, ours.bias] + ([res] if fused else []), dy)
+    stats, grads = FINISH.get(name, ("_gn_stats_kernel", "_gn_grad_kernel"))
+    assert fwd.triton() == ["_sums_kernel", stats, "_affine_kernel"], fwd.ops
+    assert bwd.triton() == ["_sums_kernel", grads, "_affine_kernel"], bwd.ops
+    assert len(fwd.ops) <= 3 + (name == "bn"), fwd.ops
+    assert len(bwd.ops) <= 3, bwd.ops
+
+
+def test_triton_synced_bn_equals_bn_on_the_concatenated_batch(monkeypatch, count_launches):
+    """sync=True with two ranks holding the same batch (the all-reduce doubles every sum): the output, the
+    input gradient and the running statistics are single-process BN's on the two batches concatenated; weight
+    and bias gradients stay local (half of it). The all-reduce adds one launch per direction, the packing of
+    the local sums (un-shifted into float64 plain sums with the count) one more."""
+    monkeypatch.setattr(_functional, "distributed_active", lambda: True)
+    monkeypatch.setattr(_functional, "_all_reduce", lambda t: t.mul_(2))
+    c = SHAPE[1]
+    ours, ref = BatchNorm2d(c, sync=True), nn.BatchNorm2d(c)
+    same_affine(ours, ref)
+    x = inputs(SHAPE, torch.float32, True, mean=300.0)
+    dy = inputs(SHAPE, torch.float32, True, seed=5, mean=0.0, std=1.0)
+    xo = x.clone().requires_grad_()
+    fwd = count_launches()
+    with fwd:
+        y = ours(xo)
+    bwd = count_launches()
+    with bwd:
+        y.backward(dy)
+    xr = torch.cat([x, x]).requires_grad_()
+    yr = ref(xr)
+    yr.backward(torch.cat([dy, dy]))
+    check(y, yr[:SHAPE[0]], (2e-4, 2e-4))
+    check(xo.grad, xr.grad[:SHAPE[0]], (2e-4, 2e-4))
+    check(ours.weight.grad, ref.weight.grad / 2, (1e-3, 1e-4))
+    check(ours.bias.grad, ref.bias.grad / 2, (1e-4, 1e-4))
+    check(ours.running_mean, ref.running_mean, (1e-4, 1e-6))
+    check(ours.running_var, ref.running_var, (1e-4, 1e-4))
+    assert fwd.triton() == ["_sums_kernel", "_bn_stats_kernel", "_bn_stats_kernel", "_affine_kernel"], fwd.ops
+    assert bwd.triton() == ["_sums_kernel", "_bn_grad_kernel", "_bn_grad_kernel", "_affine_kernel"], bwd.ops
+    assert len(fwd.ops) <= 6 and len(bwd.ops) <= 5, (fwd.ops, bwd.ops)
+
+
+@pytest.mark.parametrize("name", ["bn", "in"])
+def test_triton_without_affine_and_without_input_grad(name, spy):
+    """affine=False (no weight, no bias), and a backward that needs only the parameters' gradients."""
+    c = SHAPE[1]
+    x, dy = inputs(SHAPE, torch.float32, True), inputs(SHAPE, torch.float32, True, seed=5, mean=0.0, std=1.0)
+    ours = BatchNorm2d(c, affine=False) if name == "bn" else InstanceNorm2d(c, affine=False)
+    ref = nn.BatchNorm2d(c, affine=False) if name == "bn" else nn.GroupNorm(c, c, affine=False)
+    xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, yr = ours(xo), ref(xr)
+    y.backward(dy)
+    yr.backward(dy)
+    check(y, yr, TOL[torch.float32])
+    check(xo.grad, xr.grad, TOL[torch.float32])
+    ours = make_norm(name, c)
+    ref = native(name, c)
+    same_affine(ours, ref)
+    ours(x).backward(dy)  # x does not require a gradient: only the weight and bias gradients are computed
+    ref(x).backward(dy)
+    check(ours.weight.grad, ref.weight.grad, PARAM_TOL[torch.float32])
+    check(ours.bias.grad, ref.bias.grad, PARAM_TOL[torch.float32])
+    assert spy["sums"] == 4
+
+
+def test_triton_bn_parameters_and_running_stats_of_another_dtype(spy):
+    """A bfloat16 module (weight, bias and running statistics bf16) on float32 inputs: the finish kernels
+    read and write them in their own dtype."""
+    c = SHAPE[1]
+    ours, ref = BatchNorm2d(c, dtype=torch.bfloat16), nn.BatchNorm2d(c)
+    same_affine(ours, ref)
+    with torch.no_grad():
+        ref.weight.copy_(ours.weight.float())
+        ref.bias.copy_(ours.bias.float())
+    x, dy = inputs(SHAPE, torch.float32, False), inputs(SHAPE, torch.float32, False, seed=5, mean=0.0, std=1.0)
+    xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, yr = ours(xo), ref(xr)
+    y.backward(dy)
+    yr.backward(dy)
+    assert ours.running_mean.dtype == torch.bfloat16 and ours.weight.grad.dtype == torch.bfloat16
+    check(y, yr, TOL[torch.float32])
+    check(xo.grad, xr.grad, TOL[torch.float32])
+    check(ours.weight.grad, ref.weight.grad, PARAM_TOL[torch.bfloat16])
+    check(ours.running_mean, ref.running_mean, (1e-2, 1e-2))
+    check(ours.running_var, ref.running_var, (2e-2, 2e-2))
+    assert spy["sums"] == 2
+
+
+@pytest.mark.parametrize("name,shape,groups", [("bn", (64, 8, 40, 40), None), ("ln", (2, 320, 3, 3), None),
+                                               ("gn", (3, 12, 7, 5), 4), ("in", (3, 40, 2, 3), None)],
+                         ids=["bn_many_rows", "ln_wide", "gn_odd_groups", "in_many_groups"])
+def test_triton_finish_kernels_at_other_shapes(name, shape, groups, spy):
+    """Shapes that take the finish kernels' loops more than once (rows > one tile, groups wider than one
+    block of channels) or leave partial tiles (3 channels per group, C not a power of two)."""
+    c = shape[1]
+    ours = make_norm(name, c, **({"num_groups": groups} if groups else {}))
+    ref = nn.GroupNorm(groups, c) if groups else native(name, c)
+    same_affine(ours, ref)
+    x = inputs(shape, torch.float32, True)
+    dy = inputs(shape, torch.float32, True, seed=5, mean=0.0, std=1.0)
+    xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, yr = ours(xo), ref(xr)
+    y.backward(dy)
+    yr.backward(dy)
+    check(y, yr, TOL[torch.float32])
+    check(xo.grad, xr.grad, (1e-4, 1e-3))
+    check(ours.weight.grad, ref.weight.grad, (1e-3, 1e-4))
+    check(ours.bias.grad, ref.bias.grad, (1e-3, 1e-4))
+    if name == "bn":
+        check(ours.running_var, ref.running_var, (1e-5, 1e-5))
+    assert spy["sums"] == 2 and spy["affine"] == 2

@@ -20,7 +20,9 @@ Design (shared by both):
 * Back-ends (``backend``): float32, float64 and bfloat16 CPU tensors in NCHW or channels_last go through the
   C++ kernels of ``_kernels`` (shifted sums, float64 across runs; one pass per sweep over the big tensor, the small per-channel
   math in C too); CUDA tensors (float32, bfloat16, float16; NCHW or channels_last) through the Triton
-  kernels of ``_triton``; everything else (other strides, float16 on CPU, torch.compile tracing, no
+  kernels of ``_triton`` (sums, a small finish kernel for the statistics and coefficients, the affine: three
+  launches per forward and per backward, as native's; the shift is read from x inside the sums kernel);
+  everything else (other strides, float16 on CPU, torch.compile tracing, no
   compiler, ``NORMLAB_KERNELS=0`` / ``NORMLAB_TRITON=0``) through the tensor ops below. Tests run every
   norm test on the C++ and tensor-op paths, and the Triton kernels under ``TRITON_INTERPRET=1``.
 """
@@ -153,7 +155,8 @@ class BatchNormFunction(torch.autograd.Function):
 
     ``running_mean`` / ``running_var`` (or None) are updated with ``momentum`` and the unbiased
     batch variance, as ``nn.BatchNorm2d`` does. With ``sync`` and an active process group, every rank
-    shifts its sums by rank 0's shift (broadcast, see ``_common_shift``), the per-channel shifted sum, sum
+    shifts its sums by rank 0's shift (broadcast, see ``_common_shift``; the Triton path instead turns each
+    rank's own shifted sums into float64 plain sums, one launch fewer than a broadcast), the per-channel sum, sum
     of squares and count are all-reduced in forward, and the two per-channel
     gradient sums (of dy and dy·x̂) in backward, so every rank computes exactly the gradient of
     single-process BN on the concatenated batch. Weight/bias gradients stay local (DDP averages them).
@@ -180,6 +183,9 @@ class BatchNormFunction(torch.autograd.Function):
                 "batch statistics in training: use a batch size of 2 or more, or a per-sample norm (gn/ln/in)")
         be = backend(x)
         kind, fmt = be if be else (None, None)
+        if kind == TRITON:
+            return _bn_triton_forward(ctx, x, fmt, weight, bias, running_mean, running_var, momentum, eps, sync,
+                                      local, residual, relu)
         buf = xf = None
         common = _common_shift(x, ct) if sync else None  # one shift for every rank: the shifted sums add up
         if kind == CPP:  # C++: both shifted sums in one pass over x (shift: `common`, else picked as below)
@@ -187,15 +193,11 @@ class BatchNormFunction(torch.autograd.Function):
             s1, s2, shift = s[0], s[1], s[2]
         else:
             shift = common if sync else _sample_shift(x, ct)
-            if kind == TRITON:
-                p1, p2, _ = _triton.channel_sums(x, fmt, shift)
-                s1, s2 = p1.double().sum((0, 1)), p2.double().sum((0, 1))
-            else:
-                xf = x if x.dtype == ct else x.to(ct)
-                # x - shift, in the buffer that will hold y
-                buf = torch.sub(xf, shift.view(1, c, 1, 1), out=torch.empty_like(xf))
-                s1 = buf.sum(dims)
-                s2 = buf.mul_(buf).sum(dims)
+            xf = x if x.dtype == ct else x.to(ct)
+            # x - shift, in the buffer that will hold y
+            buf = torch.sub(xf, shift.view(1, c, 1, 1), out=torch.empty_like(xf))
+            s1 = buf.sum(dims)
+            s2 = buf.mul_(buf).sum(dims)
         total = local
         if sync:  # sums of x - shift, shift the same on every rank
             packed = torch.cat([s1.double(), s2.double(), s1.new_full((1,), float(local), dtype=torch.float64)])
@@ -254,20 +256,16 @@ class BatchNormFunction(torch.autograd.Function):
                     s = _all_reduce(s)
                 grad_x = _kernels.bn_backward(dyf, x, fmt, s, ctx.total, weight, mean, rstd)
             return grad_x, grad_weight, grad_bias, None, None, None, None, None, grad_res, None
-        if kind == TRITON:  # sums of g and g*(x - mean) in one pass (g = dy masked by the ReLU, written out)
-            g = _triton.like(dy if dy.dtype == x.dtype else dy.to(x.dtype), fmt)
-            p1, p2, gm = _triton.channel_sums(g, fmt, mean, b=x, mask=_triton.like(y, fmt) if ctx.relu else None)
-            g = g if gm is None else gm
-            sum_dy, sum_dy_xc = p1.double().sum((0, 1)).to(ct), p2.double().sum((0, 1)).to(ct)
-        else:
-            g = torch.where(y > 0, dy, 0) if ctx.relu else dy
-            dyf = g if g.dtype == ct else g.to(ct)
-            xf = x if x.dtype == ct else x.to(ct)
-            sum_dy = dyf.sum(dims)
-            # centred before the product: sum(dy*x) - mean*sum(dy) would cancel for large-mean inputs
-            # dy*(x - mean), in the buffer that becomes grad_x
-            buf = torch.sub(xf, mean.view(1, c, 1, 1), out=torch.empty_like(xf)).mul_(dyf)
-            sum_dy_xc = buf.sum(dims)
+        if kind == TRITON:
+            return _bn_triton_backward(ctx, dy, fmt, x, weight, mean, rstd, y, want_res)
+        g = torch.where(y > 0, dy, 0) if ctx.relu else dy
+        dyf = g if g.dtype == ct else g.to(ct)
+        xf = x if x.dtype == ct else x.to(ct)
+        sum_dy = dyf.sum(dims)
+        # centred before the product: sum(dy*x) - mean*sum(dy) would cancel for large-mean inputs
+        # dy*(x - mean), in the buffer that becomes grad_x
+        buf = torch.sub(xf, mean.view(1, c, 1, 1), out=torch.empty_like(xf)).mul_(dyf)
+        sum_dy_xc = buf.sum(dims)
         grad_res = _residual_grad(g, ctx) if want_res else None
         grad_weight = grad_bias = grad_x = None
         if weight is not None and ctx.needs_input_grad[1]:
@@ -283,19 +281,68 @@ class BatchNormFunction(torch.autograd.Function):
             b = -a * rstd * rstd * sum_dy_xc / m
             cst = -a * sum_dy / m
             # dx = a*dy + b*(x - mean) + cst (uncentred here: b*mean vs b*x costs ~1e-7·mean/std, harmless)
-            if kind == TRITON:
-                grad_x = _triton.affine(g, fmt, a, cst, q=x, Q=b, Qc=mean)
-            else:
-                grad_x = torch.addcmul((cst - b * mean).view(1, c, 1, 1), xf, b.view(1, c, 1, 1), out=buf)
-                grad_x.addcmul_(dyf, a.view(1, c, 1, 1))
-                if grad_x.dtype != x.dtype:
-                    grad_x = grad_x.to(x.dtype)
+            grad_x = torch.addcmul((cst - b * mean).view(1, c, 1, 1), xf, b.view(1, c, 1, 1), out=buf)
+            grad_x.addcmul_(dyf, a.view(1, c, 1, 1))
+            if grad_x.dtype != x.dtype:
+                grad_x = grad_x.to(x.dtype)
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, grad_res, None
 
 
 def _residual_grad(g: torch.Tensor, ctx) -> torch.Tensor:
     """The residual's gradient: the (ReLU-masked) output gradient, in the residual's dtype."""
     return g if g.dtype == ctx.residual_dtype else g.to(ctx.residual_dtype)
+
+
+def _bn_triton_forward(ctx, x, fmt, weight, bias, running_mean, running_var, momentum, eps, sync: bool, local: int,
+                       residual, relu: bool) -> torch.Tensor:
+    """BN forward on the Triton kernels: the sums kernel (shift read from x inside it), the finish kernel
+    (statistics, running-statistics update, scale and shift) and the affine: three launches. Synced: the
+    sums shifted by ``_sample_shift`` (each rank its own), un-shifted into float64 plain sums and packed with
+    the count by one more launch, all-reduced, then finished from those sums."""
+    c = x.shape[1]
+    ctx.sync, ctx.relu = sync, bool(relu)
+    ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
+    ctx.residual_dtype = residual.dtype if residual is not None else None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    run = dict(running_mean=running_mean, running_var=running_var, momentum=momentum)
+    if sync:
+        shift = _sample_shift(x, compute_dtype(x.dtype))
+        p1, p2, _ = _triton.channel_sums(x, fmt, shift)
+        packed = _all_reduce(_triton.bn_pack(p1, p2, local, shift))
+        ctx.total = packed[2 * c]  # a device tensor: no host sync
+        mean, rstd, scale, shift_y = _triton.bn_stats(packed[:c], packed[c:2 * c], ctx.total, weight, bias, eps, **run)
+    else:
+        p1, p2, _ = _triton.channel_sums(x, fmt, None)
+        ctx.total = local
+        mean, rstd, scale, shift_y = _triton.bn_stats(p1, p2, local, weight, bias, eps, x=x, **run)
+    y = _affine_out(TRITON, fmt, x, None, None, scale, shift_y, None, residual, ctx.relu)
+    ctx.save_for_backward(x, weight, mean, rstd, y if ctx.relu else None)
+    return y
+
+
+def _bn_triton_backward(ctx, dy, fmt, x, weight, mean, rstd, y, want_res: bool):
+    """BN backward on the Triton kernels: the sums of g and g*(x - mean) in one pass (g = dy masked by the
+    ReLU, written out), the finish kernel (weight/bias gradients and dx's coefficients), the affine for dx:
+    three launches. Synced: the finish packs the local sums, which are all-reduced and finished again."""
+    c = x.shape[1]
+    g = _triton.like(dy if dy.dtype == x.dtype else dy.to(x.dtype), fmt)
+    p1, p2, gm = _triton.channel_sums(g, fmt, mean, b=x, mask=_triton.like(y, fmt) if ctx.relu else None)
+    g = g if gm is None else gm
+    gw_dtype = weight.dtype if weight is not None and ctx.needs_input_grad[1] else None
+    gb_dtype = ctx.bias_dtype if ctx.has_bias and ctx.needs_input_grad[2] else None  # local sums, before any all-reduce
+    grad_x = None
+    if ctx.sync and ctx.needs_input_grad[0]:
+        grad_weight, grad_bias, packed = _triton.bn_grads(p1, p2, ctx.total, rstd, weight, gw_dtype, gb_dtype,
+                                                          pack=True)
+        packed = _all_reduce(packed)
+        coef = _triton.bn_grads(packed[:c], packed[c:], ctx.total, rstd, weight)[2]
+    else:
+        grad_weight, grad_bias, coef = _triton.bn_grads(p1, p2, ctx.total, rstd, weight, gw_dtype, gb_dtype)
+    if ctx.needs_input_grad[0]:
+        a, b, cst = coef
+        grad_x = _triton.affine(g, fmt, a, cst, q=x, Q=b, Qc=mean)  # dx = a*g + b*(x - mean) + cst
+    grad_res = _residual_grad(g, ctx) if want_res else None
+    return grad_x, grad_weight, grad_bias, None, None, None, None, None, grad_res, None
 
 
 class GroupNormFunction(torch.autograd.Function):
@@ -319,19 +366,19 @@ class GroupNormFunction(torch.autograd.Function):
             y, mean, rstd = _kernels.gn_forward(x, fmt, g, weight, bias, eps, res, ctx.relu)
             ctx.save_for_backward(x, weight, mean, rstd, y if ctx.relu else None)
             return y
+        if kind == TRITON:  # sums (shift read from x inside), statistics and coefficients, affine: three launches
+            p1, p2, _ = _triton.channel_sums(x, fmt, None, group_size=cg)
+            mean, rstd, scale, shift_y = _triton.gn_stats(p1, p2, x, g, weight, bias, eps)
+            y = _affine_out(kind, fmt, x, None, None, scale, shift_y, None, residual, ctx.relu)
+            ctx.save_for_backward(x, weight, mean, rstd, y if ctx.relu else None)
+            return y
         shift = _sample_shift(x, ct, cg)  # (N, G)
         shift_c = shift.repeat_interleave(cg, dim=1)  # (N, C)
-        xf = buf = None  # tensor ops only
-        if kind == TRITON:  # per-(sample, channel) partial sums, then summed over blocks and the group
-            p1, p2, _ = _triton.channel_sums(x, fmt, shift_c)
-            s1 = p1.double().sum(1).view(n, g, cg).sum(2)
-            s2 = p2.double().sum(1).view(n, g, cg).sum(2)
-        else:
-            xf = x if x.dtype == ct else x.to(ct)
-            # x - shift, in the buffer that will hold y
-            buf = torch.sub(xf, shift_c.view(n, c, 1, 1), out=torch.empty_like(xf))
-            s1 = buf.sum((2, 3)).view(n, g, cg).sum(2)
-            s2 = buf.mul_(buf).sum((2, 3)).view(n, g, cg).sum(2)
+        xf = x if x.dtype == ct else x.to(ct)
+        # x - shift, in the buffer that will hold y
+        buf = torch.sub(xf, shift_c.view(n, c, 1, 1), out=torch.empty_like(xf))
+        s1 = buf.sum((2, 3)).view(n, g, cg).sum(2)
+        s2 = buf.mul_(buf).sum((2, 3)).view(n, g, cg).sum(2)
         mean, var = _moments(s1, s2, cg * x.shape[2] * x.shape[3], ct, shift)  # (N, G)
         rstd = torch.rsqrt(var + eps)
         rstd_c = rstd.repeat_interleave(cg, dim=1)  # (N, C)
@@ -363,21 +410,29 @@ class GroupNormFunction(torch.autograd.Function):
                 gb = gb.to(ctx.bias_dtype)
             grad_res = _residual_grad(dy if gm is None else gm, ctx) if want_res else None
             return gx, gw, gb, None, None, grad_res, None
+        if kind == TRITON:  # (N, C) sums of g and g*(x - mean) in one pass (g: dy masked by the ReLU), finish, dx
+            gr = _triton.like(dy if dy.dtype == x.dtype else dy.to(x.dtype), fmt)
+            p1, p2, gm = _triton.channel_sums(gr, fmt, mean, b=x, mask=_triton.like(y, fmt) if ctx.relu else None,
+                                              group_size=cg)
+            gr = gr if gm is None else gm
+            grad_weight, grad_bias, coef = _triton.gn_grads(
+                p1, p2, g, cg * h * w, mean, rstd, weight,
+                weight.dtype if weight is not None and ctx.needs_input_grad[1] else None,
+                ctx.bias_dtype if ctx.has_bias and ctx.needs_input_grad[2] else None, ctx.needs_input_grad[0])
+            grad_x = None
+            if coef is not None:
+                a, b, cst, mean_c = coef
+                grad_x = _triton.affine(gr, fmt, a, cst, q=x, Q=b, Qc=mean_c)
+            return grad_x, grad_weight, grad_bias, None, None, _residual_grad(gr, ctx) if want_res else None, None
         rstd_c = rstd.repeat_interleave(cg, dim=1)
         mean_c = mean.repeat_interleave(cg, dim=1)
-        if kind == TRITON:  # (N, C) sums of g and g*(x - mean) in one pass (g: dy masked by the ReLU)
-            gr = _triton.like(dy if dy.dtype == x.dtype else dy.to(x.dtype), fmt)
-            p1, p2, gm = _triton.channel_sums(gr, fmt, mean_c, b=x, mask=_triton.like(y, fmt) if ctx.relu else None)
-            gr = gr if gm is None else gm
-            s1, s2 = p1.double().sum(1).to(ct), p2.double().sum(1).to(ct)
-        else:
-            gr = torch.where(y > 0, dy, 0) if ctx.relu else dy
-            dyf = gr if gr.dtype == ct else gr.to(ct)
-            xf = x if x.dtype == ct else x.to(ct)
-            s1 = dyf.sum((2, 3))  # (N, C): sum of dy
-            # centred before the product (exact for large-mean inputs), in the buffer that becomes grad_x
-            buf = torch.sub(xf, mean_c.view(n, c, 1, 1), out=torch.empty_like(xf)).mul_(dyf)
-            s2 = buf.sum((2, 3))  # (N, C): sum of dy * (x - mean)
+        gr = torch.where(y > 0, dy, 0) if ctx.relu else dy
+        dyf = gr if gr.dtype == ct else gr.to(ct)
+        xf = x if x.dtype == ct else x.to(ct)
+        s1 = dyf.sum((2, 3))  # (N, C): sum of dy
+        # centred before the product (exact for large-mean inputs), in the buffer that becomes grad_x
+        buf = torch.sub(xf, mean_c.view(n, c, 1, 1), out=torch.empty_like(xf)).mul_(dyf)
+        s2 = buf.sum((2, 3))  # (N, C): sum of dy * (x - mean)
         grad_res = _residual_grad(gr, ctx) if want_res else None
         grad_x = grad_weight = grad_bias = None
         if weight is not None and ctx.needs_input_grad[1]:
@@ -395,13 +450,10 @@ class GroupNormFunction(torch.autograd.Function):
             cst = (-rstd * m1).repeat_interleave(cg, dim=1)
             a = rstd_c if wf is None else rstd_c * wf
             # dx = a*dy + b*(x - mean) + cst (uncentred on the tensor-op path, as for BN)
-            if kind == TRITON:
-                grad_x = _triton.affine(gr, fmt, a, cst, q=x, Q=b, Qc=mean_c)
-            else:
-                grad_x = torch.addcmul((cst - b * mean_c).view(n, c, 1, 1), xf, b.view(n, c, 1, 1), out=buf)
-                grad_x.addcmul_(dyf, a.view(n, c, 1, 1))
-                if grad_x.dtype != x.dtype:
-                    grad_x = grad_x.to(x.dtype)
+            grad_x = torch.addcmul((cst - b * mean_c).view(n, c, 1, 1), xf, b.view(n, c, 1, 1), out=buf)
+            grad_x.addcmul_(dyf, a.view(n, c, 1, 1))
+            if grad_x.dtype != x.dtype:
+                grad_x = grad_x.to(x.dtype)
         return grad_x, grad_weight, grad_bias, None, None, grad_res, None
 
 
