@@ -176,13 +176,8 @@ class BatchNormFunction(torch.autograd.Function):
                 s2 = buf.mul_(buf).sum(dims)
         total = local
         if sync:
-            if shift is not None:  # every rank has its own shift: back to plain sums, in float64
-                k, s1 = shift.double(), s1.double()
-                s1, s2 = s1 + local * k, s2.double() + k * (2 * s1 + local * k)
-                shift = None
-            packed = torch.cat([s1.double(), s2.double(), s1.new_full((1,), float(local), dtype=torch.float64)])
-            packed = _all_reduce(packed)
-            s1, s2, total = packed[:c], packed[c:2 * c], packed[2 * c]
+            s1, s2, total = _synced_sums(s1, s2, shift, local)
+            shift = None
             if kind == CPP:
                 total = int(round(total.item()))
         ctx.total, ctx.sync, ctx.relu = total, sync, bool(relu)
@@ -427,3 +422,17 @@ def check_input(x: torch.Tensor, num_channels: int, who: str) -> None:
     if x.shape[1] != num_channels:
         raise NormlabError(f"{who} was built for {num_channels} channels but got {x.shape[1]} "
                            f"(input shape {tuple(x.shape)}): build it with num_channels={x.shape[1]}")
+
+
+def _synced_sums(s1: torch.Tensor, s2: torch.Tensor, shift: torch.Tensor | None, local: int):
+    """Synced BN's all-reduce (BN and BIN): the per-channel sums of ``x - shift`` and its square (plain sums
+    when ``shift`` is None) over this rank's ``local`` values per channel, turned into plain float64 sums
+    (every rank has its own shift) and all-reduced with the count. Returns ``(s1, s2, total)``, plain sums;
+    ``total`` stays a float64 device tensor (no host sync)."""
+    c = s1.shape[0]
+    if shift is not None:
+        k, s1 = shift.double(), s1.double()
+        s1, s2 = s1 + local * k, s2.double() + k * (2 * s1 + local * k)
+    packed = torch.cat([s1.double(), s2.double(), s1.new_full((1,), float(local), dtype=torch.float64)])
+    packed = _all_reduce(packed)
+    return packed[:c], packed[c:2 * c], packed[2 * c]
