@@ -145,8 +145,9 @@ def test_triton_matches_native(name, dtype, cl, fused, spy):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
 def test_triton_bin_is_its_bn_and_in_branches(dtype, cl, spy):
-    """BIN = ρ·BN + (1−ρ)·IN: one statistics pass and one affine per branch (the cost of BN + IN), and with
-    a random gate the same outputs, gradients and running statistics as the two native layers mixed."""
+    """BIN = ρ·BN + (1−ρ)·IN: one statistics pass and one affine forward and backward for both branches
+    together (the cost of one BN), and with a random gate the same outputs, gradients and running statistics
+    as the two native layers mixed."""
     c = SHAPE[1]
     ours = BatchInstanceNorm2d(c)
     bn, inn = nn.BatchNorm2d(c), nn.GroupNorm(c, c)
@@ -168,7 +169,7 @@ def test_triton_bin_is_its_bn_and_in_branches(dtype, cl, spy):
     check(xo.grad, xr.grad, TOL[dtype])
     check(ours.running_mean, bn.running_mean, (1e-2, 1e-2))
     check(ours.running_var, bn.running_var, (2e-2, 2e-2))
-    assert spy == {"sums": 4, "affine": 4}  # forward + backward of BN and of IN, nothing more
+    assert spy == {"sums": 2, "affine": 2}  # one sums sweep and one affine forward, the same backward
 
 
 @pytest.mark.parametrize("name", ["bn", "gn"])
@@ -374,3 +375,61 @@ def test_triton_finish_kernels_at_other_shapes(name, shape, groups, spy):
     if name == "bn":
         check(ours.running_var, ref.running_var, (1e-5, 1e-5))
     assert spy["sums"] == 2 and spy["affine"] == 2
+
+
+def composed_bin(m, x):
+    """BIN as the BN and IN Functions summed (its C++ path, and BIN before its fused Function)."""
+    rho = m.rho + (m.rho.detach().clamp(0, 1) - m.rho.detach())
+    y_bn = m.batch_norm(x, rho * m.weight, m.bias)
+    return y_bn + _functional.GroupNormFunction.apply(x, (1 - rho) * m.weight, None, m.num_channels, m.eps)
+
+
+@pytest.mark.parametrize("dtype,case", [(torch.float32, "plain"), (torch.bfloat16, "plain"), (torch.float32, "sync"),
+                                        (torch.bfloat16, "sync"), (torch.float32, "large_mean")],
+                         ids=["fp32", "bf16", "fp32_sync", "bf16_sync", "fp32_large_mean"])
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
+def test_triton_fused_bin_equals_its_composition(dtype, cl, case, spy, monkeypatch):
+    """On the Triton kernels, the fused BIN Function gives the BN + IN composition's outputs, input, weight,
+    bias and ρ gradients (gates partly outside [0, 1]), running statistics, and eval outputs and gradients, with
+    |mean|/std = 1000 (float32) and with synced BN mocked as a world of two identical ranks; one sums sweep and
+    one affine forward, the same backward, in training and in eval. (Large means in float32 only: bfloat16's
+    step at 1000 is 8.)"""
+    import copy
+
+    if case == "sync":
+        monkeypatch.setattr(_functional, "distributed_active", lambda: True)
+        monkeypatch.setattr(_functional, "_all_reduce", lambda t: t.mul_(2))
+    c = SHAPE[1]
+    ours = BatchInstanceNorm2d(c, sync=case == "sync")
+    same_affine(ours, ours)
+    with torch.no_grad():
+        ours.rho.copy_(torch.rand(c, generator=torch.Generator().manual_seed(7)) * 1.6 - 0.3)
+    ref = copy.deepcopy(ours)
+    mean, std = (1000.0, 1.0) if case == "large_mean" else (0.5, 2.0)
+    tol = TOL[dtype] if case != "large_mean" else (2e-3, 2e-3)
+    # large means: either side's weight/ρ gradients are off float64's by ~6e-5 of their largest value
+    ptol = PARAM_TOL[dtype] if case != "large_mean" else (1e-3, 1e-3)
+    for step, train in ((0, True), (1, True), (2, False)):
+        ours.train(train), ref.train(train)
+        x = inputs(SHAPE, dtype, cl, seed=step, mean=mean, std=std)
+        dy = inputs(SHAPE, dtype, cl, seed=10 + step, mean=0.0, std=1.0)
+        got, want = [], []
+        for m, fn, out in ((ours, lambda m, x: m(x), got), (ref, composed_bin, want)):
+            before = dict(spy)
+            xo = x.clone().requires_grad_()
+            m.zero_grad(set_to_none=True)
+            y = fn(m, xo)
+            y.backward(dy)
+            out += [y, xo.grad, m.weight.grad, m.bias.grad, m.rho.grad]
+            if m is ours:
+                assert {k: spy[k] - before[k] for k in spy} == {"sums": 2, "affine": 2}, (step, spy, before)
+        assert got[0].dtype == got[1].dtype == dtype
+        assert got[0].is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        for what, a, b in zip(("y", "dx", "dweight", "dbias", "drho"), got, want):
+            t = tol if what in ("y", "dx") else ptol
+            if what == "dx" and case == "large_mean":
+                t = (2e-3 * b.abs().max().item(), 0)
+            torch.testing.assert_close(a.float(), b.float(), atol=t[0], rtol=t[1],
+                                       msg=lambda s, w=what, st=step: f"step {st}, {w}: {s}")
+        check(ours.running_mean, ref.running_mean, (1e-4, 1e-5))
+        check(ours.running_var, ref.running_var, (1e-4, 1e-4))

@@ -199,10 +199,8 @@ class BatchNormFunction(torch.autograd.Function):
             s1 = buf.sum(dims)
             s2 = buf.mul_(buf).sum(dims)
         total = local
-        if sync:  # sums of x - shift, shift the same on every rank
-            packed = torch.cat([s1.double(), s2.double(), s1.new_full((1,), float(local), dtype=torch.float64)])
-            packed = _all_reduce(packed)
-            s1, s2, total = packed[:c], packed[c:2 * c], packed[2 * c]
+        if sync:  # sums of x - shift, the shift the same on every rank: they add up as they are
+            s1, s2, total = _synced_sums(s1, s2, None, local)
             if kind == CPP:
                 total = int(round(total.item()))
         ctx.total, ctx.sync, ctx.relu = total, sync, bool(relu)
@@ -498,3 +496,18 @@ def check_input(x: torch.Tensor, num_channels: int, who: str) -> None:
     if x.shape[1] != num_channels:
         raise NormlabError(f"{who} was built for {num_channels} channels but got {x.shape[1]} "
                            f"(input shape {tuple(x.shape)}): build it with num_channels={x.shape[1]}")
+
+
+def _synced_sums(s1: torch.Tensor, s2: torch.Tensor, shift: torch.Tensor | None, local: int):
+    """Synced BN's all-reduce (BN and BIN): the per-channel sums of ``x - shift`` and its square over this rank's
+    ``local`` values per channel, all-reduced in float64 with the count. With ``shift`` (this rank's own, as
+    BIN's per-(sample, channel) shifts are) they are first turned into plain float64 sums; ``shift=None``: the
+    sums are plain, or shifted by a value common to every rank (BN's ``_common_shift``), and add up as they are.
+    Returns ``(s1, s2, total)``; ``total`` stays a float64 device tensor (no host sync)."""
+    c = s1.shape[0]
+    if shift is not None:
+        k, s1 = shift.double(), s1.double()
+        s1, s2 = s1 + local * k, s2.double() + k * (2 * s1 + local * k)
+    packed = torch.cat([s1.double(), s2.double(), s1.new_full((1,), float(local), dtype=torch.float64)])
+    packed = _all_reduce(packed)
+    return packed[:c], packed[c:2 * c], packed[2 * c]

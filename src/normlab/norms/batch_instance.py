@@ -7,7 +7,8 @@ import weakref
 import torch
 from torch import nn
 
-from normlab.norms._functional import GroupNormFunction, check_input
+from normlab.norms._bin import BatchInstanceFunction
+from normlab.norms._functional import CPP, GroupNormFunction, backend, check_input
 from normlab.norms.batch import BatchStatsNorm
 
 
@@ -24,8 +25,11 @@ class BatchInstanceNorm2d(BatchStatsNorm):
       ``nn.BatchNorm2d``) and uses them in eval; the IN branch always uses per-sample statistics.
     * ``sync=True`` synchronizes the BN branch's statistics across ranks (no-op when not distributed).
 
-    Implementation: the two branches are the BN and IN autograd Functions with fused weights ρ·γ
-    (plus β) and (1−ρ)·γ, summed; autograd carries the gradients to ρ and γ through the products.
+    Implementation: on the tensor-op and Triton back-ends, one autograd Function (``_bin``) that computes
+    both branches' statistics from the same per-(sample, channel) sums and writes the output as one
+    per-(sample, channel) affine -- the sweeps over the input of one BN, forward and backward. On the C++
+    kernels' CPU tensors, the BN and IN autograd Functions with fused weights ρ·γ (plus β) and (1−ρ)·γ,
+    summed; autograd carries the gradients to ρ and γ through the products.
     """
 
     def __init__(self, num_channels: int, eps: float = 1e-5, momentum: float | None = 0.1, *,
@@ -41,12 +45,33 @@ class BatchInstanceNorm2d(BatchStatsNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.num_channels, type(self).__name__)
+        be = backend(x)
+        if be is None or be[0] != CPP:  # tensor ops and Triton: the fused Function (one BN's sweeps)
+            return self._fused(x)
+        # C++ kernels: the BN and IN Functions, summed (no fused C++ version yet).
         # Clamped value, identity gradient: torch.clamp's gradient is 0 at the bounds, and rho starts
         # at exactly 1, so a plain clamp would freeze every gate at 1 (BIN would train as BN).
         rho = self.rho + (self.rho.detach().clamp(0, 1) - self.rho.detach())
         y_bn = self.batch_norm(x, rho * self.weight, self.bias)
         y_in = GroupNormFunction.apply(x, (1 - rho) * self.weight, None, self.num_channels, self.eps)
         return y_bn + y_in
+
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+        """``BatchInstanceFunction`` with this module's statistics: batch statistics in training (running ones
+        updated as ``BatchStatsNorm.batch_norm`` does), running ones in eval; it clamps ``rho`` itself."""
+        tracking = self.track_running_stats and self.running_mean is not None
+        batch = self.training or not tracking
+        update = self.training and tracking
+        factor = 0.0
+        if update:  # momentum None: cumulative average (reads the counter: a host sync, as native's does)
+            factor = (1.0 / (float(self.num_batches_tracked) + 1.0)) if self.momentum is None else self.momentum
+        stats = update or not batch
+        y = BatchInstanceFunction.apply(x, self.weight, self.bias, self.rho,
+                                        self.running_mean if stats else None, self.running_var if stats else None,
+                                        factor, self.eps, self.sync, batch)
+        if update:
+            self.num_batches_tracked.add_(1)
+        return y
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, eps={self.eps}, momentum={self.momentum}, sync={self.sync}"

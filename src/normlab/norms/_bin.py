@@ -1,0 +1,158 @@
+"""Batch-Instance Norm as one autograd Function: the cost of one BN instead of BN + IN.
+
+``y = (ρ·x̂_BN + (1−ρ)·x̂_IN)·γ + β`` needs per-channel (BN) and per-(sample, channel) (IN) statistics, and
+both come from the same per-(n, c) sums. Forward, one statistics sweep and one output sweep over x:
+
+* ``S1[n, c] = Σ (x − k[n, c])`` and ``S2[n, c] = Σ (x − k[n, c])²`` over (H, W), with ``k[n, c] = x[n, c, 0, 0]``
+  (shifted sums: exact for large-mean inputs, as in ``_functional``). IN's mean and variance come from them
+  directly; BN's per-channel shifted sums (shift ``k[0, c]``, as ``BatchNormFunction`` takes) are combined
+  over n in float64 with the change of shift ``d = k[n, c] − k[0, c]``: ``Σ_n S1 + HW·d`` and
+  ``Σ_n S2 + 2·d·S1 + HW·d²``. With ``sync`` those per-channel sums go through ``_functional._synced_sums``,
+  the all-reduce ``BatchNormFunction`` uses.
+* the output is one per-(n, c) affine ``y = x·A + B``, ``A = γ(ρ·rstd_BN + (1−ρ)·rstd_IN)``,
+  ``B = β − γ(ρ·rstd_BN·mean_BN + (1−ρ)·rstd_IN·mean_IN)``.
+
+Backward, one sweep for the per-(n, c) sums ``G1 = Σ g`` and ``G2 = Σ g·(x − mean_IN)`` (g = dy); BN's
+per-channel sums ``Σ g`` and ``Σ g·(x − mean_BN) = Σ_n G2 + (mean_IN − mean_BN)·G1`` follow in float64, then
+the gradients of ρ (``γ·Σ g·(x̂_BN − x̂_IN)``), γ and β, and one sweep for
+``dx = a·g + b·(x − mean_IN) + c`` with (n, c) coefficients.
+
+``batch_stats=False`` (eval) takes the BN branch's statistics from the running buffers (constants for
+autograd); the IN branch always uses the sample's. ``rho`` is clamped to [0, 1] in forward and its gradient
+passed through unclamped (straight-through). Small per-(n, c) math runs in float64; the big tensor is read in
+``compute_dtype`` (float32 for bf16/fp16). Back-ends: the Triton kernels (``_triton.channel_sums`` and
+``_triton.affine``) or tensor ops; the C++ kernels' CPU tensors keep the BN + IN composition (the caller,
+``batch_instance``, decides).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from normlab.errors import NormlabError
+from normlab.norms import _functional, _triton
+from normlab.norms._functional import TRITON, _affine_out, _moments, _sample_shift, _update_running, compute_dtype
+
+
+def _sums(kind, fmt, x, xf, center):
+    """Forward: the (N, C) float64 sums of ``x - center`` and its square (center (N, C)); on the tensor-op path
+    also the compute-dtype buffer they were formed in (it will hold the output)."""
+    n, c = x.shape[:2]
+    if kind == TRITON:
+        p1, p2, _ = _triton.channel_sums(x, fmt, center)
+        return p1.double().sum(1), p2.double().sum(1), None
+    buf = torch.sub(xf, center.view(n, c, 1, 1), out=torch.empty_like(xf))
+    s1 = buf.sum((2, 3))
+    s2 = buf.mul_(buf).sum((2, 3))
+    return s1.double(), s2.double(), buf
+
+
+class BatchInstanceFunction(torch.autograd.Function):
+    """BIN in one Function (see the module docstring). Arguments: ``x`` (N, C, H, W); ``weight``, ``bias``,
+    ``rho`` (C,); ``running_mean`` / ``running_var``: updated with ``momentum`` when ``batch_stats`` (or None:
+    no update), the BN statistics themselves when not; ``sync``: all-reduce the BN branch's sums (forward) and
+    gradient sums (backward) when torch.distributed is active; the weight, bias and ρ gradients stay local."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, rho, running_mean, running_var, momentum: float, eps: float, sync: bool,
+                batch_stats: bool = True):  # noqa: D102
+        n, c, h, w = x.shape
+        hw = h * w
+        ct = compute_dtype(x.dtype)
+        be = _functional.backend(x)
+        kind, fmt = be if be else (None, None)
+        sync = bool(sync) and batch_stats and _functional.distributed_active()
+        local = n * hw
+        if batch_stats and not sync and local <= 1:
+            raise NormlabError(
+                f"BatchInstanceNorm got {local} value per channel (input shape {tuple(x.shape)}) and cannot "
+                "compute batch statistics in training: use a batch size of 2 or more, or a per-sample norm (in/gn)")
+        xf = None if kind == TRITON else (x if x.dtype == ct else x.to(ct))
+        k = _sample_shift(x, ct, 1)  # (N, C): x[n, c, 0, 0]
+        s1, s2, buf = _sums(kind, fmt, x, xf, k)
+        k64 = k.double()
+        mean_in, var_in = _moments(s1, s2, hw, torch.float64, k64)  # (N, C)
+        total = local
+        if batch_stats:
+            kc = k64[0] if n else torch.zeros(c, dtype=torch.float64, device=x.device)
+            d = k64 - kc  # change of shift, per (n, c)
+            b1 = (s1 + hw * d).sum(0)
+            b2 = (s2 + d * (2 * s1 + hw * d)).sum(0)
+            if sync:
+                b1, b2, total = _functional._synced_sums(b1, b2, kc, local)
+                kc = None
+            mean_bn, var_bn = _moments(b1, b2, total, torch.float64, kc)
+            if running_mean is not None:
+                _update_running(running_mean, running_var, mean_bn, var_bn, total, momentum)
+        else:
+            # copies: saved for backward, while the buffers may change in place before it runs
+            mean_bn = running_mean.detach().to(torch.float64, copy=True)
+            var_bn = running_var.detach().to(torch.float64, copy=True)
+        rstd_bn = torch.rsqrt(var_bn + eps)
+        rstd_in = torch.rsqrt(var_in + eps)
+        r = rho.detach().double().clamp(0, 1)
+        g64 = weight.detach().double()
+        wb, wi = r * g64, (1 - r) * g64  # the branches' weights, (C,)
+        scale = wb * rstd_bn + wi * rstd_in  # (N, C)
+        shift_y = bias.detach().double() - wb * rstd_bn * mean_bn - wi * rstd_in * mean_in
+        y = _affine_out(kind, fmt, x, xf, buf, scale.to(ct), shift_y.to(ct), (n, c, 1, 1), None, False)
+        # the backward sweep centres x on mean_in in the compute dtype: the small math uses that rounded value
+        mean_in = mean_in.to(ct)
+        ctx.total, ctx.sync, ctx.batch_stats = total, sync, batch_stats
+        ctx.dtypes = (weight.dtype, bias.dtype, rho.dtype)
+        ctx.save_for_backward(x, weight, rho, mean_in, rstd_in, mean_bn, rstd_bn)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # noqa: D102
+        x, weight, rho, mean_in, rstd_in, mean_bn, rstd_bn = ctx.saved_tensors
+        n, c, h, w = x.shape
+        hw = h * w
+        ct = mean_in.dtype
+        be = _functional.backend(x)
+        kind, fmt = be if be else (None, None)
+        if kind == TRITON:  # (N, C) sums of g and g*(x - mean_in) in one pass
+            g = _triton.like(dy if dy.dtype == x.dtype else dy.to(x.dtype), fmt)
+            p1, p2, _ = _triton.channel_sums(g, fmt, mean_in, b=x)
+            g1, g2 = p1.double().sum(1), p2.double().sum(1)
+        else:
+            dyf = dy if dy.dtype == ct else dy.to(ct)
+            xf = x if x.dtype == ct else x.to(ct)
+            g1 = dyf.sum((2, 3)).double()
+            # centred before the product (exact for large-mean inputs), in the buffer that becomes grad_x
+            buf = torch.sub(xf, mean_in.view(n, c, 1, 1), out=torch.empty_like(xf)).mul_(dyf)
+            g2 = buf.sum((2, 3)).double()
+        mi = mean_in.double()
+        r = rho.detach().double().clamp(0, 1)
+        gam = weight.detach().double()
+        wb, wi = r * gam, (1 - r) * gam
+        h1 = g1.sum(0)  # BN branch: Σ g and Σ g·(x − mean_bn), per channel (local)
+        h2 = (g2 + (mi - mean_bn) * g1).sum(0)
+        in2 = (rstd_in * g2).sum(0)  # Σ g·x̂_in per channel
+        grads = [None] * 10
+        if ctx.needs_input_grad[1]:
+            grads[1] = (r * rstd_bn * h2 + (1 - r) * in2).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[2]:
+            grads[2] = h1.to(ctx.dtypes[1])
+        if ctx.needs_input_grad[3]:  # straight-through: the clamped gate's gradient, unclamped
+            grads[3] = (gam * (rstd_bn * h2 - in2)).to(ctx.dtypes[2])
+        if ctx.needs_input_grad[0]:
+            a = wb * rstd_bn + wi * rstd_in
+            b = -wi * rstd_in ** 3 * g2 / hw
+            cst = -wi * rstd_in * g1 / hw
+            if ctx.batch_stats:  # BN statistics depend on x: their terms, on the (synced) sums
+                if ctx.sync:
+                    both = _functional._all_reduce(torch.cat([h1, h2]))
+                    h1, h2 = both[:c], both[c:]
+                m = ctx.total
+                bb = -wb * rstd_bn ** 3 * h2 / m
+                b = b + bb
+                cst = cst - wb * rstd_bn * h1 / m + bb * (mi - mean_bn)
+            # dx = a*g + b*(x - mean_in) + cst (uncentred on the tensor-op path, as in _functional)
+            if kind == TRITON:
+                grads[0] = _triton.affine(g, fmt, a.to(ct), cst.to(ct), q=x, Q=b.to(ct), Qc=mean_in)
+            else:
+                gx = torch.addcmul((cst - b * mi).to(ct).view(n, c, 1, 1), xf, b.to(ct).view(n, c, 1, 1), out=buf)
+                gx.addcmul_(dyf, a.to(ct).view(n, c, 1, 1))
+                grads[0] = gx if gx.dtype == x.dtype else gx.to(x.dtype)
+        return tuple(grads)
