@@ -1132,6 +1132,7 @@ def test_fused_bin_synced_equals_the_synced_composition(norm_path, monkeypatch):
     monkeypatch.setattr(_functional, "distributed_active", lambda: True)
     reduced = []
     monkeypatch.setattr(_functional, "_all_reduce", lambda t: reduced.append(t.numel()) or t.mul_(2))
+    monkeypatch.setattr(_functional, "_broadcast", lambda t: t)  # the composition's BN: both ranks, one batch
     ours, ref = bin_pair(6, sync=True)
     x = make_input((4, 6, 5, 5), channels_last=norm_path == "cpp").detach() + 50.0  # both layouts over the two params
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
