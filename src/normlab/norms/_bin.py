@@ -21,8 +21,8 @@ the gradients of ρ (``γ·Σ g·(x̂_BN − x̂_IN)``), γ and β, and one swee
 autograd); the IN branch always uses the sample's. ``rho`` is clamped to [0, 1] in forward and its gradient
 passed through unclamped (straight-through). Small per-(n, c) math runs in float64; the big tensor is read in
 ``compute_dtype`` (float32 for bf16/fp16). Back-ends: the Triton kernels (``_triton.channel_sums`` and
-``_triton.affine``) or tensor ops; the C++ kernels' CPU tensors keep the BN + IN composition (the caller,
-``batch_instance``, decides).
+``_triton.affine``) or tensor ops -- on CPU too, where this beat the C++ kernels' BN and IN Functions summed
+(see ``batch_instance``); no C++ version of it yet.
 """
 
 from __future__ import annotations

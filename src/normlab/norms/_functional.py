@@ -1,8 +1,8 @@
 """The two autograd Functions behind every normlab norm, with analytic backward passes.
 
-* ``BatchNormFunction``: statistics per channel over (N, H, W) -- BatchNorm and BIN's BN branch.
+* ``BatchNormFunction``: statistics per channel over (N, H, W) -- BatchNorm.
 * ``GroupNormFunction``: statistics per (sample, group) over (C/G, H, W) -- InstanceNorm (G = C),
-  LayerNorm (G = 1), GroupNorm, and BIN's IN branch.
+  LayerNorm (G = 1), GroupNorm. (BIN has its own Function, ``_bin``, built from this module's helpers.)
 
 Design (shared by both):
 
