@@ -296,21 +296,14 @@ def step_times(device: torch.device, quick: bool, budget: Budget) -> list[dict]:
 
 # ------------------------------------------------------------------------------- train, resume, Grad-CAM
 
-def make_folder(root: Path, per_split: dict[str, int], size: int, classes=("red", "green", "blue", "gray")) -> Path:
-    import numpy as np
-    from PIL import Image
+def make_folder(root: Path, per_split: dict[str, int], size: int) -> Path:
+    """The tests' generated image folder (``tests/conftest.make_image_folder``, imported here so that only
+    the sections that train need pytest), with a fourth class."""
+    if str(ROOT / "tests") not in sys.path:
+        sys.path.append(str(ROOT / "tests"))
+    from conftest import make_image_folder
 
-    rng = np.random.default_rng(0)
-    for split, count in per_split.items():
-        for c, name in enumerate(classes):
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                img = rng.integers(0, 90, size=(size, size, 3), dtype=np.uint8)
-                img[..., c % 3] = np.clip(img[..., c % 3].astype(int) + 150, 0, 255)
-                img[(c * 4) % size: (c * 4) % size + 3, :, :] = 255
-                Image.fromarray(img).save(folder / f"{i:04d}.png")
-    return root
+    return make_image_folder(root, classes=("red", "green", "blue", "gray"), per_split=per_split, size=size)
 
 
 def normlab(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from normlab.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from normlab.config import make_config
@@ -19,9 +20,10 @@ from normlab.data.augmentations import apply_augment
 from normlab.device import unwrap
 from normlab.evaluation import confusion, confusion_add_
 from normlab.models import ResNet
+from normlab.registry import OPTIMIZERS
 from normlab.train import distributed as dist_utils
 from normlab.train import loop
-from normlab.train.optim import build_optimizer
+from normlab.train.optim import build_optimizer, param_groups
 from normlab.train.runtime import compile_settings, grad_scaler
 from normlab.train.step import TrainStep, make_augment
 
@@ -143,6 +145,118 @@ def test_the_step_records_the_first_non_finite_step_and_keeps_sums_on_the_device
     assert bad.record(1) == {"epoch": 1, "step": 3, "loss": bad.loss, "grad": "non-finite"}
     st.begin_epoch()
     assert st.check() is None
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the host's reads of tensor values by any caller, torch's own code included: ``item``, ``bool``,
+    ``int``, ``float`` all end in ``aten._local_scalar_dense``. ``tolist``, ``numpy`` and ``cpu`` do not
+    dispatch it on a CPU, so they raise while the mode is on."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.reads = 0
+        for name in ("tolist", "numpy", "cpu"):
+            def refuse(self, *a, _name=name, **kw):
+                raise AssertionError(f"Tensor.{_name} in a steady-state step")
+            monkeypatch.setattr(torch.Tensor, name, refuse)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _scaled_step(optimizer="sgd", make_optimizer=None):
+    """A fp16 TrainStep of a small BIN ResNet with a CPU grad scaler and clipping (so the scaler's
+    ``unscale_`` runs before ``step``, as in training): ``(step, run(step_index))``."""
+    torch.manual_seed(0)
+    model = ResNet(1, 3, norm="bin")
+    cfg = _cfg(optimizer=optimizer, precision="fp16", grad_clip=1.0, augment="standard")
+    opt = build_optimizer(model, cfg) if make_optimizer is None else make_optimizer(model)
+    st = TrainStep(model, model, opt, cfg, device=torch.device("cpu"), num_classes=3, mean=(0.5,) * 3,
+                   std=(0.25,) * 3, steps_per_epoch=10, total_steps=10, check_every=100,
+                   scaler=torch.amp.GradScaler("cpu"))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8), torch.randint(0, 3, (8,))
+    return st, lambda s: st(x, y, s, g)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_fp16_steps_with_the_grad_scaler_read_nothing_on_the_host(name, monkeypatch):
+    """The optimizers normlab builds are fused: the scaler hands them its found-inf flag as a tensor
+    instead of reading it with ``.item()`` in every ``step``."""
+    st, run = _scaled_step(name)
+    assert st.optimizer.param_groups[0]["fused"] is True
+    for s in range(2):  # warm-up: the scaler's and the optimizer's state are created here
+        run(s)
+    with HostReads(monkeypatch) as mode:
+        for s in range(2, 5):
+            run(s)
+    monkeypatch.undo()
+    assert mode.reads == 0
+    assert st.check() is None
+
+
+def test_the_host_read_counter_sees_the_scalers_read_with_an_unfused_optimizer(monkeypatch):
+    st, run = _scaled_step(make_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9,
+                                                                    foreach=True))
+    for s in range(2):
+        run(s)
+    with HostReads(monkeypatch) as mode:
+        for s in range(2, 5):
+            run(s)
+    assert mode.reads >= 3  # GradScaler.step: found_inf.item(), once per step
+
+
+def _snapshot(st):
+    params = [p.detach().clone() for p in st.params]
+    state = [{k: v.clone() for k, v in s.items() if torch.is_tensor(v)} for s in st.optimizer.state.values()]
+    return params, state
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_a_step_with_an_inf_gradient_is_skipped_on_the_device(name):
+    """After the explicit unscale_ and clipping (which turns the inf gradient into nan), the fused step
+    still skips: weights and optimizer state unchanged, the scale halved, no divergence recorded."""
+    st, run = _scaled_step(name)
+    for s in range(3):
+        run(s)
+    params, state = _snapshot(st)
+    scale = st.scaler.get_scale()
+    hook = st.params[0].register_hook(lambda grad: grad * float("inf"))
+    run(3)
+    hook.remove()
+    after, state_after = _snapshot(st)
+    assert all(torch.equal(a, b) for a, b in zip(params, after))
+    assert len(state) == len(state_after) > 0
+    assert all(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(state, state_after))
+    assert st.scaler.get_scale() == scale * 0.5
+    run(4)
+    assert not torch.equal(params[0], st.params[0].detach())  # the next good step moves the weights again
+    assert st.check() is None  # skipped by the scaler: not a divergence
+
+
+def test_sgd_skipping_its_first_step_keeps_zero_momentum(monkeypatch):
+    """Fused SGD allocates its momentum buffers uninitialised at its first step and leaves them so when the
+    scaler skips that step (fp16's first steps often overflow). Here uninitialised memory reads as nan:
+    normlab's zero buffers must survive the skipped step, and the next steps match unfused SGD's."""
+    fused, run_fused = _scaled_step("sgd")
+    plain, run_plain = _scaled_step(make_optimizer=lambda m: torch.optim.SGD(
+        param_groups(m, make_config({}).weight_decay), lr=0.1, momentum=0.9, foreach=True))
+    for st, run in ((fused, run_fused), (plain, run_plain)):
+        hook = st.params[0].register_hook(lambda grad: grad * float("inf"))
+        with monkeypatch.context() as m:
+            m.setattr(torch, "empty_like", lambda t, **kw: torch.full_like(t, float("nan"), **kw))
+            run(0)
+        hook.remove()
+    buffers = [s["momentum_buffer"] for s in fused.optimizer.state.values()]
+    assert len(buffers) == len(fused.params) and all(int(torch.count_nonzero(b)) == 0 for b in buffers)
+    assert not plain.optimizer.state  # unfused: the scaler never called its step
+    for s in (1, 2):
+        run_fused(s)
+        run_plain(s)
+    for a, b in zip(fused.params, plain.params):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.filterwarnings("ignore:.*meta parameter")

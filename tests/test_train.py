@@ -173,3 +173,16 @@ def test_cifar10_jpeg_folder_end_to_end(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["test"]["acc"] > 0.3, summary["test"]  # chance: 0.1
     assert sum(map(sum, summary["test"]["confusion"])) == 10_000
+
+
+def test_result_lines_show_with_the_progress_display_off(capsys, monkeypatch):
+    from normlab.train.progress import EpochProgress
+
+    monkeypatch.delenv("NORMLAB_PROGRESS", raising=False)
+    off = EpochProgress("off")
+    off.log("an epoch line")
+    off.say("done: finished")
+    assert capsys.readouterr().err == "done: finished\n"
+    plain = EpochProgress("plain")
+    plain.say("done: finished")
+    assert capsys.readouterr().err == "done: finished\n"

@@ -58,15 +58,49 @@ SHORTCUTS: dict[str, str] = {
 }
 
 
+def fused_step(groups: list[dict]) -> bool | None:
+    """``fused=True`` when every parameter is on a CPU or CUDA device (torch has fused SGD/Adam/AdamW steps
+    for both since 2.4), else None: torch's default (foreach or a loop; ``False`` would force the loop).
+    Two reasons:
+
+    - no host sync under fp16: a fused optimizer takes the grad scaler's ``found_inf`` tensor and skips an
+      overflowed step inside its kernel, where any other optimizer makes ``GradScaler.step`` read the flag
+      on the host (``.item()``) every step. Also after an explicit ``unscale_`` (``train/step.py`` clips
+      unscaled gradients): the scaler then hands over the flag that ``unscale_`` found.
+    - speed on the CPU: measured on a ResNet-20's 0.27 M parameters (300 interleaved steps each, medians,
+      this 2-core machine): SGD with momentum 0.22 ms fused vs 0.51 ms foreach, AdamW 0.71 vs 2.2 ms
+      (1 thread; 2 threads and channels_last the same way round). The results agree with foreach
+      (SGD identical, AdamW within 2e-8 after 3 steps)."""
+    devices = {p.device.type for g in groups for p in g["params"]}
+    return True if devices and devices <= {"cpu", "cuda"} else None
+
+
+def _zero_momentum(optimizer: torch.optim.Optimizer, *_: Any) -> None:
+    # Fused SGD creates its momentum buffers with empty_like at its first step and lets the kernel fill
+    # them; when the scaler skips that step (fp16's first steps often overflow) they stay uninitialised
+    # and the next step adds garbage. Zeros before the first step are the same update (buf = 0.9 * 0 + g
+    # is torch's first-step buf = g, normlab never sets dampening) and a skipped step leaves them at zero.
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if optimizer.state[p].get("momentum_buffer") is None:
+                optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
 def _sgd(groups: list[dict], cfg: Any) -> torch.optim.Optimizer:
     # Nesterov needs momentum; with momentum 0 it is plain SGD rather than an error from torch
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    fused = fused_step(groups)
+    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                          fused=fused)
+    if fused and cfg.momentum > 0:
+        _zero_momentum(opt)
+        opt.register_load_state_dict_post_hook(_zero_momentum)  # a resumed state may lack a buffer
+    return opt
 
 
 OPTIMIZERS: dict[str, Callable[[list[dict], Any], torch.optim.Optimizer]] = {
     "sgd": _sgd,
-    "adam": lambda groups, cfg: torch.optim.Adam(groups, lr=cfg.lr),
-    "adamw": lambda groups, cfg: torch.optim.AdamW(groups, lr=cfg.lr),
+    "adam": lambda groups, cfg: torch.optim.Adam(groups, lr=cfg.lr, fused=fused_step(groups)),
+    "adamw": lambda groups, cfg: torch.optim.AdamW(groups, lr=cfg.lr, fused=fused_step(groups)),
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,26 @@ class DistInfo:
         return self.rank == 0
 
 
+def torchrun_env() -> tuple[int, int, int | None]:
+    """``(WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE)`` as torchrun sets them: ``(1, 0, None)`` without torchrun
+    (``None``: not set)."""
+    env = os.environ
+    local_world = env.get("LOCAL_WORLD_SIZE")
+    return int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0")), int(local_world) if local_world else None
+
+
+def world_of() -> dict[str, Any]:
+    """Processes of this run (torchrun): world size, ranks, per-node processes and nodes; 1 otherwise (an
+    unset ``LOCAL_WORLD_SIZE``: one node)."""
+    world, _, local = torchrun_env()
+    backend = None
+    if dist.is_available() and dist.is_initialized():
+        world, backend = dist.get_world_size(), dist.get_backend()
+    local = local or world
+    return {"world_size": world, "ranks": list(range(world)), "local_world_size": local,
+            "nodes": max(1, world // max(1, local)), "backend": backend}
+
+
 def setup(device_kind: str) -> DistInfo:
     """Initialise the process group when launched by torchrun (WORLD_SIZE > 1); no-op otherwise.
 
@@ -32,10 +53,9 @@ def setup(device_kind: str) -> DistInfo:
     the process group exists and binds the group to it (``device_id``): otherwise NCCL's first
     collective (the start-up barrier) runs every rank on GPU 0, which can hang or put all ranks'
     memory on one card."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world, local_rank, _ = torchrun_env()
     if world <= 1:
         return DistInfo()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         if device_kind == "cuda":
             device = torch.device("cuda", local_rank)

@@ -34,6 +34,7 @@ from normlab.metrics import quantiles, scores_from_confusion
 from normlab.models import build_model, count_parameters
 from normlab.plots import plot_curves
 from normlab.train import distributed as dist_utils
+from normlab.train.distributed import world_of
 from normlab.train.optim import build_optimizer
 from normlab.train.progress import EpochProgress
 from normlab.train.runtime import RunLock, compile_settings, grad_scaler, maybe_compile, tune_malloc
@@ -111,6 +112,7 @@ def train(cfg: TrainConfig, *, force: bool = False, resume_dir: str | Path | Non
     dinfo = dist_utils.setup("cuda" if (cfg.device == "auto" or cfg.device.startswith("cuda"))
                              and torch.cuda.is_available() else "cpu")
     progress = EpochProgress(cfg.progress, enabled=dinfo.is_main)
+    say = log or progress.say  # the result lines, shown even with the progress display off
     log = log or progress.log
     if resume_dir is not None:
         if runfolder.run_state(out) == "finished":
@@ -123,13 +125,13 @@ def train(cfg: TrainConfig, *, force: bool = False, resume_dir: str | Path | Non
     dist_utils.barrier(dinfo)  # the other ranks look at the folder only once rank 0 has prepared it
     try:
         with RunLock(out, log) if dinfo.is_main else contextlib.nullcontext():
-            return _train(cfg, out, dinfo, progress, log)
+            return _train(cfg, out, dinfo, progress, log, say)
     finally:
         if dinfo.enabled:
             dist_utils.teardown()
 
 
-def _train(cfg: TrainConfig, out: Path, dinfo, progress: EpochProgress, log) -> Path:
+def _train(cfg: TrainConfig, out: Path, dinfo, progress: EpochProgress, log, say) -> Path:
     t_start = time.perf_counter()
     device = pick_device(cfg.device)
     tune_malloc()
@@ -263,7 +265,7 @@ def _train(cfg: TrainConfig, out: Path, dinfo, progress: EpochProgress, log) -> 
     if writer is not None:
         writer.close()
     if dinfo.is_main:
-        _finish(cfg, out, model, data, device, state, n_params, time.perf_counter() - t_start, log)
+        _finish(cfg, out, model, data, device, state, n_params, time.perf_counter() - t_start, log, say)
     return out
 
 
@@ -324,33 +326,9 @@ def _log_hparams(out: Path, cfg: TrainConfig, summary: dict[str, Any], log) -> N
         log(f"warning: could not write TensorBoard HParams ({type(exc).__name__}: {exc})")
 
 
-def world_of() -> dict[str, Any]:
-    """Processes of this run (torchrun): world size, ranks, per-node processes and nodes; 1 otherwise."""
-    import os
-
-    import torch.distributed as tdist
-
-    if tdist.is_available() and tdist.is_initialized():
-        size, backend = tdist.get_world_size(), tdist.get_backend()
-    else:
-        size, backend = int(os.environ.get("WORLD_SIZE", "1")), None
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(size)))
-    return {"world_size": size, "ranks": list(range(size)), "local_world_size": local,
-            "nodes": max(1, size // max(1, local)), "backend": backend}
-
-
-def _say(log, text: str) -> None:
-    """``log``, and stderr when ``log`` is a progress display switched off: the result line always shows."""
-    log(text)
-    owner = getattr(log, "__self__", None)
-    if isinstance(owner, EpochProgress) and owner.mode == "off":
-        import sys
-
-        print(text, file=sys.stderr, flush=True)
-
-
-def _finish(cfg, out, model, data, device, state, n_params, wall, log) -> None:
-    """Evaluate the best-on-val weights on train, val and test; write summary.json, HParams and curves.png."""
+def _finish(cfg, out, model, data, device, state, n_params, wall, log, say) -> None:
+    """Evaluate the best-on-val weights on train, val and test; write summary.json, HParams and curves.png;
+    ``say`` the result (``EpochProgress.say`` unless the caller passed its own ``log``)."""
     best = out / runfolder.BEST
     splits: dict[str, Any] = {}
     if best.is_file():
@@ -382,14 +360,14 @@ def _finish(cfg, out, model, data, device, state, n_params, wall, log) -> None:
     skipped = int(data.info.get("num_skipped", 0) or 0)
     if skipped:
         shown = min(skipped, 20)
-        _say(log, f"skipped {skipped} unreadable image file{'s' if skipped > 1 else ''}; "
-                  f"{'the first ' + str(shown) + ' are' if skipped > shown else 'listed'} in "
-                  f"{out / runfolder.SUMMARY} (data.skipped)")
+        say(f"skipped {skipped} unreadable image file{'s' if skipped > 1 else ''}; "
+            f"{'the first ' + str(shown) + ' are' if skipped > shown else 'listed'} in "
+            f"{out / runfolder.SUMMARY} (data.skipped)")
     split = "test" if splits.get("test") else "val"
     scores = splits.get(split) or {}
-    _say(log, f"done: {status}; best epoch {state['best_epoch']}; "
-         + (f"{split} acc {scores['acc']:.4f}, macro-F1 {scores['macro_f1']:.4f}; " if scores else "")
-         + f"run folder {out}")
+    say(f"done: {status}; best epoch {state['best_epoch']}; "
+        + (f"{split} acc {scores['acc']:.4f}, macro-F1 {scores['macro_f1']:.4f}; " if scores else "")
+        + f"run folder {out}")
 
 
 DATA_INFO_KEYS = ("source", "format", "cache_hit", "val_held_out", "val_fraction", "train_subset", "counts",

@@ -20,6 +20,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """``cfg.optimizer`` over the model's trainable parameters, after the model is on its device: the
+    optimizer is fused on CPU and CUDA (``registry.fused_step`` says why)."""
     return choose(OPTIMIZERS, cfg.optimizer, "optimizer")(param_groups(model, cfg.weight_decay), cfg)
 
 

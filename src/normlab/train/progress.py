@@ -27,6 +27,13 @@ class EpochProgress:
         elif self.mode == "plain":
             print(text, file=sys.stderr, flush=True)
 
+    def say(self, text: str) -> None:
+        """A result line: like :meth:`log`, but shown also when the display is off (plain, on stderr)."""
+        if self.mode == "off":
+            print(text, file=sys.stderr, flush=True)
+        else:
+            self.log(text)
+
     def start(self, description: str, total: int) -> None:
         self._t0, self._images, self._desc, self._total = time.perf_counter(), 0, description, total
         self._loss: float | None = None

@@ -53,8 +53,9 @@ def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | 
     """fp16 needs loss scaling on CUDA; bf16 (same exponent range as fp32) does not. (On CPU, fp16
     autocast runs without one: CPU fp16 is rare and slow, and the scaler's CPU path is new in torch.)
 
-    The scaler reads its found-inf flag on the host in ``step`` (one sync per step for fp16): bf16 is the
-    precision for sync-free steps on GPUs that have it."""
+    No host sync: normlab's optimizers are fused (``registry.fused_step``), so ``GradScaler.step`` hands them
+    its found-inf flag as a tensor and an overflowed step is skipped on the device. (With any other
+    optimizer the scaler reads the flag with ``.item()`` in every step.)"""
     if precision == "fp16" and device.type == "cuda":
         return torch.amp.GradScaler("cuda")
     return None

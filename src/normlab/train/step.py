@@ -11,6 +11,8 @@ device every step. So the epoch's sums and the non-finite flags stay on the devi
 reads them once per ``check_every`` steps (and before every checkpoint): a diverged run is caught at the
 first check after its first bad step, which is recorded exactly. The steps between a bad step and that
 check run on non-finite values and are thrown away with the run; no checkpoint is written after them.
+Under fp16 the grad scaler's skip of an overflowed step happens on the device too: the optimizer is fused
+and takes the scaler's found-inf flag as a tensor (``registry.fused_step``).
 """
 
 from __future__ import annotations
