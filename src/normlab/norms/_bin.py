@@ -38,9 +38,6 @@ def _sums(kind, fmt, x, xf, center):
     """Forward: the (N, C) float64 sums of ``x - center`` and its square (center (N, C)); on the tensor-op path
     also the compute-dtype buffer they were formed in (it will hold the output)."""
     n, c = x.shape[:2]
-    if kind == TRITON:
-        p1, p2, _ = _triton.channel_sums(x, fmt, center)
-        return p1.double().sum(1), p2.double().sum(1), None
     buf = torch.sub(xf, center.view(n, c, 1, 1), out=torch.empty_like(xf))
     s1 = buf.sum((2, 3))
     s2 = buf.mul_(buf).sum((2, 3))
@@ -67,7 +64,10 @@ class BatchInstanceFunction(torch.autograd.Function):
             raise NormlabError(
                 f"BatchInstanceNorm got {local} value per channel (input shape {tuple(x.shape)}) and cannot "
                 "compute batch statistics in training: use a batch size of 2 or more, or a per-sample norm (in/gn)")
-        xf = None if kind == TRITON else (x if x.dtype == ct else x.to(ct))
+        if kind == TRITON:
+            return _bin_triton_forward(ctx, x, fmt, weight, bias, rho, running_mean, running_var, momentum, eps, sync,
+                                       batch_stats, local)
+        xf = x if x.dtype == ct else x.to(ct)
         k = _sample_shift(x, ct, 1)  # (N, C): x[n, c, 0, 0]
         s1, s2, buf = _sums(kind, fmt, x, xf, k)
         k64 = k.double()
@@ -111,17 +111,14 @@ class BatchInstanceFunction(torch.autograd.Function):
         ct = mean_in.dtype
         be = _functional.backend(x)
         kind, fmt = be if be else (None, None)
-        if kind == TRITON:  # (N, C) sums of g and g*(x - mean_in) in one pass
-            g = _triton.like(dy if dy.dtype == x.dtype else dy.to(x.dtype), fmt)
-            p1, p2, _ = _triton.channel_sums(g, fmt, mean_in, b=x)
-            g1, g2 = p1.double().sum(1), p2.double().sum(1)
-        else:
-            dyf = dy if dy.dtype == ct else dy.to(ct)
-            xf = x if x.dtype == ct else x.to(ct)
-            g1 = dyf.sum((2, 3)).double()
-            # centred before the product (exact for large-mean inputs), in the buffer that becomes grad_x
-            buf = torch.sub(xf, mean_in.view(n, c, 1, 1), out=torch.empty_like(xf)).mul_(dyf)
-            g2 = buf.sum((2, 3)).double()
+        if kind == TRITON:
+            return _bin_triton_backward(ctx, dy, fmt, x, weight, rho, mean_in, rstd_in, mean_bn, rstd_bn)
+        dyf = dy if dy.dtype == ct else dy.to(ct)
+        xf = x if x.dtype == ct else x.to(ct)
+        g1 = dyf.sum((2, 3)).double()
+        # centred before the product (exact for large-mean inputs), in the buffer that becomes grad_x
+        buf = torch.sub(xf, mean_in.view(n, c, 1, 1), out=torch.empty_like(xf)).mul_(dyf)
+        g2 = buf.sum((2, 3)).double()
         mi = mean_in.double()
         r = rho.detach().double().clamp(0, 1)
         gam = weight.detach().double()
@@ -148,11 +145,51 @@ class BatchInstanceFunction(torch.autograd.Function):
                 bb = -wb * rstd_bn ** 3 * h2 / m
                 b = b + bb
                 cst = cst - wb * rstd_bn * h1 / m + bb * (mi - mean_bn)
-            # dx = a*g + b*(x - mean_in) + cst (uncentred on the tensor-op path, as in _functional)
-            if kind == TRITON:
-                grads[0] = _triton.affine(g, fmt, a.to(ct), cst.to(ct), q=x, Q=b.to(ct), Qc=mean_in)
-            else:
-                gx = torch.addcmul((cst - b * mi).to(ct).view(n, c, 1, 1), xf, b.to(ct).view(n, c, 1, 1), out=buf)
-                gx.addcmul_(dyf, a.to(ct).view(n, c, 1, 1))
-                grads[0] = gx if gx.dtype == x.dtype else gx.to(x.dtype)
+            # dx = a*g + b*(x - mean_in) + cst (uncentred here, as in _functional)
+            gx = torch.addcmul((cst - b * mi).to(ct).view(n, c, 1, 1), xf, b.to(ct).view(n, c, 1, 1), out=buf)
+            gx.addcmul_(dyf, a.to(ct).view(n, c, 1, 1))
+            grads[0] = gx if gx.dtype == x.dtype else gx.to(x.dtype)
         return tuple(grads)
+
+
+def _bin_triton_forward(ctx, x, fmt, weight, bias, rho, running_mean, running_var, momentum, eps, sync: bool,
+                        batch_stats: bool, local: int) -> torch.Tensor:
+    """BIN forward on the Triton kernels: the sums kernel (per-(n, c) shift read from x inside it), the finish
+    kernel (both branches' statistics in float64, the running-statistics update, the (N, C) scale and shift)
+    and the affine: three launches. Synced: one more launch packs the per-channel BN sums (plain float64, with
+    the count) for the all-reduce, and the finish takes the reduced ones."""
+    c = x.shape[1]
+    p1, p2, _ = _triton.channel_sums(x, fmt, None, group_size=1)
+    run = dict(running_mean=running_mean, running_var=running_var, momentum=momentum, batch_stats=batch_stats)
+    total, sums = local, None
+    if sync:
+        sums = _functional._all_reduce(_triton.bin_pack(p1, p2, x))
+        total = sums[2 * c]  # a device tensor: no host sync
+    mean_in, rstd_in, bn, scale, shift = _triton.bin_stats(p1, p2, x, weight, bias, rho, eps, sums=sums, **run)
+    y = _triton.affine(x, fmt, scale, shift)
+    ctx.total, ctx.sync, ctx.batch_stats = total, sync, batch_stats
+    ctx.dtypes = (weight.dtype, bias.dtype, rho.dtype)
+    ctx.save_for_backward(x, weight, rho, mean_in, rstd_in, bn[0], bn[1])
+    return y
+
+
+def _bin_triton_backward(ctx, dy, fmt, x, weight, rho, mean_in, rstd_in, mean_bn, rstd_bn):
+    """BIN backward on the Triton kernels: the (N, C) sums of g and g*(x - mean_in) in one pass, the finish
+    kernel (weight, bias and ρ gradients, dx's (N, C) coefficients), the affine for dx: three launches.
+    Synced: the finish packs BN's per-channel gradient sums, which are all-reduced, then runs again for the
+    coefficients."""
+    h, w = x.shape[2:]
+    g = _triton.like(dy if dy.dtype == x.dtype else dy.to(x.dtype), fmt)
+    p1, p2, _ = _triton.channel_sums(g, fmt, mean_in, b=x)
+    dtypes = tuple(d if ctx.needs_input_grad[i] else None for i, d in zip((1, 2, 3), ctx.dtypes))
+    want_x = ctx.needs_input_grad[0]
+    pack = want_x and ctx.sync
+    args = (p1, p2, h * w, ctx.total, mean_in, rstd_in, mean_bn, rstd_bn, weight, rho)
+    gw, gb, gr, coef, packed = _triton.bin_grads(*args, dtypes, ctx.batch_stats, want_x and not pack, pack)
+    if pack:
+        coef = _triton.bin_grads(*args, sums=_functional._all_reduce(packed))[3]
+    grad_x = None
+    if want_x:
+        a, b, cst = coef
+        grad_x = _triton.affine(g, fmt, a, cst, q=x, Q=b, Qc=mean_in)  # dx = a*g + b*(x - mean_in) + cst
+    return grad_x, gw, gb, gr, None, None, None, None, None, None

@@ -170,19 +170,30 @@ def bn_stats(p1: torch.Tensor, p2: torch.Tensor, count, weight: torch.Tensor | N
     cnt_t = count if torch.is_tensor(count) else None
     bc, br = _finish_blocks(rows, c)
     running = running_mean is not None
-    rm, rv = (running_mean, running_var) if running else (p1, p1)
-    if running and not (rm.is_contiguous() and rv.is_contiguous()):  # updated in place: contiguous copies
-        rm, rv = rm.contiguous(), rv.contiguous()
+    rm, rv = _running_args(running_mean, running_var) if running else (p1, p1)
     kernels()._bn_stats_kernel[(_cdiv(c, bc),)](
         p1, p2, rows, c, _or(cnt_t, p1), 0 if cnt_t is not None else int(count), p1 if x is None else x,
         x.stride(1) if x is not None else 0, p1, _or(weight, p1), _or(bias, p1), rm, rv,
         out[0], out[1], out[2], out[3], p1, p1, float(eps), float(momentum), SHIFT=1 if x is not None else 0,
         CNT_PTR=cnt_t is not None, PACK=False, HAS_W=weight is not None, HAS_B=bias is not None, RUNNING=running,
         BR=br, BC=bc, num_warps=FINISH_WARPS)
-    if running and rm is not running_mean:
+    if running:
+        _running_back(running_mean, running_var, rm, rv)
+    return out[0], out[1], out[2], out[3]
+
+
+def _running_args(running_mean: torch.Tensor, running_var: torch.Tensor):
+    """The running buffers as kernel arguments: themselves, or contiguous copies (updated in place, then
+    written back by ``_running_back``)."""
+    if running_mean.is_contiguous() and running_var.is_contiguous():
+        return running_mean, running_var
+    return running_mean.contiguous(), running_var.contiguous()
+
+
+def _running_back(running_mean: torch.Tensor, running_var: torch.Tensor, rm: torch.Tensor, rv: torch.Tensor) -> None:
+    if rm is not running_mean:
         running_mean.copy_(rm)
         running_var.copy_(rv)
-    return out[0], out[1], out[2], out[3]
 
 
 def bn_pack(p1: torch.Tensor, p2: torch.Tensor, count: int, shift: torch.Tensor | None = None) -> torch.Tensor:
@@ -275,3 +286,85 @@ def gn_grads(p1: torch.Tensor, p2: torch.Tensor, num_groups: int, count: int, me
             HAS_W=weight is not None, WANT_GW=gw is not None, WANT_GB=gb is not None, COEF=coefficients,
             BR=br, BCG=bcg, BC=bc, BRC=brc, num_warps=FINISH_WARPS)
     return gw, gb, (None if coef is None else (coef[0], coef[1], coef[2], coef[3]))
+
+
+def _bin_blocks(n: int, nsb: int, c: int) -> tuple[int, int, int]:
+    """(samples, blocks, channels) per iteration of the BIN finish kernels' loops: at most FINISH_TILE values,
+    the blocks of a sample first."""
+    bc = min(_pow2(c), 32)
+    bsb = max(1, min(_pow2(nsb), FINISH_TILE // bc))
+    return max(1, min(_pow2(n), FINISH_TILE // (bc * bsb))), bsb, bc
+
+
+def bin_stats(p1: torch.Tensor, p2: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+              rho: torch.Tensor, eps: float, running_mean: torch.Tensor | None = None,
+              running_var: torch.Tensor | None = None, momentum: float = 0.0, batch_stats: bool = True,
+              sums: torch.Tensor | None = None):
+    """BIN forward's finish, one launch, from ``channel_sums(x, fmt, None, group_size=1)``'s (N, blocks, C)
+    partials (shifted by x[n, c, 0, 0]). BN's statistics come from the partials, or from ``sums`` (synced: the
+    all-reduced ``bin_pack``), or with ``batch_stats=False`` from the running buffers; with ``batch_stats`` and
+    running buffers given, these are updated in place (momentum, unbiased variance). Returns ``(mean_in,
+    rstd_in, bn, scale, shift)``: IN's float32 mean and float64 rstd (N, C), BN's float64 ``[mean, rstd]``
+    (2, C), and the affine's float32 (N, C) scale and shift."""
+    n, nsb, c = p1.shape
+    dev = p1.device
+    out = torch.empty(3, n, c, dtype=torch.float32, device=dev)  # mean_in, scale, shift
+    stats64 = torch.empty(n + 2, c, dtype=torch.float64, device=dev)  # rstd_in (N rows), mean_bn, rstd_bn
+    mode = 3 if not batch_stats else 2 if sums is not None else 0
+    running = running_mean is not None and mode != 3
+    rm, rv = _running_args(running_mean, running_var) if running_mean is not None else (p1, p1)
+    _bin_stats_launch(p1, p2, x, mode, rm, rv, _or(sums, p1), out[0], stats64[:n], stats64[n:], out[1], out[2],
+                      weight, bias, rho, eps, momentum, running)
+    if running:
+        _running_back(running_mean, running_var, rm, rv)
+    return out[0], stats64[:n], stats64[n:], out[1], out[2]
+
+
+def bin_pack(p1: torch.Tensor, p2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Synced BIN's local BN statistics, one launch: float64 ``[Σx (C), Σx² (C), count]`` from
+    ``channel_sums(x, fmt, None, group_size=1)``'s partials, ready for the all-reduce and ``bin_stats(sums=)``."""
+    c = p1.shape[2]
+    packed = torch.empty(2 * c + 1, dtype=torch.float64, device=p1.device)
+    _bin_stats_launch(p1, p2, x, 1, p1, p1, packed, p1, p1, p1, p1, p1, p1, p1, p1, 0.0, 0.0, False)
+    return packed
+
+
+def _bin_stats_launch(p1, p2, x, mode: int, rm, rv, sums, mean_in, rstd_in, bn, scale, shift, weight, bias, rho,
+                      eps: float, momentum: float, running: bool) -> None:
+    n, nsb, c = p1.shape
+    hw = x.shape[2] * x.shape[3]
+    bnb, bsb, bc = _bin_blocks(n, nsb, c)
+    kernels()._bin_stats_kernel[(_cdiv(c, bc),)](
+        p1, p2, n, nsb, c, hw, x, x.stride(0), x.stride(1), sums[2 * c:] if mode == 2 else p1, n * hw,
+        weight.contiguous(), bias.contiguous(), rho.contiguous(), rm, rv, sums, mean_in, rstd_in, bn, scale, shift,
+        float(eps), float(momentum), MODE=mode, RUNNING=running, BN=bnb, BSB=bsb, BC=bc, num_warps=FINISH_WARPS)
+
+
+def bin_grads(p1: torch.Tensor, p2: torch.Tensor, hw: int, count, mean_in: torch.Tensor, rstd_in: torch.Tensor,
+              mean_bn: torch.Tensor, rstd_bn: torch.Tensor, weight: torch.Tensor, rho: torch.Tensor,
+              dtypes=(None, None, None), batch_stats: bool = True, coefficients: bool = True, pack: bool = False,
+              sums: torch.Tensor | None = None):
+    """BIN backward's finish, one launch, from ``channel_sums(g, fmt, mean_in, b=x)``'s (N, blocks, C)
+    partials and ``bin_stats``' ``mean_in``, ``rstd_in`` and ``bn`` (as ``mean_bn``, ``rstd_bn``): the weight,
+    bias and ρ gradients (in the dtypes ``dtypes`` gives, None: not wanted; local sums) and, with
+    ``coefficients``, dx's float32 (N, C) ``(a, b, cst)`` for ``affine(g, fmt, a, cst, q=x, Q=b, Qc=mean_in)``,
+    with BN's statistics' terms when ``batch_stats``. ``hw``: values per (sample, channel); ``count``: BN's
+    per channel, a number or a 0-d device tensor (synced). Synced: ``pack=True`` returns BN's float64
+    per-channel gradient sums (2C,) for the all-reduce; the reduced ones go back in as ``sums`` (with the
+    partials again: the coefficients are per sample). Returns ``(grad_weight, grad_bias, grad_rho,
+    coefficients or None, packed or None)``."""
+    n, nsb, c = p1.shape
+    dev = p1.device
+    gw, gb, gr = (None if d is None else torch.empty(c, dtype=d, device=dev) for d in dtypes)
+    coef = torch.empty(3, n, c, dtype=torch.float32, device=dev) if coefficients else None
+    packed = torch.empty(2 * c, dtype=torch.float64, device=dev) if pack else None
+    cnt_t = count if torch.is_tensor(count) else None
+    bnb, bsb, bc = _bin_blocks(n, nsb, c)
+    cf = (p1, p1, p1) if coef is None else (coef[0], coef[1], coef[2])
+    kernels()._bin_grad_kernel[(_cdiv(c, bc),)](
+        p1, p2, n, nsb, c, int(hw), _or(cnt_t, p1), 0 if cnt_t is not None else int(count), mean_in, rstd_in,
+        mean_bn, rstd_bn, weight.contiguous(), rho.contiguous(), _or(gw, p1), _or(gb, p1), _or(gr, p1),
+        _or(packed, _or(sums, p1)), *cf, CNT_PTR=cnt_t is not None, SUMS=sums is not None, PACK=pack,
+        WANT_GW=gw is not None, WANT_GB=gb is not None, WANT_GR=gr is not None, COEF=coefficients,
+        BATCH=bool(batch_stats), BN=bnb, BSB=bsb, BC=bc, num_warps=FINISH_WARPS)
+    return gw, gb, gr, (None if coef is None else (coef[0], coef[1], coef[2])), packed

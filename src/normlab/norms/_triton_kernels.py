@@ -85,6 +85,46 @@ def _rows_sums(p1_ptr, p2_ptr, R, C, c, mc, BR: tl.constexpr, BC: tl.constexpr):
 
 
 @triton.jit
+def _count(cnt_ptr, count, CNT_PTR: tl.constexpr):
+    """The number of values behind the sums, float64: read from the device (CNT_PTR) or the argument."""
+    if CNT_PTR:
+        cnt = tl.load(cnt_ptr).to(tl.float64)
+    else:
+        cnt = tl.zeros([], dtype=tl.float64) + count
+    return cnt
+
+
+@triton.jit
+def _moments64(s1, s2, cnt, k):
+    """Mean and biased variance from the float64 sums of ``x - k`` and its square over ``cnt`` values
+    (``_functional._moments``)."""
+    m = s1 / cnt
+    return m + k, tl.maximum(s2 / cnt - m * m, 0.0)
+
+
+@triton.jit
+def _store_plain_sums(o1_ptr, o2_ptr, C, c, mc, s1, s2, k, cnt, BC: tl.constexpr):
+    """Synced statistics' packing: the per-channel sums of ``x - k`` and its square un-shifted into the float64
+    plain sums of x and x², and (program 0) the count after them."""
+    tl.store(o1_ptr + c, s1 + cnt * k, mask=mc)
+    tl.store(o2_ptr + c, s2 + k * (2 * s1 + cnt * k), mask=mc)
+    tl.store(o2_ptr + C + tl.arange(0, BC), tl.zeros([BC], dtype=tl.float64) + cnt,
+             mask=(tl.arange(0, BC) == 0) & (tl.program_id(0) == 0))
+
+
+@triton.jit
+def _running_update(rm_ptr, rv_ptr, c, mc, mean, var, cnt, momentum):
+    """nn.BatchNorm2d's running-statistics update in place: batch mean and unbiased batch variance, in the
+    buffers' dtype."""
+    rm = tl.load(rm_ptr + c, mask=mc, other=0.0).to(tl.float64)
+    rv = tl.load(rv_ptr + c, mask=mc, other=0.0).to(tl.float64)
+    rm = rm * (1 - momentum) + mean * momentum
+    rv = rv * (1 - momentum) + var * (cnt / (cnt - 1)) * momentum
+    tl.store(rm_ptr + c, rm.to(tl.float32).to(rm_ptr.dtype.element_ty), mask=mc)
+    tl.store(rv_ptr + c, rv.to(tl.float32).to(rv_ptr.dtype.element_ty), mask=mc)
+
+
+@triton.jit
 def _bn_stats_kernel(p1_ptr, p2_ptr, R, C, cnt_ptr, count, x_ptr, sC, k_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr,
                      mean_ptr, rstd_ptr, scale_ptr, shift_ptr, o1_ptr, o2_ptr, eps, momentum,
                      SHIFT: tl.constexpr, CNT_PTR: tl.constexpr, PACK: tl.constexpr, HAS_W: tl.constexpr,
@@ -96,24 +136,16 @@ def _bn_stats_kernel(p1_ptr, p2_ptr, R, C, cnt_ptr, count, x_ptr, sC, k_ptr, w_p
     c = tl.program_id(0) * BC + tl.arange(0, BC)
     mc = c < C
     s1, s2 = _rows_sums(p1_ptr, p2_ptr, R, C, c, mc, BR, BC)
-    if CNT_PTR:
-        cnt = tl.load(cnt_ptr).to(tl.float64)
-    else:
-        cnt = tl.zeros([], dtype=tl.float64) + count
+    cnt = _count(cnt_ptr, count, CNT_PTR)
     k = tl.zeros([BC], dtype=tl.float64)
     if SHIFT == 1:
         k = tl.load(x_ptr + c * sC, mask=mc, other=0.0).to(tl.float32).to(tl.float64)
     if SHIFT == 2:
         k = tl.load(k_ptr + c, mask=mc, other=0.0).to(tl.float64)
     if PACK:
-        tl.store(o1_ptr + c, s1 + cnt * k, mask=mc)
-        tl.store(o2_ptr + c, s2 + k * (2 * s1 + cnt * k), mask=mc)
-        tl.store(o2_ptr + C + tl.arange(0, BC), tl.zeros([BC], dtype=tl.float64) + cnt,
-                 mask=(tl.arange(0, BC) == 0) & (tl.program_id(0) == 0))
+        _store_plain_sums(o1_ptr, o2_ptr, C, c, mc, s1, s2, k, cnt, BC)
     else:
-        m = s1 / cnt
-        var = tl.maximum(s2 / cnt - m * m, 0.0)
-        mean = m + k
+        mean, var = _moments64(s1, s2, cnt, k)
         rstd = 1.0 / tl.sqrt(var + eps)
         scale = rstd
         if HAS_W:
@@ -125,13 +157,8 @@ def _bn_stats_kernel(p1_ptr, p2_ptr, R, C, cnt_ptr, count, x_ptr, sC, k_ptr, w_p
         tl.store(rstd_ptr + c, rstd.to(tl.float32), mask=mc)
         tl.store(scale_ptr + c, scale.to(tl.float32), mask=mc)
         tl.store(shift_ptr + c, shift.to(tl.float32), mask=mc)
-        if RUNNING:  # nn.BatchNorm2d's update: batch mean and unbiased batch variance, in the buffers' dtype
-            rm = tl.load(rm_ptr + c, mask=mc, other=0.0).to(tl.float64)
-            rv = tl.load(rv_ptr + c, mask=mc, other=0.0).to(tl.float64)
-            rm = rm * (1 - momentum) + mean * momentum
-            rv = rv * (1 - momentum) + var * (cnt / (cnt - 1)) * momentum
-            tl.store(rm_ptr + c, rm.to(tl.float32).to(rm_ptr.dtype.element_ty), mask=mc)
-            tl.store(rv_ptr + c, rv.to(tl.float32).to(rv_ptr.dtype.element_ty), mask=mc)
+        if RUNNING:
+            _running_update(rm_ptr, rv_ptr, c, mc, mean, var, cnt, momentum)
 
 
 @triton.jit
@@ -154,10 +181,7 @@ def _bn_grad_kernel(p1_ptr, p2_ptr, R, C, cnt_ptr, count, rstd_ptr, w_ptr, gw_pt
         tl.store(o_ptr + c, s1, mask=mc)
         tl.store(o_ptr + C + c, s2, mask=mc)
     if COEF:
-        if CNT_PTR:
-            cnt = tl.load(cnt_ptr).to(tl.float64)
-        else:
-            cnt = tl.zeros([], dtype=tl.float64) + count
+        cnt = _count(cnt_ptr, count, CNT_PTR)
         a = rstd
         if HAS_W:
             a = rstd * tl.load(w_ptr + c, mask=mc, other=1.0).to(tl.float64)
@@ -199,10 +223,8 @@ def _gn_stats_kernel(p1_ptr, p2_ptr, NSB, C, CG, G, count, x_ptr, sN, sC, w_ptr,
     n = pid // G
     g = pid % G
     s1, s2 = _group_sums(p1_ptr, p2_ptr, w_ptr, n, g, NSB, C, CG, False, BR, BCG)
-    cnt = tl.zeros([], dtype=tl.float64) + count
-    m = s1 / cnt
-    var = tl.maximum(s2 / cnt - m * m, 0.0)
-    mean = m + tl.load(x_ptr + n.to(tl.int64) * sN + (g * CG) * sC).to(tl.float32).to(tl.float64)
+    k = tl.load(x_ptr + n.to(tl.int64) * sN + (g * CG) * sC).to(tl.float32).to(tl.float64)
+    mean, var = _moments64(s1, s2, tl.zeros([], dtype=tl.float64) + count, k)
     rstd = 1.0 / tl.sqrt(var + eps)
     tl.store(mean_ptr + pid, mean.to(tl.float32))
     tl.store(rstd_ptr + pid, rstd.to(tl.float32))
@@ -274,3 +296,154 @@ def _gn_grad_kernel(p1_ptr, p2_ptr, N, NSB, C, CG, G, count, mean_ptr, rstd_ptr,
             tl.store(gw_ptr + c, acc2.to(tl.float32).to(gw_ptr.dtype.element_ty), mask=mc)
         if WANT_GB:
             tl.store(gb_ptr + c, acc1.to(tl.float32).to(gb_ptr.dtype.element_ty), mask=mc)
+
+
+# Batch-Instance Norm (``_bin``): BN statistics per channel and IN statistics per (sample, channel) from the
+# same (N, NSB, C) partials. One program per block of BC channels walks the samples twice, BN samples at a
+# time: once for the per-channel sums over samples, once for the per-(sample, channel) coefficients (the
+# per-sample sums are formed again from the partials rather than kept: no scratch memory, no barrier).
+
+
+@triton.jit
+def _bin_block(p1_ptr, p2_ptr, x_ptr, n0, N, NSB, C, sN, sC, c, mc, SHIFT: tl.constexpr, BN: tl.constexpr,
+               BSB: tl.constexpr, BC: tl.constexpr):
+    """Samples n0 .. n0+BN of the channels c: the float64 (BN, BC) sums of the partials over their NSB blocks,
+    the (BN, BC) mask and offsets of an (N, C) tensor, and (SHIFT) the sums' shift x[n, c, 0, 0] (else 0)."""
+    n = n0 + tl.arange(0, BN)
+    mn = n < N
+    b = tl.arange(0, BSB)
+    s1 = tl.zeros([BN, BC], dtype=tl.float64)
+    s2 = tl.zeros([BN, BC], dtype=tl.float64)
+    m3 = mn[:, None, None] & mc[None, None, :]
+    for b0 in range(0, NSB, BSB):
+        m = m3 & (b0 + b < NSB)[None, :, None]
+        off = (n[:, None, None].to(tl.int64) * NSB + b0 + b[None, :, None]) * C + c[None, None, :]
+        s1 += tl.sum(tl.load(p1_ptr + off, mask=m, other=0.0).to(tl.float64), axis=1)
+        s2 += tl.sum(tl.load(p2_ptr + off, mask=m, other=0.0).to(tl.float64), axis=1)
+    m2 = mn[:, None] & mc[None, :]
+    k = tl.zeros([BN, BC], dtype=tl.float64)
+    if SHIFT:
+        k = tl.load(x_ptr + n[:, None].to(tl.int64) * sN + c[None, :] * sC, mask=m2, other=0.0)
+        k = k.to(tl.float32).to(tl.float64)
+    return s1, s2, k, m2, n[:, None] * C + c[None, :]
+
+
+@triton.jit
+def _bin_gate(w_ptr, rho_ptr, c, mc):
+    """Per channel, float64: the branches' weights ρ·γ (BN) and (1−ρ)·γ (IN), γ, and ρ clamped to [0, 1]."""
+    gam = tl.load(w_ptr + c, mask=mc, other=0.0).to(tl.float64)
+    r = tl.minimum(tl.maximum(tl.load(rho_ptr + c, mask=mc, other=0.0).to(tl.float64), 0.0), 1.0)
+    return r * gam, (1 - r) * gam, gam, r
+
+
+@triton.jit
+def _bin_stats_kernel(p1_ptr, p2_ptr, N, NSB, C, HW, x_ptr, sN, sC, cnt_ptr, count, w_ptr, b_ptr, rho_ptr,
+                      rm_ptr, rv_ptr, sums_ptr, mean_in_ptr, rstd_in_ptr, bn_ptr, scale_ptr, shift_ptr, eps,
+                      momentum, MODE: tl.constexpr, RUNNING: tl.constexpr, BN: tl.constexpr, BSB: tl.constexpr,
+                      BC: tl.constexpr):
+    """BIN forward from the partials of ``x - x[n, c, 0, 0]``. BN's per-channel statistics: MODE 0 from the
+    partials (the per-sample sums re-shifted to x[0, c, 0, 0] and added over samples in float64), 1 the same
+    but only packed as plain float64 sums with the count into ``sums`` (synced: for the all-reduce), 2 from
+    such plain sums and count (after it), 3 the running buffers (eval). Then (not 1) the running-statistics
+    update (RUNNING), BN's mean and rstd into ``bn`` (float64, (2, C)), and per (sample, channel) IN's mean
+    (float32) and rstd (float64) and the affine's scale and shift (float32)."""
+    c = tl.program_id(0) * BC + tl.arange(0, BC)
+    mc = c < C
+    kc = tl.zeros([BC], dtype=tl.float64)
+    b1 = tl.zeros([BC], dtype=tl.float64)
+    b2 = tl.zeros([BC], dtype=tl.float64)
+    if MODE <= 1:
+        kc = tl.load(x_ptr + c * sC, mask=mc, other=0.0).to(tl.float32).to(tl.float64)
+        for n0 in range(0, N, BN):
+            s1, s2, k, m2, _ = _bin_block(p1_ptr, p2_ptr, x_ptr, n0, N, NSB, C, sN, sC, c, mc, True, BN, BSB, BC)
+            d = tl.where(m2, k - kc[None, :], 0.0)  # change of shift
+            b1 += tl.sum(s1 + HW * d, axis=0)
+            b2 += tl.sum(s2 + d * (2 * s1 + HW * d), axis=0)
+    if MODE == 1:
+        _store_plain_sums(sums_ptr, sums_ptr + C, C, c, mc, b1, b2, kc, _count(cnt_ptr, count, False), BC)
+    else:
+        if MODE == 3:
+            mean_bn = tl.load(rm_ptr + c, mask=mc, other=0.0).to(tl.float64)
+            var_bn = tl.load(rv_ptr + c, mask=mc, other=1.0).to(tl.float64)
+        else:
+            if MODE == 2:
+                b1 = tl.load(sums_ptr + c, mask=mc, other=0.0)
+                b2 = tl.load(sums_ptr + C + c, mask=mc, other=0.0)
+            cnt = _count(cnt_ptr, count, MODE == 2)
+            mean_bn, var_bn = _moments64(b1, b2, cnt, kc)
+            if RUNNING:
+                _running_update(rm_ptr, rv_ptr, c, mc, mean_bn, var_bn, cnt, momentum)
+        rstd_bn = 1.0 / tl.sqrt(var_bn + eps)
+        tl.store(bn_ptr + c, mean_bn, mask=mc)
+        tl.store(bn_ptr + C + c, rstd_bn, mask=mc)
+        wb, wi, _, _ = _bin_gate(w_ptr, rho_ptr, c, mc)
+        shift_bn = tl.load(b_ptr + c, mask=mc, other=0.0).to(tl.float64) - wb * rstd_bn * mean_bn
+        for n0 in range(0, N, BN):
+            s1, s2, k, m2, o = _bin_block(p1_ptr, p2_ptr, x_ptr, n0, N, NSB, C, sN, sC, c, mc, True, BN, BSB, BC)
+            mean_in, var_in = _moments64(s1, s2, tl.zeros([], dtype=tl.float64) + HW, k)
+            rstd_in = 1.0 / tl.sqrt(var_in + eps)
+            scale = wb[None, :] * rstd_bn[None, :] + wi[None, :] * rstd_in
+            shift = shift_bn[None, :] - wi[None, :] * rstd_in * mean_in
+            tl.store(mean_in_ptr + o, mean_in.to(tl.float32), mask=m2)
+            tl.store(rstd_in_ptr + o, rstd_in, mask=m2)
+            tl.store(scale_ptr + o, scale.to(tl.float32), mask=m2)
+            tl.store(shift_ptr + o, shift.to(tl.float32), mask=m2)
+
+
+@triton.jit
+def _bin_grad_kernel(p1_ptr, p2_ptr, N, NSB, C, HW, cnt_ptr, count, mean_in_ptr, rstd_in_ptr, mbn_ptr, rbn_ptr,
+                     w_ptr, rho_ptr, gw_ptr, gb_ptr, gr_ptr, sums_ptr, a_ptr, b_ptr, cst_ptr, CNT_PTR: tl.constexpr,
+                     SUMS: tl.constexpr, PACK: tl.constexpr, WANT_GW: tl.constexpr, WANT_GB: tl.constexpr,
+                     WANT_GR: tl.constexpr, COEF: tl.constexpr, BATCH: tl.constexpr, BN: tl.constexpr,
+                     BSB: tl.constexpr, BC: tl.constexpr):
+    """BIN backward from the partials of ``g`` and ``g·(x - mean_in)`` (G1, G2 per (sample, channel)). BN's
+    per-channel sums h1 = Σ G1 and h2 = Σ (G2 + (mean_in - mean_bn)·G1) with in2 = Σ rstd_in·G2 give the
+    weight, bias and ρ gradients (local sums); PACK writes h1, h2 (float64) into ``sums`` for synced BIN's
+    all-reduce, SUMS reads them back from there instead (the reduced sums, for the coefficients only). COEF: dx's
+    per-(sample, channel) coefficients a, b, cst for ``affine(g, a, cst, q=x, Q=b, Qc=mean_in)``, with the BN
+    statistics' terms when BATCH (batch statistics in forward; the running ones are constants)."""
+    c = tl.program_id(0) * BC + tl.arange(0, BC)
+    mc = c < C
+    mean_bn = tl.load(mbn_ptr + c, mask=mc, other=0.0)
+    rstd_bn = tl.load(rbn_ptr + c, mask=mc, other=0.0)
+    wb, wi, gam, r = _bin_gate(w_ptr, rho_ptr, c, mc)
+    h1 = tl.zeros([BC], dtype=tl.float64)
+    h2 = tl.zeros([BC], dtype=tl.float64)
+    in2 = tl.zeros([BC], dtype=tl.float64)
+    if SUMS:
+        h1 = tl.load(sums_ptr + c, mask=mc, other=0.0)
+        h2 = tl.load(sums_ptr + C + c, mask=mc, other=0.0)
+    else:
+        for n0 in range(0, N, BN):
+            g1, g2, _, m2, o = _bin_block(p1_ptr, p2_ptr, p1_ptr, n0, N, NSB, C, 0, 0, c, mc, False, BN, BSB, BC)
+            mi = tl.load(mean_in_ptr + o, mask=m2, other=0.0).to(tl.float64)
+            h1 += tl.sum(g1, axis=0)
+            h2 += tl.sum(g2 + (mi - mean_bn[None, :]) * g1, axis=0)
+            in2 += tl.sum(tl.load(rstd_in_ptr + o, mask=m2, other=0.0) * g2, axis=0)
+        if WANT_GW:
+            tl.store(gw_ptr + c, (r * rstd_bn * h2 + (1 - r) * in2).to(tl.float32).to(gw_ptr.dtype.element_ty),
+                     mask=mc)
+        if WANT_GB:
+            tl.store(gb_ptr + c, h1.to(tl.float32).to(gb_ptr.dtype.element_ty), mask=mc)
+        if WANT_GR:  # straight-through: the clamped gate's gradient, unclamped
+            tl.store(gr_ptr + c, (gam * (rstd_bn * h2 - in2)).to(tl.float32).to(gr_ptr.dtype.element_ty), mask=mc)
+        if PACK:
+            tl.store(sums_ptr + c, h1, mask=mc)
+            tl.store(sums_ptr + C + c, h2, mask=mc)
+    if COEF:
+        bb = tl.zeros([BC], dtype=tl.float64)
+        cb = tl.zeros([BC], dtype=tl.float64)
+        if BATCH:  # the BN statistics' terms, on the (reduced) sums
+            m = _count(cnt_ptr, count, CNT_PTR)
+            bb = -wb * rstd_bn * rstd_bn * rstd_bn * h2 / m
+            cb = -wb * rstd_bn * h1 / m - bb * mean_bn
+        for n0 in range(0, N, BN):
+            g1, g2, _, m2, o = _bin_block(p1_ptr, p2_ptr, p1_ptr, n0, N, NSB, C, 0, 0, c, mc, False, BN, BSB, BC)
+            mi = tl.load(mean_in_ptr + o, mask=m2, other=0.0).to(tl.float64)
+            ri = tl.load(rstd_in_ptr + o, mask=m2, other=0.0)
+            a = wb[None, :] * rstd_bn[None, :] + wi[None, :] * ri
+            b = bb[None, :] - wi[None, :] * ri * ri * ri * g2 / HW
+            cst = cb[None, :] + bb[None, :] * mi - wi[None, :] * ri * g1 / HW
+            tl.store(a_ptr + o, a.to(tl.float32), mask=m2)
+            tl.store(b_ptr + o, b.to(tl.float32), mask=m2)
+            tl.store(cst_ptr + o, cst.to(tl.float32), mask=m2)
