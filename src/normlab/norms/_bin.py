@@ -20,9 +20,14 @@ the gradients of ρ (``γ·Σ g·(x̂_BN − x̂_IN)``), γ and β, and one swee
 ``batch_stats=False`` (eval) takes the BN branch's statistics from the running buffers (constants for
 autograd); the IN branch always uses the sample's. ``rho`` is clamped to [0, 1] in forward and its gradient
 passed through unclamped (straight-through). Small per-(n, c) math runs in float64; the big tensor is read in
-``compute_dtype`` (float32 for bf16/fp16). Back-ends: the Triton kernels (``_triton.channel_sums`` and
-``_triton.affine``) or tensor ops -- on CPU too, where this beat the C++ kernels' BN and IN Functions summed
-(see ``batch_instance``); no C++ version of it yet.
+``compute_dtype`` (float32 for bf16/fp16). Back-ends: the Triton kernels or tensor ops -- on CPU too, where
+this beat the C++ kernels' BN and IN Functions summed (see ``batch_instance``); no C++ version of it yet.
+
+On Triton (``_bin_triton_forward`` / ``_bin_triton_backward``) each direction is three launches: the sweep
+(``_triton.channel_sums``), one finish kernel that does all the small float64 math above (``_triton.bin_stats``:
+both branches' statistics, the running-statistics update, the (N, C) scale and shift; ``_triton.bin_grads``:
+the weight, bias and ρ gradients and dx's (N, C) coefficients), and the sweep ``_triton.affine``. Synced, the
+per-channel BN sums are all-reduced between two launches of the finish (``_triton.bin_pack`` forward).
 """
 
 from __future__ import annotations

@@ -15,14 +15,18 @@ Every norm needs the same two sweeps over the big tensor, so two kernels serve a
 Between them, one small *finish* kernel turns the (N, blocks, C) partials into what the affine needs:
 ``bn_stats`` (BN forward: sums over samples and blocks, mean, rstd, the running-statistics update, scale
 and shift), ``bn_grads`` (BN backward: weight/bias gradients, dx's coefficients), ``gn_stats`` and
-``gn_grads`` (the same per (sample, group), summing over blocks and the group's channels). They add the
-partials in float64 in a fixed order (no atomics: deterministic). A forward or a backward is thus three
-launches (sums, finish, affine), as many as native BN's kernels; it was 18-28 when the small per-channel math
-ran as torch ops (counted under the interpreter, ``tests/test_triton_norms.py``). Synced BN adds the packing
-of the local sums (``bn_pack`` / ``bn_grads(pack=True)``) and the all-reduce.
+``gn_grads`` (the same per (sample, group), summing over blocks and the group's channels), ``bin_stats`` and
+``bin_grads`` (Batch-Instance Norm: BN's per-channel and IN's per-(sample, channel) statistics from the same
+partials, the (N, C) affine's coefficients, the weight, bias and ρ gradients). They add the partials in
+float64 in a fixed order (no atomics: deterministic). A forward or a backward is thus three launches (sums,
+finish, affine), as many as native BN's kernels; it was 18-28 (BN, IN, LN, GN) and 59-61 (BIN) when the small
+math ran as torch ops (counted under the interpreter, ``tests/test_triton_norms.py``). Synced BN and BIN add
+the packing of the local sums (``bn_pack`` / ``bn_grads(pack=True)``, ``bin_pack`` / ``bin_grads(pack=True)``)
+and the all-reduce.
 
-Inputs are float32, bfloat16 or float16 in NCHW or channels_last; statistics and coefficients are float32;
-weights, their gradients and running statistics keep their own dtype.
+Inputs are float32, bfloat16 or float16 in NCHW or channels_last; statistics and coefficients are float32
+(BIN's rstd and BN statistics, kept for its backward, float64); weights, their gradients and running statistics
+keep their own dtype.
 
 Selection (``usable``): non-empty CUDA tensors when triton imports, unless ``NORMLAB_TRITON=0``;
 ``NORMLAB_TRITON=1`` also takes CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was imported --

@@ -3,7 +3,8 @@ costs about a second, and under ``TRITON_INTERPRET=1`` it must happen after that
 
 Two sweeps over the big tensor (``_sums_kernel``, ``_affine_kernel``) and, between them, one small "finish"
 kernel per norm and direction that turns the (N, blocks, C) partial sums into statistics and the affine's
-coefficients (``_bn_stats_kernel``, ``_bn_grad_kernel``, ``_gn_stats_kernel``, ``_gn_grad_kernel``).
+coefficients (``_bn_stats_kernel``, ``_bn_grad_kernel``, ``_gn_stats_kernel``, ``_gn_grad_kernel``,
+``_bin_stats_kernel``, ``_bin_grad_kernel``).
 The finish kernels add the float32 partials in float64 (in a fixed order: deterministic, no atomics).
 """
 
