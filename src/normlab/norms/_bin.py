@@ -20,8 +20,9 @@ the gradients of ρ (``γ·Σ g·(x̂_BN − x̂_IN)``), γ and β, and one swee
 ``batch_stats=False`` (eval) takes the BN branch's statistics from the running buffers (constants for
 autograd); the IN branch always uses the sample's. ``rho`` is clamped to [0, 1] in forward and its gradient
 passed through unclamped (straight-through). Small per-(n, c) math runs in float64; the big tensor is read in
-``compute_dtype`` (float32 for bf16/fp16). Back-ends: the Triton kernels or tensor ops -- on CPU too, where
-this beat the C++ kernels' BN and IN Functions summed (see ``batch_instance``); no C++ version of it yet.
+``compute_dtype`` (float32 for bf16/fp16). Back-ends: the Triton kernels, the C++ kernels for the CPU tensors
+they take (the two sweeps: ``_kernels.nc_sums`` and ``_kernels.nc_affine``; the small math above stays torch
+code; timing in ``batch_instance``), or tensor ops.
 
 On Triton (``_bin_triton_forward`` / ``_bin_triton_backward``) each direction is three launches: the sweep
 (``_triton.channel_sums``), one finish kernel that does all the small float64 math above (``_triton.bin_stats``:
@@ -35,14 +36,16 @@ from __future__ import annotations
 import torch
 
 from normlab.errors import NormlabError
-from normlab.norms import _functional, _triton
-from normlab.norms._functional import TRITON, _affine_out, _moments, _sample_shift, _update_running, compute_dtype
+from normlab.norms import _functional, _kernels, _triton
+from normlab.norms._functional import CPP, TRITON, _affine_out, _moments, _sample_shift, _update_running, compute_dtype
 
 
 def _sums(kind, fmt, x, xf, center):
     """Forward: the (N, C) float64 sums of ``x - center`` and its square (center (N, C)); on the tensor-op path
     also the compute-dtype buffer they were formed in (it will hold the output)."""
     n, c = x.shape[:2]
+    if kind == CPP:
+        return (*_kernels.nc_sums(x, None, fmt, center), None)
     buf = torch.sub(xf, center.view(n, c, 1, 1), out=torch.empty_like(xf))
     s1 = buf.sum((2, 3))
     s2 = buf.mul_(buf).sum((2, 3))
@@ -72,7 +75,7 @@ class BatchInstanceFunction(torch.autograd.Function):
         if kind == TRITON:
             return _bin_triton_forward(ctx, x, fmt, weight, bias, rho, running_mean, running_var, momentum, eps, sync,
                                        batch_stats, local)
-        xf = x if x.dtype == ct else x.to(ct)
+        xf = None if kind == CPP else (x if x.dtype == ct else x.to(ct))
         k = _sample_shift(x, ct, 1)  # (N, C): x[n, c, 0, 0]
         s1, s2, buf = _sums(kind, fmt, x, xf, k)
         k64 = k.double()
@@ -100,7 +103,10 @@ class BatchInstanceFunction(torch.autograd.Function):
         wb, wi = r * g64, (1 - r) * g64  # the branches' weights, (C,)
         scale = wb * rstd_bn + wi * rstd_in  # (N, C)
         shift_y = bias.detach().double() - wb * rstd_bn * mean_bn - wi * rstd_in * mean_in
-        y = _affine_out(kind, fmt, x, xf, buf, scale.to(ct), shift_y.to(ct), (n, c, 1, 1), None, False)
+        if kind == CPP:
+            y = _kernels.nc_affine(x, fmt, scale, shift_y)
+        else:
+            y = _affine_out(kind, fmt, x, xf, buf, scale.to(ct), shift_y.to(ct), (n, c, 1, 1), None, False)
         # the backward sweep centres x on mean_in in the compute dtype: the small math uses that rounded value
         mean_in = mean_in.to(ct)
         ctx.total, ctx.sync, ctx.batch_stats = total, sync, batch_stats
@@ -118,12 +124,16 @@ class BatchInstanceFunction(torch.autograd.Function):
         kind, fmt = be if be else (None, None)
         if kind == TRITON:
             return _bin_triton_backward(ctx, dy, fmt, x, weight, rho, mean_in, rstd_in, mean_bn, rstd_bn)
-        dyf = dy if dy.dtype == ct else dy.to(ct)
-        xf = x if x.dtype == ct else x.to(ct)
-        g1 = dyf.sum((2, 3)).double()
-        # centred before the product (exact for large-mean inputs), in the buffer that becomes grad_x
-        buf = torch.sub(xf, mean_in.view(n, c, 1, 1), out=torch.empty_like(xf)).mul_(dyf)
-        g2 = buf.sum((2, 3)).double()
+        if kind == CPP:  # the (N, C) sums of g and g*(x - mean_in), and dx below, on the C++ kernels
+            g = _kernels.like(dy if dy.dtype == x.dtype else dy.to(x.dtype), fmt)
+            g1, g2 = _kernels.nc_sums(g, x, fmt, mean_in)
+        else:
+            dyf = dy if dy.dtype == ct else dy.to(ct)
+            xf = x if x.dtype == ct else x.to(ct)
+            g1 = dyf.sum((2, 3)).double()
+            # centred before the product (exact for large-mean inputs), in the buffer that becomes grad_x
+            buf = torch.sub(xf, mean_in.view(n, c, 1, 1), out=torch.empty_like(xf)).mul_(dyf)
+            g2 = buf.sum((2, 3)).double()
         mi = mean_in.double()
         r = rho.detach().double().clamp(0, 1)
         gam = weight.detach().double()
@@ -150,10 +160,14 @@ class BatchInstanceFunction(torch.autograd.Function):
                 bb = -wb * rstd_bn ** 3 * h2 / m
                 b = b + bb
                 cst = cst - wb * rstd_bn * h1 / m + bb * (mi - mean_bn)
-            # dx = a*g + b*(x - mean_in) + cst (uncentred here, as in _functional)
-            gx = torch.addcmul((cst - b * mi).to(ct).view(n, c, 1, 1), xf, b.to(ct).view(n, c, 1, 1), out=buf)
-            gx.addcmul_(dyf, a.to(ct).view(n, c, 1, 1))
-            grads[0] = gx if gx.dtype == x.dtype else gx.to(x.dtype)
+            # dx = a*g + b*(x - mean_in) + cst (centred on the C++ kernels; uncentred on the tensor ops, as in
+            # _functional)
+            if kind == CPP:
+                grads[0] = _kernels.nc_affine(g, fmt, a, cst, q=x, Q=b, Qc=mean_in)
+            else:
+                gx = torch.addcmul((cst - b * mi).to(ct).view(n, c, 1, 1), xf, b.to(ct).view(n, c, 1, 1), out=buf)
+                gx.addcmul_(dyf, a.to(ct).view(n, c, 1, 1))
+                grads[0] = gx if gx.dtype == x.dtype else gx.to(x.dtype)
         return tuple(grads)
 
 

@@ -370,37 +370,53 @@ static inline void affine_tiled(const S* x, S* y, i64 len, i64 tl, const T* sc, 
   }
 }
 
-// dx = a*dy + b*x + k over a flat channels_last run of len values, with tile-length coefficients.
-template <typename S, typename T = typename Compute<S>::T>
+// dx = a*dy + b*x + k over a flat channels_last run of len values, with tile-length coefficients; CEN:
+// b*(x - kc) instead of b*x (kc tile-length too).
+template <typename S, bool CEN = false, typename T = typename Compute<S>::T>
 static inline void grad_tiled(const S* dy, const S* x, S* dx, i64 len, i64 tl, const T* a, const T* b,
-                              const T* k) {
+                              const T* k, const T* kc = nullptr) {
   for (i64 i = 0; i < len; i += tl) {
     const i64 m = std::min(tl, len - i);
     const S* pd = dy + i;
     const S* px = x + i;
     S* po = dx + i;
 #pragma omp simd
-    for (i64 t = 0; t < m; ++t) po[t] = st<S>(a[t] * ld(pd[t]) + b[t] * ld(px[t]) + k[t]);
+    for (i64 t = 0; t < m; ++t) po[t] = st<S>(a[t] * ld(pd[t]) + b[t] * (CEN ? ld(px[t]) - kc[t] : ld(px[t])) + k[t]);
   }
 }
 
-// BatchNorm's per-(sample, channel) shifted sums in channels_last, k the c per-channel shifts.
-template <typename S, bool SAME, bool MASK = false, typename T = typename Compute<S>::T>
-static void sums_nhwc(const S* a, const S* b, i64 n, i64 hw, i64 c, const T* k, double* s1, double* s2, int nt,
-                      const S* m = nullptr, S* g = nullptr) {
+// channels_last, sample by sample (parallel over samples): K arrays of c coefficients each (with stride 0 the
+// same for every sample, tiled once per thread; with stride c, per (sample, channel): sample s's c values at
+// coef[q] + s*c) are tiled to tile_len(c) values into t[q*tl ...], followed by X scratch tiles, and f(s, t)
+// runs on sample s's flat run of hw*c values.
+template <int K, int X, typename T, typename F>
+static void per_sample_nhwc(i64 n, i64 hw, i64 c, const T* const (&coef)[K], i64 stride, int nt, F&& f) {
   const i64 tl = tile_len(c);
-  std::vector<T> kt(tl);
-  tile(k, c, tl, kt.data());
 #pragma omp parallel num_threads(nt) if (nt > 1 && n > 1 && n * hw * c >= kParallelMin)
   {
-    std::vector<T> q1(tl), q2(tl);
+    std::vector<T> t((K + X) * tl);
+    bool tiled = false;
 #pragma omp for schedule(static)
     for (i64 s = 0; s < n; ++s) {
-      const i64 off = s * hw * c;
-      sample_sums_nhwc<S, SAME, MASK>(a + off, SAME ? nullptr : b + off, hw, c, kt.data(), s1 + s * c, s2 + s * c,
-                                      q1.data(), q2.data(), MASK ? m + off : nullptr, MASK ? g + off : nullptr);
+      if (stride || !tiled)
+        for (int q = 0; q < K; ++q) tile(coef[q] + s * stride, c, tl, t.data() + q * tl);
+      tiled = true;
+      f(s, t.data());
     }
   }
+}
+
+// Per-(sample, channel) shifted sums in channels_last, k the shifts: per channel (kstride 0: BatchNorm) or per
+// (sample, channel) (kstride c: Batch-Instance Norm).
+template <typename S, bool SAME, bool MASK = false, typename T = typename Compute<S>::T>
+static void sums_nhwc(const S* a, const S* b, i64 n, i64 hw, i64 c, const T* k, i64 kstride, double* s1,
+                      double* s2, int nt, const S* m = nullptr, S* g = nullptr) {
+  const i64 tl = tile_len(c);
+  per_sample_nhwc<1, 2>(n, hw, c, {k}, kstride, nt, [&](i64 s, T* t) {
+    const i64 off = s * hw * c;
+    sample_sums_nhwc<S, SAME, MASK>(a + off, SAME ? nullptr : b + off, hw, c, t, s1 + s * c, s2 + s * c, t + tl,
+                                    t + 2 * tl, MASK ? m + off : nullptr, MASK ? g + off : nullptr);
+  });
 }
 
 // Shifted sums (see vaccumulate; one shift k) of a contiguous run of any length: runs of 4096 in T,
@@ -457,17 +473,18 @@ static void affine_nhwc(const S* x, S* y, i64 len, i64 c, const T* scale, const 
                                RES ? res + i0 : nullptr);
 }
 
-template <typename S, typename T = typename Compute<S>::T>
+// dx = a*dy + b*x + k per row (CEN: b*(x - kc) instead of b*x), per-row coefficients.
+template <typename S, bool CEN = false, typename T = typename Compute<S>::T>
 static void grad_rows(const S* dy, const S* x, S* dx, i64 rows, i64 hw, const T* a, const T* b,
-                      const T* k, int nt) {
+                      const T* k, int nt, const T* kc = nullptr) {
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && rows * hw >= kParallelMin)
   for (i64 r = 0; r < rows; ++r) {
     const S* pd = dy + r * hw;
     const S* px = x + r * hw;
     S* po = dx + r * hw;
-    const T va = a[r], vb = b[r], vk = k[r];
+    const T va = a[r], vb = b[r], vk = k[r], vc = CEN ? kc[r] : T(0);
 #pragma omp simd
-    for (i64 i = 0; i < hw; ++i) po[i] = st<S>(va * ld(pd[i]) + vb * ld(px[i]) + vk);
+    for (i64 i = 0; i < hw; ++i) po[i] = st<S>(va * ld(pd[i]) + vb * (CEN ? ld(px[i]) - vc : ld(px[i])) + vk);
   }
 }
 
@@ -488,21 +505,24 @@ static void grad_nhwc(const S* dy, const S* x, S* dx, i64 len, i64 c, const T* a
 // ------------------------------------------------------------------ the norms, built on those loops
 // Layout: 0 = NCHW contiguous, 1 = channels_last. Per-channel / per-group math in double.
 
-// Per-channel shifted sums (see vaccumulate) with shifts k; m, g (backward of BN + ReLU): a is masked by
+// Per-(sample, channel) shifted sums (see vaccumulate) into s1, s2 (n*c each) with shifts k: per channel (c
+// values) or, with per_nc, per (sample, channel) (n*c values); m, g (backward of BN + ReLU): a is masked by
 // m > 0 and the masked a written to g.
 template <typename S, typename T = typename Compute<S>::T>
-static void sums_nc(const S* a, const S* b, int nhwc, i64 n, i64 c, i64 hw, const T* k, double* s1, double* s2,
-                    int nt, const S* m = nullptr, S* g = nullptr) {
+static void sums_nc(const S* a, const S* b, int nhwc, i64 n, i64 c, i64 hw, const T* k, bool per_nc, double* s1,
+                    double* s2, int nt, const S* m = nullptr, S* g = nullptr) {
   if (nhwc) {
-    if (b == nullptr) sums_nhwc<S, true>(a, a, n, hw, c, k, s1, s2, nt);
-    else if (m) sums_nhwc<S, false, true>(a, b, n, hw, c, k, s1, s2, nt, m, g);
-    else sums_nhwc<S, false>(a, b, n, hw, c, k, s1, s2, nt);
+    const i64 ks = per_nc ? c : 0;
+    if (b == nullptr) sums_nhwc<S, true>(a, a, n, hw, c, k, ks, s1, s2, nt);
+    else if (m) sums_nhwc<S, false, true>(a, b, n, hw, c, k, ks, s1, s2, nt, m, g);
+    else sums_nhwc<S, false>(a, b, n, hw, c, k, ks, s1, s2, nt);
   } else {
-    std::vector<T> kr(n * c);  // per row (no r % c in the loop: a division per row cost ~5% at 8x8 maps)
-    for (i64 s = 0; s < n; ++s) std::memcpy(kr.data() + s * c, k, c * sizeof(T));
-    if (b == nullptr) sums_rows<S, true>(a, a, n * c, hw, kr.data(), s1, s2, nt);
-    else if (m) sums_rows<S, false, true>(a, b, n * c, hw, kr.data(), s1, s2, nt, m, g);
-    else sums_rows<S, false>(a, b, n * c, hw, kr.data(), s1, s2, nt);
+    std::vector<T> kr(per_nc ? 0 : n * c);  // per row (no r % c in the loop: a division per row cost ~5% at 8x8 maps)
+    for (i64 s = 0; s < n && !per_nc; ++s) std::memcpy(kr.data() + s * c, k, c * sizeof(T));
+    const T* kk = per_nc ? k : kr.data();
+    if (b == nullptr) sums_rows<S, true>(a, a, n * c, hw, kk, s1, s2, nt);
+    else if (m) sums_rows<S, false, true>(a, b, n * c, hw, kk, s1, s2, nt, m, g);
+    else sums_rows<S, false>(a, b, n * c, hw, kk, s1, s2, nt);
   }
 }
 
@@ -524,7 +544,7 @@ static void bn_sums(const S* a, const S* b, int nhwc, i64 n, i64 c, i64 hw, cons
     else if (b == nullptr) shift[j] = ld(a[nhwc ? j : j * hw]);
     if (k) k[j] = double(shift[j]);
   }
-  sums_nc<S>(a, b, nhwc, n, c, hw, shift.data(), p1.data(), p2.data(), nt, m, g);
+  sums_nc<S>(a, b, nhwc, n, c, hw, shift.data(), false, p1.data(), p2.data(), nt, m, g);
   for (i64 j = 0; j < c; ++j) {
     double t1 = 0, t2 = 0;
     for (i64 q = 0; q < n; ++q) {
@@ -592,6 +612,27 @@ static void bn_backward(const S* dy, const S* x, S* dx, int nhwc, i64 n, i64 c, 
   }
   if (nhwc) grad_nhwc<S>(dy, x, dx, n * hw * c, c, va.data(), vb.data(), vk.data(), nt);
   else grad_rows<S>(dy, x, dx, n * c, hw, va.data(), vb.data(), vk.data(), nt);
+}
+
+// Batch-Instance Norm's sweeps (its per-(sample, channel) math is torch code, _bin.py): the sums are sums_nc
+// with per-(sample, channel) shifts; the output, with per-(sample, channel) coefficients (n*c values each):
+// q null (forward): out = p*P + R; else (backward): out = P*p + Q*(q - Qc) + R, centred on Qc.
+template <typename S, typename T = typename Compute<S>::T>
+static void nc_affine(const S* p, const S* q, S* out, int nhwc, i64 n, i64 c, i64 hw, const T* P, const T* Q,
+                      const T* Qc, const T* R, int nt) {
+  const i64 len = hw * c, tl = tile_len(c);
+  if (!nhwc) {
+    if (q) grad_rows<S, true>(p, q, out, n * c, hw, P, Q, R, nt, Qc);
+    else affine_rows<S>(p, out, n * c, hw, P, R, nt);
+  } else if (q) {
+    per_sample_nhwc<4, 0>(n, hw, c, {P, Q, R, Qc}, c, nt, [&](i64 s, T* t) {
+      grad_tiled<S, true>(p + s * len, q + s * len, out + s * len, len, tl, t, t + tl, t + 2 * tl, t + 3 * tl);
+    });
+  } else {
+    per_sample_nhwc<2, 0>(n, hw, c, {P, R}, c, nt, [&](i64 s, T* t) {
+      affine_tiled<S>(p + s * len, out + s * len, len, tl, t, t + tl);
+    });
+  }
 }
 
 // GroupNorm (G = C: InstanceNorm, G = 1: LayerNorm): statistics per (sample, group). Blocked for the
@@ -819,6 +860,15 @@ static void gn_backward(const S* dy, const S* x, S* dx, int nhwc, i64 n, i64 c, 
                                           double total, const T* w, const T* mean, const T* rstd,    \
                                           int nt) {                                                  \
     bn_backward<S>(dy, x, dx, nhwc, n, c, hw, sum_dy, sum_dy_xc, total, w, mean, rstd, nt);          \
+  }                                                                                                  \
+  extern "C" void normlab_nc_sums_##X(const S* a, const S* b, int nhwc, i64 n, i64 c, i64 hw, const T* k, \
+                                      double* s1, double* s2, int nt) {                              \
+    sums_nc<S>(a, b, nhwc, n, c, hw, k, true, s1, s2, nt);                                           \
+  }                                                                                                  \
+  extern "C" void normlab_nc_affine_##X(const S* p, const S* q, S* out, int nhwc, i64 n, i64 c,       \
+                                        i64 hw, const T* P, const T* Q, const T* Qc, const T* R,     \
+                                        int nt) {                                                    \
+    nc_affine<S>(p, q, out, nhwc, n, c, hw, P, Q, Qc, R, nt);                                        \
   }                                                                                                  \
   extern "C" void normlab_gn_forward_##X(const S* x, S* y, int nhwc, i64 n, i64 c, i64 hw, i64 g,    \
                                          const T* w, const T* b, double eps, T* mean_out,            \

@@ -36,6 +36,8 @@ _SIGNATURES = {
     "bn_sums": [_P, _P, _INT, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P, _INT],
     "bn_forward": [_P, _P, _INT, _I, _I, _I, _P, _P, _P, _D, _P, _P, _D, _D, _P, _P, _P, _P, _P, _INT, _INT],
     "bn_backward": [_P, _P, _P, _INT, _I, _I, _I, _P, _P, _D, _P, _P, _P, _INT],
+    "nc_sums": [_P, _P, _INT, _I, _I, _I, _P, _P, _P, _INT],
+    "nc_affine": [_P, _P, _P, _INT, _I, _I, _I, _P, _P, _P, _P, _INT],
     "gn_forward": [_P, _P, _INT, _I, _I, _I, _I, _P, _P, _D, _P, _P, _P, _INT, _INT],
     "gn_backward": [_P, _P, _P, _INT, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _INT],
 }
@@ -236,6 +238,33 @@ def bn_backward(dy: torch.Tensor, x: torch.Tensor, fmt: str, s: torch.Tensor, to
                                 s[1].data_ptr(), float(total), _ptr(w), mean.data_ptr(),
                                 rstd.data_ptr(), torch.get_num_threads())
     return dx
+
+
+def nc_sums(a: torch.Tensor, b: torch.Tensor | None, fmt: str, center: torch.Tensor):
+    """Per-(sample, channel) sums over (H, W), float64 (N, C) each, centred value by value on ``center`` (N, C):
+    ``b=None`` (forward) those of ``a - center`` and ``(a - center)²``; otherwise (backward; ``b`` in a's layout
+    and dtype) those of ``a`` and ``a*(b - center)``."""
+    n, c = a.shape[:2]
+    s = torch.empty(2, n, c, dtype=torch.float64)
+    k = _as(center, _COMPUTE[a.dtype])
+    _fn("nc_sums", a.dtype)(a.data_ptr(), _ptr(b), *_geom(a, fmt), k.data_ptr(), s[0].data_ptr(), s[1].data_ptr(),
+                            torch.get_num_threads())
+    return s[0], s[1]
+
+
+def nc_affine(p: torch.Tensor, fmt: str, P: torch.Tensor, R: torch.Tensor, q: torch.Tensor | None = None,
+              Q: torch.Tensor | None = None, Qc: torch.Tensor | None = None) -> torch.Tensor:
+    """``p*P + R``, or with ``q`` (in p's layout and dtype) ``p*P + (q - Qc)*Q + R``, with (N, C) coefficients
+    (``Qc`` None: 0), in p's layout and dtype."""
+    ct = _COMPUTE[p.dtype]
+    out = torch.empty_like(p)
+    P, R = _as(P, ct), _as(R, ct)
+    if q is not None:
+        Q = _as(Q, ct)
+        Qc = torch.zeros_like(Q) if Qc is None else _as(Qc, ct)
+    _fn("nc_affine", p.dtype)(p.data_ptr(), _ptr(q), out.data_ptr(), *_geom(p, fmt), P.data_ptr(), _ptr(Q),
+                              _ptr(Qc), R.data_ptr(), torch.get_num_threads())
+    return out
 
 
 def gn_forward(x: torch.Tensor, fmt: str, groups: int, weight: torch.Tensor | None,
