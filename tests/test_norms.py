@@ -1190,3 +1190,147 @@ def test_fused_bin_makes_the_sweeps_of_one_batchnorm(monkeypatch):
         sweeps = [[op for op in f if op not in ("select", "empty_like")] for f in fused]
         assert sweeps == [["sub", "sum", "mul_", "sum", "addcmul"], ["sum", "sub", "mul_", "sum", "addcmul", "addcmul_"]]
         assert len(composed[0]) == 2 * len(fused[0]) + 1 and len(composed[1]) == 2 * len(fused[1]) + 1
+
+
+
+# ------------------------------------------------- BIN's Function on the C++ kernels vs on the tensor ops
+
+def bin_run(path: str, m, x, dy, monkeypatch):
+    """Forward + backward of BIN's Function on the C++ kernels (``path="cpp"``) or on the tensor ops (``"ops"``:
+    the back-end forced to None): output, input grad, weight/bias/rho grads, running statistics; and the C++
+    entry points called (``nc_sums`` / ``nc_affine``, in order)."""
+    calls: list = []
+    xo = x.detach().clone().requires_grad_()
+    m.zero_grad(set_to_none=True)
+    with monkeypatch.context() as mp_:
+        if path == "ops":
+            mp_.setattr(_functional, "backend", lambda t: None)
+        for name in ("nc_sums", "nc_affine"):
+            real = getattr(_kernels, name)
+            mp_.setattr(_kernels, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
+        y = m(xo)
+        y.backward(dy)
+    out = [y.detach(), xo.grad, m.weight.grad, m.bias.grad, m.rho.grad]
+    return out + ([m.running_mean.clone(), m.running_var.clone()] if m.running_mean is not None else []), calls
+
+
+BIN_SHAPES = [  # NCHW rows and channels_last tiles (c = 12, 300: tile_len 264 / c), the register sums
+    (6, 12, 5, 7), (4, 32, 6, 6), (3, 300, 2, 3), (1, 16, 5, 5), (2, 4, 70, 70)]  # (c = 16..64), runs > 4096
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", BIN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_fused_bin_on_the_cpp_kernels_equals_the_tensor_op_path(dtype, cl, shape, monkeypatch):
+    """BIN's Function on the C++ kernels (``nc_sums`` forward and backward, ``nc_affine`` for y and dx) gives
+    the tensor-op path's outputs, gradients and running statistics, in training (two steps) and eval, for
+    every storage dtype and both layouts, gates outside [0, 1] included. The kernels are turned on here, so the
+    ``ops`` parametrization repeats the check."""
+    monkeypatch.setenv("NORMLAB_KERNELS", "1")
+    ours, ref = bin_pair(shape[1])
+    x0 = make_input(shape, cl).detach().to(dtype)
+    assert _functional.backend(x0) == (_functional.CPP, _kernels.NHWC if cl else _kernels.NCHW)
+    tol = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float64: dict(atol=1e-10, rtol=1e-10),
+           torch.bfloat16: dict(atol=3e-2, rtol=2e-2)}[dtype]
+    for step in range(3):
+        if step == 2:
+            ours.eval(), ref.eval()
+        x = make_input(shape, cl, seed=step).detach().to(dtype)
+        dy = torch.randn(shape, generator=torch.Generator().manual_seed(10 + step)).to(dtype)
+        got, calls = bin_run("cpp", ours, x, dy, monkeypatch)
+        want, none = bin_run("ops", ref, x, dy, monkeypatch)
+        assert calls == ["nc_sums", "nc_affine"] * 2 and none == []  # eval: IN statistics still summed
+        assert got[0].dtype == got[1].dtype == dtype
+        assert all(t.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+                   for t in got[:2])
+        for what, a, b in zip(("y", "dx", "dweight", "dbias", "drho", "running_mean", "running_var"), got, want):
+            t = dict(atol=2e-3, rtol=2e-3) if dtype == torch.bfloat16 and what not in ("y", "dx") else tol
+            torch.testing.assert_close(a, b, **t, msg=lambda s, w=what: f"step {step} {w}: {s}")
+
+
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
+def test_fused_bin_cpp_is_exact_for_large_mean_inputs(cl, monkeypatch):
+    """|mean|/std = 1000 in float32: the C++ path's output, gradients and running statistics are as close to a
+    float64 reference (BIN's Function in float64) as the tensor-op path's, within a factor 2 (its sums are
+    shifted per (sample, channel) and its dx centred on the IN mean; with the shift set to 0 the output is off
+    by more than 100%)."""
+    monkeypatch.setenv("NORMLAB_KERNELS", "1")
+    shape = (8, 16, 6, 6)
+    ours, ref = bin_pair(16)
+    x = make_input(shape, cl).detach() * 0.5 + 1000.0
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    want, _ = bin_run("ops", ref.double(), x.double(), dy.double(), monkeypatch)
+    errs = {}
+    for path in ("cpp", "ops"):
+        m = bin_pair(16)[0]
+        got, _ = bin_run(path, m, x, dy, monkeypatch)
+        errs[path] = [((a.double() - b).abs().max() / b.abs().max()).item() for a, b in zip(got, want)]
+    for what, e_cpp, e_ops in zip(("y", "dx", "dweight", "dbias", "drho", "running_mean", "running_var"),
+                                  errs["cpp"], errs["ops"]):
+        assert e_cpp <= max(2 * e_ops, 1e-5), (what, e_cpp, e_ops)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_bin_cpp_threaded_and_serial(threads, monkeypatch):
+    """Above the kernels' parallel threshold (OpenMP over rows or samples, per-sample tiles per thread) and
+    below it, both layouts: the C++ path equals the tensor-op path."""
+    monkeypatch.setenv("NORMLAB_KERNELS", "1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for cl in (False, True):
+            ours, ref = bin_pair(40)
+            x = make_input((6, 40, 33, 8), cl)
+            dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+            got, calls = bin_run("cpp", ours, x, dy, monkeypatch)
+            want, _ = bin_run("ops", ref, x, dy, monkeypatch)
+            assert len(calls) == 4
+            for a, b in zip(got, want):
+                close(a, b)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_fused_bin_cpp_gradcheck_channels_last(monkeypatch):
+    """float64 gradcheck of BIN on the C++ kernels in channels_last (test_gradcheck covers NCHW), training and
+    eval."""
+    monkeypatch.setenv("NORMLAB_KERNELS", "1")
+    m = _double(BatchInstanceNorm2d(3))
+    with torch.no_grad():
+        m.running_mean.uniform_(-1, 1)
+        m.running_var.uniform_(0.5, 2)
+    x = torch.randn((3, 3, 2, 2), dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    assert _functional.backend(x) == (_functional.CPP, _kernels.NHWC)
+    names = [n for n, _ in m.named_parameters()]
+
+    def f(x, *ps):
+        return torch.func.functional_call(m, dict(zip(names, ps)), (x,))
+
+    for train in (True, False):
+        m.train(train)
+        assert torch.autograd.gradcheck(f, (x, *m.parameters()), eps=1e-6, atol=1e-5)
+
+
+def test_fused_bin_cpp_synced_equals_the_synced_tensor_op_path(monkeypatch):
+    """Synced BIN on the C++ kernels (mocked world of two ranks, as test_fused_bin_synced_equals_the_synced_
+    composition) all-reduces the same sums as on the tensor ops and gives the same results, without .item()."""
+    monkeypatch.setenv("NORMLAB_KERNELS", "1")
+    monkeypatch.setattr(_functional, "distributed_active", lambda: True)
+    reduced = []
+    monkeypatch.setattr(_functional, "_all_reduce", lambda t: reduced.append(t.numel()) or t.mul_(2))
+    for cl in (False, True):
+        ours, ref = bin_pair(6, sync=True)
+        x = make_input((4, 6, 5, 5), channels_last=cl).detach() + 50.0
+        dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+        reduced.clear()
+        with monkeypatch.context() as mp_:
+            def no_item(self):
+                raise AssertionError("host sync: .item() in synced BIN")
+
+            mp_.setattr(torch.Tensor, "item", no_item)
+            got, calls = bin_run("cpp", ours, x, dy, monkeypatch)
+        assert reduced == [13, 12] and len(calls) == 4
+        want, _ = bin_run("ops", ref, x, dy, monkeypatch)
+        for a, b in zip(got, want):
+            close(a, b, atol=1e-4, rtol=1e-4)
