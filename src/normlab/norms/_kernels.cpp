@@ -7,6 +7,8 @@
 //          shifted / centred value by value, so no float run sum cancels for large-mean inputs
 //   affine y = x * scale[n,c] + shift[n,c]                  (forward)
 //   grad   dx = a[n,c] * dy + b[n,c] * x + k[n,c]           (backward)
+// Batch-Instance Norm uses the sums with per-(sample, channel) shifts / centres and the two per-(n, c) loops
+// (nc_sums, nc_affine: dx centred, b[n,c] * (x - mean_IN[n,c])); its small per-(n, c) math is torch code.
 // BatchNorm sums over n and broadcasts per-channel coefficients (split in two calls so DDP can
 // all-reduce the sums in between); Group/Layer/Instance norm sums over the channels of a group and is
 // blocked per (sample, group) so statistics and affine run while the block is in cache. The small

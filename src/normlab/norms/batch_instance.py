@@ -27,9 +27,10 @@ class BatchInstanceNorm2d(BatchStatsNorm):
 
     Implementation: one autograd Function (``_bin``) that computes both branches' statistics from the same
     per-(sample, channel) sums and writes the output as one per-(sample, channel) affine -- the sweeps over the
-    input of one BN, forward and backward -- on the Triton kernels (CUDA) or tensor ops (CPU too: there it beat
-    the C++ kernels' BN + IN Functions summed, 5.4 vs 8.6 ms NCHW and 6.1 vs 6.8 ms channels_last for a
-    (128, 16, 32, 32) forward + backward; a C++ version of the fused Function would be faster still).
+    input of one BN, forward and backward -- on the Triton kernels (CUDA), the C++ kernels (the CPU tensors they
+    take: float32/float64/bfloat16, NCHW or channels_last) or tensor ops otherwise. On one CPU thread the C++
+    sweeps took a (128, 16, 32, 32) forward + backward from 7.8 to 4.2 ms (fp32) and 9.8 to 2.8 ms (bf16) in
+    NCHW, 7.6 to 5.2 / 9.3 to 3.1 ms in channels_last, against the tensor ops (bench/NOTES.md).
     """
 
     def __init__(self, num_channels: int, eps: float = 1e-5, momentum: float | None = 0.1, *,
