@@ -1030,8 +1030,8 @@ def test_fusion_is_decided_on_mode_and_layer_changes():
 # ------------------------------------------------------- BIN's fused Function vs its BN + IN composition
 
 def composed_bin(m: BatchInstanceNorm2d, x: torch.Tensor) -> torch.Tensor:
-    """BIN as the BN and IN Functions summed (what the C++ path runs, and what BIN was before its Function):
-    the reference for ``BatchInstanceFunction``."""
+    """BIN as the BN and IN Functions summed (what BIN was before its own Function): the reference for
+    ``BatchInstanceFunction``."""
     rho = m.rho + (m.rho.detach().clamp(0, 1) - m.rho.detach())
     y_bn = m.batch_norm(x, rho * m.weight, m.bias)
     return y_bn + _functional.GroupNormFunction.apply(x, (1 - rho) * m.weight, None, m.num_channels, m.eps)
@@ -1067,8 +1067,8 @@ def test_fused_bin_equals_its_bn_plus_in_composition(dtype, cl, offset, monkeypa
     """The fused Function (tensor-op path) gives the composition's outputs, input/weight/bias/rho gradients,
     running statistics and eval outputs and gradients, for fp32 and bf16, NCHW and channels_last, and
     |mean|/std = 500 in fp32 (bf16 cannot hold such inputs: its step at 1000 is 8). Both sides run on the
-    tensor ops (the C++ composition is not exact for large means, see above), so the C++ parametrization
-    repeats the same check."""
+    tensor ops (the C++ path of the fused Function has its own tests at the end of this file), so the C++
+    parametrization repeats the same check."""
     monkeypatch.setenv("NORMLAB_KERNELS", "0")
     c, shape = 12, (6, 12, 5, 7)
     ours, ref = bin_pair(c)
@@ -1334,3 +1334,20 @@ def test_fused_bin_cpp_synced_equals_the_synced_tensor_op_path(monkeypatch):
         want, _ = bin_run("ops", ref, x, dy, monkeypatch)
         for a, b in zip(got, want):
             close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_synced_batchnorm_compiles_into_one_graph(monkeypatch):
+    """Under torch.compile synced BN skips the shift broadcast (dynamo cannot trace ``dist.broadcast``: a graph
+    break per layer, an error with fullgraph) and un-shifts each rank's sums instead; with a mocked world of
+    two ranks holding the same batch it still equals native BN on the doubled batch."""
+    monkeypatch.setattr(_functional, "distributed_active", lambda: True)
+    monkeypatch.setattr(_functional, "_all_reduce", lambda t: t.mul_(2))
+    torch._dynamo.reset()
+    ours = BatchNorm2d(6, sync=True)
+    ref = nn.BatchNorm2d(6)
+    randomize_affine(ours, ref)
+    x = make_input((4, 6, 5, 5)).detach() + 50.0
+    y = torch.compile(ours, backend="eager", fullgraph=True)(x)
+    monkeypatch.undo()
+    close(y, ref(torch.cat([x, x]))[:4].detach(), atol=1e-4, rtol=1e-4)
+    close(ours.running_var, ref.running_var, atol=1e-4, rtol=1e-4)

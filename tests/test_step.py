@@ -386,3 +386,24 @@ def test_checkpoint_module_is_the_one_train_uses(tmp_path):
     save_checkpoint(tmp_path / "w.pt", model, cfg)
     assert loop.save_checkpoint is save_checkpoint and loop.load_checkpoint is load_checkpoint
     assert set(load_checkpoint(tmp_path / "w.pt")["model"]) == set(model.state_dict())
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_a_state_saved_unfused_loads_fused_and_steps_under_the_scaler(name, monkeypatch):
+    """``load_state_dict`` takes every param group's settings from the saved state: an unfused one (an older
+    checkpoint) would unfuse the optimizer, and the scaler, which still hands it found_inf, would make torch's
+    unfused step fail. The optimizer keeps the settings it was built with: the resumed steps read nothing on
+    the host either."""
+    st, run = _scaled_step(name)
+    for s in range(2):
+        run(s)
+    saved = st.optimizer.state_dict()
+    for group in saved["param_groups"]:
+        group["fused"], group["foreach"] = None, True  # as an unfused optimizer writes it
+    st.optimizer.load_state_dict(saved)
+    assert all(g["fused"] is True for g in st.optimizer.param_groups)
+    run(2)
+    with HostReads(monkeypatch) as mode:
+        run(3)
+    monkeypatch.undo()
+    assert mode.reads == 0 and st.check() is None

@@ -414,7 +414,7 @@ def test_triton_finish_kernels_at_other_shapes(name, shape, groups, spy):
 
 
 def composed_bin(m, x):
-    """BIN as the BN and IN Functions summed (its C++ path, and BIN before its fused Function)."""
+    """BIN as the BN and IN Functions summed (BIN before its fused Function)."""
     rho = m.rho + (m.rho.detach().clamp(0, 1) - m.rho.detach())
     y_bn = m.batch_norm(x, rho * m.weight, m.bias)
     return y_bn + _functional.GroupNormFunction.apply(x, (1 - rho) * m.weight, None, m.num_channels, m.eps)

@@ -86,12 +86,26 @@ def _zero_momentum(optimizer: torch.optim.Optimizer, *_: Any) -> None:
                 optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
+def _keep_fused(optimizer: torch.optim.Optimizer, *_: Any) -> None:
+    # load_state_dict takes every param group's settings from the saved state, ``fused`` and ``foreach`` too:
+    # a checkpoint written unfused (older normlab, another device) would silently unfuse the optimizer, and
+    # under fp16 crash it, since the grad scaler still hands it found_inf (``_step_supports_amp_scaling`` was
+    # set when it was built). The settings it was built with win.
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = optimizer.defaults["fused"], optimizer.defaults["foreach"]
+
+
+def _fused(cls: type[torch.optim.Optimizer], groups: list[dict], **kw: Any) -> torch.optim.Optimizer:
+    opt = cls(groups, fused=fused_step(groups), **kw)
+    opt.register_load_state_dict_post_hook(_keep_fused)
+    return opt
+
+
 def _sgd(groups: list[dict], cfg: Any) -> torch.optim.Optimizer:
     # Nesterov needs momentum; with momentum 0 it is plain SGD rather than an error from torch
-    fused = fused_step(groups)
-    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                          fused=fused)
-    if fused and cfg.momentum > 0:
+    opt = _fused(torch.optim.SGD, groups, lr=cfg.lr, momentum=cfg.momentum,
+                 nesterov=cfg.nesterov and cfg.momentum > 0)
+    if opt.defaults["fused"] and cfg.momentum > 0:
         _zero_momentum(opt)
         opt.register_load_state_dict_post_hook(_zero_momentum)  # a resumed state may lack a buffer
     return opt
@@ -99,8 +113,8 @@ def _sgd(groups: list[dict], cfg: Any) -> torch.optim.Optimizer:
 
 OPTIMIZERS: dict[str, Callable[[list[dict], Any], torch.optim.Optimizer]] = {
     "sgd": _sgd,
-    "adam": lambda groups, cfg: torch.optim.Adam(groups, lr=cfg.lr, fused=fused_step(groups)),
-    "adamw": lambda groups, cfg: torch.optim.AdamW(groups, lr=cfg.lr, fused=fused_step(groups)),
+    "adam": lambda groups, cfg: _fused(torch.optim.Adam, groups, lr=cfg.lr),
+    "adamw": lambda groups, cfg: _fused(torch.optim.AdamW, groups, lr=cfg.lr),
 }
 
 

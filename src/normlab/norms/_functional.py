@@ -21,7 +21,7 @@ Design (shared by both):
   C++ kernels of ``_kernels`` (shifted sums, float64 across runs; one pass per sweep over the big tensor, the small per-channel
   math in C too); CUDA tensors (float32, bfloat16, float16; NCHW or channels_last) through the Triton
   kernels of ``_triton`` (sums, a small finish kernel for the statistics and coefficients, the affine: three
-  launches per forward and per backward, as native's; the shift is read from x inside the sums kernel);
+  launches per forward and per backward, about as many as native BN's (not counted on a GPU); the shift is read from x inside the sums kernel);
   everything else (other strides, float16 on CPU, torch.compile tracing, no
   compiler, ``NORMLAB_KERNELS=0`` / ``NORMLAB_TRITON=0``) through the tensor ops below. Tests run every
   norm test on the C++ and tensor-op paths, and the Triton kernels under ``TRITON_INTERPRET=1``.
@@ -90,10 +90,14 @@ def _common_shift(x: torch.Tensor, ct: torch.dtype) -> torch.Tensor:
 
     With one shift on every rank the shifted sums simply add up in the all-reduce, and every rank's float
     partial sums of ``x - shift`` are those one process on the whole batch computes (it picks the same value:
-    the first sample's). Each rank shifting by its own value instead rounds its partial sums differently:
-    mean / rstd then differed by an ulp from one process's, enough to flip a fused ReLU's mask at an output
-    within ~1e-7 of 0 and change the gradients by far more than the rounding (a synced ResNet's gradients
-    were off by up to 6% against one process on the whole batch)."""
+    the first sample's). Each rank shifting by its own value and un-shifting into float64 plain
+    sums (what the Triton path, BIN and compiled graphs do) is as exact, but rounds the float partial sums
+    differently from one process: mean / rstd may differ from one process's by an ulp, and where a fused
+    ReLU's input is within that of 0 its mask flips; a test comparing a synced two-process ResNet with one
+    process on the whole batch (tests/test_distributed.py) then saw single gradient entries off by up to 6%
+    -- rounding, amplified, not an error of the statistics. The common shift makes the C++ and tensor-op
+    paths agree with one process to the rounding of float64 sums, at the price of one small broadcast per
+    layer."""
     return _broadcast(_sample_shift(x, ct).clone(memory_format=torch.contiguous_format))  # a copy, not a view of x
 
 
@@ -155,8 +159,8 @@ class BatchNormFunction(torch.autograd.Function):
 
     ``running_mean`` / ``running_var`` (or None) are updated with ``momentum`` and the unbiased
     batch variance, as ``nn.BatchNorm2d`` does. With ``sync`` and an active process group, every rank
-    shifts its sums by rank 0's shift (broadcast, see ``_common_shift``; the Triton path instead turns each
-    rank's own shifted sums into float64 plain sums, one launch fewer than a broadcast), the per-channel sum, sum
+    shifts its sums by rank 0's shift (broadcast, see ``_common_shift``; the Triton path and compiled graphs
+    instead turn each rank's own shifted sums into float64 plain sums), the per-channel sum, sum
     of squares and count are all-reduced in forward, and the two per-channel
     gradient sums (of dy and dy·x̂) in backward, so every rank computes exactly the gradient of
     single-process BN on the concatenated batch. Weight/bias gradients stay local (DDP averages them).
@@ -187,20 +191,24 @@ class BatchNormFunction(torch.autograd.Function):
             return _bn_triton_forward(ctx, x, fmt, weight, bias, running_mean, running_var, momentum, eps, sync,
                                       local, residual, relu)
         buf = xf = None
-        common = _common_shift(x, ct) if sync else None  # one shift for every rank: the shifted sums add up
+        # one shift for every rank, so the shifted sums add up (not under torch.compile, which cannot trace the
+        # broadcast: there each rank shifts by its own value and un-shifts before the all-reduce)
+        common = _common_shift(x, ct) if sync and not torch.compiler.is_compiling() else None
         if kind == CPP:  # C++: both shifted sums in one pass over x (shift: `common`, else picked as below)
             s = _kernels.bn_sums(x, None, fmt, center=common)[0]
             s1, s2, shift = s[0], s[1], s[2]
         else:
-            shift = common if sync else _sample_shift(x, ct)
+            shift = common if common is not None else _sample_shift(x, ct)
             xf = x if x.dtype == ct else x.to(ct)
             # x - shift, in the buffer that will hold y
             buf = torch.sub(xf, shift.view(1, c, 1, 1), out=torch.empty_like(xf))
             s1 = buf.sum(dims)
             s2 = buf.mul_(buf).sum(dims)
         total = local
-        if sync:  # sums of x - shift, the shift the same on every rank: they add up as they are
-            s1, s2, total = _synced_sums(s1, s2, None, local)
+        if sync:
+            s1, s2, total = _synced_sums(s1, s2, None if common is not None else shift, local)
+            if common is None:  # un-shifted into plain sums
+                shift = None
             if kind == CPP:
                 total = int(round(total.item()))
         ctx.total, ctx.sync, ctx.relu = total, sync, bool(relu)
