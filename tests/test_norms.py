@@ -1351,3 +1351,70 @@ def test_synced_batchnorm_compiles_into_one_graph(monkeypatch):
     monkeypatch.undo()
     close(y, ref(torch.cat([x, x]))[:4].detach(), atol=1e-4, rtol=1e-4)
     close(ours.running_var, ref.running_var, atol=1e-4, rtol=1e-4)
+
+
+def _two_ranks(make, xa, xb, dya, dyb, monkeypatch):
+    """Rank 0 of a mocked two-rank world whose rank 1 holds a *different* batch ``xb``: every all-reduce adds
+    the other rank's local tensor, found by running rank 1's module with the same mock (its forward locals
+    first, then its backward locals once rank 0's forward sums are known), and the shift broadcast hands rank
+    1 rank 0's shift. Returns rank 0's module, output and input gradient."""
+    monkeypatch.setattr(_functional, "distributed_active", lambda: True)
+    monkeypatch.setattr(_functional, "_broadcast", lambda t: t.copy_(xa.detach()[0, :, 0, 0].to(t.dtype)))
+
+    def reducer(seen: list, others: list):
+        def all_reduce(t):
+            seen.append(t.clone())
+            return t.add_(others.pop(0)) if others else t
+        return all_reduce
+
+    f1, f0, r1 = [], [], []
+    monkeypatch.setattr(_functional, "_all_reduce", reducer(f1, []))
+    make()(xb.detach().clone())  # rank 1's local forward sums
+    monkeypatch.setattr(_functional, "_all_reduce", reducer(f0, [f1[0]]))
+    m0, x0 = make(), xa.detach().clone().requires_grad_()
+    y0 = m0(x0)
+    monkeypatch.setattr(_functional, "_all_reduce", reducer(r1, [f0[0]]))
+    x1 = xb.detach().clone().requires_grad_()
+    make()(x1).backward(dyb)  # rank 1 with the global statistics: its local backward sums are r1[1]
+    b0 = []
+    monkeypatch.setattr(_functional, "_all_reduce", reducer(b0, [r1[1]]))
+    y0.backward(dya)
+    assert (len(f0), len(b0), len(r1)) == (1, 1, 2)  # one all-reduce forward and one backward per rank
+    return m0, y0.detach(), x0.grad
+
+
+@pytest.mark.parametrize("name", ["bn", "bin"])
+def test_synced_norms_on_two_ranks_with_different_batches(name, norm_path, monkeypatch):
+    """The other synced tests mock two ranks holding the *same* batch, so every rank's shift and sums are equal
+    and a mistake in combining different ranks' shifts would pass. Here rank 1 holds another batch (with another
+    mean): rank 0's output, input gradient and running statistics equal one process on both batches."""
+    c = 6
+    xa = make_input((4, c, 5, 5), seed=1).detach() + 50.0
+    xb = make_input((3, c, 5, 5), seed=2).detach() * 3 + 40.0
+    dya = torch.randn(xa.shape, generator=torch.Generator().manual_seed(3))
+    dyb = torch.randn(xb.shape, generator=torch.Generator().manual_seed(4))
+    if name == "bn":
+        def make():
+            m = BatchNorm2d(c, sync=True)
+            randomize_affine(m)
+            return m
+        ref = nn.BatchNorm2d(c)
+        randomize_affine(ref)
+        fn = ref
+    else:
+        template, ref = bin_pair(c)
+        template.sync = True
+
+        def make():
+            import copy
+            return copy.deepcopy(template)
+        fn = lambda x: composed_bin(ref, x)  # noqa: E731
+    m0, y0, g0 = _two_ranks(make, xa, xb, dya, dyb, monkeypatch)
+    monkeypatch.undo()
+    x = torch.cat([xa, xb]).requires_grad_()
+    y = fn(x)
+    y.backward(torch.cat([dya, dyb]))
+    close(y0, y[:4].detach(), atol=1e-4, rtol=1e-4)
+    close(g0, x.grad[:4], atol=1e-4, rtol=1e-4)
+    close(m0.running_mean, ref.running_mean, atol=1e-4, rtol=1e-5)
+    close(m0.running_var, ref.running_var, atol=1e-4, rtol=1e-4)
