@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import torch
 
-from normlab.errors import NormlabError
 from normlab.norms import _functional, _kernels, _triton
 from normlab.norms._functional import CPP, TRITON, _affine_out, _moments, _sample_shift, _update_running, compute_dtype
 
@@ -66,12 +65,10 @@ class BatchInstanceFunction(torch.autograd.Function):
         ct = compute_dtype(x.dtype)
         be = _functional.backend(x)
         kind, fmt = be if be else (None, None)
-        sync = bool(sync) and batch_stats and _functional.distributed_active()
-        local = n * hw
-        if batch_stats and not sync and local <= 1:
-            raise NormlabError(
-                f"BatchInstanceNorm got {local} value per channel (input shape {tuple(x.shape)}) and cannot "
-                "compute batch statistics in training: use a batch size of 2 or more, or a per-sample norm (in/gn)")
+        if batch_stats:
+            local, sync = _functional.batch_values(x, sync, "BatchInstanceNorm", "in/gn")
+        else:  # eval: the running statistics, nothing to sync
+            local, sync = n * hw, False
         if kind == TRITON:
             return _bin_triton_forward(ctx, x, fmt, weight, bias, rho, running_mean, running_var, momentum, eps, sync,
                                        batch_stats, local)

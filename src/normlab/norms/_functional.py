@@ -101,6 +101,20 @@ def _common_shift(x: torch.Tensor, ct: torch.dtype) -> torch.Tensor:
     return _broadcast(_sample_shift(x, ct).clone(memory_format=torch.contiguous_format))  # a copy, not a view of x
 
 
+def batch_values(x: torch.Tensor, sync: bool, who: str, instead: str) -> tuple[int, bool]:
+    """``(values per channel on this rank, whether the statistics are synced)`` for batch statistics of ``x``
+    (BN, BIN's BN branch); a one-line error when an unsynced batch has a single value per channel (no
+    variance to normalize by). ``who`` names the layer, ``instead`` the per-sample norms to suggest."""
+    c = x.shape[1]
+    local = x.numel() // c if c else 0
+    sync = bool(sync) and distributed_active()
+    if not sync and local <= 1:
+        raise NormlabError(
+            f"{who} got {local} value per channel (input shape {tuple(x.shape)}) and cannot compute batch "
+            f"statistics in training: use a batch size of 2 or more, or a per-sample norm ({instead})")
+    return local, sync
+
+
 def _moments(s1: torch.Tensor, s2: torch.Tensor, count, ct: torch.dtype, shift: torch.Tensor | None = None):
     """Mean and biased variance from the sums of ``x - shift`` and ``(x - shift)²``, combined in float64.
 
@@ -179,12 +193,7 @@ class BatchNormFunction(torch.autograd.Function):
         c = x.shape[1]
         ct = compute_dtype(x.dtype)
         dims = (0, 2, 3)
-        local = x.numel() // c if c else 0
-        sync = bool(sync) and distributed_active()
-        if not sync and local <= 1:
-            raise NormlabError(
-                f"BatchNorm got {local} value per channel (input shape {tuple(x.shape)}) and cannot compute "
-                "batch statistics in training: use a batch size of 2 or more, or a per-sample norm (gn/ln/in)")
+        local, sync = batch_values(x, sync, "BatchNorm", "gn/ln/in")
         be = backend(x)
         kind, fmt = be if be else (None, None)
         if kind == TRITON:
