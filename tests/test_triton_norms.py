@@ -190,6 +190,30 @@ def test_triton_statistics_exact_for_large_mean_inputs(name, spy):
     assert spy["sums"] == 1
 
 
+@pytest.mark.parametrize("name", ["bn", "bin"])
+def test_triton_float64_running_buffers_get_the_float64_update(name, spy):
+    """Running statistics kept in float64 buffers (float32 input) get the update computed in float64, not one
+    rounded through float32: after 5 steps they match a float64 recomputation of the update to 1e-12, far
+    below float32's ~3e-8 step at these values. Small integer inputs keep the kernels' float32 partial sums
+    exact, so the only float32 rounding left to catch is the buffers' store."""
+    c = SHAPE[1]
+    ours = make_norm(name, c, momentum=0.3)
+    ours.running_mean = ours.running_mean.double() + 1 / 3  # values float32 cannot hold exactly
+    ours.running_var = ours.running_var.double() + 1 / 3
+    rm, rv = ours.running_mean.clone(), ours.running_var.clone()
+    for seed in range(5):
+        x = torch.randint(-3, 4, SHAPE, generator=torch.Generator().manual_seed(seed)).float()
+        ours(x)
+        x64 = x.double()
+        n = x64.numel() // c
+        rm = rm * 0.7 + x64.mean((0, 2, 3)) * 0.3
+        rv = rv * 0.7 + x64.var((0, 2, 3), correction=0) * n / (n - 1) * 0.3
+    assert ours.running_mean.dtype == torch.float64
+    torch.testing.assert_close(ours.running_mean, rm, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(ours.running_var, rv, atol=1e-12, rtol=1e-12)
+    assert spy["sums"] == 5
+
+
 class Launches(TorchDispatchMode):
     """Records every kernel launch of the code run under it: each Triton launch (the jitted kernels are wrapped
     by ``count_launches``) and each torch op that runs a kernel -- all but views and bare allocations. On a GPU

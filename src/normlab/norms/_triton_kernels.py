@@ -115,14 +115,18 @@ def _store_plain_sums(o1_ptr, o2_ptr, C, c, mc, s1, s2, k, cnt, BC: tl.constexpr
 
 @triton.jit
 def _running_update(rm_ptr, rv_ptr, c, mc, mean, var, cnt, momentum):
-    """nn.BatchNorm2d's running-statistics update in place: batch mean and unbiased batch variance, in the
-    buffers' dtype."""
+    """nn.BatchNorm2d's running-statistics update in place: batch mean and unbiased batch variance, computed
+    in float64 and stored in the buffers' dtype (float64 buffers get the float64 update, unrounded)."""
     rm = tl.load(rm_ptr + c, mask=mc, other=0.0).to(tl.float64)
     rv = tl.load(rv_ptr + c, mask=mc, other=0.0).to(tl.float64)
     rm = rm * (1 - momentum) + mean * momentum
     rv = rv * (1 - momentum) + var * (cnt / (cnt - 1)) * momentum
-    tl.store(rm_ptr + c, rm.to(tl.float32).to(rm_ptr.dtype.element_ty), mask=mc)
-    tl.store(rv_ptr + c, rv.to(tl.float32).to(rv_ptr.dtype.element_ty), mask=mc)
+    if rm_ptr.dtype.element_ty == tl.float64:  # float64 buffers keep the float64 update
+        tl.store(rm_ptr + c, rm, mask=mc)
+        tl.store(rv_ptr + c, rv, mask=mc)
+    else:  # through float32: float64 -> bfloat16/float16 has no direct conversion everywhere
+        tl.store(rm_ptr + c, rm.to(tl.float32).to(rm_ptr.dtype.element_ty), mask=mc)
+        tl.store(rv_ptr + c, rv.to(tl.float32).to(rv_ptr.dtype.element_ty), mask=mc)
 
 
 @triton.jit
