@@ -12,9 +12,11 @@ test compiled something first), the whole file reruns in a fresh interpreter ins
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -24,12 +26,43 @@ FRESH = "triton" not in sys.modules
 if FRESH:
     os.environ["TRITON_INTERPRET"] = "1"
 
+
+
+def _interpreter_index_fix() -> None:
+    """Triton before 3.7 turns a scalar into a Python int with ``int()`` of a one-element array, which numpy
+    2.4 refuses (triton-lang/triton#9171: every kernel with ``range(0, R, ...)`` over a runtime R fails under
+    the interpreter). Upstream fixed it by squeezing first; the same fix here, so that these tests also run
+    on the Triton of older torch releases (torch 2.11's Triton 3.6 on Python 3.12, with numpy 2.5). On a
+    Triton that has the fix it changes nothing."""
+    from triton.runtime import interpreter
+
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None:
+        return
+
+    def index(self):
+        return int(self.handle.data.squeeze())
+
+    def patched(tensor, *scope):
+        original(tensor, *scope)
+        if scope:  # Triton >= 3.4 patches through a scope that restores the attributes afterwards
+            scope[0].set_attr(tensor, "__index__", index)
+        else:
+            tensor.__index__ = index
+
+    interpreter._patch_lang_tensor = patched
+
+
+if FRESH:
+    _interpreter_index_fix()
+
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from normlab.norms import (  # noqa: E402
     BatchInstanceNorm2d, BatchNorm2d, InstanceNorm2d, _functional, _triton, make_norm)
+from triton_sm90 import Recorder  # noqa: E402
 
 # half precision: outputs and input gradients are rounded to the storage dtype; statistics stay float32
 TOL = {torch.float32: (2e-5, 2e-4), torch.bfloat16: (6e-2, 2e-2), torch.float16: (8e-3, 4e-3)}
@@ -42,6 +75,25 @@ if not FRESH:
                               env=env, capture_output=True, text=True, timeout=1800)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
         assert " passed" in proc.stdout
+
+
+SIGNATURES: dict = {}  # every distinct launch signature the tests below made (test_triton_kernels_compile_for_sm90)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def recorded_signatures():
+    """Every kernel of ``_triton_kernels`` wrapped in a ``Recorder`` for the whole file (interpreter runs only)."""
+    if not FRESH:
+        yield
+        return
+    mod = _triton.kernels()
+    names = [k for k in vars(mod) if k.endswith("_kernel")]
+    originals = {k: getattr(mod, k) for k in names}
+    for k in names:
+        setattr(mod, k, Recorder(k, originals[k], SIGNATURES))
+    yield
+    for k, v in originals.items():
+        setattr(mod, k, v)
 
 
 @pytest.fixture(autouse=True)
@@ -383,7 +435,9 @@ def test_triton_without_affine_and_without_input_grad(name, spy):
     ref = native(name, c)
     same_affine(ours, ref)
     ours(x).backward(dy)  # x does not require a gradient: only the weight and bias gradients are computed
-    ref(x).backward(dy)
+    # the reference on NCHW copies: native GroupNorm's CPU backward without an input gradient crashes the process
+    # on channels_last input in torch 2.4-2.11 (a segfault, seen with 2.4.1 and 2.11.0; 2.14 is fine)
+    ref(x.contiguous()).backward(dy.contiguous())
     check(ours.weight.grad, ref.weight.grad, PARAM_TOL[torch.float32])
     check(ours.bias.grad, ref.bias.grad, PARAM_TOL[torch.float32])
     assert spy["sums"] == 4
@@ -524,3 +578,31 @@ def test_triton_fused_bin_finish_loops(train, monkeypatch, spy):
     assert _triton.channel_sums(x, "rows", None, group_size=1)[0].shape == (5, 3, 12)  # 3 blocks per sample
     for a, b in zip(got, want):
         check(a, b, (1e-4, 1e-4))
+
+
+def test_triton_kernels_compile_for_sm90(tmp_path, monkeypatch):
+    """Every launch signature the tests above made (dtypes, layouts, constexpr branches, launch options), plus a
+    small run of each norm here (so the test also stands alone), compiles for an H100 (sm_90) through Triton's
+    GPU compiler and ptxas, in a process without the interpreter: the interpreter accepts things the compiler
+    does not (a float64 store into a bfloat16 buffer, say), and no CI machine has a GPU."""
+    monkeypatch.setattr(_functional, "distributed_active", lambda: True)
+    monkeypatch.setattr(_functional, "_all_reduce", lambda t: t.mul_(2))
+    for name in ("bn", "in", "ln", "gn", "bin"):
+        for sync in ((False, True) if name in ("bn", "bin") else (False,)):
+            kw = {"num_groups": 4} if name == "gn" else {"sync": sync} if name in ("bn", "bin") else {}
+            m = make_norm(name, SHAPE[1], **kw)
+            for train in (True, False):
+                x = inputs(SHAPE, torch.float32, False).requires_grad_()
+                m.train(train)(x).backward(inputs(SHAPE, torch.float32, False, seed=5, mean=0.0, std=1.0))
+    mod = _triton.kernels()
+    kernels = {k for k in vars(mod) if k.endswith("_kernel")}
+    assert {r["kernel"] for r in SIGNATURES.values()} == kernels, "a kernel was never launched"
+    path = tmp_path / "signatures.json"
+    path.write_text(json.dumps(list(SIGNATURES.values())))
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "NORMLAB_TRITON")}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # compile for real, not from an earlier run's cache
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("triton_sm90.py")), str(path)], env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    print(proc.stdout.strip().splitlines()[-1])
+    assert f"{len(SIGNATURES)}/{len(SIGNATURES)} launch signatures of {len(kernels)} kernels" in proc.stdout
