@@ -189,6 +189,22 @@ def test_only_the_registry_relu_and_hook_watched_norms_fuse():
     assert blk.fused()
 
 
+@pytest.mark.parametrize("kind", ["forward", "forward_pre", "full_backward", "full_backward_pre"])
+def test_global_hooks_seen_without_torchs_private_test(kind, monkeypatch):
+    """torch 2.4 has no ``_has_any_global_hook``: the fallback reads the hook dicts themselves, and sees each
+    kind of global hook (the fused blocks would otherwise hide the norms' outputs from it)."""
+    from torch.nn.modules import module as m
+
+    monkeypatch.delattr(m, "_has_any_global_hook")
+    assert ResNet(1, 10).stages[0][0].fused()
+    handle = getattr(m, f"register_module_{kind}_hook")(lambda *a: None)
+    try:
+        assert ResNet(1, 10).stages[0][0].fused() is False
+    finally:
+        handle.remove()
+    assert ResNet(1, 10).stages[0][0].fused()
+
+
 def test_global_hooks_are_seen_when_fusion_is_decided():
     """The documented policy: a global module hook (torch gives no public way to watch those) is taken into
     account when fusion is decided -- at construction and ``train()``/``eval()`` among others -- not per call."""

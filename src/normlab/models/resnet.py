@@ -60,10 +60,20 @@ def _global_hooks() -> bool:
     """Whether global module hooks (``torch.nn.modules.module.register_module_forward_hook`` & co.) are registered.
 
     torch has no public way to ask this, nor to learn when one is added or removed (those functions only return a
-    handle), so this reads torch's own private test, and only when fusion is decided, never per call."""
+    handle), so this reads torch's own private test (or, on torch releases that lack it, such as 2.4, the hook
+    dicts that test reads), and only when fusion is decided, never per call."""
     from torch.nn.modules import module as m
 
-    return bool(m._has_any_global_hook())
+    test = getattr(m, "_has_any_global_hook", None)
+    if test is not None:
+        return bool(test())
+    return any(getattr(m, name, None) for name in _GLOBAL_HOOK_DICTS)
+
+
+# what torch's ``_has_any_global_hook`` reads; 2.4 has no ``_with_kwargs`` dict (kwargs hooks are in the others)
+_GLOBAL_HOOK_DICTS = ("_global_backward_pre_hooks", "_global_backward_hooks", "_global_forward_pre_hooks",
+                      "_global_forward_hooks", "_global_forward_hooks_always_called",
+                      "_global_forward_hooks_with_kwargs")
 
 
 class _Fusing:
