@@ -21,8 +21,16 @@ the gradients of ρ (``γ·Σ g·(x̂_BN − x̂_IN)``), γ and β, and one swee
 autograd); the IN branch always uses the sample's. ``rho`` is clamped to [0, 1] in forward and its gradient
 passed through unclamped (straight-through). Small per-(n, c) math runs in float64; the big tensor is read in
 ``compute_dtype`` (float32 for bf16/fp16). Back-ends: the Triton kernels, the C++ kernels for the CPU tensors
-they take (the two sweeps: ``_kernels.nc_sums`` and ``_kernels.nc_affine``; the small math above stays torch
-code; timing in ``batch_instance``), or tensor ops.
+they take, or tensor ops.
+
+On the C++ kernels (``_bin_cpp_forward`` / ``_bin_cpp_backward``) the sweeps are ``_kernels.nc_sums`` and
+``_kernels.nc_affine`` and the small float64 math above is two C calls per direction, around the all-reduce of
+synced BIN: forward ``_kernels.bin_moments`` (IN statistics, BN's per-channel shifted sums) and
+``_kernels.bin_scale`` (BN statistics, the running-statistics update of float64 buffers -- others are updated
+here with ``_update_running`` --, the (N, C) scale and shift); backward ``_kernels.bin_grad_sums`` (BN's
+per-channel gradient sums, the weight, bias and ρ gradients) and ``_kernels.bin_grad_coefs`` (dx's (N, C)
+coefficients). They evaluate the tensor-op path's expressions in the same order, so the two agree to float64
+rounding (a few torch ops per direction instead of ~65; timing in bench/NOTES.md).
 
 On Triton (``_bin_triton_forward`` / ``_bin_triton_backward``) each direction is three launches: the sweep
 (``_triton.channel_sums``), one finish kernel that does all the small float64 math above (``_triton.bin_stats``:
@@ -39,12 +47,10 @@ from normlab.norms import _functional, _kernels, _triton
 from normlab.norms._functional import CPP, TRITON, _affine_out, _moments, _sample_shift, _update_running, compute_dtype
 
 
-def _sums(kind, fmt, x, xf, center):
-    """Forward: the (N, C) float64 sums of ``x - center`` and its square (center (N, C)); on the tensor-op path
-    also the compute-dtype buffer they were formed in (it will hold the output)."""
-    n, c = x.shape[:2]
-    if kind == CPP:
-        return (*_kernels.nc_sums(x, None, fmt, center), None)
+def _sums(xf, center):
+    """Forward on the tensor ops: the (N, C) float64 sums of ``xf - center`` and its square (center (N, C)), and
+    the compute-dtype buffer they were formed in (it will hold the output)."""
+    n, c = xf.shape[:2]
     buf = torch.sub(xf, center.view(n, c, 1, 1), out=torch.empty_like(xf))
     s1 = buf.sum((2, 3))
     s2 = buf.mul_(buf).sum((2, 3))
@@ -69,12 +75,13 @@ class BatchInstanceFunction(torch.autograd.Function):
             local, sync = _functional.batch_values(x, sync, "BatchInstanceNorm", "in/gn")
         else:  # eval: the running statistics, nothing to sync
             local, sync = n * hw, False
-        if kind == TRITON:
-            return _bin_triton_forward(ctx, x, fmt, weight, bias, rho, running_mean, running_var, momentum, eps, sync,
-                                       batch_stats, local)
-        xf = None if kind == CPP else (x if x.dtype == ct else x.to(ct))
+        ctx.cpp = kind == CPP
+        if kind is not None:
+            run = (ctx, x, fmt, weight, bias, rho, running_mean, running_var, momentum, eps, sync, batch_stats, local)
+            return (_bin_cpp_forward if kind == CPP else _bin_triton_forward)(*run)
+        xf = x if x.dtype == ct else x.to(ct)
         k = _sample_shift(x, ct, 1)  # (N, C): x[n, c, 0, 0]
-        s1, s2, buf = _sums(kind, fmt, x, xf, k)
+        s1, s2, buf = _sums(xf, k)
         k64 = k.double()
         mean_in, var_in = _moments(s1, s2, hw, torch.float64, k64)  # (N, C)
         total = local
@@ -100,10 +107,7 @@ class BatchInstanceFunction(torch.autograd.Function):
         wb, wi = r * g64, (1 - r) * g64  # the branches' weights, (C,)
         scale = wb * rstd_bn + wi * rstd_in  # (N, C)
         shift_y = bias.detach().double() - wb * rstd_bn * mean_bn - wi * rstd_in * mean_in
-        if kind == CPP:
-            y = _kernels.nc_affine(x, fmt, scale, shift_y)
-        else:
-            y = _affine_out(kind, fmt, x, xf, buf, scale.to(ct), shift_y.to(ct), (n, c, 1, 1), None, False)
+        y = _affine_out(kind, fmt, x, xf, buf, scale.to(ct), shift_y.to(ct), (n, c, 1, 1), None, False)
         # the backward sweep centres x on mean_in in the compute dtype: the small math uses that rounded value
         mean_in = mean_in.to(ct)
         ctx.total, ctx.sync, ctx.batch_stats = total, sync, batch_stats
@@ -113,6 +117,8 @@ class BatchInstanceFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):  # noqa: D102
+        if ctx.cpp:
+            return _bin_cpp_backward(ctx, dy)
         x, weight, rho, mean_in, rstd_in, mean_bn, rstd_bn = ctx.saved_tensors
         n, c, h, w = x.shape
         hw = h * w
@@ -121,16 +127,12 @@ class BatchInstanceFunction(torch.autograd.Function):
         kind, fmt = be if be else (None, None)
         if kind == TRITON:
             return _bin_triton_backward(ctx, dy, fmt, x, weight, rho, mean_in, rstd_in, mean_bn, rstd_bn)
-        if kind == CPP:  # the (N, C) sums of g and g*(x - mean_in), and dx below, on the C++ kernels
-            g = _kernels.like(dy if dy.dtype == x.dtype else dy.to(x.dtype), fmt)
-            g1, g2 = _kernels.nc_sums(g, x, fmt, mean_in)
-        else:
-            dyf = dy if dy.dtype == ct else dy.to(ct)
-            xf = x if x.dtype == ct else x.to(ct)
-            g1 = dyf.sum((2, 3)).double()
-            # centred before the product (exact for large-mean inputs), in the buffer that becomes grad_x
-            buf = torch.sub(xf, mean_in.view(n, c, 1, 1), out=torch.empty_like(xf)).mul_(dyf)
-            g2 = buf.sum((2, 3)).double()
+        dyf = dy if dy.dtype == ct else dy.to(ct)
+        xf = x if x.dtype == ct else x.to(ct)
+        g1 = dyf.sum((2, 3)).double()
+        # centred before the product (exact for large-mean inputs), in the buffer that becomes grad_x
+        buf = torch.sub(xf, mean_in.view(n, c, 1, 1), out=torch.empty_like(xf)).mul_(dyf)
+        g2 = buf.sum((2, 3)).double()
         mi = mean_in.double()
         r = rho.detach().double().clamp(0, 1)
         gam = weight.detach().double()
@@ -157,15 +159,63 @@ class BatchInstanceFunction(torch.autograd.Function):
                 bb = -wb * rstd_bn ** 3 * h2 / m
                 b = b + bb
                 cst = cst - wb * rstd_bn * h1 / m + bb * (mi - mean_bn)
-            # dx = a*g + b*(x - mean_in) + cst (centred on the C++ kernels; uncentred on the tensor ops, as in
-            # _functional)
-            if kind == CPP:
-                grads[0] = _kernels.nc_affine(g, fmt, a, cst, q=x, Q=b, Qc=mean_in)
-            else:
-                gx = torch.addcmul((cst - b * mi).to(ct).view(n, c, 1, 1), xf, b.to(ct).view(n, c, 1, 1), out=buf)
-                gx.addcmul_(dyf, a.to(ct).view(n, c, 1, 1))
-                grads[0] = gx if gx.dtype == x.dtype else gx.to(x.dtype)
+            # dx = a*g + b*(x - mean_in) + cst (uncentred here, as in _functional; centred on the C++ kernels)
+            gx = torch.addcmul((cst - b * mi).to(ct).view(n, c, 1, 1), xf, b.to(ct).view(n, c, 1, 1), out=buf)
+            gx.addcmul_(dyf, a.to(ct).view(n, c, 1, 1))
+            grads[0] = gx if gx.dtype == x.dtype else gx.to(x.dtype)
         return tuple(grads)
+
+
+def _bin_cpp_forward(ctx, x, fmt, weight, bias, rho, running_mean, running_var, momentum, eps, sync: bool,
+                     batch_stats: bool, local: int) -> torch.Tensor:
+    """BIN forward on the C++ kernels: the sums sweep (shift ``x[n, c, 0, 0]`` read by the kernel), the small
+    math in two C calls (BN's per-channel sums all-reduced between them when synced) and the affine sweep. The
+    running statistics are updated by ``bin_scale`` when they are float64 and contiguous, else here as on the
+    tensor ops (``_update_running``: the same values, rounded to their dtype)."""
+    hw = x.shape[2] * x.shape[3]
+    s, k = _kernels.nc_sums(x, None, fmt)
+    ins, mean_in, sums = _kernels.bin_moments(s, k, hw, eps, x.dtype)  # IN mean / rstd, BN's shifted sums
+    total, shifted, moments, run = local, True, False, (None, None)
+    if not batch_stats:  # eval: BN's statistics are the running ones (copied into bn by bin_scale: saved below)
+        sums, moments = (_kernels._as(running_mean, torch.float64), _kernels._as(running_var, torch.float64)), True
+    elif sync:
+        b1, b2, total = _functional._synced_sums(sums[0], sums[1], sums[2], local)
+        sums, shifted = (b1, b2), False
+    update = batch_stats and running_mean is not None
+    in_c = update and all(t.dtype == torch.float64 and t.is_contiguous() for t in (running_mean, running_var))
+    if in_c:
+        run = (running_mean, running_var)
+    coef, bn = _kernels.bin_scale(ins, sums, total, weight, bias, rho, eps, momentum, *run, x.dtype,
+                                  shifted=shifted, moments=moments)  # bn: BN mean, variance, rstd (float64)
+    if update and not in_c:
+        _update_running(running_mean, running_var, bn[0], bn[1], total, momentum)
+    y = _kernels.nc_affine(x, fmt, coef[0], coef[1])
+    ctx.total, ctx.sync, ctx.batch_stats, ctx.fmt = total, sync, batch_stats, fmt
+    ctx.dtypes = (weight.dtype, bias.dtype, rho.dtype)
+    ctx.save_for_backward(x, weight, rho, mean_in, ins, bn)  # mean_in: rounded to the compute dtype
+    return y
+
+
+def _bin_cpp_backward(ctx, dy):
+    """BIN backward on the C++ kernels: the sums sweep (g and g*(x - mean_in) per (n, c)), the weight, bias and
+    ρ gradients and BN's per-channel gradient sums in one C call, the all-reduce of those sums when synced, dx's
+    (N, C) coefficients in a second C call, and the dx sweep."""
+    x, weight, rho, mean_in, ins, bn = ctx.saved_tensors
+    fmt = ctx.fmt
+    g = _kernels.like(dy if dy.dtype == x.dtype else dy.to(x.dtype), fmt)
+    s, _ = _kernels.nc_sums(g, x, fmt, mean_in)
+    h, grads, grads_t = _kernels.bin_grad_sums(s, mean_in, ins, bn, weight, rho, x.dtype)
+    out = [None] * 10
+    for i, dt in enumerate(ctx.dtypes):  # rounded once from float64, to the parameter's dtype
+        if ctx.needs_input_grad[i + 1]:
+            out[i + 1] = grads_t[i] if dt == mean_in.dtype else grads[i].to(dt)
+    if ctx.needs_input_grad[0]:
+        if ctx.batch_stats and ctx.sync:
+            _functional._all_reduce(h)
+        coef = _kernels.bin_grad_coefs(s, mean_in, ins, bn, weight, rho, h if ctx.batch_stats else None, ctx.total,
+                                       x.shape[2] * x.shape[3], x.dtype)
+        out[0] = _kernels.nc_affine(g, fmt, coef[0], coef[2], q=x, Q=coef[1], Qc=mean_in)  # a*g + b*(x - m) + cst
+    return tuple(out)
 
 
 def _bin_triton_forward(ctx, x, fmt, weight, bias, rho, running_mean, running_var, momentum, eps, sync: bool,

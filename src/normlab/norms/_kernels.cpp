@@ -8,7 +8,8 @@
 //   affine y = x * scale[n,c] + shift[n,c]                  (forward)
 //   grad   dx = a[n,c] * dy + b[n,c] * x + k[n,c]           (backward)
 // Batch-Instance Norm uses the sums with per-(sample, channel) shifts / centres and the two per-(n, c) loops
-// (nc_sums, nc_affine: dx centred, b[n,c] * (x - mean_IN[n,c])); its small per-(n, c) math is torch code.
+// (nc_sums, nc_affine: dx centred, b[n,c] * (x - mean_IN[n,c])); its small per-(n, c) math is done here too, in
+// double, two calls per direction (bin_moments, bin_scale; bin_grad_sums, bin_grad_coefs).
 // BatchNorm sums over n and broadcasts per-channel coefficients (split in two calls so DDP can
 // all-reduce the sums in between); Group/Layer/Instance norm sums over the channels of a group and is
 // blocked per (sample, group) so statistics and affine run while the block is in cache. The small
@@ -616,9 +617,21 @@ static void bn_backward(const S* dy, const S* x, S* dx, int nhwc, i64 n, i64 c, 
   else grad_rows<S>(dy, x, dx, n * c, hw, va.data(), vb.data(), vk.data(), nt);
 }
 
-// Batch-Instance Norm's sweeps (its per-(sample, channel) math is torch code, _bin.py): the sums are sums_nc
-// with per-(sample, channel) shifts; the output, with per-(sample, channel) coefficients (n*c values each):
+// Batch-Instance Norm's sweeps (its small per-(sample, channel) math: bin_moments ... bin_grad_coefs below): the
+// sums are sums_nc with per-(sample, channel) shifts k -- forward, k null: each (sample, channel)'s first
+// value, written to k_out (n*c values); the output, with per-(sample, channel) coefficients (n*c values each):
 // q null (forward): out = p*P + R; else (backward): out = P*p + Q*(q - Qc) + R, centred on Qc.
+template <typename S, typename T = typename Compute<S>::T>
+static void nc_sums(const S* a, const S* b, int nhwc, i64 n, i64 c, i64 hw, const T* k, T* k_out, double* s1,
+                    double* s2, int nt) {
+  if (k == nullptr) {
+    for (i64 s = 0; s < n; ++s)
+      for (i64 j = 0; j < c; ++j) k_out[s * c + j] = ld(a[nhwc ? s * hw * c + j : (s * c + j) * hw]);
+    k = k_out;
+  }
+  sums_nc<S>(a, b, nhwc, n, c, hw, k, true, s1, s2, nt);
+}
+
 template <typename S, typename T = typename Compute<S>::T>
 static void nc_affine(const S* p, const S* q, S* out, int nhwc, i64 n, i64 c, i64 hw, const T* P, const T* Q,
                       const T* Qc, const T* R, int nt) {
@@ -634,6 +647,138 @@ static void nc_affine(const S* p, const S* q, S* out, int nhwc, i64 n, i64 c, i6
     per_sample_nhwc<2, 0>(n, hw, c, {P, R}, c, nt, [&](i64 s, T* t) {
       affine_tiled<S>(p + s * len, out + s * len, len, tl, t, t + tl);
     });
+  }
+}
+
+// Batch-Instance Norm's small per-(sample, channel) math, in double (_bin.py's module docstring has the
+// formulas; the tensor-op path computes the same expressions in the same order with float64 torch ops). n*c
+// arrays are (sample, channel) row-major, T is the compute type of the sweeps' coefficients. Each direction is
+// two calls so synced BIN can all-reduce BN's per-channel sums between them.
+
+// Forward, step 1: from nc_sums' sums s1, s2 of x - k and (x - k)^2 (k: x[n, c, 0, 0]) over hw values, IN's
+// mean (double, and rounded to T: the backward sweep's centre) and rstd per (n, c), and BN's per-channel sums
+// of x - kc and (x - kc)^2 with kc = k[0, c] (change of shift d = k - kc: sum s1 + hw*d, sum s2 + d*(2*s1 + hw*d)).
+template <typename T>
+static void bin_moments(const double* s1, const double* s2, const T* k, i64 n, i64 c, i64 hw, double eps,
+                        double* mean_in, double* rstd_in, T* mean_in_t, double* b1, double* b2, double* kc) {
+  const double count = double(hw);
+  for (i64 j = 0; j < c; ++j) {
+    kc[j] = n ? double(k[j]) : 0.0;
+    b1[j] = 0;
+    b2[j] = 0;
+  }
+  for (i64 s = 0; s < n; ++s) {
+    for (i64 j = 0; j < c; ++j) {
+      const i64 i = s * c + j;
+      const double m = s1[i] / count;  // mean - k
+      const double var = std::max(s2[i] / count - m * m, 0.0);  // NaN stays NaN, as clamp_min
+      mean_in[i] = m + double(k[i]);
+      rstd_in[i] = 1.0 / std::sqrt(var + eps);
+      mean_in_t[i] = T(mean_in[i]);
+      const double d = double(k[i]) - kc[j];
+      b1[j] += s1[i] + count * d;
+      b2[j] += s2[i] + d * (2 * s1[i] + count * d);
+    }
+  }
+}
+
+static inline double clamp01(double r) { return r < 0 ? 0.0 : (r > 1 ? 1.0 : r); }  // NaN stays NaN
+
+// Forward, step 2: BN's mean and biased variance from its per-channel sums p1, p2 of x - kc and (x - kc)^2
+// (kc null: plain sums) over *total_p (when given: synced, the all-reduced count) or total values -- or, with
+// ``moments``, p1 and p2 are the mean and variance themselves (eval: the running statistics); the running
+// statistics' update when run_mean is given (double buffers, in place: (1 - momentum)*r + momentum*stat, the
+// variance unbiased); rstd; and the per-(n, c) affine y = x*scale + shift of ρ·x̂_BN + (1 − ρ)·x̂_IN, ρ clamped
+// to [0, 1]: scale = ργ·rstd_BN + (1 − ρ)γ·rstd_IN, shift = β − ργ·rstd_BN·mean_BN − (1 − ρ)γ·rstd_IN·mean_IN.
+template <typename T>
+static void bin_scale(const double* p1, const double* p2, const double* kc, int moments, const double* total_p,
+                      double total, i64 n, i64 c, double eps, double momentum, double* run_mean, double* run_var,
+                      const double* mean_in, const double* rstd_in, const T* w, const T* bias, const T* rho,
+                      double* mean_bn, double* var_bn, double* rstd_bn, T* scale, T* shift) {
+  if (total_p) total = *total_p;
+  for (i64 j = 0; j < c; ++j) {
+    double mean = p1[j], var = p2[j];
+    if (!moments) {
+      mean = p1[j] / total;
+      var = std::max(p2[j] / total - mean * mean, 0.0);
+      if (kc) mean = mean + kc[j];
+    }
+    if (run_mean) {
+      run_mean[j] = run_mean[j] * (1 - momentum) + momentum * mean;
+      run_var[j] = run_var[j] * (1 - momentum) + momentum * (var * (total / (total - 1)));
+    }
+    const double rb = 1.0 / std::sqrt(var + eps);
+    mean_bn[j] = mean;
+    var_bn[j] = var;
+    rstd_bn[j] = rb;
+    const double r = clamp01(double(rho[j])), g = double(w[j]);
+    const double wb = r * g, wi = (1 - r) * g;
+    for (i64 s = 0; s < n; ++s) {
+      const i64 i = s * c + j;
+      scale[i] = T(wb * rb + wi * rstd_in[i]);
+      shift[i] = T(double(bias[j]) - wb * rb * mean - wi * rstd_in[i] * mean_in[i]);
+    }
+  }
+}
+
+// Backward, step 1: from nc_sums' sums g1 = sum g and g2 = sum g*(x - mean_in) per (n, c) (mean_in: the
+// forward's, rounded to T), BN's per-channel sums h1 = sum g, h2 = sum g*(x - mean_bn) (local: synced BIN
+// all-reduces them before step 2) and the weight, bias and ρ gradients (local), in double (grads, 3*c) and
+// rounded to T (grads_t): dγ = ρ·rstd_BN·h2 + (1 − ρ)·Σ rstd_IN·g2, dβ = h1, dρ = γ·(rstd_BN·h2 − Σ rstd_IN·g2)
+// (the clamped gate's gradient, passed through unclamped).
+template <typename T>
+static void bin_grad_sums(const double* g1, const double* g2, const T* mean_in, const double* rstd_in,
+                          const double* mean_bn, const double* rstd_bn, const T* w, const T* rho, i64 n, i64 c,
+                          double* h1, double* h2, double* grads, T* grads_t) {
+  for (i64 j = 0; j < c; ++j) {
+    double t1 = 0, t2 = 0, in2 = 0;
+    for (i64 s = 0; s < n; ++s) {
+      const i64 i = s * c + j;
+      t1 += g1[i];
+      t2 += g2[i] + (double(mean_in[i]) - mean_bn[j]) * g1[i];
+      in2 += rstd_in[i] * g2[i];
+    }
+    h1[j] = t1;
+    h2[j] = t2;
+    const double r = clamp01(double(rho[j])), g = double(w[j]);
+    const double gw = r * rstd_bn[j] * t2 + (1 - r) * in2, gr = g * (rstd_bn[j] * t2 - in2);
+    grads[j] = gw;
+    grads[c + j] = t1;
+    grads[2 * c + j] = gr;
+    grads_t[j] = T(gw);
+    grads_t[c + j] = T(t1);
+    grads_t[2 * c + j] = T(gr);
+  }
+}
+
+// Backward, step 2: dx = a*g + b*(x - mean_in) + cst per (n, c), a = ργ·rstd_BN + (1 − ρ)γ·rstd_IN,
+// b = −(1 − ρ)γ·rstd_IN³·g2/hw, cst = −(1 − ρ)γ·rstd_IN·g1/hw; with h1, h2 (training: BN's statistics depend on
+// x; the synced sums and *total_p / total values per channel) the BN terms bb = −ργ·rstd_BN³·h2/total join b,
+// and −ργ·rstd_BN·h1/total + bb·(mean_in − mean_BN) join cst.
+template <typename T>
+static void bin_grad_coefs(const double* g1, const double* g2, const T* mean_in, const double* rstd_in,
+                           const double* mean_bn, const double* rstd_bn, const T* w, const T* rho,
+                           const double* h1, const double* h2, const double* total_p, double total, i64 n, i64 c,
+                           i64 hw, T* a, T* b, T* cst) {
+  if (total_p) total = *total_p;
+  const double count = double(hw);
+  for (i64 j = 0; j < c; ++j) {
+    const double r = clamp01(double(rho[j])), g = double(w[j]);
+    const double wb = r * g, wi = (1 - r) * g, rb = rstd_bn[j];
+    const double bb = h1 ? -wb * (rb * rb * rb) * h2[j] / total : 0.0;
+    for (i64 s = 0; s < n; ++s) {
+      const i64 i = s * c + j;
+      const double ri = rstd_in[i], mi = double(mean_in[i]);
+      double vb = -wi * (ri * ri * ri) * g2[i] / count;
+      double vc = -wi * ri * g1[i] / count;
+      if (h1) {
+        vb = vb + bb;
+        vc = vc - wb * rb * h1[j] / total + bb * (mi - mean_bn[j]);
+      }
+      a[i] = T(wb * rb + wi * ri);
+      b[i] = T(vb);
+      cst[i] = T(vc);
+    }
   }
 }
 
@@ -864,8 +1009,8 @@ static void gn_backward(const S* dy, const S* x, S* dx, int nhwc, i64 n, i64 c, 
     bn_backward<S>(dy, x, dx, nhwc, n, c, hw, sum_dy, sum_dy_xc, total, w, mean, rstd, nt);          \
   }                                                                                                  \
   extern "C" void normlab_nc_sums_##X(const S* a, const S* b, int nhwc, i64 n, i64 c, i64 hw, const T* k, \
-                                      double* s1, double* s2, int nt) {                              \
-    sums_nc<S>(a, b, nhwc, n, c, hw, k, true, s1, s2, nt);                                           \
+                                      T* k_out, double* s1, double* s2, int nt) {                    \
+    nc_sums<S>(a, b, nhwc, n, c, hw, k, k_out, s1, s2, nt);                                          \
   }                                                                                                  \
   extern "C" void normlab_nc_affine_##X(const S* p, const S* q, S* out, int nhwc, i64 n, i64 c,       \
                                         i64 hw, const T* P, const T* Q, const T* Qc, const T* R,     \
@@ -881,6 +1026,38 @@ static void gn_backward(const S* dy, const S* x, S* dx, int nhwc, i64 n, i64 c, 
                                           i64 hw, i64 g, const T* w, const T* mean, const T* rstd,   \
                                           T* gw, T* gb, const S* m, S* gout, int nt) {               \
     gn_backward<S>(dy, x, dx, nhwc, n, c, hw, g, w, mean, rstd, gw, gb, m, gout, nt);                \
+  }                                                                                                  \
+  extern "C" void normlab_bin_moments_##X(const double* s1, const double* s2, const T* k, i64 n, i64 c,  \
+                                          i64 hw, double eps, double* mean_in, double* rstd_in,      \
+                                          T* mean_in_t, double* b1, double* b2, double* kc) {        \
+    bin_moments<T>(s1, s2, k, n, c, hw, eps, mean_in, rstd_in, mean_in_t, b1, b2, kc);               \
+  }                                                                                                  \
+  extern "C" void normlab_bin_scale_##X(const double* p1, const double* p2, const double* kc,         \
+                                        int moments, const double* total_p, double total, i64 n,     \
+                                        i64 c, double eps, double momentum, double* run_mean,        \
+                                        double* run_var, const double* mean_in,                      \
+                                        const double* rstd_in, const T* w, const T* bias,            \
+                                        const T* rho, double* mean_bn, double* var_bn,               \
+                                        double* rstd_bn, T* scale, T* shift) {                       \
+    bin_scale<T>(p1, p2, kc, moments, total_p, total, n, c, eps, momentum, run_mean, run_var,        \
+                 mean_in, rstd_in, w, bias, rho, mean_bn, var_bn, rstd_bn, scale, shift);            \
+  }                                                                                                  \
+  extern "C" void normlab_bin_grad_sums_##X(const double* g1, const double* g2, const T* mean_in,     \
+                                            const double* rstd_in, const double* mean_bn,            \
+                                            const double* rstd_bn, const T* w, const T* rho, i64 n,  \
+                                            i64 c, double* h1, double* h2, double* grads,            \
+                                            T* grads_t) {                                            \
+    bin_grad_sums<T>(g1, g2, mean_in, rstd_in, mean_bn, rstd_bn, w, rho, n, c, h1, h2, grads,        \
+                     grads_t);                                                                       \
+  }                                                                                                  \
+  extern "C" void normlab_bin_grad_coefs_##X(const double* g1, const double* g2, const T* mean_in,    \
+                                             const double* rstd_in, const double* mean_bn,           \
+                                             const double* rstd_bn, const T* w, const T* rho,        \
+                                             const double* h1, const double* h2,                     \
+                                             const double* total_p, double total, i64 n, i64 c,      \
+                                             i64 hw, T* a, T* b, T* cst) {                           \
+    bin_grad_coefs<T>(g1, g2, mean_in, rstd_in, mean_bn, rstd_bn, w, rho, h1, h2, total_p, total, n, \
+                      c, hw, a, b, cst);                                                             \
   }
 
 NORMLAB_EXPORT(float, float, f)

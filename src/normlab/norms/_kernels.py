@@ -36,10 +36,14 @@ _SIGNATURES = {
     "bn_sums": [_P, _P, _INT, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P, _INT],
     "bn_forward": [_P, _P, _INT, _I, _I, _I, _P, _P, _P, _D, _P, _P, _D, _D, _P, _P, _P, _P, _P, _INT, _INT],
     "bn_backward": [_P, _P, _P, _INT, _I, _I, _I, _P, _P, _D, _P, _P, _P, _INT],
-    "nc_sums": [_P, _P, _INT, _I, _I, _I, _P, _P, _P, _INT],
+    "nc_sums": [_P, _P, _INT, _I, _I, _I, _P, _P, _P, _P, _INT],
     "nc_affine": [_P, _P, _P, _INT, _I, _I, _I, _P, _P, _P, _P, _INT],
     "gn_forward": [_P, _P, _INT, _I, _I, _I, _I, _P, _P, _D, _P, _P, _P, _INT, _INT],
     "gn_backward": [_P, _P, _P, _INT, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _INT],
+    "bin_moments": [_P, _P, _P, _I, _I, _I, _D, _P, _P, _P, _P, _P, _P],
+    "bin_scale": [_P, _P, _P, _INT, _P, _D, _I, _I, _D, _D, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P],
+    "bin_grad_sums": [_P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _P, _P, _P, _P],
+    "bin_grad_coefs": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _D, _I, _I, _I, _P, _P, _P],
 }
 _SUFFIX = {torch.float32: "f", torch.float64: "d", torch.bfloat16: "b"}
 # the statistics', parameters' and gradients' dtype for each storage dtype (bfloat16 is computed in float32)
@@ -170,6 +174,11 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _row(t: torch.Tensor, i: int) -> int:
+    """The address of ``t[i]`` (``t`` contiguous), without the dispatcher call that indexing costs."""
+    return t.data_ptr() + i * t.stride(0) * t.element_size()
+
+
 def _as(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """A parameter / statistic as a contiguous ``dtype`` tensor (itself when it already is: the common
     case, checked without a dispatcher call for ``to``)."""
@@ -240,16 +249,19 @@ def bn_backward(dy: torch.Tensor, x: torch.Tensor, fmt: str, s: torch.Tensor, to
     return dx
 
 
-def nc_sums(a: torch.Tensor, b: torch.Tensor | None, fmt: str, center: torch.Tensor):
-    """Per-(sample, channel) sums over (H, W), float64 (N, C) each, centred value by value on ``center`` (N, C):
+def nc_sums(a: torch.Tensor, b: torch.Tensor | None, fmt: str, center: torch.Tensor | None = None):
+    """Per-(sample, channel) sums over (H, W), float64 (2, N, C), centred value by value on ``center`` (N, C):
     ``b=None`` (forward) those of ``a - center`` and ``(a - center)²``; otherwise (backward; ``b`` in a's layout
-    and dtype) those of ``a`` and ``a*(b - center)``."""
+    and dtype) those of ``a`` and ``a*(b - center)``. ``center=None`` (forward): each (sample, channel)'s first
+    value ``a[n, c, 0, 0]``, read by the kernel. Returns ``(s, center)``, the centre as a contiguous (N, C)
+    tensor of the compute dtype."""
     n, c = a.shape[:2]
+    ct = _COMPUTE[a.dtype]
     s = torch.empty(2, n, c, dtype=torch.float64)
-    k = _as(center, _COMPUTE[a.dtype])
-    _fn("nc_sums", a.dtype)(a.data_ptr(), _ptr(b), *_geom(a, fmt), k.data_ptr(), s[0].data_ptr(), s[1].data_ptr(),
-                            torch.get_num_threads())
-    return s[0], s[1]
+    k = torch.empty(n, c, dtype=ct) if center is None else _as(center, ct)
+    _fn("nc_sums", a.dtype)(a.data_ptr(), _ptr(b), *_geom(a, fmt), None if center is None else k.data_ptr(),
+                            k.data_ptr(), _row(s, 0), _row(s, 1), torch.get_num_threads())
+    return s, k
 
 
 def nc_affine(p: torch.Tensor, fmt: str, P: torch.Tensor, R: torch.Tensor, q: torch.Tensor | None = None,
@@ -296,3 +308,90 @@ def gn_backward(dy: torch.Tensor, x: torch.Tensor, fmt: str, groups: int, weight
                                 mean.data_ptr(), rstd.data_ptr(), _ptr(gw), _ptr(gb), _ptr(mask), _ptr(g),
                                 torch.get_num_threads())
     return dx, gw, gb, g
+
+
+# Batch-Instance Norm's small per-(sample, channel) math (float64; formulas in _bin.py and _kernels.cpp): two C
+# calls per direction, so that synced BIN can all-reduce BN's per-channel sums between them. Parameters are
+# read in the compute dtype ``ct`` of x (float32 for bfloat16), as the BN and GN entry points read them.
+
+
+def bin_moments(s: torch.Tensor, k: torch.Tensor, hw: int, eps: float, dtype: torch.dtype):
+    """Forward, step 1, from ``nc_sums``' (2, N, C) sums ``s`` of x - k over ``hw`` values (``k`` (N, C), of x's
+    compute dtype; ``dtype``: x's dtype). Returns ``(ins, mean_t, bn)``: float64 (2, N, C) IN mean and rstd; the
+    IN mean rounded to the compute dtype (the backward sweep's centre); float64 (3, C) BN's per-channel sums of
+    x - kc and (x - kc)², and kc = k[0]."""
+    n, c = k.shape
+    ins = torch.empty(2, n, c, dtype=torch.float64)
+    mean_t = torch.empty(n, c, dtype=k.dtype)
+    bn = torch.empty(3, c, dtype=torch.float64)
+    _fn("bin_moments", dtype)(_row(s, 0), _row(s, 1), k.data_ptr(), n, c, hw, float(eps), _row(ins, 0),
+                              _row(ins, 1), mean_t.data_ptr(), _row(bn, 0), _row(bn, 1), _row(bn, 2))
+    return ins, mean_t, bn
+
+
+def _total(total) -> tuple[int | None, float]:
+    """A count for the C calls: a plain number, or (synced) a float64 CPU tensor read there (no ``.item()``)."""
+    return (total.data_ptr(), 0.0) if isinstance(total, torch.Tensor) else (None, float(total))
+
+
+def bin_scale(ins: torch.Tensor, sums, total, weight: torch.Tensor, bias: torch.Tensor, rho: torch.Tensor,
+              eps: float, momentum: float, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+              dtype: torch.dtype, shifted: bool = True, moments: bool = False):
+    """Forward, step 2: BN's statistics from its float64 per-channel sums of x - kc and (x - kc)² over ``total``
+    values (a number, or synced a float64 tensor): ``sums`` is ``bin_moments``' (3, C) tensor (the two sums and
+    kc), or a pair of contiguous float64 (C,) tensors -- plain sums (``shifted=False``), or with ``moments`` the
+    mean and variance themselves (eval); the running statistics are updated in place when given (contiguous
+    float64 only); then the (N, C) scale and shift of the output (IN statistics ``ins`` from ``bin_moments``;
+    ``dtype``: x's). Returns ``(coef, bn)``: (2, N, C) scale and shift in the compute dtype, float64 (3, C) BN
+    mean, biased variance and rstd."""
+    n, c = ins.shape[1:]
+    ct = _COMPUTE[dtype]
+    coef = torch.empty(2, n, c, dtype=ct)
+    bn = torch.empty(3, c, dtype=torch.float64)
+    w, b, r = _as(weight, ct), _as(bias, ct), _as(rho, ct)
+    if isinstance(sums, torch.Tensor):
+        p1, p2, kc = _row(sums, 0), _row(sums, 1), _row(sums, 2) if shifted else None
+    else:
+        (p1, p2), kc = (t.data_ptr() for t in sums), None
+    tp, tv = _total(total)
+    _fn("bin_scale", dtype)(p1, p2, kc, int(moments), tp, tv, n, c, float(eps), float(momentum),
+                            _ptr(running_mean), _ptr(running_var), _row(ins, 0), _row(ins, 1), w.data_ptr(),
+                            b.data_ptr(), r.data_ptr(), _row(bn, 0), _row(bn, 1), _row(bn, 2), _row(coef, 0),
+                            _row(coef, 1))
+    return coef, bn
+
+
+def bin_grad_sums(s: torch.Tensor, mean_t: torch.Tensor, ins: torch.Tensor, bn: torch.Tensor,
+                  weight: torch.Tensor, rho: torch.Tensor, dtype: torch.dtype):
+    """Backward, step 1, from ``nc_sums``' (2, N, C) sums ``s`` of g and g*(x - mean_t) (the forward's saved
+    ``mean_t``, ``ins``, ``bn`` as returned there). Returns ``(h, grads, grads_t)``: float64 (2, C) BN's
+    per-channel sums of g and g*(x - mean_BN) (local); the weight, bias and ρ gradients (3, C) in float64 and
+    rounded to the compute dtype."""
+    n, c = mean_t.shape
+    ct = _COMPUTE[dtype]
+    h = torch.empty(2, c, dtype=torch.float64)
+    grads = torch.empty(3, c, dtype=torch.float64)
+    grads_t = torch.empty(3, c, dtype=ct)
+    w, r = _as(weight, ct), _as(rho, ct)
+    _fn("bin_grad_sums", dtype)(_row(s, 0), _row(s, 1), mean_t.data_ptr(), _row(ins, 1), _row(bn, 0), _row(bn, 2),
+                                w.data_ptr(), r.data_ptr(), n, c, _row(h, 0), _row(h, 1), grads.data_ptr(),
+                                grads_t.data_ptr())
+    return h, grads, grads_t
+
+
+def bin_grad_coefs(s: torch.Tensor, mean_t: torch.Tensor, ins: torch.Tensor, bn: torch.Tensor,
+                   weight: torch.Tensor, rho: torch.Tensor, h: torch.Tensor | None, total, hw: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """Backward, step 2: dx's (N, C) coefficients ``a, b, cst`` (dx = a*g + b*(x - mean_t) + cst) in the compute
+    dtype, as one (3, N, C) tensor; ``h`` (training: BN's statistics depend on x) the (synced) per-channel sums
+    from ``bin_grad_sums`` over ``total`` values (a number, or synced a float64 tensor), None in eval."""
+    n, c = mean_t.shape
+    ct = _COMPUTE[dtype]
+    coef = torch.empty(3, n, c, dtype=ct)
+    w, r = _as(weight, ct), _as(rho, ct)
+    tp, tv = _total(total)
+    _fn("bin_grad_coefs", dtype)(_row(s, 0), _row(s, 1), mean_t.data_ptr(), _row(ins, 1), _row(bn, 0),
+                                 _row(bn, 2), w.data_ptr(), r.data_ptr(), None if h is None else _row(h, 0),
+                                 None if h is None else _row(h, 1), tp, tv, n, c, hw, _row(coef, 0),
+                                 _row(coef, 1), _row(coef, 2))
+    return coef
