@@ -14,6 +14,7 @@ from torch import nn
 import normlab.norms as norms
 from normlab.errors import NormlabError
 from normlab.norms import _functional, _kernels
+from normlab.norms._bin import BatchInstanceFunction
 from normlab.norms import (
     NORMS, BatchInstanceNorm2d, BatchNorm2d, GroupNorm2d, InstanceNorm2d, LayerNorm2d, clamp_gates_, make_norm,
     norm_layer,
@@ -1334,6 +1335,114 @@ def test_fused_bin_cpp_synced_equals_the_synced_tensor_op_path(monkeypatch):
         want, _ = bin_run("ops", ref, x, dy, monkeypatch)
         for a, b in zip(got, want):
             close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def bin_stats_saved(y: torch.Tensor) -> list:
+    """The statistics BIN's Function saved for backward (IN mean in the compute dtype, IN rstd, BN mean, BN rstd;
+    float64 but the first), from either path's layout."""
+    saved = y.grad_fn.saved_tensors[3:]
+    if len(saved) == 3:  # C++ path: mean_in, (IN mean, IN rstd), (BN mean, variance, rstd)
+        mean_in, ins, bn = saved
+        return [mean_in, ins[1], bn[0], bn[2]]
+    return list(saved)  # tensor ops: mean_in, rstd_in, mean_bn, rstd_bn
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
+def test_fused_bin_cpp_small_math_equals_the_tensor_op_path(dtype, cl, monkeypatch):
+    """The C++ path's small float64 math (bin_moments, bin_scale, bin_grad_sums, bin_grad_coefs) gives the
+    tensor-op path's statistics, running statistics, parameter gradients, output and input gradient to float64
+    rounding, in training (two steps, float32 and float64 running buffers) and eval. float64: random inputs, the
+    two paths' sums differ only by summation order (1e-12 relative). float32: integer inputs on 8x8 / 4x4 maps,
+    so both paths' per-(n, c) sums are exact and equal (the IN means are multiples of 1/64), the statistics and
+    gradients are float64 values rounded once (equal up to 1e-12, then to the last float32 bit) and only the two
+    output sweeps round differently (a few float32 ulps)."""
+    monkeypatch.setenv("NORMLAB_KERNELS", "1")
+    tight = dict(atol=1e-12, rtol=1e-12)
+    for shape, buffers in (((6, 12, 8, 8), torch.float32), ((5, 20, 4, 4), torch.float64)):
+        ours, ref = bin_pair(shape[1], dtype=dtype)
+        for m in (ours, ref):
+            m.running_mean, m.running_var = m.running_mean.to(buffers), m.running_var.to(buffers)
+        for step in range(3):
+            if step == 2:
+                ours.eval(), ref.eval()
+            g = torch.Generator().manual_seed(step)
+            if dtype == torch.float32:  # exact sums in float32 on both paths
+                x = torch.randint(-8, 9, shape, generator=g).to(dtype)
+                dy = torch.randint(-4, 5, shape, generator=g).to(dtype)
+            else:
+                x = (torch.randn(shape, generator=g, dtype=dtype) * 2 + 0.5)
+                dy = torch.randn(shape, generator=g, dtype=dtype)
+            if cl:
+                x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
+            assert _functional.backend(x) == (_functional.CPP, _kernels.NHWC if cl else _kernels.NCHW)
+            stats = {}
+            with monkeypatch.context() as mp_:
+                real = BatchInstanceFunction.apply
+
+                def keep(path):
+                    def apply(*args):
+                        y = real(*args)
+                        stats[path] = bin_stats_saved(y)
+                        return y
+                    return apply
+
+                mp_.setattr(BatchInstanceFunction, "apply", keep("cpp"))
+                got, calls = bin_run("cpp", ours, x, dy, monkeypatch)
+                mp_.setattr(BatchInstanceFunction, "apply", keep("ops"))
+                want, _ = bin_run("ops", ref, x, dy, monkeypatch)
+            assert calls == ["nc_sums", "nc_affine"] * 2
+            where = f"{shape} step {step}"
+            for what, a, b in zip(("mean_in", "rstd_in", "mean_bn", "rstd_bn"), stats["cpp"], stats["ops"]):
+                torch.testing.assert_close(a, b, **tight, msg=lambda s, w=what: f"{where} {w}: {s}")
+            names = ("y", "dx", "dweight", "dbias", "drho", "running_mean", "running_var")
+            for what, a, b in zip(names, got, want):
+                if a.dtype == torch.float64:
+                    t = tight
+                elif what in ("y", "dx"):  # the sweeps' float32 rounding: dx centred (C++) or not (tensor ops)
+                    t = dict(atol=4 * torch.finfo(dtype).eps * b.abs().max().item(), rtol=0)
+                else:  # float64 values rounded once to float32: at most the last bit
+                    t = dict(atol=0, rtol=torch.finfo(a.dtype).eps)
+                torch.testing.assert_close(a, b, **t, msg=lambda s, w=what: f"{where} {w}: {s}")
+
+
+def test_fused_bin_cpp_dispatches_few_torch_ops(monkeypatch):
+    """BIN on the C++ kernels runs its small per-(n, c) math in C (two calls per direction): one layer's forward
+    and backward dispatch at most 24 and 20 torch ops (views and allocations included; 68 and 65 when that math
+    was float64 torch ops), and every op that computes something is the module's counter and, forward, the
+    update of float32 running statistics as the tensor ops do it (float64 ones are updated in C) or, in eval,
+    their reading as float64. Counted with TorchDispatchMode, both layouts."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    monkeypatch.setenv("NORMLAB_KERNELS", "1")
+    free = {torch.ops.aten.empty, torch.ops.aten.empty_like, torch.ops.aten.empty_strided}
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.all, self.compute = [], []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.all.append(func.overloadpacket.__name__)
+            if not func.is_view and func.overloadpacket not in free:
+                self.compute.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    update = ["mul_", "_to_copy", "add_", "mul_", "mul", "_to_copy", "add_"]  # _functional._update_running
+    for cl in (False, True):
+        for dtype, train, want in ((torch.float32, True, update + ["add_"]), (torch.float64, True, ["add_"]),
+                                   (torch.float32, False, ["_to_copy", "_to_copy"]), (torch.float64, False, [])):
+            m = bin_pair(16, dtype=dtype)[0].train(train)
+            x = make_input((8, 16, 6, 6), cl, dtype=dtype)
+            assert _functional.backend(x) == (_functional.CPP, _kernels.NHWC if cl else _kernels.NCHW)
+            with Ops() as fwd:
+                y = m(x)
+            dy = torch.ones_like(y)
+            with Ops() as bwd:
+                y.backward(dy)
+            assert fwd.compute == want and bwd.compute == [], (cl, dtype, train, fwd.compute, bwd.compute)
+            assert len(fwd.all) <= 24 and len(bwd.all) <= 20, (cl, dtype, train, fwd.all, bwd.all)
+            assert x.grad is not None and m.rho.grad.abs().sum() > 0
 
 
 def test_synced_batchnorm_compiles_into_one_graph(monkeypatch):
