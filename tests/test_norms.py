@@ -4,6 +4,7 @@ stats, eval), pass gradcheck, plug into ResNets, handle bf16/channels_last, and 
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -1167,6 +1168,8 @@ def test_fused_bin_makes_the_sweeps_of_one_batchnorm(monkeypatch):
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
+            if func.is_view:  # views move no data (torch 2.4 dispatches a slice for x[:, ::1], newer ones do not)
+                return out
             if any(isinstance(t, torch.Tensor) and t.numel() == self.numel for t in tree_leaves((args, kwargs, out))):
                 self.ops.append(func.overloadpacket.__name__)
             return out
@@ -1188,7 +1191,7 @@ def test_fused_bin_makes_the_sweeps_of_one_batchnorm(monkeypatch):
         composed = ops(composed_bin, ref, x, [ref.weight, ref.bias, ref.rho])
         plain_bn = ops(lambda m, x: m(x), bn, x, [bn.weight, bn.bias])
         assert fused == plain_bn, (fused, plain_bn)
-        sweeps = [[op for op in f if op not in ("select", "empty_like")] for f in fused]
+        sweeps = [[op for op in f if op != "empty_like"] for f in fused]
         assert sweeps == [["sub", "sum", "mul_", "sum", "addcmul"], ["sum", "sub", "mul_", "sum", "addcmul", "addcmul_"]]
         assert len(composed[0]) == 2 * len(fused[0]) + 1 and len(composed[1]) == 2 * len(fused[1]) + 1
 
@@ -1527,3 +1530,19 @@ def test_synced_norms_on_two_ranks_with_different_batches(name, norm_path, monke
     close(g0, x.grad[:4], atol=1e-4, rtol=1e-4)
     close(m0.running_mean, ref.running_mean, atol=1e-4, rtol=1e-5)
     close(m0.running_var, ref.running_var, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("version,usable", [("3.0.0", False), ("3.5.1", False), ("3.6.0", True), ("3.10.0", True)])
+def test_triton_older_than_min_triton_is_not_used(version, usable, monkeypatch):
+    """The Triton kernels are used only from ``MIN_TRITON`` on (the oldest release they were checked on); an older
+    triton (torch 2.4 ships 3.0) leaves the tensor ops in charge."""
+    import types
+
+    from normlab.norms import _triton
+
+    monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(__version__=version))
+    monkeypatch.setattr(_triton, "_state", {})
+    kernels = types.ModuleType("_triton_kernels")  # imports whatever the version: only the gate can say None
+    monkeypatch.setitem(sys.modules, "normlab.norms._triton_kernels", kernels)
+    monkeypatch.delattr(norms, "_triton_kernels", raising=False)
+    assert _triton.kernels() is (kernels if usable else None)

@@ -44,14 +44,15 @@ from __future__ import annotations
 import torch
 
 from normlab.norms import _functional, _kernels, _triton
-from normlab.norms._functional import CPP, TRITON, _affine_out, _moments, _sample_shift, _update_running, compute_dtype
+from normlab.norms._functional import (CPP, TRITON, _affine_out, _fresh, _into, _moments, _sample_shift,
+                                       _update_running, compute_dtype)
 
 
 def _sums(xf, center):
     """Forward on the tensor ops: the (N, C) float64 sums of ``xf - center`` and its square (center (N, C)), and
     the compute-dtype buffer they were formed in (it will hold the output)."""
     n, c = xf.shape[:2]
-    buf = torch.sub(xf, center.view(n, c, 1, 1), out=torch.empty_like(xf))
+    buf = torch.sub(xf, center.view(n, c, 1, 1), out=_fresh(xf))
     s1 = buf.sum((2, 3))
     s2 = buf.mul_(buf).sum((2, 3))
     return s1.double(), s2.double(), buf
@@ -131,7 +132,7 @@ class BatchInstanceFunction(torch.autograd.Function):
         xf = x if x.dtype == ct else x.to(ct)
         g1 = dyf.sum((2, 3)).double()
         # centred before the product (exact for large-mean inputs), in the buffer that becomes grad_x
-        buf = torch.sub(xf, mean_in.view(n, c, 1, 1), out=torch.empty_like(xf)).mul_(dyf)
+        buf = torch.sub(xf, mean_in.view(n, c, 1, 1), out=_fresh(xf)).mul_(dyf)
         g2 = buf.sum((2, 3)).double()
         mi = mean_in.double()
         r = rho.detach().double().clamp(0, 1)
@@ -160,7 +161,8 @@ class BatchInstanceFunction(torch.autograd.Function):
                 b = b + bb
                 cst = cst - wb * rstd_bn * h1 / m + bb * (mi - mean_bn)
             # dx = a*g + b*(x - mean_in) + cst (uncentred here, as in _functional; centred on the C++ kernels)
-            gx = torch.addcmul((cst - b * mi).to(ct).view(n, c, 1, 1), xf, b.to(ct).view(n, c, 1, 1), out=buf)
+            gx = torch.addcmul((cst - b * mi).to(ct).view(n, c, 1, 1), xf, b.to(ct).view(n, c, 1, 1),
+                               out=_into(buf))
             gx.addcmul_(dyf, a.to(ct).view(n, c, 1, 1))
             grads[0] = gx if gx.dtype == x.dtype else gx.to(x.dtype)
         return tuple(grads)

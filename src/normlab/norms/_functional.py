@@ -140,6 +140,18 @@ def _update_running(running_mean: torch.Tensor, running_var: torch.Tensor, mean:
 
 # The big buffers below are allocated with empty_like(x) and written with out=: a broadcast sub with an
 # (N, C, 1, 1) operand otherwise allocates through a slower path on channels_last (measured 0.48 vs 0.19 ms).
+# Not under torch.compile: Inductor plans its own buffers, and torch 2.4's dynamo refuses out= wherever an
+# operand requires grad (it traces a Function's forward with the inputs' requires_grad).
+
+
+def _fresh(like: torch.Tensor) -> torch.Tensor | None:
+    """A new buffer shaped like ``like`` for an op's ``out=``; None (the op allocates) under torch.compile."""
+    return None if torch.compiler.is_compiling() else torch.empty_like(like)
+
+
+def _into(buf: torch.Tensor | None) -> torch.Tensor | None:
+    """``buf`` for an op's ``out=``, reused; None under torch.compile (see above)."""
+    return None if torch.compiler.is_compiling() else buf
 
 
 def _sample_shift(x: torch.Tensor, ct: torch.dtype, group_size: int | None = None) -> torch.Tensor:
@@ -160,7 +172,7 @@ def _affine_out(kind, fmt, x, xf, buf, scale, shift_y, shape, residual, relu: bo
     if kind == TRITON:
         res = None if residual is None else _triton.like(residual, fmt)
         return _triton.affine(x, fmt, scale, shift_y, residual=res, relu=relu)
-    y = torch.addcmul(shift_y.view(shape), xf, scale.view(shape), out=buf)
+    y = torch.addcmul(shift_y.view(shape), xf, scale.view(shape), out=_into(buf))
     if residual is not None:
         y.add_(residual)
     if relu:
@@ -210,7 +222,7 @@ class BatchNormFunction(torch.autograd.Function):
             shift = common if common is not None else _sample_shift(x, ct)
             xf = x if x.dtype == ct else x.to(ct)
             # x - shift, in the buffer that will hold y
-            buf = torch.sub(xf, shift.view(1, c, 1, 1), out=torch.empty_like(xf))
+            buf = torch.sub(xf, shift.view(1, c, 1, 1), out=_fresh(xf))
             s1 = buf.sum(dims)
             s2 = buf.mul_(buf).sum(dims)
         total = local
@@ -279,7 +291,7 @@ class BatchNormFunction(torch.autograd.Function):
         sum_dy = dyf.sum(dims)
         # centred before the product: sum(dy*x) - mean*sum(dy) would cancel for large-mean inputs
         # dy*(x - mean), in the buffer that becomes grad_x
-        buf = torch.sub(xf, mean.view(1, c, 1, 1), out=torch.empty_like(xf)).mul_(dyf)
+        buf = torch.sub(xf, mean.view(1, c, 1, 1), out=_fresh(xf)).mul_(dyf)
         sum_dy_xc = buf.sum(dims)
         grad_res = _residual_grad(g, ctx) if want_res else None
         grad_weight = grad_bias = grad_x = None
@@ -296,7 +308,7 @@ class BatchNormFunction(torch.autograd.Function):
             b = -a * rstd * rstd * sum_dy_xc / m
             cst = -a * sum_dy / m
             # dx = a*dy + b*(x - mean) + cst (uncentred here: b*mean vs b*x costs ~1e-7·mean/std, harmless)
-            grad_x = torch.addcmul((cst - b * mean).view(1, c, 1, 1), xf, b.view(1, c, 1, 1), out=buf)
+            grad_x = torch.addcmul((cst - b * mean).view(1, c, 1, 1), xf, b.view(1, c, 1, 1), out=_into(buf))
             grad_x.addcmul_(dyf, a.view(1, c, 1, 1))
             if grad_x.dtype != x.dtype:
                 grad_x = grad_x.to(x.dtype)
@@ -391,7 +403,7 @@ class GroupNormFunction(torch.autograd.Function):
         shift_c = shift.repeat_interleave(cg, dim=1)  # (N, C)
         xf = x if x.dtype == ct else x.to(ct)
         # x - shift, in the buffer that will hold y
-        buf = torch.sub(xf, shift_c.view(n, c, 1, 1), out=torch.empty_like(xf))
+        buf = torch.sub(xf, shift_c.view(n, c, 1, 1), out=_fresh(xf))
         s1 = buf.sum((2, 3)).view(n, g, cg).sum(2)
         s2 = buf.mul_(buf).sum((2, 3)).view(n, g, cg).sum(2)
         mean, var = _moments(s1, s2, cg * x.shape[2] * x.shape[3], ct, shift)  # (N, G)
@@ -446,7 +458,7 @@ class GroupNormFunction(torch.autograd.Function):
         xf = x if x.dtype == ct else x.to(ct)
         s1 = dyf.sum((2, 3))  # (N, C): sum of dy
         # centred before the product (exact for large-mean inputs), in the buffer that becomes grad_x
-        buf = torch.sub(xf, mean_c.view(n, c, 1, 1), out=torch.empty_like(xf)).mul_(dyf)
+        buf = torch.sub(xf, mean_c.view(n, c, 1, 1), out=_fresh(xf)).mul_(dyf)
         s2 = buf.sum((2, 3))  # (N, C): sum of dy * (x - mean)
         grad_res = _residual_grad(gr, ctx) if want_res else None
         grad_x = grad_weight = grad_bias = None
@@ -465,7 +477,7 @@ class GroupNormFunction(torch.autograd.Function):
             cst = (-rstd * m1).repeat_interleave(cg, dim=1)
             a = rstd_c if wf is None else rstd_c * wf
             # dx = a*dy + b*(x - mean) + cst (uncentred on the tensor-op path, as for BN)
-            grad_x = torch.addcmul((cst - b * mean_c).view(n, c, 1, 1), xf, b.view(n, c, 1, 1), out=buf)
+            grad_x = torch.addcmul((cst - b * mean_c).view(n, c, 1, 1), xf, b.view(n, c, 1, 1), out=_into(buf))
             grad_x.addcmul_(dyf, a.view(n, c, 1, 1))
             if grad_x.dtype != x.dtype:
                 grad_x = grad_x.to(x.dtype)

@@ -36,6 +36,7 @@ how the tests run these kernels without a GPU.
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 
@@ -44,12 +45,27 @@ from normlab.norms._kernels import NCHW, NHWC, dense_layout
 _state: dict = {}
 
 
+# The oldest Triton the kernels were checked on (interpreter tests against native layers, and compiled for sm_90:
+# tests/test_triton_norms.py): 3.6, torch 2.11's. Triton 3.0 (torch 2.4's) computed wrong values under its
+# interpreter, so older releases get the tensor ops.
+MIN_TRITON = (3, 6)
+
+
+def _version(v: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", v)[:2])
+
+
 def kernels():
-    """The kernel module, imported on first use; None when triton does not import (the tensor ops run)."""
+    """The kernel module, imported on first use; None when triton does not import or is older than
+    ``MIN_TRITON`` (the tensor ops run)."""
     if "mod" not in _state:
         try:
+            import triton
+
+            if _version(triton.__version__) < MIN_TRITON:
+                raise ImportError(f"triton {triton.__version__} is older than {MIN_TRITON}")
             from normlab.norms import _triton_kernels
-        except Exception:  # noqa: BLE001 -- no triton, or one that does not work with this torch
+        except Exception:  # noqa: BLE001 -- no triton, an old one, or one that does not work with this torch
             _triton_kernels = None
         _state["mod"] = _triton_kernels
     return _state["mod"]

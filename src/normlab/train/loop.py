@@ -125,10 +125,16 @@ def train(cfg: TrainConfig, *, force: bool = False, resume_dir: str | Path | Non
     dist_utils.barrier(dinfo)  # the other ranks look at the folder only once rank 0 has prepared it
     try:
         with RunLock(out, log) if dinfo.is_main else contextlib.nullcontext():
-            return _train(cfg, out, dinfo, progress, log, say)
-    finally:
+            result = _train(cfg, out, dinfo, progress, log, say)
+    except BaseException:
+        # no barrier here: the other ranks may be inside a collective this rank will never join
         if dinfo.enabled:
             dist_utils.teardown()
+        raise
+    if dinfo.enabled:  # all ranks destroy the group together (on torch 2.4, gloo's teardown could hang otherwise)
+        dist_utils.barrier(dinfo)
+        dist_utils.teardown()
+    return result
 
 
 def _train(cfg: TrainConfig, out: Path, dinfo, progress: EpochProgress, log, say) -> Path:
