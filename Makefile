@@ -8,8 +8,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.normlab-installed
 PYTEST_ARGS ?=
 # the exact versions the tests ran on; another pair runs the suite on it in its own VENV, e.g. the declared lower
-# bound: make test VENV=.venv-min TORCH="torch==2.4.1 torchvision==0.19.1"
-TORCH ?= torch==2.14.1 torchvision==0.29.1
+# bound: make test VENV=.venv-min TORCH_PINS="torch==2.4.1 torchvision==0.19.1"
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: help install data demo test test-fast bench bench-quick gpu-check clean
 
@@ -23,7 +23,7 @@ help:
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q $(TORCH_PINS)
 	$(BIN)/python -m pip install -q -e '.[test]'
 	@touch $@
 
