@@ -204,8 +204,8 @@ def bn_sums(a: torch.Tensor, b: torch.Tensor | None, fmt: str, center: torch.Ten
     gw = torch.empty(c, dtype=ct) if grad_weight else None
     gb = torch.empty(c, dtype=ct) if grad_bias else None
     g = torch.empty_like(a) if mask is not None else None
-    _fn("bn_sums", a.dtype)(a.data_ptr(), _ptr(b), *_geom(a, fmt), _ptr(center), _ptr(rstd), s[0].data_ptr(),
-                            s[1].data_ptr(), s[2].data_ptr() if b is None else None, _ptr(gw), _ptr(gb),
+    _fn("bn_sums", a.dtype)(a.data_ptr(), _ptr(b), *_geom(a, fmt), _ptr(center), _ptr(rstd), _row(s, 0),
+                            _row(s, 1), _row(s, 2) if b is None else None, _ptr(gw), _ptr(gb),
                             _ptr(mask), _ptr(g), torch.get_num_threads())
     return s, gw, gb, g
 
@@ -232,7 +232,7 @@ def bn_forward(x: torch.Tensor, fmt: str, s1: torch.Tensor, s2: torch.Tensor, to
         x.data_ptr(), y.data_ptr(), *_geom(x, fmt), s1c.data_ptr(), s2c.data_ptr(), _ptr(k),
         float(total), _ptr(w), _ptr(b), float(eps), float(momentum),
         _ptr(running_mean) if updated else None, _ptr(running_var) if updated else None,
-        stats[0].data_ptr(), stats[1].data_ptr(), _ptr(residual), int(relu), torch.get_num_threads())
+        _row(stats, 0), _row(stats, 1), _ptr(residual), int(relu), torch.get_num_threads())
     return y, stats[0], stats[1], updated or running_mean is None
 
 
@@ -243,8 +243,8 @@ def bn_backward(dy: torch.Tensor, x: torch.Tensor, fmt: str, s: torch.Tensor, to
     dx = torch.empty_like(x)
     ct = _COMPUTE[x.dtype]
     s, w, mean, rstd = s.contiguous(), _as(weight, ct), _as(mean, ct), _as(rstd, ct)
-    _fn("bn_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), *_geom(x, fmt), s[0].data_ptr(),
-                                s[1].data_ptr(), float(total), _ptr(w), mean.data_ptr(),
+    _fn("bn_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), *_geom(x, fmt), _row(s, 0),
+                                _row(s, 1), float(total), _ptr(w), mean.data_ptr(),
                                 rstd.data_ptr(), torch.get_num_threads())
     return dx
 
@@ -288,7 +288,7 @@ def gn_forward(x: torch.Tensor, fmt: str, groups: int, weight: torch.Tensor | No
     stats = torch.empty(2, n, groups, dtype=ct)
     w, b = _as(weight, ct), _as(bias, ct)
     _fn("gn_forward", x.dtype)(x.data_ptr(), y.data_ptr(), *_geom(x, fmt), groups, _ptr(w), _ptr(b), float(eps),
-                               stats[0].data_ptr(), stats[1].data_ptr(), _ptr(residual), int(relu),
+                               _row(stats, 0), _row(stats, 1), _ptr(residual), int(relu),
                                torch.get_num_threads())
     return y, stats[0], stats[1]
 
