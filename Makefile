@@ -47,7 +47,7 @@ test-fast: $(STAMP) data
 
 # the docs extra is part of the test extra, so the venv of `make test` has it
 docs: $(STAMP)
-	$(BIN)/mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 	@echo "docs: $$(pwd)/site/index.html"
 
 bench: $(STAMP) data
