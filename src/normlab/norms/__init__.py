@@ -5,17 +5,15 @@ Every layer takes the channel count first and torch's ``device``/``dtype`` facto
 normlab's ResNet, to torchvision's models and to ``timm.create_model(..., norm_layer=...)`` (for timm models
 built from norm+activation layers, name the activation: ``norm_layer("gn", act_layer=nn.SiLU)``).
 
-=========  ===================================================================
-name       layer
-=========  ===================================================================
-bn         :class:`BatchNorm2d` (``sync`` supported)
-in         :class:`InstanceNorm2d`
-bin        :class:`BatchInstanceNorm2d` (``sync`` supported; call :func:`clamp_gates_`)
-ln         :class:`LayerNorm2d`
-gn         :class:`GroupNorm2d` (``num_groups``, default 8)
-nn         no normalization (``nn.Identity``)
-torch_bn   PyTorch's native ``nn.BatchNorm2d`` (reference / speed baseline)
-=========  ===================================================================
+| name | layer |
+|---|---|
+| ``bn`` | :class:`BatchNorm2d` (``sync`` supported) |
+| ``in`` | :class:`InstanceNorm2d` |
+| ``bin`` | :class:`BatchInstanceNorm2d` (``sync`` supported; call :func:`clamp_gates_`) |
+| ``ln`` | :class:`LayerNorm2d` |
+| ``gn`` | :class:`GroupNorm2d` (``num_groups``, default 8) |
+| ``nn`` | no normalization (``nn.Identity``) |
+| ``torch_bn`` | PyTorch's native ``nn.BatchNorm2d`` (reference / speed baseline) |
 
 The common trainer keywords ``num_groups`` and ``sync`` are dropped silently by norms they do not
 apply to, so ``norm_layer(any_name, num_groups=g, sync=s)`` always works.

@@ -30,10 +30,10 @@ def tune_malloc() -> bool:
     """Keep freed memory in the process for reuse (glibc): no page faults in every training step.
 
     By default glibc hands large freed blocks back to the OS (trim, or munmap for blocks it mmapped) and
-    faults them in again, zero-filled, at the next allocation: on this CPU a ResNet-20 step took 2,900 to
-    24,000 minor page faults depending on where its tensors happened to land, and 3-5% longer than with
-    this tuning (bench/NOTES.md: 1-3 faults per step tuned). Blocks up to 32 MB now come from the
-    heap and the heap is never trimmed below 1 GB of free space; larger blocks are still mmapped. Returns
+    faults them in again, zero-filled, at the next allocation: a ResNet-20 step then takes thousands of
+    minor page faults, more or fewer depending on where its tensors happened to land, and runs measurably
+    longer. With this tuning blocks up to 32 MB come from the heap and the heap is never trimmed below 1 GB
+    of free space; larger blocks are still mmapped. Returns
     True when applied (Linux with glibc, and ``NORMLAB_MALLOC`` is not 0).
     """
     if os.environ.get("NORMLAB_MALLOC", "1").strip().lower() in ("0", "off", "false", "no"):
@@ -75,8 +75,8 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 def compile_settings(choice: str, device: torch.device, distributed: bool = False) -> CompileSettings:
     """``--compile on``, or ``auto`` on CUDA (where an eager step of the from-scratch norms is launch-bound),
-    compiles; ``auto`` stays eager on CPU and MPS (on a CPU the compile costs 10-40 s before the first
-    step for a few percent). ``NORMLAB_COMPILE_MODE`` picks torch.compile's mode (``default``,
+    compiles; ``auto`` stays eager on CPU and MPS (on a CPU the compile costs tens of seconds before the
+    first step for a small gain per step). ``NORMLAB_COMPILE_MODE`` picks torch.compile's mode (``default``,
     ``reduce-overhead``, ``max-autotune``, ``max-autotune-no-cudagraphs``).
 
     CUDA graphs (``reduce-overhead``) are opt-in, not the default: the graph trees allow the in-place
