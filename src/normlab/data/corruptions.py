@@ -17,8 +17,8 @@ checks them against the reference formulas written with numpy/scipy/PIL/OpenCV o
   Gaussian line kernel, gathered per image; scikit-image/scipy Gaussian filters, OpenCV's disk kernel and
   affine warp, scipy's zoom and map_coordinates and PIL's BOX resize are separable convolutions,
   ``interpolate`` and ``grid_sample`` with the reference's border modes.
-- JPEG goes through libjpeg (``torchvision.io.encode_jpeg``/``decode_jpeg`` on the whole list) at the
-  published qualities, the same library PIL uses.
+- JPEG goes through PIL at the published qualities, as in the reference (one small encode/decode per
+  image).
 
 Parameters. Images smaller than 128 px use the CIFAR-10-C table (published for 32 px), larger ones the
 ImageNet-C table (published for 224 px). Parameters that are lengths in pixels (blur radii and sigmas,
@@ -44,6 +44,7 @@ seed (not on the device or the machine).
 from __future__ import annotations
 
 import hashlib
+import io as _io
 import math
 import warnings
 from collections.abc import Callable
@@ -534,12 +535,12 @@ def box_resize_matrix(n_in: int, n_out: int) -> torch.Tensor:
 
 def _resize8(x: torch.Tensor, oh: int, ow: int) -> torch.Tensor:
     """PIL's two-pass 8-bit BOX resize of 0..255 values: horizontal pass, rounded to 8 bits, vertical
-    pass, rounded."""
+    pass, rounded (half up, as Pillow's fixed-point arithmetic does)."""
     h, w = x.shape[-2:]
     if ow != w:
-        x = torch.round(x @ box_resize_matrix(w, ow).to(x).T).clamp(0, 255)
+        x = torch.floor(x @ box_resize_matrix(w, ow).to(x).T + 0.5).clamp(0, 255)
     if oh != h:
-        x = torch.round(box_resize_matrix(h, oh).to(x) @ x).clamp(0, 255)
+        x = torch.floor(box_resize_matrix(h, oh).to(x) @ x + 0.5).clamp(0, 255)
     return x
 
 
@@ -551,14 +552,23 @@ def pixelate(x, c, scale, gen):
 
 
 def jpeg_compression(x, c, scale, gen):
-    """JPEG at quality c through libjpeg (torchvision's batched encode/decode; default 4:2:0 chroma
-    subsampling for colour, like PIL's ``save(..., quality=c)``)."""
-    from torchvision.io import decode_jpeg, encode_jpeg
+    """JPEG at quality c through PIL (libjpeg; PIL's default 4:2:0 chroma subsampling for colour), as the
+    reference does. At these image sizes an encode/decode costs tens of microseconds, so the loop over
+    images is cheap next to the rest; torchvision's batched JPEG functions are deprecated."""
+    from PIL import Image
 
-    u8 = torch.round(x * 255).clamp(0, 255).to(torch.uint8).cpu()
-    enc = encode_jpeg(list(u8), quality=int(c))
-    dec = decode_jpeg(enc)
-    return torch.stack(dec).to(x.device, torch.float32)
+    u8 = torch.round(x * 255).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    grey = u8.shape[-1] == 1
+    out = np.empty_like(u8)
+    buf = _io.BytesIO()
+    for i, img in enumerate(u8):
+        buf.seek(0)
+        buf.truncate()
+        Image.fromarray(img[..., 0] if grey else img).save(buf, "JPEG", quality=int(c))
+        buf.seek(0)
+        with Image.open(buf) as dec:
+            out[i] = np.asarray(dec).reshape(img.shape)
+    return torch.from_numpy(out).permute(0, 3, 1, 2).to(x.device, torch.float32)
 
 
 CORRUPTIONS: dict[str, Callable] = {
