@@ -412,6 +412,21 @@ def test_glass_blur_is_the_reference_shuffle(imgs, severity, channels):
         assert_close_u8(hwc(ours, i), ref.reshape(32, 32, channels), mean_diff=0.1)
 
 
+def test_zoom_blur_matrix_is_the_zoom_loop(monkeypatch):
+    x = natural_images(3, seed=10)
+    fast = [C.corrupt(x, "zoom_blur", s) for s in (1, 5)]
+    monkeypatch.setattr(C, "ZOOM_MATRIX_PIXELS", 0)
+    for f, s in zip(fast, (1, 5)):
+        assert (f.int() - C.corrupt(x, "zoom_blur", s).int()).abs().max() <= 1
+
+
+def test_glass_blur_parallel_copy_is_the_sequential_loop(monkeypatch):
+    x = natural_images(3, seed=9)
+    fast = [C.corrupt(x, "glass_blur", s) for s in (2, 5)]
+    monkeypatch.setattr(C, "GLASS_PARALLEL", False)
+    assert all(torch.equal(f, C.corrupt(x, "glass_blur", s)) for f, s in zip(fast, (2, 5)))
+
+
 @pytest.mark.parametrize("severity", C.SEVERITIES)
 def test_motion_blur_matches_imagemagicks_definition(imgs, severity):
     x = imgs[:3]

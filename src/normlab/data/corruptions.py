@@ -36,13 +36,15 @@ CIFAR-10-C frost numbers; ``SUBSTITUTES`` names it (with the reason) so reports 
 out of an mCE.
 
 Randomness. A CPU ``torch.Generator`` seeded from ``(seed, name, severity)`` draws every random number
-(different corruptions and severities never share noise); images are processed in chunks of a size that
-depends only on the image shape, so a result depends only on the images, the name, the severity and the
-seed (not on the device or the machine).
+(different corruptions and severities never share noise), and images are processed in chunks of a size
+that depends only on the image shape, so a set depends only on the images, the name, the severity and
+the seed. ``corrupted_set`` always generates on the CPU; ``corrupt`` on a GPU draws the same numbers, but
+its float arithmetic may round the odd pixel to the neighbouring grey level.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io as _io
 import math
@@ -60,7 +62,7 @@ from normlab.io import cache_dir as _cache_root
 from normlab.io import save_torch
 
 # bump when any corruption's output changes: it is part of the cache key
-CORRUPTIONS_VERSION = 1
+CORRUPTIONS_VERSION = 2
 SEVERITIES = (1, 2, 3, 4, 5)
 # images below this size use the CIFAR-10-C table, the others ImageNet-C's
 LARGE_SIZE = 128
@@ -387,8 +389,9 @@ def glass_blur(x, c, scale, gen):
     swap, ``x[h, w], x[h', w'] = x[h', w'], x[h, w]``, but on a colour image numpy's right-hand side holds
     views, so (h, w) receives the neighbour and the neighbour keeps its value: CIFAR-10-C and ImageNet-C
     were made with this copy, and normlab does the same; on a grey image the elements are scalars and the
-    reference really swaps, and so does normlab. The steps stay sequential over positions (a later step
-    reads pixels an earlier one wrote) but each runs on the whole batch at once."""
+    reference really swaps, and so does normlab. Where a step can read a pixel an earlier step wrote
+    (swaps, or shuffle distances above 1), the steps run one after another, each on the whole batch;
+    otherwise an iteration is one gather (``GLASS_PARALLEL``)."""
     sigma, delta, iters = c[0] * scale, max(1, int(round(c[1] * scale))), c[2]
     x = torch.floor(_gaussian(x, sigma) * 255 + 1e-4)  # np.uint8(gaussian(...) * 255)
     n, ch, h, w = x.shape
@@ -396,25 +399,53 @@ def glass_blur(x, c, scale, gen):
     ws = range(w - delta, delta, -1)
     steps = len(hs) * len(ws)
     if steps:
-        # one row per (position, image): a position's n pixels are contiguous, a neighbour is a row index
-        rows = x.permute(2, 3, 0, 1).reshape(h * w * n, ch).contiguous()
         d = torch.randint(-delta, delta, (iters, steps, n, 2), generator=gen).to(x.device)
-        ar = torch.arange(n, device=x.device)
         swap = ch == 1
-        for it in range(iters):
-            pos = torch.tensor([hh * w + ww for hh in hs for ww in ws], device=x.device)
-            # row of the neighbour of each step's position, per image
-            nb = (pos[:, None] + d[it, :, :, 1] * w + d[it, :, :, 0]) * n + ar
-            for s, a in enumerate(pos.tolist()):
-                lo, idx = a * n, nb[s]
-                if swap:
-                    va = rows[lo:lo + n].clone()
-                    rows[lo:lo + n] = rows.index_select(0, idx)
-                    rows.index_copy_(0, idx, va)
-                else:
-                    rows[lo:lo + n] = rows.index_select(0, idx)
-        x = rows.view(h, w, n, ch).permute(2, 3, 0, 1)
+        if not swap and delta == 1 and GLASS_PARALLEL:
+            x = _glass_copy_parallel(x, d, hs, ws)
+        else:
+            x = _glass_sequential(x, d, hs, ws, swap)
     return _gaussian(x.contiguous() / 255, sigma).clamp(0, 1) * 255
+
+
+# With copies (colour) and delta 1 the offsets are -1 or 0, so every step reads a position that comes
+# later in the reference's descending scan (or itself): nothing it reads has been written yet in this
+# iteration, and an iteration is one gather. The tests check it against the sequential loop.
+GLASS_PARALLEL = True
+
+
+def _glass_copy_parallel(x, d, hs, ws):
+    n, ch, h, w = x.shape
+    hh = torch.tensor(list(hs), device=x.device)[:, None].expand(len(hs), len(ws)).reshape(-1)
+    ww = torch.tensor(list(ws), device=x.device)[None, :].expand(len(hs), len(ws)).reshape(-1)
+    pos = hh * w + ww  # the steps' positions in scan order
+    for it in range(d.shape[0]):
+        flat = x.reshape(n, ch, h * w)
+        src = pos[None, :] + d[it, :, :, 1].T * w + d[it, :, :, 0].T  # (n, steps)
+        new = flat.clone()
+        new[:, :, pos] = flat.gather(2, src[:, None, :].expand(n, ch, -1))
+        x = new.view(n, ch, h, w)
+    return x
+
+
+def _glass_sequential(x, d, hs, ws, swap):
+    """The reference's loop, one step per position for the whole batch: one row per (position, image),
+    so a position's n pixels are contiguous and a neighbour is a row index."""
+    n, ch, h, w = x.shape
+    rows = x.permute(2, 3, 0, 1).reshape(h * w * n, ch).contiguous()
+    ar = torch.arange(n, device=x.device)
+    pos = torch.tensor([hh * w + ww for hh in hs for ww in ws], device=x.device)
+    for it in range(d.shape[0]):
+        nb = (pos[:, None] + d[it, :, :, 1] * w + d[it, :, :, 0]) * n + ar  # neighbour rows (steps, n)
+        for s, a in enumerate(pos.tolist()):
+            lo, idx = a * n, nb[s]
+            if swap:
+                va = rows[lo:lo + n].clone()
+                rows[lo:lo + n] = rows.index_select(0, idx)
+                rows.index_copy_(0, idx, va)
+            else:
+                rows[lo:lo + n] = rows.index_select(0, idx)
+    return rows.view(h, w, n, ch).permute(2, 3, 0, 1)
 
 
 def motion_blur(x, c, scale, gen):
@@ -425,13 +456,43 @@ def motion_blur(x, c, scale, gen):
     return torch.round(y).clamp(0, 255)
 
 
+def _zoom_matrix(n: int, factor: float) -> torch.Tensor:
+    """``_zoom_centre`` along one axis of length ``n`` as an (n, n) matrix (float64): crop, linear
+    interpolation on pixel corners, trim."""
+    ch = int(np.ceil(n / factor))
+    top = (n - ch) // 2
+    eye = torch.eye(n, dtype=torch.float64)[top:top + ch].T.unsqueeze(0)  # (1, n basis signals, ch)
+    oh = int(round(ch * factor))
+    if oh != ch:
+        eye = F.interpolate(eye, size=oh, mode="linear", align_corners=True)
+    t = (oh - n) // 2
+    return eye[0, :, t:t + n].T.contiguous()  # (n out, n in)
+
+
+# zoom blur of images up to this many pixels is one matrix product per image (the sum of the zooms is a
+# fixed linear map of the image, (H W) x (H W)); larger images interpolate zoom by zoom
+ZOOM_MATRIX_PIXELS = 1024
+
+
+@functools.lru_cache(maxsize=16)
+def _zoom_blur_matrix(h: int, w: int, factors: tuple[float, ...]) -> torch.Tensor:
+    m = torch.eye(h * w, dtype=torch.float64)
+    for z in factors:
+        m += torch.kron(_zoom_matrix(h, z), _zoom_matrix(w, z))
+    return (m / (len(factors) + 1)).float()
+
+
 def zoom_blur(x, c, scale, gen):
     """Mean of the image and its centre zooms by ``np.arange(*c)``."""
-    factors = np.arange(*c)
-    out = torch.zeros_like(x)
+    factors = tuple(float(z) for z in np.arange(*c))
+    n, ch, h, w = x.shape
+    if h * w <= ZOOM_MATRIX_PIXELS:
+        m = _zoom_blur_matrix(h, w, factors).to(x.device)
+        return (x.reshape(n * ch, h * w) @ m.T).view(n, ch, h, w).clamp(0, 1) * 255
+    out = x.clone()
     for z in factors:
-        out += _zoom_centre(x, float(z))
-    return ((x + out) / (len(factors) + 1)).clamp(0, 1) * 255
+        out += _zoom_centre(x, z)
+    return (out / (len(factors) + 1)).clamp(0, 1) * 255
 
 
 def snow(x, c, scale, gen):
