@@ -266,20 +266,24 @@ def _motion_blur(x: torch.Tensor, radius: float, sigma: float, angle: torch.Tens
     width = int(2 * math.ceil(radius) + 1)
     i = np.arange(width, dtype=np.float64)
     k = np.exp(-(i * i) / (2 * sigma * sigma))
-    k = torch.from_numpy(k / k.sum()).to(x)
-    ox, oy = _motion_offsets(width, angle.cpu())
-    ox, oy = ox.to(x.device), oy.to(x.device)
-    pad = width
-    xp = _pad(x, pad, pad, "edge")
-    wp = w + 2 * pad
-    flat = xp.reshape(n, c, -1)
-    rows = torch.arange(h, device=x.device)[:, None] + pad
-    cols = torch.arange(w, device=x.device)[None, :] + pad
-    out = torch.zeros_like(x)
+    k = (k / k.sum()).tolist()
+    # Images sorted by angle: for each tap, the images sharing an offset form contiguous runs, and each
+    # run is one weighted slice of the padded batch (no per-pixel gather).
+    order = torch.argsort(angle.cpu())
+    ox, oy = _motion_offsets(width, angle.cpu()[order])  # (n, width) each
+    pad = min(width, max(int(ox.abs().max()), int(oy.abs().max())))
+    xs = x.index_select(0, order.to(x.device))
+    xp = _pad(xs, pad, pad, "edge")
+    out = torch.zeros_like(xs)
     for t in range(width):
-        idx = (rows[None] + oy[:, t, None, None]) * wp + cols[None] + ox[:, t, None, None]  # (n, h, w)
-        out += k[t] * flat.gather(2, idx.reshape(n, 1, -1).expand(n, c, -1)).view(n, c, h, w)
-    return out
+        pair = torch.stack([ox[:, t], oy[:, t]], 1)
+        change = torch.ones(n, dtype=torch.bool)
+        change[1:] = (pair[1:] != pair[:-1]).any(1)
+        starts = torch.nonzero(change).flatten().tolist() + [n]
+        for lo, hi in zip(starts[:-1], starts[1:]):
+            dx, dy = int(ox[lo, t]) + pad, int(oy[lo, t]) + pad
+            out[lo:hi].add_(xp[lo:hi, :, dy:dy + h, dx:dx + w], alpha=k[t])
+    return out.index_select(0, torch.argsort(order).to(x.device))
 
 
 def _plasma(n: int, mapsize: int, wibbledecay: float, gen: torch.Generator) -> torch.Tensor:
