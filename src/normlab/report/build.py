@@ -22,7 +22,7 @@ from normlab.report.collect import (METRICS, SPLITS, RunRecord, by_cell, cell_me
                                     fmt, mean_curve, mean_quantiles, mean_std, rank)
 from normlab.report.findings import augmentation, batch_size, sanity, score_split, summarise
 from normlab.report.render import Doc, Swatch, to_html, to_markdown
-from normlab.study import folder as sf
+from normlab import studyfolder as sf
 from normlab.device import cpu_name
 
 METRIC_NAMES = {"acc": "acc", "micro_f1": "micro-F1", "macro_f1": "macro-F1"}

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from normlab import runfolder
-from normlab.study import folder as sf
+from normlab import studyfolder as sf
 
 METRICS = ("acc", "micro_f1", "macro_f1")
 SPLITS = ("train", "val", "test")

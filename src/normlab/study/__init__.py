@@ -9,8 +9,8 @@ from typing import Any
 
 from normlab import runfolder
 from normlab.errors import NormlabError
-from normlab.study import folder as sf
-from normlab.study.folder import load_study, update_results
+from normlab import studyfolder as sf
+from normlab.studyfolder import load_study, update_results
 from normlab.study.plan import StudyConfig, check_base, load_preset, make_study_config, plan_runs, study_record
 from normlab.study.executors import make_options
 from normlab.study.runner import check_study_dir, execute

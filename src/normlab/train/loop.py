@@ -30,6 +30,7 @@ from normlab.device import pick_device, unwrap
 from normlab.errors import NormlabError
 from normlab.evaluation import evaluate
 from normlab.io import write_text
+from normlab.layer_outputs import record_outputs
 from normlab.metrics import quantiles, scores_from_confusion
 from normlab.models import build_model, count_parameters
 from normlab.plots import plot_curves
@@ -69,14 +70,8 @@ def probe_layers(model: nn.Module) -> dict[str, nn.Module]:
 @torch.no_grad()
 def probe_quantiles(model: nn.Module, probe: torch.Tensor) -> dict[str, list[float]]:
     model.eval()
-    out: dict[str, list[float]] = {}
-    hooks = [layer.register_forward_hook(lambda _m, _i, o, name=name: out.__setitem__(name, quantiles(o, QUANTILES)))
-             for name, layer in probe_layers(model).items()]
-    try:
+    with record_outputs(probe_layers(model), keep=lambda o: quantiles(o, QUANTILES)) as out:
         model(probe)
-    finally:
-        for h in hooks:
-            h.remove()
     return out
 
 
