@@ -22,6 +22,8 @@ def _nc(t: torch.Tensor) -> torch.Tensor:
 
 
 class _Evo(SpecNorm):
+    has_act = True
+
     def _init(self, who: str, num_channels: int, eps: float, apply_act: bool, device, dtype) -> None:
         positive(who, "eps", eps)
         self.num_channels = self.num_features = num_channels

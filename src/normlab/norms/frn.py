@@ -17,6 +17,8 @@ class FilterResponseNorm2d(SpecNorm):
     timm's ``FilterResponseNormTlu2d``, its test reference). ``eps`` 1e-6 as in the paper.
     """
 
+    has_act = True
+
     def __init__(self, num_channels: int, eps: float = 1e-6, apply_act: bool = True, *, device=None,
                  dtype=None) -> None:
         super().__init__()
