@@ -333,3 +333,36 @@ def test_spec_norms_under_torch_compile():
     torch.testing.assert_close(got[0], want[0])
     torch.testing.assert_close(got[1], want[1])
     torch.testing.assert_close(m.running_var, ref.running_var)
+
+
+def test_every_norm_has_its_own_colour_marker_and_glyph_in_reports():
+    from normlab import plots
+
+    styles = [plots.VARIANT_STYLES[name] for name in NORMS]
+    assert len({c.lower() for c, _ in styles}) == len(NORMS)
+    assert len({m for _, m in styles}) == len(NORMS)
+    glyphs = [plots.MARKER_GLYPHS[m] for _, m in styles]
+    assert len(set(glyphs)) == len(NORMS)
+
+
+def test_the_catalogue_preset_has_every_norm_and_every_batch_statistics_norm_at_two_batch_sizes():
+    from normlab.study.plan import load_preset, make_study_config
+
+    study, train, _ = load_preset("catalogue")
+    cfg = make_study_config(study)
+    assert set(cfg.norms) == set(NORMS) and train["batch_size"] == 128 and train["dataset"] == "cifar10"
+    assert set(cfg.batch_norms) == {s.name for s in SPECS if s.batch_stats} - {"torch_bn"}
+    assert sorted(cfg.batch_sizes) == [8, 128]
+
+
+def test_ghost_batch_setting_reaches_the_layers_and_a_batch_it_cannot_split_is_refused():
+    from normlab.config import make_config
+    from normlab.models import build_model
+
+    net = build_model(make_config({"norm": "gbn", "ghost_batch": 4, "batch_size": 16}), 3, 10)
+    assert {m.virtual_batch for m in net.modules() if type(m) is NORMS["gbn"]} == {4}
+    with pytest.raises(NormlabError) as e:
+        make_config({"norm": "gbn", "batch_size": 100})
+    assert str(e.value) == ("config: batch_size=100 is not a multiple of the ghost batch of 32 samples (norm gbn): use "
+                            "a batch size that is a multiple of 32, or --ghost-batch with a divisor of 100")
+    make_config({"norm": "gbn", "batch_size": 8})  # at most one ghost batch: plain BN

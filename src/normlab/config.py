@@ -66,7 +66,9 @@ class TrainConfig:
     model: str = setting("resnet", "model family", choices=MODELS)
     n: int = setting(3, "blocks per stage: 6n+2 layers (n=3: ResNet-20)")
     norm: str = setting("bn", "normalization layer", choices=NORMS)
-    gn_groups: int | None = setting(None, "GroupNorm groups (unset: 8, which divides 16, 32 and 64)")
+    gn_groups: int | None = setting(None, "GroupNorm groups (unset: 8, which divides 16, 32 and 64); also evonorm_s0's")
+    ghost_batch: int | None = setting(None, "gbn: samples per ghost batch (unset: 32); the batch size must be a multiple "
+                                      "of it, or at most it")
     shortcut: str = setting("A", "residual shortcut when the shape changes", choices=SHORTCUTS)
     activation: str = setting("relu", "activation after each norm", choices=ACTIVATIONS)
     dropout: float = setting(0.0, "dropout before the classifier")
@@ -141,7 +143,7 @@ class TrainConfig:
         for name in ("n", "epochs", "batch_size", "eval_batch_size", "probe_size"):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
-        for name in ("image_size", "train_subset", "eval_subset", "gn_groups", "patience", "threads"):
+        for name in ("image_size", "train_subset", "eval_subset", "gn_groups", "ghost_batch", "patience", "threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 bad(name, "must be >= 1 (or left unset)")
         if self.lr <= 0:
@@ -162,6 +164,10 @@ class TrainConfig:
                 if width % self.gn_groups:
                     bad("gn_groups", f"does not divide the ResNet's {width} channels; choose a divisor of 16 "
                         "(1, 2, 4, 8 or 16)")
+        ghost = self.ghost_batch or 32
+        if self.norm == "gbn" and self.batch_size > ghost and self.batch_size % ghost:
+            bad("batch_size", f"is not a multiple of the ghost batch of {ghost} samples (norm gbn): use a batch size "
+                f"that is a multiple of {ghost}, or --ghost-batch with a divisor of {self.batch_size}")
         check_augment(self.augment, self.augment_params)
         parse_head(self.head)
         spec = MODELS[self.model]

@@ -24,6 +24,8 @@ def build_model(cfg, in_channels: int, num_classes: int, *, sync: bool = False) 
     norm_kwargs = {"sync": sync}
     if cfg.gn_groups is not None:
         norm_kwargs["num_groups"] = cfg.gn_groups
+    if getattr(cfg, "ghost_batch", None) is not None:
+        norm_kwargs["virtual_batch"] = cfg.ghost_batch
     build = choose(MODELS, getattr(cfg, "model", "resnet"), "model").build()
     return finish_model(build(cfg, in_channels, num_classes, norm_kwargs), cfg, num_classes)
 
