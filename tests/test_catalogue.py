@@ -161,7 +161,7 @@ def test_evonorm_and_frn_contain_their_activation():
     for name in NORMS:
         assert has_act(name) == BY_NAME[name].has_act, name
     frn = make_norm("frn", C)
-    y = frn(make_input())
+    y = frn(make_input()).detach()
     assert float(y.min()) >= float(frn.tau.detach().min()) - 1e-6  # TLU: never below τ
 
 
@@ -366,3 +366,100 @@ def test_ghost_batch_setting_reaches_the_layers_and_a_batch_it_cannot_split_is_r
     assert str(e.value) == ("config: batch_size=100 is not a multiple of the ghost batch of 32 samples (norm gbn): use "
                             "a batch size that is a multiple of 32, or --ghost-batch with a divisor of 100")
     make_config({"norm": "gbn", "batch_size": 8})  # at most one ghost batch: plain BN
+
+
+# ------------------------------------------------- weight standardization, normalizer-free ResNet, AGC
+
+
+def test_weight_standardized_convs_equal_timms():
+    tl = pytest.importorskip("timm.layers")
+    from normlab.models.nf import ScaledStdConv2d, StdConv2d
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 6, 6)
+    for ours, ref in ((StdConv2d(4, 6, 3, padding=1, bias=False, eps=1e-5), tl.StdConv2d(4, 6, 3, padding=1, eps=1e-5)),
+                      (ScaledStdConv2d(4, 6, 3, padding=1, bias=True), tl.ScaledStdConv2d(4, 6, 3, padding=1))):
+        with torch.no_grad():
+            ours.weight.normal_(0.3, 2.0)
+            if isinstance(ours, ScaledStdConv2d):
+                ours.gain.uniform_(0.5, 1.5)
+                ours.bias.normal_()
+        ref.load_state_dict(ours.state_dict())
+        (y, dx, g), (ry, rdx, rg) = step(ours, x, torch.ones(2, 6, 6, 6)), step(ref, x, torch.ones(2, 6, 6, 6))
+        torch.testing.assert_close(y, ry, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(dx, rdx, atol=1e-5, rtol=1e-4)
+        for name in g:
+            torch.testing.assert_close(g[name], rg[name], atol=1e-4, rtol=1e-4)
+        w = ours.standardized_weight().detach()
+        if isinstance(ours, StdConv2d):  # zero mean, unit variance per filter
+            torch.testing.assert_close(w.mean((1, 2, 3)), torch.zeros(6), atol=1e-5, rtol=0)
+            torch.testing.assert_close(w.var((1, 2, 3), unbiased=False), torch.ones(6), atol=1e-4, rtol=0)
+
+
+def test_conv_ws_swaps_every_conv_of_a_resnet_with_any_norm():
+    from normlab.config import make_config
+    from normlab.models import build_model
+    from normlab.models.nf import StdConv2d
+
+    for norm in ("bn", "frn", "gn"):
+        net = build_model(make_config({"norm": norm, "conv": "ws", "n": 1}), 3, 10)
+        convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+        assert convs and all(type(m) is StdConv2d for m in convs)
+        net(torch.randn(2, 3, 8, 8)).sum().backward()
+
+
+def test_nf_resnet_keeps_unit_variance_at_init_and_trains_with_agc():
+    from normlab.config import make_config
+    from normlab.models import build_model
+    from normlab.models.nf import NFResNet
+
+    torch.manual_seed(0)
+    net = build_model(make_config({"model": "nf", "n": 2}), 3, 10)
+    assert isinstance(net, NFResNet) and not any(type(m) in NORMS.values() for m in net.modules())
+    assert sum(isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) for m in net.modules()) == 6 * 2 + 1
+    with torch.no_grad():
+        h = net.stages(net.stem(torch.randn(64, 3, 16, 16)))
+    assert 0.5 < float(h.var()) < 2.5  # signal propagation: no explosion or collapse without norms
+    with pytest.raises(NormlabError, match="config: agc=-1.0 must be > 0"):
+        make_config({"agc": -1.0})
+
+
+def test_agc_equals_timms_and_leaves_the_classifier_alone():
+    tu = pytest.importorskip("timm.utils")
+    from normlab.train.agc import adaptive_clip_, agc_params
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    ref = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    ref.load_state_dict(net.state_dict())
+    x = torch.randn(2, 3, 6, 6) * 50  # large gradients: the units get clipped
+    for m in (net, ref):
+        m(x).sum().backward()
+    head = [p.grad.clone() for p in net[2].parameters()]
+    before = net[0].weight.grad.clone()
+    adaptive_clip_(agc_params(net), 0.01)
+    tu.adaptive_clip_grad(list(ref[0].parameters()), 0.01)
+    assert not torch.equal(before, net[0].weight.grad)
+    for a, b in zip(net[0].parameters(), ref[0].parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
+    assert all(torch.equal(a, p.grad) for a, p in zip(head, net[2].parameters()))
+
+
+def test_the_training_step_applies_agc_to_every_parameter_but_the_classifier(monkeypatch):
+    from normlab.config import make_config
+    from normlab.models.nf import NFResNet
+    from normlab.train import step as step_module
+    from normlab.train.optim import build_optimizer
+
+    seen = []
+    real = step_module.adaptive_clip_
+    monkeypatch.setattr(step_module, "adaptive_clip_", lambda ps, f: (seen.append((len(ps), f)), real(ps, f)))
+    torch.manual_seed(0)
+    model = NFResNet(1, 3)
+    for agc in (None, 0.02):
+        cfg = make_config({"dataset": "folder", "model": "nf", "n": 1, "progress": "off", "agc": agc})
+        st = step_module.TrainStep(model, model, build_optimizer(model, cfg), cfg, device=torch.device("cpu"),
+                                   num_classes=3, mean=(0.5,) * 3, std=(0.25,) * 3, steps_per_epoch=1, total_steps=1)
+        st(torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8), torch.randint(0, 3, (4,)), 0,
+           torch.Generator().manual_seed(0))
+    assert seen == [(len(list(model.parameters())) - 2, 0.02)]  # once, with --agc; fc's weight and bias left out
