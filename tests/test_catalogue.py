@@ -463,3 +463,18 @@ def test_the_training_step_applies_agc_to_every_parameter_but_the_classifier(mon
         st(torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8), torch.randint(0, 3, (4,)), 0,
            torch.Generator().manual_seed(0))
     assert seen == [(len(list(model.parameters())) - 2, 0.02)]  # once, with --agc; fc's weight and bias left out
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_bf16_and_channels_last_inputs_keep_their_dtype_and_layout(name):
+    """Half-precision inputs are computed in float32 inside the norm and come back in their dtype; channels_last
+    stays channels_last."""
+    m = randomize(make_norm(name, C))
+    x = make_input().contiguous(memory_format=torch.channels_last)
+    want = m(x).detach()
+    xb = x.to(torch.bfloat16).requires_grad_()
+    y = m(xb)
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and xb.grad.dtype == torch.bfloat16
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y.float(), want, atol=0.1, rtol=0.05)
