@@ -478,3 +478,19 @@ def test_bf16_and_channels_last_inputs_keep_their_dtype_and_layout(name):
     assert y.dtype == torch.bfloat16 and xb.grad.dtype == torch.bfloat16
     assert y.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y.float(), want, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.slow  # builds a whole report (its figures): ~15 s
+def test_a_report_of_every_norm_keeps_its_tables_narrow(tmp_path, monkeypatch):
+    """The catalogue's 17 variants: the per-class table turns to one row per variant (not 18 columns), and the
+    findings still name the variants within noise of the best."""
+    import test_report_browser as trb
+
+    monkeypatch.setattr(trb, "NORMS", tuple(NORMS))
+    trb.fake_study(tmp_path / "study")
+    md = (tmp_path / "study" / "report.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| variant |") and "Trouser" in line)
+    assert header.count("|") == len(trb.CLASSES) + 2
+    rows = [line for line in md.splitlines() if line.startswith("| ") and line.count("|") == header.count("|")]
+    assert all(any(name in line for line in rows) for name in NORMS)
+    assert "Best variant" in md
