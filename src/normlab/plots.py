@@ -114,7 +114,8 @@ VARIANT_STYLES: dict[str, tuple[str, str]] = {
 }
 MARKER_GLYPHS = {"o": "●", "s": "■", "^": "▲", "D": "◆", "v": "▼", "P": "✚", "X": "✖", "*": "★", "h": "⬢", "<": "◀",
                  "p": "⬟", "H": "⬣", ">": "▶", "d": "◊", "8": "✸", "x": "✕", "+": "✛"}
-_EXTRA = (("#7F7F7F", "*"), ("#8C564B", "h"), ("#BCBD22", "<"), ("#17BECF", "*"), ("#9467BD", "h"), ("#F0E442", "<"))
+# labels without a listed norm (a norm registered later, a compare group): tab20's light colours, none of the above
+_EXTRA = (("#aec7e8", "*"), ("#ffbb78", "h"), ("#c49c94", "<"), ("#f7b6d2", "*"), ("#dbdb8d", "h"), ("#9edae5", "<"))
 _LINES = ("-", "--", ":", "-.")
 
 
