@@ -496,3 +496,9 @@ def test_a_report_of_every_norm_keeps_its_tables_narrow(tmp_path, monkeypatch):
     rows = [line for line in md.splitlines() if line.startswith("| ") and line.count("|") == header.count("|")]
     assert all(any(name in line for line in rows) for name in NORMS)
     assert "Best variant" in md
+
+
+def test_a_study_that_names_no_norms_still_compares_the_seven_of_the_course():
+    from normlab.study.plan import make_study_config
+
+    assert make_study_config({}).norms == ["bn", "in", "bin", "ln", "gn", "nn", "torch_bn"]
