@@ -18,7 +18,9 @@ import yaml
 
 from normlab.data.augmentations import check_augment
 from normlab.errors import NormlabError
-from normlab.registry import ACTIVATIONS, AUGMENTATIONS, DATASETS, MODELS, NORMS, OPTIMIZERS, SCHEDULES, SHORTCUTS, choose
+from normlab.registry import (
+    ACTIVATIONS, AUGMENTATIONS, CONVS, DATASETS, MODELS, NORMS, OPTIMIZERS, SCHEDULES, SHORTCUTS, choose,
+)
 
 IMAGENET = "imagenet"  # --pretrained imagenet: torchvision's ResNet18_Weights.IMAGENET1K_V1
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -66,8 +68,12 @@ class TrainConfig:
     model: str = setting("resnet", "model family", choices=MODELS)
     n: int = setting(3, "blocks per stage: 6n+2 layers (n=3: ResNet-20)")
     norm: str = setting("bn", "normalization layer", choices=NORMS)
-    gn_groups: int | None = setting(None, "GroupNorm groups (unset: 8, which divides 16, 32 and 64)")
+    gn_groups: int | None = setting(None, "GroupNorm groups (unset: 8, which divides 16, 32 and 64); also evonorm_s0's")
+    ghost_batch: int | None = setting(None, "gbn: samples per ghost batch (unset: 32); the batch size must be a multiple "
+                                      "of it, or at most it")
     shortcut: str = setting("A", "residual shortcut when the shape changes", choices=SHORTCUTS)
+    conv: str = setting("plain", "conv layers: plain, or ws = weight standardization (Qiao et al. 2019), with any norm",
+                        choices=CONVS)
     activation: str = setting("relu", "activation after each norm", choices=ACTIVATIONS)
     dropout: float = setting(0.0, "dropout before the classifier")
     width: int = setting(16, "compact: base width w, stage widths w/2w/2.5w (w=16, n=1: ~46k params)")
@@ -94,6 +100,8 @@ class TrainConfig:
     step_gamma: float = setting(0.1, "step schedule: lr factor at each milestone")
     label_smoothing: float = setting(0.0, "cross-entropy label smoothing")
     grad_clip: float | None = setting(None, "clip the gradient norm to this value (unset: off)")
+    agc: float | None = setting(None, "adaptive gradient clipping factor (Brock et al. 2021; e.g. 0.01 for --model nf; "
+                                "unset: off): each unit's gradient is clipped to this times its weight norm")
     patience: int | None = setting(None, "early stopping: stop after this many epochs without a better val accuracy")
     # --- runtime ---
     seed: int = setting(0, "seeds init, data order, augmentation and dropout (splits use fixed seeds); CPU runs "
@@ -141,7 +149,7 @@ class TrainConfig:
         for name in ("n", "epochs", "batch_size", "eval_batch_size", "probe_size"):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
-        for name in ("image_size", "train_subset", "eval_subset", "gn_groups", "patience", "threads"):
+        for name in ("image_size", "train_subset", "eval_subset", "gn_groups", "ghost_batch", "patience", "threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 bad(name, "must be >= 1 (or left unset)")
         if self.lr <= 0:
@@ -154,6 +162,8 @@ class TrainConfig:
             bad("val_fraction", "must be between 0 and 1 (exclusive)")
         if self.grad_clip is not None and self.grad_clip <= 0:
             bad("grad_clip", "must be > 0 (or left unset)")
+        if self.agc is not None and self.agc <= 0:
+            bad("agc", "must be > 0 (or left unset), e.g. --agc 0.01")
         if self.batch_size == 1 and needs_batch_statistics(self.norm):
             bad("batch_size", f"cannot train with norm={self.norm!r}: BatchNorm needs more than one value per "
                 "channel to compute batch statistics; use --batch-size 2 or more, or --norm gn/ln/in")
@@ -162,6 +172,10 @@ class TrainConfig:
                 if width % self.gn_groups:
                     bad("gn_groups", f"does not divide the ResNet's {width} channels; choose a divisor of 16 "
                         "(1, 2, 4, 8 or 16)")
+        ghost = self.ghost_batch or 32
+        if self.norm == "gbn" and self.batch_size > ghost and self.batch_size % ghost:
+            bad("batch_size", f"is not a multiple of the ghost batch of {ghost} samples (norm gbn): use a batch size "
+                f"that is a multiple of {ghost}, or --ghost-batch with a divisor of {self.batch_size}")
         check_augment(self.augment, self.augment_params)
         parse_head(self.head)
         spec = MODELS[self.model]

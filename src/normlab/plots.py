@@ -103,13 +103,19 @@ def plot_curves(rows: Sequence[dict[str, float]], path: str | os.PathLike, title
 Series = dict[str, tuple[Sequence[float], Sequence[float]]]  # label -> (x, y)
 
 # One colour and marker per norm in every figure and table of a report (colour-blind-safe Okabe-Ito
-# colours; the marker tells them apart in grey too). Never by position: position changes between figures.
+# colours for the first seven, tab20 colours away from them for the catalogue; every norm has its own marker,
+# so the 17 stay apart in grey too). Never by position: position changes between figures.
 VARIANT_STYLES: dict[str, tuple[str, str]] = {
     "torch_bn": ("#000000", "s"), "bn": ("#0072B2", "o"), "in": ("#E69F00", "^"), "bin": ("#009E73", "D"),
     "ln": ("#CC79A7", "v"), "gn": ("#D55E00", "P"), "nn": ("#56B4E9", "X"),
+    "frn": ("#d62728", "p"), "evonorm_b0": ("#9467bd", "h"), "evonorm_s0": ("#c5b0d5", "H"), "sn": ("#8c564b", "*"),
+    "brn": ("#17becf", "<"), "gbn": ("#98df8a", ">"), "rms": ("#7f7f7f", "d"), "ln2d": ("#bcbd22", "8"),
+    "rms2d": ("#ff9896", "x"), "dyt": ("#1a1a6e", "+"),
 }
-MARKER_GLYPHS = {"o": "●", "s": "■", "^": "▲", "D": "◆", "v": "▼", "P": "✚", "X": "✖", "*": "★", "h": "⬢", "<": "◀"}
-_EXTRA = (("#7F7F7F", "*"), ("#8C564B", "h"), ("#BCBD22", "<"), ("#17BECF", "*"), ("#9467BD", "h"), ("#F0E442", "<"))
+MARKER_GLYPHS = {"o": "●", "s": "■", "^": "▲", "D": "◆", "v": "▼", "P": "✚", "X": "✖", "*": "★", "h": "⬢", "<": "◀",
+                 "p": "⬟", "H": "⬣", ">": "▶", "d": "◊", "8": "✸", "x": "✕", "+": "✛"}
+# labels without a listed norm (a norm registered later, a compare group): tab20's light colours, none of the above
+_EXTRA = (("#aec7e8", "*"), ("#ffbb78", "h"), ("#c49c94", "<"), ("#f7b6d2", "*"), ("#dbdb8d", "h"), ("#9edae5", "<"))
 _LINES = ("-", "--", ":", "-.")
 
 
@@ -146,8 +152,9 @@ def plot_panels(panels: Sequence[tuple[str, str, Series]], path: str | os.PathLi
         if logy and logy[i]:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        if series:
-            ax.legend(fontsize=8)
+        if series:  # many variants (the catalogue): two columns, smaller, so the legend does not hide the curves
+            many = len(series) > 8
+            ax.legend(fontsize=6.5 if many else 8, ncol=2 if many else 1)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     if title:

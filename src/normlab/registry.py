@@ -156,7 +156,11 @@ MODELS: dict[str, ModelSpec] = {
                           pretrained=True),
     "compact": ModelSpec("normlab.models.compact:build_compact", "stem, stage1, stage2, stage3",
                          "narrow ResNet for small budgets, see --width"),
+    "nf": ModelSpec("normlab.models.nf:build_nf", "stem, stage1, stage2, stage3",
+                    "normalizer-free 6n+2 ResNet (scaled WS convs, no norm; use --agc)"),
 }
+# conv layers of the models (--conv): plain, or weight-standardized (models/nf.py)
+CONVS: tuple[str, ...] = ("plain", "ws")
 
 # data set -> its image size (folder: the size images are resized to unless --image-size says otherwise)
 DATASETS: dict[str, int] = {"fashion-mnist": 28, "cifar10": 32, "folder": 256}

@@ -340,8 +340,11 @@ def _per_class(doc: Doc, seed0: dict[str, RunRecord | None], classes: list[str])
     if not runs or not classes:
         return
     accs = {k: per_class_accuracy(torch.tensor(r.summary["val"]["confusion"])).tolist() for k, r in runs.items()}
-    doc.table(["class"] + [swatch(k, seed0) for k in accs],
-              [[c] + [f"{accs[k][i]:.3f}" for k in accs] for i, c in enumerate(classes)])
+    if len(accs) > len(classes):  # many variants (the catalogue): one row each, so the table stays narrow
+        doc.table(["variant"] + list(classes), [[swatch(k, seed0)] + [f"{a:.3f}" for a in accs[k]] for k in accs])
+    else:
+        doc.table(["class"] + [swatch(k, seed0) for k in accs],
+                  [[c] + [f"{accs[k][i]:.3f}" for k in accs] for i, c in enumerate(classes)])
     doc.p("Val accuracy per class (seed 0). Most-confused pairs on val (true → predicted: count):")
     rows = []
     for k, r in runs.items():

@@ -33,6 +33,8 @@ from normlab.errors import NormlabError
 from normlab.norms import NORMS
 
 NORM_NAMES = tuple(NORMS)
+# what a study compares when it names no norms: the course's seven (the catalogue has its own preset)
+DEFAULT_NORMS = ("bn", "in", "bin", "ln", "gn", "nn", "torch_bn")
 
 
 def _presets():
@@ -49,7 +51,7 @@ def preset_names() -> list[str]:
 class StudyConfig:
     name: str = "study"  # shown in the report's title
     seeds: int = 1  # every cell runs with seeds 0..K-1; tables show mean ± std when K > 1
-    norms: list[str] = field(default_factory=lambda: list(NORM_NAMES))  # group 1: the variants compared
+    norms: list[str] = field(default_factory=lambda: list(DEFAULT_NORMS))  # group 1: the variants compared
     batch_norms: list[str] = field(default_factory=lambda: ["bn", "gn"])  # group 2: norms in the batch-size study
     batch_sizes: list[int] = field(default_factory=lambda: [8, 128])  # group 2: batch sizes compared
     batch_max_epochs: int = 50  # group 2: epoch cap (early stopping on val accuracy decides before)
