@@ -83,11 +83,11 @@ def holds_run(folder: str | Path) -> bool:
 
 
 def run_state(folder: str | Path) -> str:
-    """finished (summary.json) | partial (last.pt, or finished epochs whose last.pt is gone: ``--resume``
-    says what it can do) | new. What a study runner needs to decide."""
+    """finished (summary.json) | partial (last.pt, or metrics.csv, which is written after last.pt: finished
+    epochs whose last.pt is gone, and ``--resume`` says what it can do) | new. What a study runner needs."""
     if _p(folder, SUMMARY).is_file():
         return "finished"
-    if _p(folder, LAST).is_file() or _p(folder, BEST).is_file() or _p(folder, METRICS).is_file():
+    if _p(folder, LAST).is_file() or _p(folder, METRICS).is_file():
         return "partial"
     return "new"
 

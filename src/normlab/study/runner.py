@@ -116,8 +116,9 @@ def execute(study_dir: Path, runs: list[Run], jobs: int = 1, log=print, plan_onl
         left = [t.name for t in tasks if t.name not in outcome]
         for name in left:
             outcome[name] = "not_started"
-        raise DiskFull(full[0].path, f"{len(left)} run{'s' if len(left) != 1 else ''} not started; free space and "
-                       "rerun the same normlab study command (it skips finished runs and resumes stopped ones)")
+        raise DiskFull(full[0].path, (f"{len(left)} of {len(tasks)} runs not started; " if left else "")
+                       + "free space and rerun the same normlab study command (it skips finished runs and resumes "
+                       "stopped ones)")
     return outcome
 
 

@@ -126,11 +126,11 @@ def check_resumable(out: Path, force: bool, log) -> None:
             raise NormlabError(f"--resume {out}: {last} cannot be read ({exc.reason}), so the run cannot continue "
                                f"from it; {over}") from None
         return
-    done = len(runfolder.read_metrics(out))
-    if done or (out / runfolder.BEST).is_file():
-        what = f"metrics.csv records {done} finished epoch{'s' if done != 1 else ''}" if done else "best.pt exists"
-        raise NormlabError(f"--resume {out}: last.pt is missing but {what}; resuming would retrain from epoch 1, "
-                           f"so nothing is done: {over}")
+    done = len(runfolder.read_metrics(out))  # written after last.pt: rows without it mean last.pt was lost
+    if done:
+        raise NormlabError(f"--resume {out}: last.pt is missing but metrics.csv records {done} finished "
+                           f"epoch{'s' if done != 1 else ''}; resuming would retrain from epoch 1, so nothing is done: "
+                           f"{over}")
 
 
 def _remove_if_empty(out: Path) -> None:
@@ -304,10 +304,12 @@ def _train(cfg: TrainConfig, out: Path, dinfo, progress: EpochProgress, log, say
         else:
             state["bad_epochs"] += 1
         _log_epoch(writer, row, log, cfg)
-        runfolder.write_metrics(out, state["rows"])
-        runfolder.write_quantiles(out, QUANTILES, state["quantiles"])
+        # last.pt first (it holds the rows and quantiles too), then their readable copies: metrics.csv with
+        # rows but no last.pt means last.pt was lost, never that the disk filled before it was written
         save_checkpoint(last, model, cfg, optimizer=optimizer.state_dict(), rng=rng_state(), state=state,
                         scaler=scaler.state_dict() if scaler is not None else None)
+        runfolder.write_metrics(out, state["rows"])
+        runfolder.write_quantiles(out, QUANTILES, state["quantiles"])
         stop = cfg.patience is not None and state["bad_epochs"] >= cfg.patience
         if dist_utils.any_rank(stop, dinfo, device):
             log(f"early stop: val accuracy has not improved for {cfg.patience} epochs (best {state['best_acc']:.4f} "
