@@ -123,8 +123,8 @@ def check_resumable(out: Path, force: bool, log) -> None:
         try:
             load_checkpoint(last)
         except CheckpointUnreadable as exc:
-            raise NormlabError(f"--resume {out}: {last} cannot be read ({exc.reason}), so the run cannot continue "
-                               f"from it; {over}") from None
+            raise NormlabError(f"--resume {out}: {last} cannot be read ({exc.reason}): it is truncated or damaged, "
+                               f"so the run cannot continue from it; {over}") from None
         return
     done = len(runfolder.read_metrics(out))  # written after last.pt: rows without it mean last.pt was lost
     if done:
@@ -158,7 +158,7 @@ def train(cfg: TrainConfig, *, force: bool = False, resume_dir: str | Path | Non
             log(f"run {out} is already finished (summary.json exists); nothing to do")
             return out
         if dinfo.is_main:
-            check_resumable(out, force, log)
+            check_resumable(out, force, say)
     elif dinfo.is_main:
         created = not run_dir_of(cfg).exists()
         out = prepare_run_dir(cfg, force)
