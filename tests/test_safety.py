@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 import signal
@@ -277,6 +278,7 @@ def test_json_files_are_strict(tmp_path):
 
     for name in ("summary.json", "quantiles.json"):
         json.loads((tmp_path / name).read_text(), parse_constant=refuse)
+    assert math.isnan(runfolder.read_quantiles(tmp_path)["epochs"][0]["last_norm"][0])  # readers get NaN back
     summary = runfolder.read_summary(tmp_path)
     assert summary["val"] == {"loss": None, "acc": 0.5} and summary["x"] == [None, None, 1.0] and summary["t"] is None
 
@@ -375,3 +377,12 @@ def test_temp_files_of_killed_writers_are_removed_and_nothing_else(tmp_path, mon
     assert not killed.exists() and not legacy_old.exists()
     assert legacy_new.exists() and live.exists() and other_host_fresh.exists() and foreign.exists()
     assert sorted(p.name for p in figures.iterdir() if not p.name.startswith(".")) == ["report.md"]
+
+
+def test_full_disk_outside_train_says_to_rerun_that_command(tmp_path):
+    import argparse
+
+    msg = str(cli._for_command(DiskFull(tmp_path / "figures" / "bars.png"), argparse.Namespace(command="report")))
+    assert msg == f"disk full at {tmp_path / 'figures' / 'bars.png'}: free space and rerun the same normlab report command"
+    assert str(cli._for_command(DiskFull(tmp_path), argparse.Namespace(command="train"))).endswith(
+        "free space and rerun with --resume")

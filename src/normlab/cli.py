@@ -442,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except NormlabError as exc:
-        print(f"normlab: error: {exc}", file=sys.stderr)
+        print(f"normlab: error: {_for_command(exc, args)}", file=sys.stderr)
         return exc.exit_code
     except Exception as exc:  # a full disk reported by any layer (torch, TensorBoard, matplotlib): one line too
         from normlab.errors import DiskFull, disk_full_cause
@@ -451,12 +451,21 @@ def main(argv: list[str] | None = None) -> int:
         if cause is None:
             raise
         full = DiskFull(cause.filename or getattr(args, "out", None) or getattr(args, "resume", None))
-        print(f"normlab: error: {full}", file=sys.stderr)
+        print(f"normlab: error: {_for_command(full, args)}", file=sys.stderr)
         return full.exit_code
     except KeyboardInterrupt:
         print("normlab: interrupted; finished epochs are saved (resume with `normlab train --resume RUN_DIR`)",
               file=sys.stderr)
         return 130
+
+
+def _for_command(exc: NormlabError, args: argparse.Namespace) -> NormlabError:
+    """A full disk met outside ``normlab train`` (a study's or a report's own files): rerun that command."""
+    from normlab.errors import DiskFull
+
+    if isinstance(exc, DiskFull) and exc.advice == DiskFull.RESUME and args.command != "train":
+        return DiskFull(exc.path, f"free space and rerun the same normlab {args.command} command")
+    return exc
 
 
 def entry() -> int:

@@ -27,7 +27,9 @@ class DiskFull(NormlabError):
 
     exit_code = EXIT_DISK_FULL
 
-    def __init__(self, path: str | os.PathLike | None, advice: str = "free space and rerun with --resume") -> None:
+    RESUME = "free space and rerun with --resume"
+
+    def __init__(self, path: str | os.PathLike | None, advice: str = RESUME) -> None:
         self.path, self.advice = path, advice
         super().__init__(f"disk full at {path if path is not None else 'the output folder'}: {advice}")
 

@@ -158,8 +158,16 @@ def write_quantiles(folder: str | Path, qs: tuple[float, ...] | list[float], epo
 
 
 def read_quantiles(folder: str | Path) -> dict[str, Any] | None:
+    """The file's content; a non-finite quantile (written as null: JSON is strict) is NaN again here."""
     path = _p(folder, QUANTILES)
-    return read_json(path) if path.is_file() else None
+    if not path.is_file():
+        return None
+    data = read_json(path)
+    for entry in data.get("epochs", []):
+        for layer, values in entry.items():
+            if isinstance(values, list):
+                entry[layer] = [math.nan if v is None else v for v in values]
+    return data
 
 
 # ----------------------------------------------------------------------------------------- summary.json
