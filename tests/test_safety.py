@@ -386,3 +386,15 @@ def test_full_disk_outside_train_says_to_rerun_that_command(tmp_path):
     assert msg == f"disk full at {tmp_path / 'figures' / 'bars.png'}: free space and rerun the same normlab report command"
     assert str(cli._for_command(DiskFull(tmp_path), argparse.Namespace(command="train"))).endswith(
         "free space and rerun with --resume")
+
+
+def test_a_run_that_stopped_early_and_failed_before_its_summary_trains_no_more(unfinished, tmp_path, capsys):
+    run = copy_of(unfinished, tmp_path)
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    ckpt["state"]["stopped_early"] = True  # what last.pt holds when early stopping ended the run
+    torch.save(ckpt, run / "last.pt")
+    code, _, err = run_cli(["train", "--resume", str(run), "--epochs", "4"], capsys)
+    assert code == 0, err
+    summary = runfolder.read_summary(run)
+    assert summary["status"] == "stopped_early" and summary["epochs_run"] == 2
+    assert len(runfolder.read_metrics(run)) == 2

@@ -243,8 +243,7 @@ def _train(cfg: TrainConfig, out: Path, dinfo, progress: EpochProgress, log, say
                         all_reduce_min=(lambda t: dist_utils.all_reduce_min(t, dinfo)) if dinfo.enabled else None,
                         mark_step=compiled.cuda_graphs and run_model is not ddp_model)
 
-    if state["epoch"] and cfg.patience is not None and state["bad_epochs"] >= cfg.patience:
-        state["stopped_early"] = True  # it stopped early and failed before its summary: finish, train no more
+    # a run that stopped early and then failed before its summary (last.pt says so): finish it, train no more
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1 if not state.get("stopped_early") else 0):
         run_model.train()
         t0 = time.perf_counter()
@@ -306,12 +305,12 @@ def _train(cfg: TrainConfig, out: Path, dinfo, progress: EpochProgress, log, say
         _log_epoch(writer, row, log, cfg)
         # last.pt first (it holds the rows and quantiles too), then their readable copies: metrics.csv with
         # rows but no last.pt means last.pt was lost, never that the disk filled before it was written
+        state["stopped_early"] = cfg.patience is not None and state["bad_epochs"] >= cfg.patience
         save_checkpoint(last, model, cfg, optimizer=optimizer.state_dict(), rng=rng_state(), state=state,
                         scaler=scaler.state_dict() if scaler is not None else None)
         runfolder.write_metrics(out, state["rows"])
         runfolder.write_quantiles(out, QUANTILES, state["quantiles"])
-        stop = cfg.patience is not None and state["bad_epochs"] >= cfg.patience
-        if dist_utils.any_rank(stop, dinfo, device):
+        if dist_utils.any_rank(state["stopped_early"], dinfo, device):
             log(f"early stop: val accuracy has not improved for {cfg.patience} epochs (best {state['best_acc']:.4f} "
                 f"at epoch {state['best_epoch']})")
             state["stopped_early"] = True
