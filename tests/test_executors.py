@@ -23,7 +23,7 @@ from normlab.study import executors as ex
 from normlab.study.executors import local as local_mod
 from normlab.study.plan import Run
 from normlab.study.runner import execute
-from normlab.train.runtime import RunLock
+from normlab.runfolder import RunLock
 
 from conftest import IN_CI, REPO, make_image_folder
 

@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in RUN_DIR from its last.pt, with its saved settings; only "
                         f"{', '.join('--' + k.replace('_', '-') for k in RESUME_SAFE)} may change (epochs can only "
                         "grow)")
-    p.add_argument("--force", action="store_true", help="overwrite an output folder that already holds a run")
+    p.add_argument("--force", action="store_true", help="overwrite an output folder that already holds a run; with "
+                   "--resume: start that run over from epoch 1 with its saved settings")
     p.add_argument("--config", metavar="FILE", help="YAML file of settings (flags override it)")
     add_setting_flags(p, "settings (override the config file)")
     p.set_defaults(func=cmd_train)
@@ -355,8 +356,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     study_dir = _existing(args.study_dir, "study folder")
     if not (study_dir / "plan.json").is_file():
         raise NormlabError(f"{study_dir} is not a study folder (no plan.json): run `normlab study --out {study_dir}` first")
-    analyse_study(study_dir, device=args.device)
-    md, html = build_report(study_dir)
+    from normlab.study import study_lock
+
+    with study_lock(study_dir):  # not while a study (or another report) writes the folder
+        analyse_study(study_dir, device=args.device)
+        md, html = build_report(study_dir)
     print(html)
     return 0
 
@@ -393,7 +397,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if changes and (Path(args.resume) / "summary.json").is_file():
             raise NormlabError(f"--resume {args.resume}: the run is finished (summary.json exists), so there is "
                                f"nothing to continue with {', '.join(sorted(changes))}; start a new run with --out")
-        train(None, resume_dir=args.resume, changes=changes)  # type: ignore[arg-type]
+        train(None, resume_dir=args.resume, changes=changes, force=args.force)  # type: ignore[arg-type]
         return 0
     cfg = load_config(args.config, **config_overrides(args))
     check_pretrained_file(cfg)  # before any data is loaded
@@ -438,12 +442,30 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except NormlabError as exc:
-        print(f"normlab: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"normlab: error: {_for_command(exc, args)}", file=sys.stderr)
+        return exc.exit_code
+    except Exception as exc:  # a full disk reported by any layer (torch, TensorBoard, matplotlib): one line too
+        from normlab.errors import DiskFull, disk_full_cause
+
+        cause = disk_full_cause(exc)
+        if cause is None:
+            raise
+        full = DiskFull(cause.filename or getattr(args, "out", None) or getattr(args, "resume", None))
+        print(f"normlab: error: {_for_command(full, args)}", file=sys.stderr)
+        return full.exit_code
     except KeyboardInterrupt:
         print("normlab: interrupted; finished epochs are saved (resume with `normlab train --resume RUN_DIR`)",
               file=sys.stderr)
         return 130
+
+
+def _for_command(exc: NormlabError, args: argparse.Namespace) -> NormlabError:
+    """A full disk met outside ``normlab train`` (a study's or a report's own files): rerun that command."""
+    from normlab.errors import DiskFull
+
+    if isinstance(exc, DiskFull) and exc.advice == DiskFull.RESUME and args.command != "train":
+        return DiskFull(exc.path, f"free space and rerun the same normlab {args.command} command")
+    return exc
 
 
 def entry() -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import os
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -146,12 +147,24 @@ class TrainConfig:
         for f in fields(self):
             if f.metadata.get("choices") is not None:
                 choose(f.metadata["choices"], getattr(self, f.name), f.name)
+            value = getattr(self, f.name)
+            numbers = value if isinstance(value, list) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+                bad(f.name, "is not a finite number: give a real value (nan and inf are refused)")
         for name in ("n", "epochs", "batch_size", "eval_batch_size", "probe_size"):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
         for name in ("image_size", "train_subset", "eval_subset", "gn_groups", "ghost_batch", "patience", "threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 bad(name, "must be >= 1 (or left unset)")
+        if self.image_size is not None and self.image_size < min_image_size(self.model, self.norm):
+            smallest = min_image_size(self.model, self.norm)
+            down = MODELS[self.model].downsampling
+            why = (f"{self.model} down-samples by {down}, and norm={self.norm!r} normalizes each sample over space, "
+                   f"which needs at least 2x2 pixels in the last stage" if smallest > down else
+                   f"{self.model} down-samples by {down} (stride-2 stages): smaller images leave its last "
+                   "stage's stride-2 convolutions a single pixel")
+            bad("image_size", f"is too small: {why}; use --image-size {smallest} or more")
         if self.lr <= 0:
             bad("lr", "must be > 0")
         if self.weight_decay < 0 or self.momentum < 0 or self.label_smoothing < 0 or self.dropout < 0:
@@ -189,6 +202,30 @@ class TrainConfig:
         if self.width < 1:
             bad("width", "must be >= 1")
         return self
+
+
+@functools.cache
+def min_image_size(model: str, norm: str) -> int:
+    """The smallest input side the model uses meaningfully: its total stride (below it a stride-2 stage sees a
+    single pixel), one more for norms that normalize each sample over space (instance norm, group norm with
+    a channel per group): on a 1x1 last stage their output no longer depends on the input."""
+    down = MODELS[model].downsampling
+    return down + 1 if needs_spatial_extent(norm) else down
+
+
+@functools.cache
+def needs_spatial_extent(norm: str) -> bool:
+    """Whether the norm's training output on 1x1 maps is the same for every input (statistics over one value),
+    asked of the layer itself."""
+    import torch
+
+    from normlab.norms import make_norm
+
+    layer = make_norm(norm, 16).train()
+    with torch.no_grad():
+        x = torch.randn(4, 16, 1, 1, generator=torch.Generator().manual_seed(0))
+        y = layer(x)
+    return bool(torch.allclose(y, y[:1].expand_as(y), atol=1e-3))  # rounding: the inputs differ by ~1
 
 
 @functools.cache

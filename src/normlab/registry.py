@@ -138,6 +138,7 @@ class ModelSpec:
     freeze_stages: str  # what --freeze 1, 2, ... freeze, in order
     help: str
     pretrained: bool = False  # takes --pretrained (torchvision resnet18 weights)
+    downsampling: int = 4  # total stride for small inputs (stride-2 stages): the last stage sees size/downsampling
 
     @property
     def freeze_units(self) -> int:
@@ -153,7 +154,7 @@ MODELS: dict[str, ModelSpec] = {
                         "the 6n+2 CIFAR ResNet"),
     "resnet18": ModelSpec("normlab.models.torchvision_resnet:build_resnet18",
                           "conv1+bn1, layer1, layer2, layer3, layer4", "torchvision's ResNet-18, any norm",
-                          pretrained=True),
+                          pretrained=True, downsampling=8),
     "compact": ModelSpec("normlab.models.compact:build_compact", "stem, stage1, stage2, stage3",
                          "narrow ResNet for small budgets, see --width"),
     "nf": ModelSpec("normlab.models.nf:build_nf", "stem, stage1, stage2, stage3",

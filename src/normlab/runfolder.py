@@ -11,12 +11,16 @@ A run folder (``normlab train --out DIR``, ``<study>/runs/<name>``) holds:
 ``best.pt``        weights with the best val accuracy · ``last.pt`` weights + optimizer + RNG + progress
 ``predictions.json`` per-image ``{"val": {"true": [...], "pred": [...]}, "test": ...}`` of the best weights
                    (written by the analyses: paired tests between runs on the same images)
-``failed.json``    written by a study when the training process failed: ``{"returncode", "command"}``
+``failed.json``    written by a study when the training process failed: ``{"returncode", "command"}``;
+                   removed once the run has a summary (the summary is the run's one truth)
 ``events.*``       TensorBoard scalars per epoch, and the run's HParams once at the end
 ``curves.png``, ``confusion_*.png``, ``misclassified_val.png|webp``, ``gradcam/`` (``gradcam.json`` + galleries)
 =================  ==========================================================================================
 
 Every reader and writer of these files goes through this module, so a change of name or key is made once.
+``summary.json`` is written last, when everything else of the run is on disk: a run whose process failed
+before that (a full disk while drawing ``curves.png``) has no summary and resumes from ``last.pt``. The
+folder's lock (``RunLock``, from ``normlab.runlock``) and its preparation (``prepare``) live here too.
 ``SCHEMA_VERSION`` is stored in ``summary.json``; a summary without one is version 1 (the same keys
 minus the timing and world-size additions, which readers treat as absent).
 """
@@ -26,11 +30,16 @@ from __future__ import annotations
 import csv
 import io
 import math
+import shutil
 import statistics
 from pathlib import Path
 from typing import Any
 
+from normlab.errors import NormlabError
 from normlab.io import read_json, write_json, write_text
+from normlab.runlock import RunLock
+
+__all__ = ["RunLock", "prepare"]  # and the names below
 
 SCHEMA_VERSION = 2
 
@@ -74,12 +83,36 @@ def holds_run(folder: str | Path) -> bool:
 
 
 def run_state(folder: str | Path) -> str:
-    """finished (summary.json) | partial (last.pt: resumable) | new. What a study runner needs to decide."""
+    """finished (summary.json) | partial (last.pt, or metrics.csv, which is written after last.pt: finished
+    epochs whose last.pt is gone, and ``--resume`` says what it can do) | new. What a study runner needs."""
     if _p(folder, SUMMARY).is_file():
         return "finished"
-    if _p(folder, LAST).is_file():
+    if _p(folder, LAST).is_file() or _p(folder, METRICS).is_file():
         return "partial"
     return "new"
+
+
+def prepare(out: str | Path, force: bool) -> Path:
+    """Make ``out`` ready for a new run: refuse a folder holding a run unless ``force``, which empties it (never
+    while a live process holds its lock). Returns the folder, created if needed."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NormlabError(f"output {out} exists and is not a folder: choose another --out")
+    if out.is_dir() and holds_run(out):
+        if not force:
+            raise NormlabError(f"output folder {out} already holds a run: continue it with `normlab train --resume "
+                               f"{out}`, choose another --out, or pass --force to overwrite it")
+        RunLock.check_free(out)  # --force must not delete the files of a run still being written
+        clear(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def clear(out: str | Path, keep: tuple[str, ...] = ()) -> None:
+    """Delete everything in the run folder but its lock and ``keep``."""
+    for child in Path(out).iterdir():
+        if child.name != ".lock" and child.name not in keep:
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 
 # ----------------------------------------------------------------------------------------- metrics.csv
@@ -125,8 +158,16 @@ def write_quantiles(folder: str | Path, qs: tuple[float, ...] | list[float], epo
 
 
 def read_quantiles(folder: str | Path) -> dict[str, Any] | None:
+    """The file's content; a non-finite quantile (written as null: JSON is strict) is NaN again here."""
     path = _p(folder, QUANTILES)
-    return read_json(path) if path.is_file() else None
+    if not path.is_file():
+        return None
+    data = read_json(path)
+    for entry in data.get("epochs", []):
+        for layer, values in entry.items():
+            if isinstance(values, list):
+                entry[layer] = [math.nan if v is None else v for v in values]
+    return data
 
 
 # ----------------------------------------------------------------------------------------- summary.json
@@ -145,6 +186,11 @@ def read_summary(folder: str | Path) -> dict[str, Any] | None:
     summary = read_json(path)
     summary.setdefault("schema_version", 1)
     return summary
+
+
+def clear_failure(folder: str | Path) -> None:
+    """Remove ``failed.json`` of an earlier attempt: the run's summary (or its next attempt) is the truth now."""
+    _p(folder, FAILED).unlink(missing_ok=True)
 
 
 def read_failure(folder: str | Path) -> dict[str, Any] | None:

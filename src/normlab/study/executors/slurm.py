@@ -123,7 +123,9 @@ class SlurmExecutor:
         ex.update_parameters(**params)
         return ex
 
-    def run(self, tasks: list[RunTask], report: Report) -> None:
+    def run(self, tasks: list[RunTask], report: Report, should_stop=None) -> None:
+        # every run is submitted at once: after a full disk (``should_stop``) the queued ones end on their own,
+        # each reported as stopped by the full disk, not as failed
         ex = self.executor(tasks)
         threads = self.options.cpus_per_run or 1
         with ex.batch():
