@@ -18,7 +18,8 @@ A run folder (``normlab train --out DIR``, ``<study>/runs/<name>``) holds:
                    batch size, and ``normalized`` (CE / mCE against a baseline run); ``{"failed": message}``
                    when the step failed
 ``calibration.json`` per split: ECE (15 bins), NLL, Brier score and the reliability bins of the best weights
-``logits.npz``     per split, the best weights' logits (float32, data order): calibration is computed from them
+``logits.npz``     per split, the best weights' logits (float32, data order) and ``<split>_true`` labels:
+                   calibration is computed from them
 ``reliability_{split}.png`` the run's reliability diagram
 ``failed.json``    written by a study when the training process failed: ``{"returncode", "command"}``
 ``events.*``       TensorBoard scalars per epoch, and the run's HParams once at the end
@@ -56,6 +57,7 @@ ROBUSTNESS = "robustness.json"
 CALIBRATION = "calibration.json"
 LOGITS = "logits.npz"
 RELIABILITY_PNG = "reliability_{split}.png"
+LABELS_SUFFIX = "_true"  # logits.npz: "<split>_true" holds the labels of "<split>"
 ROBUSTNESS_SCHEMA = 1
 TRAIN_LOG = "train.log"
 GRADCAM_DIR = "gradcam"
@@ -270,13 +272,14 @@ def read_calibration(folder: str | Path) -> dict[str, Any] | None:
 
 
 def write_logits(folder: str | Path, splits: dict[str, Any]) -> Path:
-    """``logits.npz``: ``splits[name]`` an ``N × K`` float array of the best weights' logits, data order."""
+    """``logits.npz``: ``splits[name]`` an ``N × K`` float array of the best weights' logits, data order;
+    ``splits[name + LABELS_SUFFIX]`` the true classes (int64), so the file alone gives the calibration."""
     import numpy as np
 
     from normlab.io import atomic_write
 
     path = _p(folder, LOGITS)
-    arrays = {k: np.asarray(v, dtype=np.float32) for k, v in splits.items()}
+    arrays = {k: np.asarray(v, dtype=np.int64 if k.endswith(LABELS_SUFFIX) else np.float32) for k, v in splits.items()}
     atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
     return path
 

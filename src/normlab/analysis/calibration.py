@@ -27,12 +27,12 @@ def calibration_from_logits(logits: Any, target: Any, n_bins: int = N_BINS) -> d
 def run_calibration(run_dir: str | Path, device: str = "cpu", loaded: Any = None, n_bins: int = N_BINS
                     ) -> dict[str, Any]:
     from normlab.analysis.galleries import load_run
-    from normlab.analysis.robustness import logits_of
+    from normlab.analysis.robustness import logits_of, memory_format
     from normlab import plots
 
     run_dir = Path(run_dir)
     run = loaded or load_run(run_dir, device)
-    data, model = run.data, run.model.eval()
+    data, model = run.data, run.model.eval().to(memory_format=memory_format(run.cfg))
     logits, out = {}, {}
     for split in ("val", "test"):
         x, y = getattr(data, f"{split}_x"), getattr(data, f"{split}_y")
@@ -42,6 +42,7 @@ def run_calibration(run_dir: str | Path, device: str = "cpu", loaded: Any = None
         out[split] = calibration_from_logits(logits[split], y, n_bins)
         plots.plot_reliability({run.cfg.norm: out[split]["bins"]}, run_dir / runfolder.RELIABILITY_PNG.format(split=split),
                                title=f"{split} reliability · {run.cfg.norm} (ECE {out[split]['ece']:.3f})")
-    runfolder.write_logits(run_dir, {k: v.numpy() for k, v in logits.items()})
+    labels = {f"{k}{runfolder.LABELS_SUFFIX}": getattr(data, f"{k}_y").numpy() for k in logits}
+    runfolder.write_logits(run_dir, {**{k: v.numpy() for k, v in logits.items()}, **labels})
     runfolder.write_calibration(run_dir, out)
     return out

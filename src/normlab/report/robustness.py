@@ -117,14 +117,14 @@ def robustness_findings(norms: dict[str, list[RunRecord]]) -> list[str]:
 
 def _confidence(r: RunRecord, split: str):
     logits = runfolder.read_logits(r.folder) or {}
-    if split not in logits or not (r.predictions or {}).get(split):
+    true = logits.get(split + runfolder.LABELS_SUFFIX)
+    if split not in logits or true is None:
         return None
     import numpy as np
 
     z = logits[split].astype(np.float64)
     p = np.exp(z - z.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
-    true = np.asarray(r.predictions[split]["true"])
     if len(true) != len(p):
         return None
     return p.max(1), (p.argmax(1) == true).astype(np.float64)
@@ -202,7 +202,8 @@ def robustness_section(doc, runs: list[RunRecord], fig_dir: Path, swatch) -> Non
             m, s = mean_std([v for v in (value(r) for r in ok) if v is not None])
             return fmt(m, s, len(ok), digits)
 
-        status = ", ".join(sorted({f"failed: {r.robustness['failed']}" for r in recs if (r.robustness or {}).get("failed")}))
+        bad = sum(bool((r.robustness or {}).get("failed")) for r in recs)
+        status = f"failed in {bad}/{len(recs)} seeds (see above)" if bad else ""
         rows.append([swatch(label, norms), str(len(ok)), cell(lambda r: r.robustness["clean"]["acc"]),
                      cell(lambda r: mean_acc(r.robustness)), cell(lambda r: _norm(r, "mce"), 3),
                      cell(lambda r: _norm(r, "relative_mce"), 3),
