@@ -440,9 +440,11 @@ def cmd_robustness(args: argparse.Namespace) -> int:
         results[str(run_dir)] = run_robustness(run_dir, corruptions=args.corruptions, severities=severities,
                                                test_time=args.test_time, prior_n=args.prior_n, device=args.device,
                                                batch_stats_images=args.batch_stats_images, loaded=loaded)
-        run_calibration(run_dir, loaded=loaded)
+        results[str(run_dir)]["calibration"] = run_calibration(run_dir, loaded=loaded)
     base = [str(baseline)] if baseline else [k for k, v in results.items() if v["norm"] == "torch_bn"][:1]
-    for key, res in normalize_runs(results, base, f"torch_bn ({Path(base[0]).name})" if base else "").items():
+    label = f"{results[base[0]]['norm']} ({Path(base[0]).name})" if base else ""
+    for key, res in normalize_runs(results, base, label).items():
+        cal = res.pop("calibration", {})
         if res.get("normalized"):
             runfolder.write_robustness(key, res)
         n = res.get("normalized") or {}
@@ -451,6 +453,7 @@ def cmd_robustness(args: argparse.Namespace) -> int:
         print(f"{key}: clean {res['clean']['acc']:.4f}, corrupted {sum(acc) / len(acc):.4f}"
               + (f", re-estimated {sum(adapted) / len(adapted):.4f}" if adapted else "")
               + (f", mCE {n['mce']:.3f}, relative mCE {n['relative_mce']:.3f}" if n else "")
+              + "".join(f", {split} ECE {c['ece']:.4f}" for split, c in cal.items())
               + f" -> {Path(key) / runfolder.ROBUSTNESS}")
     return 0
 
