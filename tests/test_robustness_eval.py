@@ -339,3 +339,19 @@ def runfolder_config(folder):
     from normlab import runfolder
 
     return runfolder.read_config(folder)
+
+
+def test_study_settings_of_the_robustness_step():
+    from normlab.study.plan import load_preset, make_study_config
+
+    assert make_study_config({}).robustness_on("cifar10") and make_study_config({}).robustness_on("folder")
+    assert not make_study_config({}).robustness_on("fashion-mnist")
+    off = make_study_config({"robustness": False})  # YAML's `off` is a boolean
+    assert off.robustness == "off" and not off.robustness_on("cifar10")
+    assert make_study_config({"robustness": "on"}).robustness_on("fashion-mnist")
+    study, _, _ = load_preset("cifar10-paper")
+    assert make_study_config(study).robustness_severities == [1, 2, 3, 4, 5]  # the full protocol
+    for bad, msg in (({"robustness": "maybe"}, "auto, on or off"), ({"robustness_severities": [0, 3]}, "outside 1–5"),
+                     ({"robustness_test_time": "perhaps"}, "true or false")):
+        with pytest.raises(NormlabError, match=msg):
+            make_study_config(bad)
