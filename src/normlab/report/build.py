@@ -86,7 +86,7 @@ def build_report(study_dir: str | Path) -> tuple[Path, Path]:
     done = sum(r.usable for r in runs)
     doc.p(f"{len(runs)} runs planned, {done} finished; {study['seeds']} seed(s) per cell; data {base['dataset']}, "
           f"{make_config(base).model_label}. Every sentence below is computed from the run folders.")
-    doc.findings(summarise(runs) + robustness_findings(norms)[:1]
+    doc.findings(summarise(runs) + robustness_findings(norms)[:2]
                  + calibration_findings(norms, score_split(runs)))
     doc.p(f"Every run as one table row: {sf.RESULTS} (normlab.load_study(folder) gives it as a pandas DataFrame).")
 
