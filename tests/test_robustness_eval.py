@@ -355,3 +355,17 @@ def test_study_settings_of_the_robustness_step():
                      ({"robustness_test_time": "perhaps"}, "true or false")):
         with pytest.raises(NormlabError, match=msg):
             make_study_config(bad)
+
+
+def test_bootstrap_ece_gap_says_when_it_is_noise():
+    from normlab.report.stats import bootstrap_gap
+
+    rng = np.random.default_rng(0)
+    conf = rng.uniform(0.5, 1.0, 2000)
+    right = (rng.uniform(size=2000) < conf).astype(float)  # calibrated: accuracy = confidence
+    same = bootstrap_gap(ece_from_confidence, (conf, right), (conf.copy(), right.copy()))
+    assert same.diff == 0 and not same.separated and "within noise" in same.verdict()
+    over = np.minimum(conf + 0.3, 1.0)  # the same answers, 0.3 more confident: badly calibrated
+    gap = bootstrap_gap(ece_from_confidence, (over, right), (conf, right))
+    assert gap.diff > 0.15 and gap.separated and "paired bootstrap over 2000 images" in gap.verdict()
+    assert "seed-to-seed variation cannot be ruled out" in gap.verdict()
