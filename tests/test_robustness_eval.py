@@ -369,3 +369,37 @@ def test_bootstrap_ece_gap_says_when_it_is_noise():
     gap = bootstrap_gap(ece_from_confidence, (over, right), (conf, right))
     assert gap.diff > 0.15 and gap.separated and "paired bootstrap over 2000 images" in gap.verdict()
     assert "seed-to-seed variation cannot be ruled out" in gap.verdict()
+
+
+def test_batches_mix_classes_even_when_the_split_is_sorted_by_class(runs, monkeypatch):
+    """Image folders load class by class: batch statistics of a one-class batch are not the data's, so every
+    pass (re-estimation, prior mix, the batch-statistics sweep) sees one fixed shuffle of the split."""
+    import normlab.analysis.robustness as rb
+
+    _, folders = runs
+    seen: dict[str, torch.Tensor] = {}
+    real_sweep, real_reest = rb.batch_stats_accuracy, rb.reestimated
+
+    def sweep(model, x, y, *a, **k):
+        seen["sweep"] = y.clone()
+        return real_sweep(model, x, y, *a, **k)
+
+    def reest(model, x, *a, **k):
+        seen["reest_x"] = x.clone()
+        return real_reest(model, x, *a, **k)
+
+    monkeypatch.setattr(rb, "batch_stats_accuracy", sweep)
+    monkeypatch.setattr(rb, "reestimated", reest)
+    from normlab.analysis.galleries import load_run
+
+    run = load_run(folders["torch_bn"])
+    assert torch.equal(run.data.test_y, run.data.test_y.sort().values)  # stored sorted by class
+    res = run_robustness(folders["torch_bn"], corruptions=["brightness"], severities=[1], batch_sizes=(8,),
+                         batch_stats_images=8, progress=False)
+    assert len(set(seen["sweep"].tolist())) > 1  # the first 8 images are not one class
+    from normlab.data.corruptions import corrupted_set
+
+    stored = corrupted_set(run.data.test_x, "brightness", 1)
+    assert not torch.equal(seen["reest_x"], stored)  # shuffled ...
+    assert sorted(i.tobytes() for i in seen["reest_x"].numpy()) == sorted(i.tobytes() for i in stored.numpy())
+    assert res["images"] == len(run.data.test_y)

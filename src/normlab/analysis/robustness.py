@@ -4,6 +4,9 @@
 (val when the data set has none; the corrupted images come from ``normlab.data.corruptions``, cached and
 shared by every run of a study) and writes ``robustness.json`` (``normlab.runfolder``):
 
+Every pass sees the images in one fixed random order (``seed``), so that batches mix classes even where a
+split is stored sorted by class: batch statistics of a one-class batch are not the data's.
+
 * **plain**: the model as saved, eval mode (running statistics from training);
 * **adapted**: for norms with batch statistics, the statistics re-estimated on the corrupted images — running
   statistics reset, then a cumulative average (``momentum=None``) over the whole corrupted set in a train-mode
@@ -11,7 +14,7 @@ shared by every run of a study) and writes ``robustness.json`` (``normlab.runfol
 * **mixed**: Schneider et al. (2020)'s prior-weighted statistics at the evaluation batch size: per layer and
   batch, ``N/(N+n)·source + n/(N+n)·batch`` for mean and (unbiased) variance, ``N = prior_n``;
 * clean accuracy in eval mode and with batch statistics (the norm layers in train mode) at evaluation batch
-  sizes 1, 8, 32 and 128; a batch whose maps have a single value per channel cannot be normalized with batch
+  sizes 1, 8, 32 and 128 (on a fixed random subset); a batch whose maps have a single value per channel cannot be normalized with batch
   statistics, and that size is reported as not applicable (None).
 
 Norms with batch statistics are found by a property, not a list of names: any module with
@@ -298,7 +301,11 @@ def run_robustness(run_dir: str | Path, *, corruptions: Sequence[str] | None = N
     t0 = time.perf_counter()
     from normlab.data.corruptions import fingerprint
 
-    key = fingerprint(x)
+    key = fingerprint(x)  # of the split as stored: the cached corrupted sets are shared by every run
+    # one fixed shuffle for every pass: splits may be stored sorted by class (image folders), and batch
+    # statistics of a one-class batch are not the data's (the plain accuracy does not depend on the order)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    x, y = x[order], y[order]
     adapt = test_time and has_batch_stats(model)
     clean_logits = logits_of(model, x, data.mean, data.std, dev, bs)
     result: dict[str, Any] = {
@@ -312,7 +319,7 @@ def run_robustness(run_dir: str | Path, *, corruptions: Sequence[str] | None = N
     try:
         for name in names:
             for s in severities:
-                xc = corrupted_images(x, name, s, seed, key)
+                xc = corrupted_images(getattr(data, f"{split}_x"), name, s, seed, key)[order]
                 result["accuracy"].setdefault(name, {})[str(s)] = accuracy(
                     logits_of(model, xc, data.mean, data.std, dev, bs), y)
                 if adapt:
