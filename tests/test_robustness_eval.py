@@ -256,6 +256,8 @@ def test_bad_input_is_one_line(runs, tmp_path, capsys):
     _, folders = runs
     with pytest.raises(NormlabError, match="unknown corruption 'fgo'.*did you mean 'fog'"):
         run_robustness(folders["in"], corruptions=["fgo"], progress=False)
+    with pytest.raises(NormlabError, match="must be >= 1"):
+        run_robustness(folders["in"], batch_stats_images=0, progress=False)
     assert main(["robustness", str(folders["in"]), "--severities", "0,3"]) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
     empty = tmp_path / "empty"

@@ -287,6 +287,8 @@ def run_robustness(run_dir: str | Path, *, corruptions: Sequence[str] | None = N
     severities = check_severities(severities)
     if prior_n < 0:
         raise NormlabError(f"prior N={prior_n} must be >= 0 (0: batch statistics alone)")
+    if batch_stats_images is not None and int(batch_stats_images) < 1:
+        raise NormlabError(f"--batch-stats-images {batch_stats_images}: must be >= 1 (or left out: the whole split)")
     if any(int(b) < 1 for b in batch_sizes):
         raise NormlabError(f"batch sizes {list(batch_sizes)} must be >= 1")
     run_dir = Path(run_dir)
