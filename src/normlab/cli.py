@@ -1,4 +1,4 @@
-"""The ``normlab`` command: train, study, report, gradcam, activations, augment-preview, completion.
+"""The ``normlab`` command: train, study, report, gradcam, activations, robustness, augment-preview, completion.
 
 Every ``TrainConfig`` field is a flag (``gn_groups`` -> ``--gn-groups``) whose type, choices and help come
 from the field (``normlab.config.setting``) and the registries (``normlab.registry``); flags override
@@ -261,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
     p.set_defaults(func=cmd_activations)
 
+    add_robustness_parser(sub)
+
     p = sub.add_parser("completion", help="print a shell completion script: eval \"$(normlab completion bash)\"")
     p.add_argument("shell", choices=SHELLS, help="the shell to complete in")
     p.set_defaults(func=cmd_completion)
@@ -403,6 +405,60 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_pretrained_file(cfg)  # before any data is loaded
     out = train(cfg, force=args.force)
     print(out)
+    return 0
+
+
+def add_robustness_parser(sub) -> None:
+    """``normlab robustness RUN...``: corruption robustness, test-time statistics and calibration of runs."""
+    p = sub.add_parser("robustness", help="evaluate runs' best weights on corrupted test images (15 corruptions × "
+                                          "severities), with re-estimated statistics, and their calibration")
+    p.add_argument("run_dir", metavar="RUN_DIR", nargs="+", help="folders made by `normlab train`")
+    p.add_argument("--corruptions", type=_names, metavar="NAME,...",
+                   help="corruptions to apply [default: every one that fits the data set]")
+    p.add_argument("--severities", type=_names, default=["1", "2", "3", "4", "5"], metavar="S,...",
+                   help="severities 1-5 [default: 1,2,3,4,5]")
+    p.add_argument("--baseline", metavar="RUN_DIR", help="the run that normalizes CE and mCE [default: the first "
+                                                        "given run whose norm is torch_bn; none: mean errors only]")
+    p.add_argument("--no-test-time", dest="test_time", action="store_false",
+                   help="skip re-estimated and prior-mixed statistics and the batch-statistics sweep")
+    p.add_argument("--prior-n", type=int, default=16, metavar="N", help="prior strength N of the mixed statistics "
+                                                                        "[default: 16]")
+    p.add_argument("--batch-stats-images", type=int, metavar="N",
+                   help="images of the clean batch-statistics sweep [default: the whole split]")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    p.set_defaults(func=cmd_robustness)
+
+
+def cmd_robustness(args: argparse.Namespace) -> int:
+    from normlab import runfolder
+    from normlab.analysis.calibration import run_calibration
+    from normlab.analysis.galleries import load_run
+    from normlab.analysis.robustness import check_severities, normalize_runs, run_robustness
+
+    severities = check_severities(args.severities)  # before any run is loaded
+    runs = [_existing(r, "run folder") for r in args.run_dir]
+    baseline = _existing(args.baseline, "baseline run folder") if args.baseline else None
+    results = {}
+    for run_dir in runs + ([baseline] if baseline and baseline not in runs else []):
+        loaded = load_run(run_dir, args.device)
+        results[str(run_dir)] = run_robustness(run_dir, corruptions=args.corruptions, severities=severities,
+                                               test_time=args.test_time, prior_n=args.prior_n, device=args.device,
+                                               batch_stats_images=args.batch_stats_images, loaded=loaded)
+        results[str(run_dir)]["calibration"] = run_calibration(run_dir, loaded=loaded)
+    base = [str(baseline)] if baseline else [k for k, v in results.items() if v["norm"] == "torch_bn"][:1]
+    label = f"{results[base[0]]['norm']} ({Path(base[0]).name})" if base else ""
+    for key, res in normalize_runs(results, base, label).items():
+        cal = res.pop("calibration", {})
+        if res.get("normalized"):
+            runfolder.write_robustness(key, res)
+        n = res.get("normalized") or {}
+        acc = [a for sev in res["accuracy"].values() for a in sev.values()]
+        adapted = [a for sev in (res.get("adapted") or {}).values() for a in sev.values()]
+        print(f"{key}: clean {res['clean']['acc']:.4f}, corrupted {sum(acc) / len(acc):.4f}"
+              + (f", re-estimated {sum(adapted) / len(adapted):.4f}" if adapted else "")
+              + (f", mCE {n['mce']:.3f}, relative mCE {n['relative_mce']:.3f}" if n else "")
+              + "".join(f", {split} ECE {c['ece']:.4f}" for split, c in cal.items())
+              + f" -> {Path(key) / runfolder.ROBUSTNESS}")
     return 0
 
 

@@ -79,7 +79,8 @@ def _run_study(study_dir: Path, study, base, record, t0, jobs, force, plan_only,
 
 
 def analyse_study(study_dir: Path, device: str = "cpu", log=print) -> None:
-    """Confusion matrices and misclassified grids for every finished run that lacks them; Grad-CAM for the
+    """Confusion matrices and misclassified grids for every finished run that lacks them; calibration, and
+    corruption robustness where the study's robustness step is on (``study.robustness``); Grad-CAM for the
     best run (by val accuracy) of the norm comparison, and the same chosen val images explained by the
     first seed of every variant side by side; ``results.csv``. Reads checkpoints only: nothing is retrained."""
     from normlab.analysis.galleries import run_analyses
@@ -101,6 +102,9 @@ def analyse_study(study_dir: Path, device: str = "cpu", log=print) -> None:
             compare.setdefault(p["config"]["norm"], p["name"])
             if summary["val"]["acc"] > best_acc:
                 best, best_acc = p["name"], summary["val"]["acc"]
+    from normlab.study.robustness import robustness_step
+
+    robustness_step(study_dir, plan, record, sf.read_record(study_dir)["train"].get("dataset", ""), device, log)
     update_results(study_dir)
     state = sf.read_state(study_dir)
     settings = [record.get(k) for k in ("gradcam_classes", "gradcam_per_class", "gradcam_max_classes")]

@@ -125,6 +125,9 @@ def execute(study_dir: Path, runs: list[Run], jobs: int = 1, log=print, plan_onl
 # Changing these adds runs or redoes analyses without invalidating finished runs.
 HARMLESS = {("study", "seeds"), ("study", "name"), ("study", "gradcam_classes"), ("study", "gradcam_per_class"),
             ("study", "gradcam_max_classes"), ("study", "executor"), ("train", "progress")}
+# the robustness step only reads finished runs: changing it re-evaluates, never mixes trainings
+HARMLESS |= {("study", k) for k in ("robustness", "robustness_severities", "robustness_corruptions",
+                                    "robustness_test_time", "robustness_batch_stats_images")}
 
 
 def check_study_dir(study_dir: Path, record: dict, force: bool) -> None:
