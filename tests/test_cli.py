@@ -186,3 +186,16 @@ def test_warnings_print_as_one_line(tmp_path):
     lines = [ln for ln in res.stderr.splitlines() if "blue" in ln]
     assert lines and all(ln.startswith("normlab: warning: ") for ln in lines), res.stderr
     assert "UserWarning" not in res.stderr and "warnings.warn" not in res.stderr
+
+
+@pytest.mark.parametrize("argv", [["completion", "bash"], ["study", "--help"]])
+def test_a_reader_that_stops_reading_is_no_error(argv):
+    """`normlab completion bash | head` ended in a BrokenPipeError traceback, exit 1: the reader going away is
+    the pipe's normal end (exit 141, as a shell tool killed by SIGPIPE), with nothing on stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "normlab", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": SRC})
+    proc.stdout.close()  # before the command writes anything: its first flush meets a closed pipe
+    err = proc.stderr.read().decode()
+    code = proc.wait(timeout=120)
+    # argparse's help drops a failed write itself (0); anything else sees it and ends as SIGPIPE would (141)
+    assert code == (0 if "--help" in argv else cli.SIGPIPE_EXIT) and err == "", (code, err)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import functools
+import os
 import re
 import sys
 import warnings
@@ -419,7 +420,28 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"normlab: warning: {text}", file=file or sys.stderr)
 
 
+SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell tool reports when its reader went away (`normlab ... | head`)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every outcome is a return code (0, 2 for a usage or input error, 130 interrupted,
+    141 when whoever reads the output stopped reading)."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # inside the try: a closed pipe is often noticed only here
+        return code
+    except BrokenPipeError:
+        # the reader (head, less, ...) has gone: nothing more to say to it, and nothing to say about it. Point
+        # stdout at /dev/null so that the interpreter's own flush at exit does not fail again.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout without a file descriptor (e.g. captured by a test)
+            pass
+        return SIGPIPE_EXIT
+
+
+def _main(argv: list[str] | None = None) -> int:
     args_in = sys.argv[1:] if argv is None else list(argv)
     if args_in[:1] in (["--version"], ["-V"]):  # answered without importing torch
         print(f"normlab {__version__}")

@@ -11,7 +11,7 @@ from normlab import runfolder
 from normlab.errors import NormlabError
 from normlab.study import folder as sf
 from normlab.study.folder import load_study, update_results
-from normlab.study.plan import StudyConfig, check_base, load_preset, make_study_config, plan_runs, study_record
+from normlab.study.plan import StudyConfig, batch_cap_line, check_base, explicit_caps, load_preset, make_study_config, plan_runs, study_record
 from normlab.study.executors import make_options
 from normlab.study.runner import check_study_dir, execute
 
@@ -25,6 +25,7 @@ def run_study(spec: str, out: str | Path | None = None, *, study_overrides: dict
     t0 = time.perf_counter()
     study_data, train_data, path = load_preset(spec)
     study = make_study_config({**study_data, **(study_overrides or {})}, where=str(path))
+    study = explicit_caps(study, train_overrides, study_overrides)
     base = check_base({**train_data, **(train_overrides or {})})
     if jobs < 1:
         raise NormlabError(f"--jobs {jobs}: must be >= 1")
@@ -32,6 +33,8 @@ def run_study(spec: str, out: str | Path | None = None, *, study_overrides: dict
     record = study_record(study, base)
     check_study_dir(study_dir, record, force)
     runs = plan_runs(study, base)
+    if batch_cap_line(study):
+        log(batch_cap_line(study))
     study_dir.mkdir(parents=True, exist_ok=True)
     sf.write_record(study_dir, record)
     sf.write_plan(study_dir, [dataclasses.asdict(r) for r in runs])
