@@ -199,3 +199,22 @@ def test_a_reader_that_stops_reading_is_no_error(argv):
     code = proc.wait(timeout=120)
     # argparse's help drops a failed write itself (0); anything else sees it and ends as SIGPIPE would (141)
     assert code == (0 if "--help" in argv else cli.SIGPIPE_EXIT) and err == "", (code, err)
+
+
+def test_study_help_states_the_value_each_option_will_have(capsys):
+    """`study --help` showed TrainConfig's defaults (epochs 10, lr 0.1, n 3) where the preset plans 5, 0.05, 1,
+    and 13 options stated no default at all."""
+    import argparse
+
+    text = _help("study", capsys)
+    assert "--epochs N maximum number of epochs [default: 5 (preset quick)]" in text
+    assert "--lr X peak learning rate [default: 0.05 (preset quick)]" in text
+    assert "[default: 1 (preset quick)]" in text and "[default: 10]" not in text
+    assert "batch-size cells: 5 (preset quick) (batch_max_epochs), unless --epochs is given" in text
+    parser = cli.build_parser(["study", "--preset", "cifar10-paper", "--help"])
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["study"]
+    for action in sub._actions:
+        if action.dest != "help":
+            assert "default" in (action.help or ""), action.option_strings
+    epochs = next(a for a in sub._actions if a.dest == "epochs")
+    assert "[default: 100 (preset cifar10-paper)]" in epochs.help
