@@ -218,3 +218,17 @@ def test_study_help_states_the_value_each_option_will_have(capsys):
             assert "default" in (action.help or ""), action.option_strings
     epochs = next(a for a in sub._actions if a.dest == "epochs")
     assert "[default: 100 (preset cifar10-paper)]" in epochs.help
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["study", "--help"], ["train", "--help"], ["completion", "bash"]])
+def test_the_command_line_is_built_without_torch(argv):
+    """Building the parser imported torch and torchvision (5-12 s for `normlab --help` or `completion`): the
+    choices are the registries' names, and torch is imported only by the commands that compute."""
+    code = ("import sys\n"
+            "from normlab import cli\n"
+            "code = cli.main(sys.argv[1:])\n"
+            "heavy = [m for m in ('torch', 'torchvision', 'numpy') if m in sys.modules]\n"
+            "sys.stderr.write(f'heavy={heavy}'); sys.exit(code)")
+    res = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": SRC})
+    assert res.returncode == 0 and "heavy=[]" in res.stderr, res.stderr[-2000:]

@@ -16,7 +16,7 @@ PKG = SRC / "normlab"
 LAYERS = [
     {"normlab.version", "normlab.errors", "normlab.io", "normlab.metrics", "normlab.device"},
     {"normlab.norms", "normlab.plots", "normlab.data.augment", "normlab.data.augmentations"},
-    {"normlab.registry", "normlab.config", "normlab.runfolder"},
+    {"normlab.registry", "normlab.builders", "normlab.config", "normlab.runfolder"},
     {"normlab.checkpoint", "normlab.models", "normlab.data"},
     {"normlab.evaluation"},
     {"normlab.train"},

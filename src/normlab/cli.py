@@ -320,7 +320,7 @@ def add_study_flags(p: argparse.ArgumentParser, preset: str = DEFAULT_PRESET) ->
     own = p.add_argument_group("study settings (override the preset's `study:` part)")
     own.add_argument("--seeds", type=int, metavar="K", help="seeds per cell (mean ± std in the tables when > 1) "
                      f"[default: {study_default('seeds')}]")
-    own.add_argument("--norms", type=_comma_list("NORMS"), metavar="NAME,...",
+    own.add_argument("--norms", type=_comma_list("NORM_NAMES"), metavar="NAME,...",
                      help=f"norms compared [default: {study_default('norms')}]")
     own.add_argument("--classes", type=_names, metavar="NAME,...", help="class names for Grad-CAM "
                      f"[default: {study_default('gradcam_classes', 'every class, capped')}]")

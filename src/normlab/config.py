@@ -1,7 +1,8 @@
 """The run configuration: one dataclass, a help text and the allowed values per field, validated at the edge.
 
 A config is built from defaults, then a YAML file (``--config``), then command-line flags, and saved as
-``config.yaml`` in every run folder and inside every checkpoint, so a run can be rebuilt exactly.
+``config.yaml`` in every run folder and inside every checkpoint, so a run can be rebuilt exactly. Importing
+this module imports no torch (the choices are the registries' names), so the command line is built without it.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from normlab.data.augmentations import check_augment
 from normlab.errors import NormlabError
-from normlab.registry import ACTIVATIONS, AUGMENTATIONS, DATASETS, MODELS, NORMS, OPTIMIZERS, SCHEDULES, SHORTCUTS, choose
+from normlab.registry import (ACTIVATION_NAMES, AUGMENTATION_NAMES, DATASETS, MODELS, NORM_NAMES, OPTIMIZER_NAMES,
+                              SCHEDULES, SHORTCUTS, choose)
 
 IMAGENET = "imagenet"  # --pretrained imagenet: torchvision's ResNet18_Weights.IMAGENET1K_V1
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -45,7 +46,7 @@ def setting(default: Any = MISSING, help: str = "", *, choices: Any = None, fact
     return field(default=default, metadata=meta)
 
 
-_AUG = ", ".join(n for n in AUGMENTATIONS if n != "standard")
+_AUG = ", ".join(n for n in AUGMENTATION_NAMES if n != "standard")
 
 
 @dataclass
@@ -65,10 +66,10 @@ class TrainConfig:
     # --- model ---
     model: str = setting("resnet", "model family", choices=MODELS)
     n: int = setting(3, "blocks per stage: 6n+2 layers (n=3: ResNet-20)")
-    norm: str = setting("bn", "normalization layer", choices=NORMS)
+    norm: str = setting("bn", "normalization layer", choices=NORM_NAMES)
     gn_groups: int | None = setting(None, "GroupNorm groups (unset: 8, which divides 16, 32 and 64)")
     shortcut: str = setting("A", "residual shortcut when the shape changes", choices=SHORTCUTS)
-    activation: str = setting("relu", "activation after each norm", choices=ACTIVATIONS)
+    activation: str = setting("relu", "activation after each norm", choices=ACTIVATION_NAMES)
     dropout: float = setting(0.0, "dropout before the classifier")
     width: int = setting(16, "compact: base width w, stage widths w/2w/2.5w (w=16, n=1: ~46k params)")
     head: str = setting("linear", "classifier head: linear | mlp:H1,H2,... (Linear-ReLU-Dropout per hidden width, "
@@ -82,7 +83,7 @@ class TrainConfig:
     # --- optimisation ---
     epochs: int = setting(10, "maximum number of epochs")
     batch_size: int = setting(128, "images per optimizer step (global, over all ranks)")
-    optimizer: str = setting("sgd", "optimizer", choices=OPTIMIZERS)
+    optimizer: str = setting("sgd", "optimizer", choices=OPTIMIZER_NAMES)
     lr: float = setting(0.1, "peak learning rate")
     momentum: float = setting(0.9, "SGD momentum (0 = plain SGD)")
     nesterov: bool = setting(False, "Nesterov momentum for SGD")
@@ -162,6 +163,8 @@ class TrainConfig:
                 if width % self.gn_groups:
                     bad("gn_groups", f"does not divide the ResNet's {width} channels; choose a divisor of 16 "
                         "(1, 2, 4, 8 or 16)")
+        from normlab.data.augmentations import check_augment  # torch: only when a config is validated
+
         check_augment(self.augment, self.augment_params)
         parse_head(self.head)
         spec = MODELS[self.model]

@@ -9,7 +9,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 
 
 def cache_dir() -> Path:
@@ -81,4 +80,6 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def save_torch(path: str | os.PathLike, obj: Any) -> None:
+    import torch  # here only: the rest of this module (and the command line that reads JSON with it) needs no torch
+
     atomic_write(path, lambda f: torch.save(obj, f))

@@ -13,7 +13,6 @@ from normlab.study import folder as sf
 from normlab.study.folder import load_study, update_results
 from normlab.study.plan import StudyConfig, batch_cap_line, check_base, explicit_caps, load_preset, make_study_config, plan_runs, study_record
 from normlab.study.executors import make_options
-from normlab.study.runner import check_study_dir, execute
 
 __all__ = ["StudyConfig", "analyse_study", "load_study", "run_study", "update_results"]
 
@@ -22,6 +21,8 @@ def run_study(spec: str, out: str | Path | None = None, *, study_overrides: dict
               train_overrides: dict[str, Any] | None = None, jobs: int = 1, force: bool = False,
               plan_only: bool = False, log=print, executor_options: dict[str, Any] | None = None) -> Path:
     """Run the study described by preset/YAML ``spec`` (with overrides) in ``out``; return the report path."""
+    from normlab.study.runner import check_study_dir, execute  # it needs torch (the run lock): import on use
+
     t0 = time.perf_counter()
     study_data, train_data, path = load_preset(spec)
     study = make_study_config({**study_data, **(study_overrides or {})}, where=str(path))

@@ -30,9 +30,7 @@ from importlib import resources
 
 from normlab.config import TrainConfig, make_config, read_yaml
 from normlab.errors import NormlabError
-from normlab.norms import NORMS
-
-NORM_NAMES = tuple(NORMS)
+from normlab.registry import NORM_NAMES
 
 
 def _presets():
