@@ -218,6 +218,10 @@ def test_study_help_states_the_value_each_option_will_have(capsys):
             assert "default" in (action.help or ""), action.option_strings
     epochs = next(a for a in sub._actions if a.dest == "epochs")
     assert "[default: 100 (preset cifar10-paper)]" in epochs.help
+    train = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    for action in train._actions:
+        if action.dest != "help":
+            assert "default" in (action.help or ""), action.option_strings
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["study", "--help"], ["train", "--help"], ["completion", "bash"]])

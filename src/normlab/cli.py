@@ -219,9 +219,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its last.pt, with its saved settings; only "
                         f"{', '.join('--' + k.replace('_', '-') for k in RESUME_SAFE)} may change (epochs can only "
-                        "grow)")
-    p.add_argument("--force", action="store_true", help="overwrite an output folder that already holds a run")
-    p.add_argument("--config", metavar="FILE", help="YAML file of settings (flags override it)")
+                        "grow) [default: none: a new run]")
+    p.add_argument("--force", action="store_true", help="overwrite an output folder that already holds a run "
+                   "[default: off]")
+    p.add_argument("--config", metavar="FILE", help="YAML file of settings (flags override it) [default: none]")
     add_setting_flags(p, "settings (override the config file)")
     p.set_defaults(func=cmd_train)
 
