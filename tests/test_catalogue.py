@@ -300,7 +300,7 @@ def test_timm_models_take_the_catalogue(name):
     timm = pytest.importorskip("timm")
     # regnetx builds norm+activation layers: a norm with its own activation replaces the pair
     model = timm.create_model("regnetx_002", pretrained=False, num_classes=2,
-                              norm_layer=norm_layer(name, act_layer=nn.ReLU))
+                              norm_layer=norm_layer(name))
     norms = [m for m in model.modules() if type(m) is NORMS[name]]
     assert norms
     if has_act(name):

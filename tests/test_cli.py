@@ -186,3 +186,53 @@ def test_warnings_print_as_one_line(tmp_path):
     lines = [ln for ln in res.stderr.splitlines() if "blue" in ln]
     assert lines and all(ln.startswith("normlab: warning: ") for ln in lines), res.stderr
     assert "UserWarning" not in res.stderr and "warnings.warn" not in res.stderr
+
+
+@pytest.mark.parametrize("argv", [["completion", "bash"], ["study", "--help"]])
+def test_a_reader_that_stops_reading_is_no_error(argv):
+    """`normlab completion bash | head` ended in a BrokenPipeError traceback, exit 1: the reader going away is
+    the pipe's normal end (exit 141, as a shell tool killed by SIGPIPE), with nothing on stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "normlab", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": SRC})
+    proc.stdout.close()  # before the command writes anything: its first flush meets a closed pipe
+    err = proc.stderr.read().decode()
+    code = proc.wait(timeout=120)
+    # argparse's help drops a failed write itself (0); anything else sees it and ends as SIGPIPE would (141)
+    assert code == (0 if "--help" in argv else cli.SIGPIPE_EXIT) and err == "", (code, err)
+
+
+def test_study_help_states_the_value_each_option_will_have(capsys):
+    """`study --help` showed TrainConfig's defaults (epochs 10, lr 0.1, n 3) where the preset plans 5, 0.05, 1,
+    and 13 options stated no default at all."""
+    import argparse
+
+    text = _help("study", capsys)
+    assert "--epochs N maximum number of epochs [default: 5 (preset quick)]" in text
+    assert "--lr X peak learning rate [default: 0.05 (preset quick)]" in text
+    assert "[default: 1 (preset quick)]" in text and "[default: 10]" not in text
+    assert "batch-size cells: 5 (preset quick) (batch_max_epochs), unless --epochs is given" in text
+    parser = cli.build_parser(["study", "--preset", "cifar10-paper", "--help"])
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["study"]
+    for action in sub._actions:
+        if action.dest != "help":
+            assert "default" in (action.help or ""), action.option_strings
+    epochs = next(a for a in sub._actions if a.dest == "epochs")
+    assert "[default: 100 (preset cifar10-paper)]" in epochs.help
+    train = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    for action in train._actions:
+        if action.dest != "help":
+            assert "default" in (action.help or ""), action.option_strings
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["study", "--help"], ["train", "--help"], ["completion", "bash"]])
+def test_the_command_line_is_built_without_torch(argv):
+    """Building the parser imported torch and torchvision (5-12 s for `normlab --help` or `completion`): the
+    choices are the registries' names, and torch is imported only by the commands that compute."""
+    code = ("import sys\n"
+            "from normlab import cli\n"
+            "code = cli.main(sys.argv[1:])\n"
+            "heavy = [m for m in ('torch', 'torchvision', 'numpy') if m in sys.modules]\n"
+            "sys.stderr.write(f'heavy={heavy}'); sys.exit(code)")
+    res = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": SRC})
+    assert res.returncode == 0 and "heavy=[]" in res.stderr, res.stderr[-2000:]

@@ -16,7 +16,8 @@ PKG = SRC / "normlab"
 LAYERS = [
     {"normlab.version", "normlab.errors", "normlab.io", "normlab.metrics", "normlab.device", "normlab.layer_outputs"},
     {"normlab.norms", "normlab.plots", "normlab.data.augment", "normlab.data.augmentations"},
-    {"normlab.registry", "normlab.config", "normlab.runfolder", "normlab.runlock", "normlab.studyfolder"},
+    {"normlab.registry", "normlab.builders", "normlab.config", "normlab.runfolder", "normlab.runlock",
+     "normlab.studyfolder"},
     {"normlab.checkpoint", "normlab.models", "normlab.data"},
     {"normlab.evaluation"},
     {"normlab.train"},

@@ -108,7 +108,7 @@ def test_torchvision_resnet18_accepts_each_norm(name):
 
     torch.manual_seed(0)
     model = resnet18(norm_layer=norm_layer(name), num_classes=10).train()
-    out = model(torch.randn(2, 3, 32, 32))
+    out = model(torch.randn(2, 3, 64, 64))  # at 32 px its layer4 sees 1x1 maps, which IN and BIN refuse
     assert out.shape == (2, 10) and torch.isfinite(out).all()
 
 
@@ -976,20 +976,47 @@ def test_every_norm_takes_device_and_dtype_factory_keywords(name):
     assert m(x).dtype == torch.float64
 
 
-def test_norm_layer_is_a_plain_function_that_timm_keeps_whole():
-    """timm's get_norm_layer keeps only a partial's keywords; a function is passed through untouched, so the
-    settings bound in it (here num_groups) survive, and it takes timm's device/dtype keywords."""
-    import types
-
+def test_norm_layer_factory_builds_norms_and_norm_act_layers():
+    """The factory keeps its bound settings (here num_groups), takes timm's device/dtype keywords, builds a
+    NormAct2d with the activation each call names, and refuses a norm+act request that names none."""
     f = norm_layer("gn", num_groups=2)
-    assert isinstance(f, types.FunctionType)
+    assert norm_layer("gn", num_groups=2) is f  # one factory per setting (timm registers it once)
     m = f(8, device="cpu", dtype=torch.float32)
     assert isinstance(m, GroupNorm2d) and m.num_groups == 2
-    with pytest.raises(NormlabError, match="act_layer"):
+    with pytest.raises(NormlabError, match="without its activation"):
         f(8, apply_act=True, inplace=True)  # a norm+act request without the activation: refused, one line
-    na = norm_layer("gn", num_groups=2, act_layer=nn.SiLU)(8, inplace=True)
+    na = f(8, act_layer=nn.SiLU, inplace=True)
     assert isinstance(na, norms.NormAct2d) and isinstance(na.act, nn.SiLU) and isinstance(na.norm, GroupNorm2d)
-    assert isinstance(norm_layer("bn", act_layer=nn.ReLU)(8, apply_act=False).act, nn.Identity)
+    assert na.weight is na.norm.weight and na.bias is na.norm.bias
+    assert isinstance(norm_layer("bn")(8, act_layer=nn.ReLU, apply_act=False).act, nn.Identity)
+    with pytest.raises(NormlabError, match="takes no act_layer"):  # a bound activation would override the model's
+        norm_layer("gn", act_layer=nn.ReLU)
+
+
+@pytest.mark.parametrize("name", ["in", "gn", "ln"])
+def test_per_sample_norms_refuse_single_value_statistics(name):
+    """As native InstanceNorm2d ("Expected more than 1 spatial element"): statistics over one value make the
+    output the bias for every input; a one-line error names it (a shape check: no device sync)."""
+    channels = 1 if name == "ln" else 8
+    m = make_norm(name, channels, num_groups=channels)  # gn: one channel per group, so IN's case
+    for mode in (m.train, m.eval):
+        mode()
+        with pytest.raises(NormlabError, match=r"got 1x1 maps .*bias whatever the input"):
+            m(torch.randn(4, channels, 1, 1))
+    m.train()
+    assert m(torch.randn(4, channels, 1, 2)).shape == (4, channels, 1, 2)  # two values: fine
+    if name != "ln":
+        assert make_norm("gn", 8, num_groups=4)(torch.randn(2, 8, 1, 1)).shape == (2, 8, 1, 1)  # 2 channels/group
+
+
+def test_no_norm_refuses_a_model_reaching_for_its_affine():
+    from torchvision.models import resnet18
+
+    with pytest.raises(norms.NoAffineError, match=r"^norm 'nn' \(no normalization\) has no weight: .*zero_init_residual"):
+        resnet18(norm_layer=norm_layer("nn"), zero_init_residual=True)
+    model = resnet18(norm_layer=norm_layer("nn"), num_classes=3)  # without zero-init: an identity
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+    assert getattr(model.bn1, "weight", None) is None and not hasattr(model.bn1, "bias")
 
 
 def test_clamp_gates_walks_the_model_once(monkeypatch):

@@ -65,19 +65,35 @@ def test_every_activation_builds(name):
     ("norm", "NORMS"), ("activation", "ACTIVATIONS"), ("shortcut", "SHORTCUTS"), ("optimizer", "OPTIMIZERS"),
     ("schedule", "SCHEDULES"), ("model", "MODELS"), ("dataset", "DATASETS")])
 def test_config_choices_are_the_registries(setting, registry_name):
+    """The choices are the registry itself, or (for registries of torch objects) its list of names, which must
+    be exactly the registry's keys: config and the command line know them without importing torch."""
     field = {f.name: f for f in dataclasses.fields(TrainConfig)}[setting]
-    assert field.metadata["choices"] is getattr(registry, registry_name)
+    names = getattr(registry, registry_name[:-1] + "_NAMES", None)
+    if names is not None:
+        assert field.metadata["choices"] is names and names == tuple(getattr(registry, registry_name))
+    else:
+        assert field.metadata["choices"] is getattr(registry, registry_name)
     with pytest.raises(NormlabError, match=f"{setting}="):
         make_config({setting: "no-such-value"})
 
 
-def test_a_new_norm_is_one_registry_entry(monkeypatch, capsys):
-    """Register a norm in NORMS only: config, CLI choices, models and replace_norms all take it."""
+def test_augmentation_names_are_the_catalogue():
+    from normlab.data.augmentations import CATALOGUE
+
+    assert registry.AUGMENTATION_NAMES == tuple(CATALOGUE)
+
+
+def test_a_new_norm_is_its_layer_and_its_name(monkeypatch, capsys):
+    """Register a norm in NORMS and its name in NORM_NAMES: config, CLI choices, models and replace_norms all
+    take it (the name list lets the command line offer it without importing torch)."""
 
     class MyNorm(GroupNorm2d):
         pass
 
     monkeypatch.setitem(NORMS, "my", lambda c, **kw: MyNorm(c, num_groups=2))
+    names = registry.NORM_NAMES + ("my",)  # what adding the name to registry.NORM_NAMES does
+    field = {f.name: f for f in dataclasses.fields(TrainConfig)}["norm"]
+    monkeypatch.setattr(field, "metadata", {**field.metadata, "choices": names})
     cfg = make_config({"norm": "my", "batch_size": 1})  # and it needs no batch statistics
     net = build_model(cfg, 3, 4)
     assert any(type(m) is MyNorm for m in net.modules())

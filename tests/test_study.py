@@ -266,3 +266,24 @@ def test_report_helpers_are_pure_and_honest():
     doc = Doc("t <x>")
     doc.table(["h"], [["<script>alert(1)</script> | pipe"]])
     assert "<script>" not in to_html(doc) and "<script>" not in to_markdown(doc, Path("."))
+
+
+def test_an_explicit_epochs_flag_caps_the_batch_cells_too(tmp_path):
+    """`normlab study --preset quick --epochs 1` trained the batch-size cells for the preset's 5 epochs (12 runs
+    instead of 10, no word about it): an explicit epochs/patience wins everywhere, and the plan says the cap."""
+    import json
+
+    said = []
+    run_study("quick", tmp_path / "s", train_overrides={"epochs": 1}, plan_only=True, log=said.append)
+    plan = json.loads((tmp_path / "s" / "plan.json").read_text())
+    assert {r["config"]["epochs"] for r in plan} == {1}
+    assert len(plan) == 10  # the batch-128 cells are the norm comparison's runs again
+    assert any("batch-size cells (bn, gn x batch 8, 128): up to 1 epochs" in line for line in said)
+    said.clear()  # the preset's own train: epochs does not override its batch cells' cap
+    run_study("quick", tmp_path / "t", plan_only=True, log=said.append)
+    assert any("up to 5 epochs (batch_max_epochs)" in line for line in said)
+    # an explicit cap of its own wins over --epochs for the batch cells
+    run_study("quick", tmp_path / "u", train_overrides={"epochs": 1}, study_overrides={"batch_max_epochs": 3},
+              plan_only=True, log=lambda _: None)
+    plan = json.loads((tmp_path / "u" / "plan.json").read_text())
+    assert {r["config"]["epochs"] for r in plan} == {1, 3}

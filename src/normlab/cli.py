@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import functools
+import os
 import re
 import sys
 import warnings
@@ -92,9 +93,19 @@ def _metavar(f) -> str | None:
             else "TEXT")
 
 
-def add_setting_flags(parser: argparse.ArgumentParser, title: str, skip: tuple[str, ...] = ()) -> None:
+def _shown(value) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, title: str, skip: tuple[str, ...] = (),
+                      preset: tuple[str, dict] | None = None) -> None:
     """One ``--flag`` per ``TrainConfig`` field. Defaults stay None here, so that only what the command line
-    sets overrides the config file or preset; the help shows the real default."""
+    sets overrides the config file or preset; the help shows the value that will be used: the preset's
+    (``preset`` = (its name, its ``train:`` mapping)) where it sets one, else TrainConfig's."""
     from normlab.config import TrainConfig
 
     group = parser.add_argument_group(title)
@@ -103,14 +114,13 @@ def add_setting_flags(parser: argparse.ArgumentParser, title: str, skip: tuple[s
         if f.name in skip:
             continue
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        shown = _shown(default)
         if f.name == "out":
-            default = f"runs/{cfg.run_name()} for these defaults"
-        if isinstance(default, list):
-            default = ",".join(map(str, default))
+            shown = f"runs/{cfg.run_name()} for these defaults"
+        if preset is not None and f.name in preset[1]:
+            shown = f"{_shown(preset[1][f.name])} (preset {preset[0]})"
         choices = f.metadata.get("choices")
-        help_text = f"{f.metadata.get('help', '')}{_describe(choices)}"
-        if default is not None:  # an unset default is explained by the help text itself ("unset: ...")
-            help_text += f" [default: {default}]"
+        help_text = f"{f.metadata.get('help', '')}{_describe(choices)} [default: {shown}]"
         # --depth: the same as --n, for torchrun, whose own parser rejects `--n` as an ambiguous abbreviation
         names = [f"--{f.name.replace('_', '-')}"] + (["--depth"] if f.name == "n" else [])
         if str(f.type) == "bool":
@@ -194,7 +204,9 @@ class Parser(argparse.ArgumentParser):
         return super().parse_args(args, namespace)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The whole command line. ``argv`` (optional) lets ``study --help`` show the values of the preset that
+    the command line names."""
     parser = Parser(prog="normlab", description="normalization layers (BN, IN, BIN, LN, GN) in CIFAR-style ResNets: "
                     "train one model, run a whole study and its report, look inside runs",
                     formatter_class=HelpFormatter)
@@ -207,15 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its last.pt, with its saved settings; only "
                         f"{', '.join('--' + k.replace('_', '-') for k in RESUME_SAFE)} may change (epochs can only "
-                        "grow)")
+                        "grow) [default: none: a new run]")
     p.add_argument("--force", action="store_true", help="overwrite an output folder that already holds a run; with "
-                   "--resume: start that run over from epoch 1 with its saved settings")
-    p.add_argument("--config", metavar="FILE", help="YAML file of settings (flags override it)")
+                   "--resume: start that run over from epoch 1 with its saved settings [default: off]")
+    p.add_argument("--config", metavar="FILE", help="YAML file of settings (flags override it) [default: none]")
     add_setting_flags(p, "settings (override the config file)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("study", help="run a whole comparison (norms, batch sizes, augmentation) and write its report")
-    add_study_flags(p)
+    add_study_flags(p, _named_preset(argv or []))
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("report", help="(re)write the report of a study folder from its saved runs")
@@ -269,34 +281,72 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_study_flags(p: argparse.ArgumentParser) -> None:
-    """The study command's flags, in groups: the study file, the study's own settings, how runs are executed,
-    and the train settings shared by every run. A new executor option goes into the ``execution`` group."""
-    from normlab.study.plan import StudyConfig, preset_names
+DEFAULT_PRESET = "quick"
 
+
+def _named_preset(argv: list[str]) -> str:
+    """The preset or study file named on a ``normlab study`` command line (``quick`` when none is)."""
+    for i, token in enumerate(argv):
+        for flag in ("--preset", "--config"):
+            if token == flag and i + 1 < len(argv):
+                return argv[i + 1]
+            if token.startswith(flag + "="):
+                return token.split("=", 1)[1]
+    return DEFAULT_PRESET
+
+
+def add_study_flags(p: argparse.ArgumentParser, preset: str = DEFAULT_PRESET) -> None:
+    """The study command's flags, in groups: the study file, the study's own settings, how runs are executed,
+    and the train settings shared by every run. A new executor option goes into the ``execution`` group.
+    Every option states the value that will be used: the preset's (``preset``) where it sets one."""
+    from normlab.study.plan import StudyConfig, load_preset, preset_names
+
+    try:
+        study_values, train_values, _ = load_preset(preset)
+        label = Path(preset).name if Path(preset).suffix else preset
+    except NormlabError:  # a bad name is reported when the command runs; the help still works
+        study_values, train_values, label = {}, {}, None
     defaults = StudyConfig()
+
+    def study_default(key: str, fallback=None) -> str:
+        if key in study_values:
+            return f"{_shown(study_values[key])} (preset {label})"
+        return _shown(getattr(defaults, key)) if fallback is None else fallback
+
     spec = p.add_argument_group("what to run")
     which = spec.add_mutually_exclusive_group()
     which.add_argument("--preset", metavar="NAME|FILE",
-                       help=f"a preset ({', '.join(preset_names())}) or a YAML study file [default: quick]")
-    which.add_argument("--config", metavar="FILE", help="a YAML study file (`study:` and `train:` parts), like --preset FILE")
+                       help=f"a preset ({', '.join(preset_names())}) or a YAML study file [default: {DEFAULT_PRESET}]")
+    which.add_argument("--config", metavar="FILE", help="a YAML study file (`study:` and `train:` parts), like "
+                       "--preset FILE [default: none: the preset]")
     spec.add_argument("--out", metavar="DIR", help="study folder [default: studies/<the study's name>]")
     own = p.add_argument_group("study settings (override the preset's `study:` part)")
-    own.add_argument("--seeds", type=int, metavar="K", help="seeds per cell (mean ± std in the tables when > 1)")
-    own.add_argument("--norms", type=_comma_list("NORMS"), metavar="NAME,...",
-                     help=f"norms compared [default: {','.join(defaults.norms)}]")
-    own.add_argument("--classes", type=_names, metavar="NAME,...",
-                     help="class names for Grad-CAM [default: every class, capped]")
+    own.add_argument("--seeds", type=int, metavar="K", help="seeds per cell (mean ± std in the tables when > 1) "
+                     f"[default: {study_default('seeds')}]")
+    own.add_argument("--norms", type=_comma_list("NORM_NAMES"), metavar="NAME,...",
+                     help=f"norms compared [default: {study_default('norms')}]")
+    own.add_argument("--classes", type=_names, metavar="NAME,...", help="class names for Grad-CAM "
+                     f"[default: {study_default('gradcam_classes', 'every class, capped')}]")
     run = p.add_argument_group("execution")
     run.add_argument("--jobs", type=int, default=1, metavar="J", help="runs at once: one per visible GPU, or J CPU "
                      "processes with the cores split between them [default: 1]")
-    run.add_argument("--force", action="store_true", help="accept a study folder made with other settings")
+    run.add_argument("--force", action="store_true", help="accept a study folder made with other settings "
+                     "[default: off]")
     run.add_argument("--plan-only", action="store_true",
-                     help="write the plan (plan/<run>.yaml) and print one `normlab train` command per run, e.g. for a cluster")
+                     help="write the plan (plan/<run>.yaml) and print one `normlab train` command per run, e.g. for "
+                          "a cluster [default: off]")
     from normlab.study.executors import add_executor_flags  # stdlib only: cheap to import
 
     add_executor_flags(p)
-    add_setting_flags(p, "train settings shared by every run (override the preset's `train:` part)", skip=("out",))
+    title = "train settings shared by every run (override the preset's `train:` part"
+    title += f"; the defaults shown are preset {label}'s where it sets them)" if label else ")"
+    add_setting_flags(p, title, skip=("out",), preset=(label, train_values) if label else None)
+    if label and study_values.get("batch_norms", defaults.batch_norms) and study_values.get("batch_sizes",
+                                                                                         defaults.batch_sizes):
+        for action in p._actions:  # the batch-size cells have a cap of their own, which an explicit flag replaces
+            if action.dest in ("epochs", "patience"):
+                key = "batch_max_epochs" if action.dest == "epochs" else "batch_patience"
+                action.help += (f"; batch-size cells: {study_default(key)} ({key}), unless --{action.dest} is given")
 
 
 # ----------------------------------------------------------------------------------------- commands
@@ -479,13 +529,34 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"normlab: warning: {text}", file=file or sys.stderr)
 
 
+SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell tool reports when its reader went away (`normlab ... | head`)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every outcome is a return code (0, 2 for a usage or input error, 130 interrupted,
+    141 when whoever reads the output stopped reading)."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # inside the try: a closed pipe is often noticed only here
+        return code
+    except BrokenPipeError:
+        # the reader (head, less, ...) has gone: nothing more to say to it, and nothing to say about it. Point
+        # stdout at /dev/null so that the interpreter's own flush at exit does not fail again.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout without a file descriptor (e.g. captured by a test)
+            pass
+        return SIGPIPE_EXIT
+
+
+def _main(argv: list[str] | None = None) -> int:
     args_in = sys.argv[1:] if argv is None else list(argv)
     if args_in[:1] in (["--version"], ["-V"]):  # answered without importing torch
         print(f"normlab {__version__}")
         return 0
     try:
-        parser = build_parser()
+        parser = build_parser(args_in)
     except ImportError as exc:  # the parser's choices come from the registries, which need torch
         need = ("PyTorch: pip install 'torch>=2.4' 'torchvision>=0.19' (or the build for your GPU from pytorch.org)"
                 if exc.name in ("torch", "torchvision") else "its dependencies: pip install normlab installs them")

@@ -1,7 +1,8 @@
 """The run configuration: one dataclass, a help text and the allowed values per field, validated at the edge.
 
 A config is built from defaults, then a YAML file (``--config``), then command-line flags, and saved as
-``config.yaml`` in every run folder and inside every checkpoint, so a run can be rebuilt exactly.
+``config.yaml`` in every run folder and inside every checkpoint, so a run can be rebuilt exactly. Importing
+this module imports no torch (the choices are the registries' names), so the command line is built without it.
 """
 
 from __future__ import annotations
@@ -17,11 +18,9 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from normlab.data.augmentations import check_augment
 from normlab.errors import NormlabError
-from normlab.registry import (
-    ACTIVATIONS, AUGMENTATIONS, CONVS, DATASETS, MODELS, NORMS, OPTIMIZERS, SCHEDULES, SHORTCUTS, choose,
-)
+from normlab.registry import (ACTIVATION_NAMES, AUGMENTATION_NAMES, CONVS, DATASETS, MODELS, NORM_NAMES,
+                              OPTIMIZER_NAMES, SCHEDULES, SHORTCUTS, choose)
 
 IMAGENET = "imagenet"  # --pretrained imagenet: torchvision's ResNet18_Weights.IMAGENET1K_V1
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -48,7 +47,7 @@ def setting(default: Any = MISSING, help: str = "", *, choices: Any = None, fact
     return field(default=default, metadata=meta)
 
 
-_AUG = ", ".join(n for n in AUGMENTATIONS if n != "standard")
+_AUG = ", ".join(n for n in AUGMENTATION_NAMES if n != "standard")
 
 
 @dataclass
@@ -68,14 +67,14 @@ class TrainConfig:
     # --- model ---
     model: str = setting("resnet", "model family", choices=MODELS)
     n: int = setting(3, "blocks per stage: 6n+2 layers (n=3: ResNet-20)")
-    norm: str = setting("bn", "normalization layer", choices=NORMS)
+    norm: str = setting("bn", "normalization layer", choices=NORM_NAMES)
     gn_groups: int | None = setting(None, "GroupNorm groups (unset: 8, which divides 16, 32 and 64); also evonorm_s0's")
     ghost_batch: int | None = setting(None, "gbn: samples per ghost batch (unset: 32); the batch size must be a multiple "
                                       "of it, or at most it")
     shortcut: str = setting("A", "residual shortcut when the shape changes", choices=SHORTCUTS)
     conv: str = setting("plain", "conv layers: plain, or ws = weight standardization (Qiao et al. 2019), with any norm",
                         choices=CONVS)
-    activation: str = setting("relu", "activation after each norm", choices=ACTIVATIONS)
+    activation: str = setting("relu", "activation after each norm", choices=ACTIVATION_NAMES)
     dropout: float = setting(0.0, "dropout before the classifier")
     width: int = setting(16, "compact: base width w, stage widths w/2w/2.5w (w=16, n=1: ~46k params)")
     head: str = setting("linear", "classifier head: linear | mlp:H1,H2,... (Linear-ReLU-Dropout per hidden width, "
@@ -89,7 +88,7 @@ class TrainConfig:
     # --- optimisation ---
     epochs: int = setting(10, "maximum number of epochs")
     batch_size: int = setting(128, "images per optimizer step (global, over all ranks)")
-    optimizer: str = setting("sgd", "optimizer", choices=OPTIMIZERS)
+    optimizer: str = setting("sgd", "optimizer", choices=OPTIMIZER_NAMES)
     lr: float = setting(0.1, "peak learning rate")
     momentum: float = setting(0.9, "SGD momentum (0 = plain SGD)")
     nesterov: bool = setting(False, "Nesterov momentum for SGD")
@@ -189,6 +188,8 @@ class TrainConfig:
         if self.norm == "gbn" and self.batch_size > ghost and self.batch_size % ghost:
             bad("batch_size", f"is not a multiple of the ghost batch of {ghost} samples (norm gbn): use a batch size "
                 f"that is a multiple of {ghost}, or --ghost-batch with a divisor of {self.batch_size}")
+        from normlab.data.augmentations import check_augment  # torch: only when a config is validated
+
         check_augment(self.augment, self.augment_params)
         parse_head(self.head)
         spec = MODELS[self.model]
@@ -224,7 +225,10 @@ def needs_spatial_extent(norm: str) -> bool:
     layer = make_norm(norm, 16).train()
     with torch.no_grad():
         x = torch.randn(4, 16, 1, 1, generator=torch.Generator().manual_seed(0))
-        y = layer(x)
+        try:
+            y = layer(x)
+        except NormlabError:  # the layer refuses statistics over a single value (in, ln, gn): it needs more
+            return True
     return bool(torch.allclose(y, y[:1].expand_as(y), atol=1e-3))  # rounding: the inputs differ by ~1
 
 

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from normlab.errors import DiskFull, disk_full_cause
 
@@ -176,4 +175,6 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def save_torch(path: str | os.PathLike, obj: Any) -> None:
+    import torch  # here only: the rest of this module (and the command line that reads JSON with it) needs no torch
+
     atomic_write(path, lambda f: torch.save(obj, f))

@@ -14,9 +14,10 @@ model          ``MODELS``                                  ``ModelSpec`` (builde
 dataset        ``DATASETS``                                default image size
 =============  ==========================================  =========================================
 
-This module sits below ``config`` and ``models`` (it imports only ``norms`` and ``data``), so the config
-can validate every choice without importing the models. Model builders are named by import path and
-resolved on use for the same reason.
+This module imports no torch: the registries whose values are torch objects (norms, augmentations,
+activations, optimizers) are imported from their owners on first use (``registry.NORMS``), and their names are
+listed here (``NORM_NAMES``, ...), so that ``config`` and the command line know every choice without torch.
+Model builders are named by import path and resolved on use for the same reason.
 """
 
 from __future__ import annotations
@@ -28,92 +29,33 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from torch import nn
-
-from normlab.data.augmentations import CATALOGUE as AUGMENTATIONS
 from normlab.errors import NormlabError
-from normlab.norms import NORMS
-from normlab.norms._hooks import HookWatched
+
+# The names of the choices whose values need torch: config and the command line validate and offer these
+# without importing torch; tests/test_registries.py checks that they are the registries' keys.
+NORM_NAMES = ("bn", "in", "bin", "ln", "gn", "nn", "torch_bn", "frn", "evonorm_b0", "evonorm_s0", "sn", "brn", "gbn", "rms",
+              "ln2d", "rms2d", "dyt")  # normlab.norms.NORMS
+ACTIVATION_NAMES = ("relu", "leaky_relu", "elu", "gelu", "silu", "tanh", "sigmoid")  # ACTIVATIONS
+OPTIMIZER_NAMES = ("sgd", "adam", "adamw")  # OPTIMIZERS
+AUGMENTATION_NAMES = ("standard", "crop", "hflip", "vflip", "rotation", "jitter", "resized_crop", "cutout", "blur",
+                      "saltpepper", "mask")  # normlab.data.augmentations.CATALOGUE
+
+# registry name -> where its objects live, imported on first use (``registry.NORMS`` etc.)
+_LAZY = {"NORMS": ("normlab.norms", "NORMS"), "AUGMENTATIONS": ("normlab.data.augmentations", "CATALOGUE"),
+         "ACTIVATIONS": ("normlab.builders", "ACTIVATIONS"), "OPTIMIZERS": ("normlab.builders", "OPTIMIZERS"),
+         "ReLU": ("normlab.builders", "ReLU"), "fused_step": ("normlab.builders", "fused_step")}
 
 
-class ReLU(HookWatched, nn.ReLU):
-    """``nn.ReLU`` (same computation, repr and state) that tells its owner when a module hook is registered on it
-    or removed: the ResNet's stem and blocks fuse it into their norm only while nothing watches it."""
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-
-ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
-    "relu": lambda: ReLU(inplace=True),
-    "leaky_relu": lambda: nn.LeakyReLU(0.1, inplace=True),
-    "elu": lambda: nn.ELU(inplace=True),
-    "gelu": nn.GELU,
-    "silu": lambda: nn.SiLU(inplace=True),
-    "tanh": nn.Tanh,
-    "sigmoid": nn.Sigmoid,
-}
 
 SHORTCUTS: dict[str, str] = {
     "A": "zero-padding identity (the paper's CIFAR choice)",
     "B": "1x1 conv + norm (projection)",
-}
-
-
-def fused_step(groups: list[dict]) -> bool | None:
-    """``fused=True`` when every parameter is on a CPU or CUDA device (torch has fused SGD/Adam/AdamW steps
-    for both since 2.4), else None: torch's default (foreach or a loop; ``False`` would force the loop).
-    Two reasons:
-
-    - no host sync under fp16: a fused optimizer takes the grad scaler's ``found_inf`` tensor and skips an
-      overflowed step inside its kernel, where any other optimizer makes ``GradScaler.step`` read the flag
-      on the host (``.item()``) every step. Also after an explicit ``unscale_`` (``train/step.py`` clips
-      unscaled gradients): the scaler then hands over the flag that ``unscale_`` found.
-    - speed on the CPU: the fused steps are faster than foreach for SGD with momentum and for AdamW on a
-      ResNet-20's parameters, and their results agree with foreach (SGD identical, AdamW within float
-      rounding)."""
-    devices = {p.device.type for g in groups for p in g["params"]}
-    return True if devices and devices <= {"cpu", "cuda"} else None
-
-
-def _zero_momentum(optimizer: torch.optim.Optimizer, *_: Any) -> None:
-    # Fused SGD creates its momentum buffers with empty_like at its first step and lets the kernel fill
-    # them; when the scaler skips that step (fp16's first steps often overflow) they stay uninitialised
-    # and the next step adds garbage. Zeros before the first step are the same update (buf = 0.9 * 0 + g
-    # is torch's first-step buf = g, normlab never sets dampening) and a skipped step leaves them at zero.
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if optimizer.state[p].get("momentum_buffer") is None:
-                optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-
-def _keep_fused(optimizer: torch.optim.Optimizer, *_: Any) -> None:
-    # load_state_dict takes every param group's settings from the saved state, ``fused`` and ``foreach`` too:
-    # a checkpoint written unfused (older normlab, another device) would silently unfuse the optimizer, and
-    # under fp16 crash it, since the grad scaler still hands it found_inf (``_step_supports_amp_scaling`` was
-    # set when it was built). The settings it was built with win.
-    for group in optimizer.param_groups:
-        group["fused"], group["foreach"] = optimizer.defaults["fused"], optimizer.defaults["foreach"]
-
-
-def _fused(cls: type[torch.optim.Optimizer], groups: list[dict], **kw: Any) -> torch.optim.Optimizer:
-    opt = cls(groups, fused=fused_step(groups), **kw)
-    opt.register_load_state_dict_post_hook(_keep_fused)
-    return opt
-
-
-def _sgd(groups: list[dict], cfg: Any) -> torch.optim.Optimizer:
-    # Nesterov needs momentum; with momentum 0 it is plain SGD rather than an error from torch
-    opt = _fused(torch.optim.SGD, groups, lr=cfg.lr, momentum=cfg.momentum,
-                 nesterov=cfg.nesterov and cfg.momentum > 0)
-    if opt.defaults["fused"] and cfg.momentum > 0:
-        _zero_momentum(opt)
-        opt.register_load_state_dict_post_hook(_zero_momentum)  # a resumed state may lack a buffer
-    return opt
-
-
-OPTIMIZERS: dict[str, Callable[[list[dict], Any], torch.optim.Optimizer]] = {
-    "sgd": _sgd,
-    "adam": lambda groups, cfg: _fused(torch.optim.Adam, groups, lr=cfg.lr),
-    "adamw": lambda groups, cfg: _fused(torch.optim.AdamW, groups, lr=cfg.lr),
 }
 
 
@@ -182,5 +124,5 @@ def choose(registry: Mapping[str, Any] | tuple[str, ...], value: Any, what: str)
         raise NormlabError(f"config: {what}={value!r} is not one of {', '.join(map(str, registry))}{hint}") from None
 
 
-__all__ = ["ACTIVATIONS", "AUGMENTATIONS", "DATASETS", "MODELS", "NORMS", "OPTIMIZERS", "SCHEDULES", "SHORTCUTS",
-           "ModelSpec", "ReLU", "choose"]
+__all__ = ["ACTIVATIONS", "ACTIVATION_NAMES", "AUGMENTATIONS", "AUGMENTATION_NAMES", "DATASETS", "MODELS", "NORMS",
+           "NORM_NAMES", "OPTIMIZERS", "OPTIMIZER_NAMES", "SCHEDULES", "SHORTCUTS", "ModelSpec", "ReLU", "choose"]

@@ -1,55 +1,80 @@
 """Norm swapping for ANY model: :func:`replace_norms` swaps every 2-d normalization layer for another norm.
 
-The layers it recognises are matched by EXACT type (``nn.BatchNorm2d``, ``nn.SyncBatchNorm``,
-``nn.GroupNorm``, ``nn.InstanceNorm2d`` and every layer class of ``normlab.norms.NORMS``), because a subclass
-may do more than normalize: timm's ``BatchNormAct2d``/``GroupNormAct`` subclass ``nn.BatchNorm2d``/
-``nn.GroupNorm`` and apply an activation (and drop-path) in the same module. Such norm+activation layers are
-replaced by the new norm followed by their own ``drop`` and ``act`` (:class:`NormAct`), so a same-kind swap
-(BN -> bn) computes the same function; any other subclass of a norm is refused with a one-line error instead
-of being changed silently.
+The layers it swaps are matched by EXACT type, because a subclass may do more than normalize:
+
+- torch's ``nn.BatchNorm2d``, ``nn.SyncBatchNorm``, ``nn.GroupNorm``, ``nn.InstanceNorm2d``, and every layer
+  class of ``normlab.norms.NORMS``;
+- timm's 2-d norms (``LayerNorm2d``, ``RmsNorm2d``, ``GroupNorm``, ... on ``(N, C, H, W)`` maps) and its
+  norm+activation layers (``BatchNormAct2d``, ``GroupNormAct``, ``LayerNormAct2d``, ...), which become the new
+  norm followed by their own ``drop`` and ``act`` (:class:`normlab.norms.NormAct2d`), so a same-kind swap
+  (BN -> bn) computes the same function.
+
+Every other normalization layer (a torch or timm norm not listed, e.g. timm's channels-last ``LayerNorm`` in a
+ConvNeXt built without ``conv_mlp``, a frozen BN, a 1-d norm, a subclass) would stay as it is: the swap is then
+refused with the list of what would stay, and the model is left unchanged; ``keep=`` names the types the
+caller means to keep.
 
 What means the same thing is carried over: running statistics when both layers keep them (BN -> bn,
-torch_bn, bin) and the per-channel affine ``weight``/``bias`` when both have one (-> in, ln, gn as well);
-nothing for ``nn`` (identity). BIN's gate starts at 1 (pure BN), so a BN -> bin swap computes the same
-function. The catalogue norms take the affine too, and BN's running statistics where they keep them
-(evonorm_b0, sn, brn, gbn); their own parameters start at their initial values (sn's mixing weights uniform,
-frn's τ at 0, EvoNorm's v at 1, dyt's α at 0.5). Only the norm is swapped: a norm with its own activation
-(frn, evonorm_*) swapped into a model keeps the model's activations around it (build normlab's ResNet with
-that norm to drop them).
+torch_bn, bin) and the per-channel affine ``weight``/``bias`` when both have one (-> in, ln, gn as well;
+timm's LayerNorm2d's per-channel affine too); nothing for ``nn`` (identity). BIN's gate starts at 1 (pure BN),
+so a BN -> bin swap computes the same function. The catalogue norms take the affine too, and BN's running
+statistics where they keep them (evonorm_b0, sn, brn, gbn); their own parameters start at their initial values
+(sn's mixing weights uniform, frn's τ at 0, EvoNorm's v at 1, dyt's α at 0.5). Only the norm is swapped: a norm
+with its own activation (frn, evonorm_*) swapped into a model keeps the model's activations around it (build
+normlab's ResNet with that norm to drop them).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from normlab.errors import NormlabError
+from normlab.norms import NormAct2d
 
 _NATIVE: tuple[type, ...] = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, nn.InstanceNorm2d)
+# timm's layers on (N, C, H, W) maps, by module and class name (timm is not imported for this)
+_TIMM_2D = {
+    "timm.layers.norm": {"GroupNorm", "GroupNorm1", "LayerNorm2d", "LayerNorm2dFp32", "RmsNorm2d", "RmsNorm2dFp32",
+                         "SimpleNorm2d", "SimpleNorm2dFp32"},
+    "timm.layers.norm_act": {"BatchNormAct2d", "SyncBatchNormAct", "GroupNormAct", "GroupNorm1Act", "LayerNormAct2d",
+                             "LayerNormAct2dFp32", "RmsNormAct2d", "RmsNormAct2dFp32"},
+}
+# what counts as a normalization layer when looking for the ones a swap would leave behind
+_NORM_BASES: tuple[type, ...] = tuple(t for t in (
+    nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, getattr(nn, "RMSNorm", None))
+    if t is not None)
 
 
 def norm_types() -> tuple[type, ...]:
-    """The exact layer types :func:`replace_norms` swaps: torch's 2-d norms and normlab's own layers."""
+    """The exact torch and normlab layer types :func:`replace_norms` swaps (timm's: :func:`is_norm`)."""
     from normlab.norms import NORMS
 
     return _NATIVE + tuple(f for f in NORMS.values() if isinstance(f, type) and f not in _NATIVE)
 
 
+def _is_timm_2d(module: nn.Module) -> bool:
+    return type(module).__name__ in _TIMM_2D.get(type(module).__module__, ())
+
+
 def is_norm(module: nn.Module) -> bool:
-    return type(module) in norm_types()
+    """Whether :func:`replace_norms` swaps ``module`` (a 2-d norm it knows, by exact type)."""
+    return type(module) in norm_types() or _is_timm_2d(module)
 
 
-class NormAct(nn.Module):
-    """A swapped-in norm followed by the activation (and drop) of the norm+activation layer it replaced."""
-
-    def __init__(self, norm: nn.Module, drop: nn.Module, act: nn.Module) -> None:
-        super().__init__()
-        self.norm, self.drop, self.act = norm, drop, act
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.drop(self.norm(x)))
+def _looks_like_norm(module: nn.Module) -> bool:
+    """A normalization layer: an instance of torch's norm bases, or a torch/torchvision/timm layer named *Norm*."""
+    if isinstance(module, NormAct2d):
+        return False
+    cls = type(module)
+    if isinstance(module, _NORM_BASES):
+        return True
+    # by name only a leaf (or a norm+act layer): a container such as timm's NormMlpClassifierHead is searched
+    return ("Norm" in cls.__name__ and cls.__module__.split(".")[0] in ("torch", "torchvision", "timm")
+            and {name for name, _ in module.named_children()} <= {"act", "drop"})
 
 
 def _channels(m: nn.Module) -> int:
@@ -57,6 +82,9 @@ def _channels(m: nn.Module) -> int:
         value = getattr(m, attr, None)
         if isinstance(value, int):
             return value
+    shape = getattr(m, "normalized_shape", None)  # timm's LayerNorm2d / RmsNorm2d: (C,)
+    if isinstance(shape, (tuple, list, torch.Size)) and len(shape) == 1:
+        return int(shape[0])
     raise NormlabError(f"cannot tell the channel count of {type(m).__name__}")
 
 
@@ -74,34 +102,58 @@ def carry_over(old: nn.Module, new: nn.Module) -> nn.Module:
     return new
 
 
-def _swap(path: str, old: nn.Module, factory: Callable[[int], nn.Module]) -> nn.Module | None:
-    """The replacement for ``old``, None when it is not a 2-d norm; raises for a norm subclass it cannot keep."""
-    types = norm_types()
-    if type(old) in types:
-        return carry_over(old, factory(_channels(old)))
-    if not isinstance(old, _NATIVE):
-        return None
-    act, drop = getattr(old, "act", None), getattr(old, "drop", nn.Identity())
-    if isinstance(act, nn.Module) and isinstance(drop, nn.Module):  # timm's *Act: norm, drop, act in one
-        return NormAct(carry_over(old, factory(_channels(old))), drop, act)
-    raise NormlabError(f"replace_norms: {path} is a {type(old).__module__}.{type(old).__name__}, a subclass of "
-                       f"{next(t.__name__ for t in _NATIVE if isinstance(old, t))} that may do more than normalize; "
-                       "swapping it could change the model silently, so it is refused (replace it by hand)")
+def _swap(old: nn.Module, factory: Callable[[int], nn.Module]) -> nn.Module:
+    new = carry_over(old, factory(_channels(old)))
+    act, drop = getattr(old, "act", None), getattr(old, "drop", None)
+    if type(old).__module__ == "timm.layers.norm_act" and isinstance(act, nn.Module):  # norm, drop, act in one
+        return NormAct2d(new, act, drop if isinstance(drop, nn.Module) else None)
+    return new
 
 
-def replace_norms(model: nn.Module, factory: Callable[[int], nn.Module], _prefix: str = "") -> nn.Module:
+def _plan(model: nn.Module, keep: tuple[type, ...], prefix: str = "") -> tuple[list[tuple[nn.Module, str, nn.Module]],
+                                                                                  list[tuple[str, nn.Module]]]:
+    """(parent, attribute, layer) of every layer to swap, and (path, layer) of the norms that would stay."""
+    swaps: list[tuple[nn.Module, str, nn.Module]] = []
+    stays: list[tuple[str, nn.Module]] = []
+    for name, child in model.named_children():
+        path = f"{prefix}{name}"
+        if is_norm(child):
+            swaps.append((model, name, child))
+            continue
+        if _looks_like_norm(child) and not isinstance(child, keep):
+            stays.append((path, child))
+            continue
+        more, left = _plan(child, keep, f"{path}.")
+        swaps += more
+        stays += left
+    return swaps, stays
+
+
+def replace_norms(model: nn.Module, factory: Callable[[int], nn.Module], *, keep: tuple[type, ...] = ()) -> nn.Module:
     """Replace every 2-d norm layer of ``model`` (in place) by ``factory(num_channels)``; returns ``model``.
 
-    A norm+activation layer (timm's ``BatchNormAct2d``, ``GroupNormAct``) becomes :class:`NormAct` (the new
-    norm, then the old layer's ``drop`` and ``act``); another subclass of a norm raises a NormlabError."""
-    for name, child in list(model.named_children()):
-        path = f"{_prefix}{name}"
-        new = _swap(path, child, factory)
-        if new is not None:
-            setattr(model, name, new)
-        else:
-            replace_norms(child, factory, f"{path}.")
+    A norm+activation layer (timm's ``BatchNormAct2d``, ``GroupNormAct``, ...) becomes
+    :class:`normlab.norms.NormAct2d` (the new norm, then the old layer's ``drop`` and ``act``). When a
+    normalization layer it cannot swap would stay (see the module's docstring), nothing is changed and a
+    NormlabError lists them; types in ``keep`` stay on purpose."""
+    swaps, stays = _plan(model, tuple(keep))
+    if stays:
+        counts = Counter(f"{type(m).__module__}.{type(m).__name__}" for _, m in stays)
+        kinds = ", ".join(f"{n} x{c}" for n, c in counts.items())
+        paths = ", ".join(p for p, _ in stays[:3]) + (", ..." if len(stays) > 3 else "")
+        raise NormlabError(
+            f"replace_norms: {len(stays)} normalization layer(s) cannot be swapped for a 2-d norm and would stay: "
+            f"{kinds} (at {paths}); nothing was changed. Build the model with 2-d norms where it offers them "
+            "(e.g. timm's ConvNeXt with conv_mlp=True), or pass keep=(<type>, ...) to keep these on purpose")
+    for parent, name, old in swaps:
+        setattr(parent, name, _swap(old, factory))
     return model
 
 
-__all__ = ["NormAct", "carry_over", "is_norm", "norm_types", "replace_norms"]
+def swap_counts(model: nn.Module) -> dict[str, int]:
+    """How many layers of each type :func:`replace_norms` would swap in ``model`` (e.g. for a run's summary)."""
+    swaps, _ = _plan(model, ())
+    return dict(Counter(type(old).__name__ for _, _, old in swaps))
+
+
+__all__ = ["carry_over", "is_norm", "norm_types", "replace_norms", "swap_counts"]

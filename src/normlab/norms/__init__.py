@@ -2,8 +2,8 @@
 
 Every layer takes the channel count first and torch's ``device``/``dtype`` factory keywords
 (``Layer(num_channels, eps=..., *, device=None, dtype=None)``), so ``norm_layer(name, **kw)`` can be handed to
-normlab's ResNet, to torchvision's models and to ``timm.create_model(..., norm_layer=...)`` (for timm models
-built from norm+activation layers, name the activation: ``norm_layer("gn", act_layer=nn.SiLU)``).
+normlab's ResNet, to torchvision's models and to ``timm.create_model(..., norm_layer=...)`` (timm models
+built from norm+activation layers get :class:`NormAct2d` with each layer's own activation).
 
 | name | layer |
 |---|---|
@@ -12,7 +12,7 @@ built from norm+activation layers, name the activation: ``norm_layer("gn", act_l
 | ``bin`` | :class:`BatchInstanceNorm2d` (``sync`` supported; call :func:`clamp_gates_`) |
 | ``ln`` | :class:`LayerNorm2d` |
 | ``gn`` | :class:`GroupNorm2d` (``num_groups``, default 8) |
-| ``nn`` | no normalization (``nn.Identity``) |
+| ``nn`` | :class:`NoNorm2d`: no normalization (an identity) |
 | ``torch_bn`` | PyTorch's native ``nn.BatchNorm2d`` (reference / speed baseline) |
 | ``frn`` | :class:`FilterResponseNorm2d` with TLU (contains its activation) |
 | ``evonorm_b0`` | :class:`EvoNormB0` (batch variance; ``sync``; contains its activation) |
@@ -37,6 +37,7 @@ do not apply to, so ``norm_layer(any_name, num_groups=g, sync=s)`` always works.
 from __future__ import annotations
 
 import difflib
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -54,13 +55,10 @@ from normlab.norms.ghost import GhostBatchNorm2d
 from normlab.norms.group import DEFAULT_GROUPS, GroupNorm2d
 from normlab.norms.instance import InstanceNorm2d
 from normlab.norms.layer import LayerNorm2d
+from normlab.norms.none import NoAffineError, NoNorm2d
+from normlab.norms.norm_act import NORM_ACT_KWARGS, NormAct2d, make_activation
 from normlab.norms.rms import RMSNorm2d
 from normlab.norms.switchable import SwitchableNorm2d
-
-
-def _no_norm(num_channels: int, **_: Any) -> nn.Module:
-    """"nn": no normalization (accepts and ignores the channel count and any settings)."""
-    return nn.Identity()
 
 
 def _torch_bn(num_channels: int, **kw: Any) -> nn.Module:
@@ -74,7 +72,7 @@ NORMS: dict[str, Callable[..., nn.Module]] = {
     "bin": BatchInstanceNorm2d,
     "ln": LayerNorm2d,
     "gn": GroupNorm2d,
-    "nn": _no_norm,
+    "nn": NoNorm2d,
     "torch_bn": _torch_bn,
     "frn": FilterResponseNorm2d,
     "evonorm_b0": EvoNormB0,
@@ -116,90 +114,124 @@ def make_norm(name: str, num_channels: int, **kw: Any) -> nn.Module:
     return NORMS[name](num_channels, **kw)
 
 
-# what timm hands a norm+activation layer (BatchNormAct2d & co.) beyond a norm's own settings
-_NORM_ACT_KWARGS = ("apply_act", "act_layer", "act_kwargs", "inplace", "drop_layer")
+class NormLayer:
+    """Base of the factories :func:`norm_layer` returns: calling one builds a module (``__new__`` returns it).
+
+    They are classes, not functions, for timm: ``timm.layers.get_norm_act_layer`` hands a norm+activation layer
+    its activation (``act_layer=``, each block's own: mixnet mixes ReLU and SiLU) only for the types it knows,
+    and passes a plain function through without it. Each factory is added to those types (once timm is
+    imported), so every timm call names the activation the model asks for."""
+
+    norm: str = ""
+    settings: dict[str, Any] = {}
+
+    def __new__(cls, num_channels: int, **call_kw: Any) -> nn.Module:  # type: ignore[misc]
+        extra = {k: call_kw.pop(k) for k in NORM_ACT_KWARGS if k in call_kw}
+        if extra and has_act(cls.norm):  # the norm is norm + activation itself (timm's EvoNorm/FRN convention)
+            norm = make_norm(cls.norm, num_channels, **cls.settings, **call_kw, apply_act=extra.get("apply_act", True))
+            drop = extra.get("drop_layer")
+            return NormAct2d(norm, None, drop()) if drop is not None else norm
+        norm = make_norm(cls.norm, num_channels, **cls.settings, **call_kw)
+        if not extra:
+            return norm
+        apply_act = extra.get("apply_act", True)
+        if apply_act and "act_layer" not in extra:
+            raise NormlabError(
+                f"{cls.__name__} was asked for a norm+activation layer ({', '.join(sorted(extra))} given) without "
+                "its activation; timm names it for the norm layers it knows: import timm before building the "
+                "model, or build it with timm's own norm and swap afterwards: "
+                f"normlab.models.replace_norms(model, norm_layer({cls.norm!r})) keeps each layer's activation")
+        act = make_activation(extra.get("act_layer"), extra.get("act_kwargs"), extra.get("inplace", True)) \
+            if apply_act else None
+        drop = extra.get("drop_layer")
+        return NormAct2d(norm, act, drop() if drop is not None else None)
 
 
-class NormAct2d(nn.Sequential):
-    """A norm followed by an activation (and optionally a drop layer): what timm's norm+activation layers
-    (``BatchNormAct2d``, ...) are, for any normlab norm. Parameters live under ``norm.``."""
-
-    def __init__(self, norm: nn.Module, act: nn.Module, drop: nn.Module | None = None) -> None:
-        super().__init__()
-        self.norm = norm
-        self.drop = drop if drop is not None else nn.Identity()
-        self.act = act
-
-    # timm's norm+act layers are norms themselves; model code reaches for their affine (e.g. RegNet's
-    # zero_init_last: nn.init.zeros_(block.conv3.bn.weight))
-    @property
-    def weight(self):
-        return self.norm.weight
-
-    @property
-    def bias(self):
-        return self.norm.bias
+_FACTORIES: dict[tuple, type[NormLayer]] = {}  # (name, settings) -> its factory class: one per setting
+_TIMM_PENDING: list[type[NormLayer]] = []
 
 
-def _activation(act_layer: Any, act_kwargs: dict | None, inplace: bool) -> nn.Module:
-    if act_layer is None:
-        return nn.Identity()
-    if isinstance(act_layer, str):
-        from timm.layers import get_act_layer  # a string only comes from timm
-
-        act_layer = get_act_layer(act_layer)
-    kw = dict(act_kwargs or {})
-    try:
-        return act_layer(inplace=inplace, **kw)
-    except TypeError:  # activations without an inplace option (GELU, Tanh, ...)
-        return act_layer(**kw)
+def _tell_timm(factory: type[NormLayer]) -> None:
+    """Make timm's ``get_norm_act_layer`` treat ``factory`` like its own norm+act layers (it then binds each
+    block's ``act_layer``): now if timm is loaded, else when it is (a one-shot import hook)."""
+    module = sys.modules.get("timm.layers.create_norm_act")
+    if module is not None:
+        _register(module, [factory])
+        return
+    _TIMM_PENDING.append(factory)
+    if not any(isinstance(f, _TimmHook) for f in sys.meta_path):
+        sys.meta_path.insert(0, _TimmHook())
 
 
-def norm_layer(name: str, **kw: Any) -> Callable[..., nn.Module]:
+def _register(module: Any, factories: list[type[NormLayer]]) -> None:
+    for name in ("_NORM_ACT_TYPES", "_NORM_ACT_REQUIRES_ARG"):
+        known = getattr(module, name, None)
+        if isinstance(known, set):
+            known.update(factories)
+
+
+class _TimmHook:
+    """Registers the pending factories right after ``timm.layers.create_norm_act`` is first imported."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != "timm.layers.create_norm_act":
+            return None
+        import importlib.util
+
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        loader = spec.loader
+        run = loader.exec_module
+
+        def exec_module(module: Any) -> None:
+            run(module)
+            _register(module, _TIMM_PENDING)
+            _TIMM_PENDING.clear()
+
+        loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
+def norm_layer(name: str, **kw: Any) -> type[NormLayer]:
     """A factory ``(num_channels, *, device=None, dtype=None) -> module`` for normlab's ResNet, for
     ``torchvision.models.*(norm_layer=...)`` and for ``timm.create_model(..., norm_layer=...)``.
 
-    It is a plain function with the settings bound inside it, because timm's ``get_norm_layer`` keeps only a
-    ``functools.partial``'s keywords and passes functions through untouched. The name is checked now, so a
-    typo fails before any model is built.
+    The settings are bound inside it (timm's ``get_norm_layer`` keeps only a ``functools.partial``'s keywords).
+    The name is checked now, so a typo fails before any model is built.
 
-    timm's EfficientNet, RegNet, ... build norm+activation layers (``BatchNormAct2d``) and call the factory with
-    ``apply_act``/``inplace`` but without saying which activation (timm looks it up only for its own norm
-    classes): give it with ``act_layer=`` (e.g. ``norm_layer("gn", act_layer=nn.SiLU)`` for efficientnet_b0,
-    ``nn.ReLU`` for regnetx) and the factory builds :class:`NormAct2d`; without it such a call is refused with a
-    one-line error, never silently built without the model's activation. Norms that contain their activation
-    (frn, evonorm_b0, evonorm_s0) replace the norm+activation pair instead: they get ``apply_act`` and the
-    model's activation is not added.
+    timm's EfficientNet, MixNet, RegNet, ... build norm+activation layers (``BatchNormAct2d``) with each block's
+    own activation: the factory then builds :class:`NormAct2d` with the activation timm hands it for that
+    layer, so the model keeps every activation it asks for. There is no ``act_layer=`` to bind: a bound
+    activation would override each block's own (to change a timm model's activation, pass ``act_layer=`` to
+    ``timm.create_model``). Norms that contain their activation (frn, evonorm_b0, evonorm_s0) replace the
+    norm+activation pair instead: they get ``apply_act`` and the model's activation is not added.
     """
     _check_name(name)
-    act_layer = kw.pop("act_layer", None)
-
-    def factory(num_channels: int, **call_kw: Any) -> nn.Module:
-        extra = {k: call_kw.pop(k) for k in _NORM_ACT_KWARGS if k in call_kw}
-        if extra and has_act(name):  # the norm is norm + activation itself (timm's EvoNorm/FRN convention)
-            norm = make_norm(name, num_channels, **kw, **call_kw, apply_act=extra.get("apply_act", True))
-            drop = extra.get("drop_layer")
-            return NormAct2d(norm, nn.Identity(), drop()) if drop else norm
-        norm = make_norm(name, num_channels, **kw, **call_kw)
-        if not extra:
-            return norm
-        act = extra.get("act_layer", act_layer)
-        if act is None:
-            raise NormlabError(
-                f"this model asks for a norm+activation layer ({', '.join(sorted(extra))} given) but not for "
-                f"its activation: use normlab.norms.norm_layer({name!r}, act_layer=<the model's activation, "
-                "e.g. torch.nn.SiLU for efficientnet, torch.nn.ReLU for regnetx>)")
-        drop = extra.get("drop_layer")
-        return NormAct2d(norm, _activation(act, extra.get("act_kwargs"), extra.get("inplace", True))
-                         if extra.get("apply_act", True) else nn.Identity(), drop() if drop else None)
-
-    factory.__name__ = factory.__qualname__ = f"normlab_{name}"
+    if "act_layer" in kw:
+        raise NormlabError(
+            "norm_layer() takes no act_layer: timm hands each norm+activation layer the activation its block asks "
+            "for, and a bound one would override them all; to change a timm model's activation pass act_layer= "
+            "to timm.create_model")
+    try:
+        key: tuple | None = (name, tuple(sorted(kw.items())))
+        hash(key)
+    except TypeError:  # unhashable settings: a factory of its own
+        key = None
+    factory = _FACTORIES.get(key) if key is not None else None
+    if factory is None:
+        factory = type(f"normlab_{name}", (NormLayer,), {"norm": name, "settings": dict(kw),
+                                                          "__module__": __name__})
+        if key is not None:
+            _FACTORIES[key] = factory
+        _tell_timm(factory)
     return factory
 
 
 __all__ = [
     "DEFAULT_GROUPS", "NORMS", "BatchInstanceNorm2d", "BatchNorm2d", "BatchRenorm2d", "ChannelLayerNorm2d",
     "ChannelRMSNorm2d", "DynamicTanh2d", "EvoNormB0", "EvoNormS0", "FilterResponseNorm2d", "GhostBatchNorm2d",
-    "GroupNorm2d", "InstanceNorm2d", "LayerNorm2d", "NormAct2d", "RMSNorm2d", "SwitchableNorm2d", "clamp_gates_",
-    "has_act", "make_norm", "norm_layer",
+    "GroupNorm2d", "InstanceNorm2d", "LayerNorm2d", "NoAffineError", "NoNorm2d", "NormAct2d", "NormLayer",
+    "RMSNorm2d", "SwitchableNorm2d", "clamp_gates_", "has_act", "make_norm", "norm_layer",
 ]

@@ -517,14 +517,23 @@ def init_affine(module: torch.nn.Module, num_channels: int, affine: bool = True,
         module.register_parameter("bias", None)
 
 
-def check_input(x: torch.Tensor, num_channels: int, who: str) -> None:
-    """One-line errors for the two mistakes worth naming: wrong rank, wrong channel count."""
+def check_input(x: torch.Tensor, num_channels: int, who: str, group_channels: int = 0) -> None:
+    """One-line errors for the mistakes worth naming: wrong rank, wrong channel count, and (for per-sample
+    statistics over ``group_channels`` channels and the map: IN, GN, LN) a single value per statistic, where
+    the output would be the bias whatever the input (BIN is not refused: its BN part still carries the input). Shapes are known on the host, so these
+    checks cost no device sync."""
     if x.dim() != 4:
         raise NormlabError(f"{who} expects a 4D (N, C, H, W) input, got shape {tuple(x.shape)}: "
                            "reshape the input or use a norm made for it")
     if x.shape[1] != num_channels:
         raise NormlabError(f"{who} was built for {num_channels} channels but got {x.shape[1]} "
                            f"(input shape {tuple(x.shape)}): build it with num_channels={x.shape[1]}")
+    if group_channels and group_channels * x.shape[2] * x.shape[3] == 1:
+        # native InstanceNorm2d refuses these too ("Expected more than 1 spatial element")
+        raise NormlabError(f"{who} got 1x1 maps (input shape {tuple(x.shape)}): its per-sample statistics would "
+                           "cover a single value, so its output would be its bias whatever the input; feed larger "
+                           "maps (a larger input size or less down-sampling) or use a norm whose statistics span "
+                           "more values (bn, ln, gn with fewer groups)")
 
 
 def _synced_sums(s1: torch.Tensor, s2: torch.Tensor, shift: torch.Tensor | None, local: int):

@@ -23,13 +23,13 @@ class GroupStatsNorm(HookWatched, nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.num_channels, type(self).__name__)
+        check_input(x, self.num_channels, type(self).__name__, self.num_channels // self.groups())
         return GroupNormFunction.apply(x, self.weight, self.bias, self.groups(), self.eps)
 
     def forward_relu(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``relu(self(x) + residual)`` (or ``relu(self(x))``), fused into the norm's passes; forward hooks on
         this module are not called (the block that calls this checks for them)."""
-        check_input(x, self.num_channels, type(self).__name__)
+        check_input(x, self.num_channels, type(self).__name__, self.num_channels // self.groups())
         if not fusable_residual(x, residual):
             return torch.relu(self.forward(x) + residual)  # the general case, unfused
         return GroupNormFunction.apply(x, self.weight, self.bias, self.groups(), self.eps, residual, True)

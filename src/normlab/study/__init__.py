@@ -13,9 +13,9 @@ from normlab.errors import DiskFull, NormlabError
 from normlab.runfolder import RunLock
 from normlab import studyfolder as sf
 from normlab.studyfolder import load_study, update_results
-from normlab.study.plan import StudyConfig, check_base, load_preset, make_study_config, plan_runs, study_record
+from normlab.study.plan import (StudyConfig, batch_cap_line, check_base, explicit_caps, load_preset,
+                                make_study_config, plan_runs, study_record)
 from normlab.study.executors import make_options
-from normlab.study.runner import check_study_dir, execute
 
 __all__ = ["StudyConfig", "analyse_study", "load_study", "run_study", "study_lock", "update_results"]
 
@@ -27,6 +27,7 @@ def run_study(spec: str, out: str | Path | None = None, *, study_overrides: dict
     t0 = time.perf_counter()
     study_data, train_data, path = load_preset(spec)
     study = make_study_config({**study_data, **(study_overrides or {})}, where=str(path))
+    study = explicit_caps(study, train_overrides, study_overrides)
     base = check_base({**train_data, **(train_overrides or {})})
     if jobs < 1:
         raise NormlabError(f"--jobs {jobs}: must be >= 1")
@@ -53,8 +54,12 @@ def study_lock(study_dir: Path, log=print) -> RunLock:
 
 
 def _run_study(study_dir: Path, study, base, record, t0, jobs, force, plan_only, log, executor_options) -> Path:
+    from normlab.study.runner import check_study_dir, execute  # it needs torch: import on use
+
     check_study_dir(study_dir, record, force)
     runs = plan_runs(study, base)
+    if batch_cap_line(study):
+        log(batch_cap_line(study))
     sf.write_record(study_dir, record)
     sf.write_plan(study_dir, [dataclasses.asdict(r) for r in runs])
     previous = sf.read_state(study_dir).get(sf.WALL_SECONDS, 0.0)

@@ -30,9 +30,7 @@ from importlib import resources
 
 from normlab.config import TrainConfig, make_config, read_yaml
 from normlab.errors import NormlabError
-from normlab.norms import NORMS
-
-NORM_NAMES = tuple(NORMS)
+from normlab.registry import NORM_NAMES
 # what a study compares when it names no norms: the course's seven (the catalogue has its own preset)
 DEFAULT_NORMS = ("bn", "in", "bin", "ln", "gn", "nn", "torch_bn")
 ROBUSTNESS_MODES = ("auto", "on", "off")
@@ -177,6 +175,27 @@ def make_study_config(data: dict[str, Any], where: str = "study") -> StudyConfig
     return StudyConfig(**values).validate()
 
 
+def explicit_caps(study: StudyConfig, train_overrides: dict[str, Any] | None,
+                  study_overrides: dict[str, Any] | None = None) -> StudyConfig:
+    """An explicit ``epochs`` / ``patience`` (a command-line flag or an API keyword) wins everywhere: it also
+    replaces the batch-size cells' own cap (``batch_max_epochs`` / ``batch_patience``), unless that cap is
+    given explicitly as well. The preset's ``train:`` values do not: its batch cells keep their own cap."""
+    train_overrides, study_overrides = train_overrides or {}, study_overrides or {}
+    over = {cap: int(train_overrides[name]) for name, cap in (("epochs", "batch_max_epochs"),
+                                                               ("patience", "batch_patience"))
+            if train_overrides.get(name) is not None and cap not in study_overrides}
+    return dataclasses.replace(study, **over).validate() if over else study
+
+
+def batch_cap_line(study: StudyConfig) -> str | None:
+    """What the plan says about the batch-size cells' length (None without batch-size cells)."""
+    if not (study.batch_norms and study.batch_sizes):
+        return None
+    return (f"batch-size cells ({', '.join(study.batch_norms)} x batch {', '.join(map(str, study.batch_sizes))}): "
+            f"up to {study.batch_max_epochs} epochs (batch_max_epochs), early stopping after {study.batch_patience} "
+            "epochs without a better val accuracy (batch_patience)")
+
+
 def cell_label(over: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in over.items())
 
@@ -240,5 +259,5 @@ def check_base(train: dict[str, Any]) -> dict[str, Any]:
     return train
 
 
-__all__ = ["Run", "StudyConfig", "TrainConfig", "load_preset", "make_study_config", "plan_runs", "preset_names",
+__all__ = ["Run", "StudyConfig", "TrainConfig", "batch_cap_line", "explicit_caps", "load_preset", "make_study_config", "plan_runs", "preset_names",
            "study_record"]

@@ -79,8 +79,8 @@ def make_options(*layers: dict[str, Any] | None) -> ExecutorOptions:
 def add_executor_flags(parser) -> None:
     """The ``normlab study`` flags of the executors (the CLI adds them in one call)."""
     g = parser.add_argument_group("where the runs execute (also `executor:` in the study YAML's `study:` part)")
-    g.add_argument("--executor", choices=EXECUTORS, help="local: child processes here (default); ray: one Ray task "
-                   "per run; slurm: one Slurm array job per run (submitit)")
+    g.add_argument("--executor", choices=EXECUTORS, help="local: child processes here; ray: one Ray task "
+                   "per run; slurm: one Slurm array job per run (submitit) [default: local]")
     g.add_argument("--runs-per-gpu", type=int, metavar="K", help="runs sharing each GPU (default 1): --jobs J then "
                    "spreads J runs round-robin over the visible GPUs, at most K on each; on Ray each run asks for 1/K GPU")
     g.add_argument("--cpus-per-run", type=int, metavar="C", help="ray/slurm: CPU cores per run (default 1)")
@@ -90,11 +90,11 @@ def add_executor_flags(parser) -> None:
                    "slurm: requeues after a time-out (default 3); preempted Slurm jobs are always requeued")
     g.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (e.g. auto or ray://head:10001); "
                    "default: a local Ray instance, shut down when the study ends")
-    g.add_argument("--slurm-partition", dest="partition", metavar="P", help="Slurm partition")
+    g.add_argument("--slurm-partition", dest="partition", metavar="P", help="Slurm partition [default: the cluster's default]")
     g.add_argument("--slurm-time", dest="time_min", type=int, metavar="MIN", help="time limit per run in minutes "
                    "(default 1440); a run that hits it is requeued and resumes from last.pt")
     g.add_argument("--slurm-option", dest="slurm_options", action="append", metavar="KEY=VALUE",
-                   help="any other sbatch option, repeatable (e.g. account=abc, qos=high)")
+                   help="any other sbatch option, repeatable (e.g. account=abc, qos=high) [default: none]")
 
 
 def options_from_args(args) -> dict[str, Any]:
