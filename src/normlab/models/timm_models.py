@@ -229,7 +229,7 @@ def _probe(model: nn.Module, in_channels: int, size: int, what: str, watch: list
             raise NormlabError(f"{what} cannot run on {in_channels}x{size}x{size} inputs: {exc}") from None
         except Exception as exc:
             raise NormlabError(f"{what} cannot run on {in_channels}x{size}x{size} inputs ({_first_line(exc)}); "
-                               "try another --norm, a larger --image-size or another architecture") from None
+                               f"try --image-size {2 * size}, another --norm or another architecture") from None
         finally:
             for hook in hooks:
                 hook.remove()
