@@ -54,6 +54,9 @@ def test_cli_trains_a_timm_model_and_the_summary_lists_the_swaps(arch, norm, swa
     assert model["via"] == ("norm_layer" if arch == "convnext_atto" else "replace_norms")
     assert summary["test"]["confusion"] and sum(map(sum, summary["test"]["confusion"])) == 12
     assert summary["train"]["loss"] == summary["train"]["loss"]  # finite, not NaN
+    if arch == "regnetx_002":  # the analyses of a study's report work on timm runs too
+        code, out_text, err = run(["gradcam", str(out), "--per-class", "1", "--max-classes", "1"], capsys)
+        assert code == 0 and (out / "gradcam").is_dir(), err
 
 
 def test_timm_model_keeps_each_blocks_activation_and_trains_a_step():
@@ -128,3 +131,15 @@ def test_model_flag_accepts_timm_names_and_still_refuses_others(capsys):
     assert "timm:anything" in MODELS and "timm:" not in MODELS and "resnt" not in MODELS
     code, _, err = run(["train", "--model", "resnt"], capsys)
     assert code == 2 and "invalid choice: 'resnt'" in err and "timm:NAME" in err
+
+
+def test_analyses_find_the_stages_of_timm_models():
+    from normlab.analysis.activations import feature_layers
+    from normlab.analysis.gradcam import last_stage_convs
+
+    regnet = build_model(make_config({"model": "timm:regnetx_002", "norm": "gn", "dataset": "cifar10"}), 3, 10)
+    assert list(feature_layers(regnet)) == ["stem", "stage1", "stage2", "stage3", "stage4"]
+    assert last_stage_convs(regnet) == [regnet.s4]  # Grad-CAM on the last feature stage
+    from normlab.train.loop import probe_layers
+
+    assert set(probe_layers(regnet)) == {"stem", "stage1", "stage2", "stage3", "stage4", "last_norm"}
