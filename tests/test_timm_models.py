@@ -143,3 +143,19 @@ def test_analyses_find_the_stages_of_timm_models():
     from normlab.train.loop import probe_layers
 
     assert set(probe_layers(regnet)) == {"stem", "stage1", "stage2", "stage3", "stage4", "last_norm"}
+
+
+def test_timm_norms_preset_plans_every_norm_on_both_nets(tmp_path, capsys):
+    from normlab.norms import NORMS
+
+    code, out, err = run(["study", "--preset", "timm-norms", "--plan-only", "--out", str(tmp_path / "s")], capsys)
+    assert code == 0, err
+    plan = json.loads((tmp_path / "s" / "plan.json").read_text())
+    cells = {(r["config"]["model"], r["config"]["norm"]) for r in plan}
+    assert cells == {(f"timm:{a}", n) for a in ("convnext_atto", "regnetx_002") for n in NORMS}
+    assert all(r["config"]["image_size"] == 64 and r["config"]["dataset"] == "cifar10" for r in plan)
+    # a misspelt architecture stops a study before its first run
+    code, _, err = run(["study", "--preset", "quick", "--model", "timm:regnetx_02", "--plan-only", "--out",
+                        str(tmp_path / "t")], capsys)
+    assert code == 2 and "timm:regnetx_002" in err and "list_models('*regnetx*')" in err
+    assert len(err.strip().splitlines()) == 1

@@ -59,8 +59,10 @@ def check_name(name: str) -> None:
     if not name or not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
         hint = f"did you mean {', '.join('timm:' + c for c in close)}? " if close else ""
+        word = re.match(r"[A-Za-z]+", name or "")
+        family = word.group(0).lower() if word else "resnet"
         raise NormlabError(f"model 'timm:{name}' is not a timm architecture: {hint}"
-                           "list them with python -c \"import timm; print(timm.list_models('*convnext*'))\"")
+                           f"list them with python -c \"import timm; print(timm.list_models('*{family}*'))\"")
 
 
 def _first_line(exc: BaseException) -> str:
