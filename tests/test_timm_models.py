@@ -159,3 +159,9 @@ def test_timm_norms_preset_plans_every_norm_on_both_nets(tmp_path, capsys):
                         str(tmp_path / "t")], capsys)
     assert code == 2 and "timm:regnetx_002" in err and "list_models('*regnetx*')" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_default_run_folder_names_the_timm_architecture():
+    assert make_config({"model": "timm:regnetx_002", "norm": "gn"}).run_name() == \
+        "fashion-mnist-regnetx_002-gn-b128-none-s0"
+    assert make_config({"norm": "gn"}).run_name() == "fashion-mnist-gn-n3-b128-none-s0"  # unchanged

@@ -125,6 +125,9 @@ class TrainConfig:
         return self.image_size or DATASETS.get(self.dataset, 256)
 
     def run_name(self) -> str:
+        if is_timm(self.model):  # n is normlab's ResNet depth: the architecture names a timm run instead
+            arch = self.model.split(":", 1)[1].replace("/", "_")
+            return f"{self.dataset}-{arch}-{self.norm}-b{self.batch_size}-{self.augment}-s{self.seed}"
         return f"{self.dataset}-{self.norm}-n{self.n}-b{self.batch_size}-{self.augment}-s{self.seed}"
 
     def to_dict(self) -> dict[str, Any]:
