@@ -94,6 +94,20 @@ def test_instance_norm_on_1x1_maps_is_refused_with_the_fix():
     with pytest.raises(NormlabError, match=r"see 1x1 maps at 32x32 inputs.*--image-size 64"):
         build_model(make_config({"model": "timm:regnetx_002", "norm": "in", "dataset": "cifar10"}), 3, 10)
     build_model(make_config({"model": "timm:regnetx_002", "norm": "in", "dataset": "cifar10", "image_size": 64}), 3, 10)
+    # ConvNeXt's head norm normalizes pooled 1x1 features: no input size helps
+    with pytest.raises(NormlabError, match=r"1 of its norm layers see 1x1 maps at 64x64.*at any input size"):
+        build_model(make_config({"model": "timm:convnext_atto", "norm": "in", "dataset": "cifar10",
+                                 "image_size": 64}), 3, 10)
+
+
+def test_a_model_that_ignores_its_input_is_caught_by_the_probe():
+    from normlab.models.timm_models import _probe
+
+    # instance norm right before global pooling: every image gives the same features (the norm's bias)
+    erased = nn.Sequential(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4, affine=True), nn.AdaptiveAvgPool2d(1),
+                           nn.Flatten(), nn.Linear(4, 2))
+    kept = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    assert _probe(erased, 3, 8, "x")[1] < 1e-5 < _probe(kept, 3, 8, "x")[1]
 
 
 def test_local_weights_load_and_downloads_are_refused(tmp_path):
@@ -152,7 +166,8 @@ def test_timm_norms_preset_plans_every_norm_on_both_nets(tmp_path, capsys):
     assert code == 0, err
     plan = json.loads((tmp_path / "s" / "plan.json").read_text())
     cells = {(r["config"]["model"], r["config"]["norm"]) for r in plan}
-    assert cells == {(f"timm:{a}", n) for a in ("convnext_atto", "regnetx_002") for n in NORMS}
+    assert cells == {(f"timm:{a}", n) for a in ("convnext_atto", "regnetx_002") for n in NORMS} - {
+        ("timm:convnext_atto", "in")}  # its head norm sees pooled 1x1 features: refused
     assert all(r["config"]["image_size"] == 64 and r["config"]["dataset"] == "cifar10" for r in plan)
     # a misspelt architecture stops a study before its first run
     code, _, err = run(["study", "--preset", "quick", "--model", "timm:regnetx_02", "--plan-only", "--out",

@@ -9,7 +9,9 @@
   them and swapped with :func:`replace_norms`, which keeps each layer's own activation: timm does not tell a
   ``norm_layer`` function which activation a block wants. Models without ``norm_layer`` are swapped the same way.
 * A two-image training-mode forward pass at the run's input size checks the result before any data is touched:
-  a model that cannot run with the chosen norm or input size fails with one line, not in the first epoch.
+  a model that cannot run with the chosen norm or input size fails with one line, not in the first epoch; so
+  does a model that would ignore its input: instance norm on 1x1 maps (RegNet's last stage at 32x32, ConvNeXt's
+  head norm on pooled features at any size), or any norm after which two images give the same features.
 * :func:`norm_swaps` compares the norm layers timm builds by default with the ones in the model, position by
   position: ``{"LayerNorm2d -> GroupNorm2d": 17}``, plus the norms left as they were. ``build_timm`` attaches
   the result to the model as ``normlab_swaps`` for the run's summary.
@@ -31,12 +33,12 @@ from normlab.models.swap import NormAct, replace_norms
 from normlab.registry import TIMM_PREFIX
 
 # keyword -> why it is passed; each is dropped again when the architecture does not take it
-OPTIONAL_KWARGS = ("img_size", "drop_rate", "conv_mlp", "head_norm_first")
+OPTIONAL_KWARGS = ("img_size", "drop_rate", "conv_mlp")
 # Settings some architectures need to take a custom N x C x H x W norm through norm_layer (each dropped where
 # the architecture has no such setting). ConvNeXt: conv_mlp, so that no norm runs on channels-last tensors
-# (timm asserts it), and head_norm_first, so that the head's norm sees the last feature map before pooling
-# rather than the pooled 1x1 map, where a per-sample norm's statistics are degenerate.
-NORM_LAYER_KWARGS = {"conv_mlp": True, "head_norm_first": True}
+# (timm asserts it); its head norm still normalizes the pooled 1x1 features, as in timm's ConvNeXt.
+NORM_LAYER_KWARGS = {"conv_mlp": True}
+DEGENERATE = 1e-5  # relative feature difference between two random images below which a model ignores its input
 PER_SAMPLE_CHANNEL = ("in",)  # statistics per sample and channel only: degenerate on 1x1 maps (bin mixes in BN)
 _NORM_NAME = re.compile(r"(Norm|Norm[123]d|NormAct|NormAct[123]d|Norm[123]?d?Fp32|NormAct[123]?d?Fp32)$")
 
@@ -212,17 +214,23 @@ def _in_chans(model: nn.Module) -> Any:
 # ------------------------------------------------------------------------------------------ the model
 
 @torch.no_grad()
-def _probe(model: nn.Module, in_channels: int, size: int, what: str, watch: list[nn.Module] = ()) -> int:
+def _probe(model: nn.Module, in_channels: int, size: int, what: str, watch: list[nn.Module] = ()
+           ) -> tuple[int, float]:
     """One training-mode forward pass of two random images, leaving no trace (buffers and RNG restored).
-    Returns how many of the ``watch`` layers saw 1x1 maps."""
+    Returns how many of the ``watch`` layers saw 1x1 maps, and how much the two images' features (the
+    classifier's input; the output where there is no classifier to find) differ relative to their size."""
     buffers = {k: v.clone() for k, v in model.named_buffers()}
     flat: set[int] = set()
+    feats: list[torch.Tensor] = []
 
     def seen(module, args):
         if args and isinstance(args[0], torch.Tensor) and args[0].ndim == 4 and args[0].shape[-2:].numel() == 1:
             flat.add(id(module))
 
     hooks = [m.register_forward_pre_hook(seen) for m in watch]
+    head = model.get_classifier() if callable(getattr(model, "get_classifier", None)) else None
+    if isinstance(head, nn.Module) and not isinstance(head, nn.Identity):  # a zero-initialised head hides nothing
+        hooks.append(head.register_forward_pre_hook(lambda _m, args: feats.append(args[0])))
     with torch.random.fork_rng(devices=[]):
         try:
             model.train()
@@ -241,7 +249,9 @@ def _probe(model: nn.Module, in_channels: int, size: int, what: str, watch: list
     if out.ndim != 2:
         raise NormlabError(f"{what} gives outputs of shape {tuple(out.shape)}, not (batch, classes): it is not an "
                            "image classifier")
-    return len(flat)
+    f = (feats[-1] if feats else out).detach().float().flatten(1)
+    spread = (f[0] - f[1]).abs().max().item() / max(f.abs().max().item(), 1e-30)
+    return len(flat), spread
 
 
 def build_timm(cfg, in_channels: int, num_classes: int, norm_kwargs: dict) -> nn.Module:
@@ -285,11 +295,18 @@ def build_timm(cfg, in_channels: int, num_classes: int, norm_kwargs: dict) -> nn
                            "pick a convolutional architecture with BatchNorm/GroupNorm/LayerNorm2d layers")
     what = f"timm:{name} with norm {cfg.norm!r}"
     watch = [m for m in model.modules() if isinstance(m, made)] if cfg.norm in PER_SAMPLE_CHANNEL else []
-    flat = _probe(model, in_channels, size, what, watch)
+    flat, spread = _probe(model, in_channels, size, what, watch)
     if flat:  # each channel of each image normalized over one value: the layer's output ignores its input
+        bigger = next((s for s in (2 * size, 4 * size) if _probe(model, in_channels, s, what, watch)[0] == 0), None)
+        fix = (f"use --image-size {bigger} or more, or" if bigger else
+               "this holds at any input size (such a layer normalizes pooled features): use")
         raise NormlabError(f"{what}: {flat} of its norm layers see 1x1 maps at {size}x{size} inputs, where per-sample "
-                           f"statistics are degenerate (the output no longer depends on the image); use --image-size "
-                           f"{2 * size} or more, or a norm with batch or channel statistics (bn, ln, gn)")
+                           f"statistics are degenerate (the output no longer depends on the image); {fix} a norm with "
+                           "batch or channel statistics (bn, bin, ln, gn)")
+    if spread < DEGENERATE:
+        raise NormlabError(f"{what} gives the same features for every image (relative difference {spread:.1e}): the "
+                           "norm erases the input somewhere in this architecture (e.g. a per-sample norm right before "
+                           "global pooling); pick another norm (bn, ln, gn)")
     swaps["timm_kwargs"] = {k: v for k, v in used_kwargs.items() if k in OPTIONAL_KWARGS}
     model.normlab_swaps = swaps  # type: ignore[assignment]
     if weights is not None:
