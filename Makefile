@@ -11,12 +11,13 @@ PYTEST_ARGS ?=
 # bound: make test VENV=.venv-min TORCH_PINS="torch==2.4.1 torchvision==0.19.1"
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: help install data demo test test-fast bench bench-quick gpu-check clean
+.PHONY: help install data demo test test-fast docs bench bench-quick gpu-check clean
 
 help:
 	@echo "make demo   - the normalization study on the quick preset (Fashion-MNIST subset); prints the report path"
 	@echo "make test   - run the whole test suite (slow end-to-end tests included)"
 	@echo "make test-fast - the suite without the tests marked slow"
+	@echo "make docs   - build the documentation site into site/ (strict: broken links and references fail)"
 	@echo "make bench  - every benchmark in bench/ (~2.5 h on 2 cores), then rewrite BENCHMARKS.md"
 	@echo "make bench-quick - the same with fewer repeats (a smoke run; numbers are rough)"
 	@echo "make gpu-check - bench/bench_gpu.py on the GPU with the Python that has torch (no install; < 8 min on an H100)"
@@ -44,6 +45,11 @@ test: $(STAMP) data
 test-fast: $(STAMP) data
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# the docs extra is part of the test extra, so the venv of `make test` has it
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+	@echo "docs: $$(pwd)/site/index.html"
+
 bench: $(STAMP) data
 	$(BIN)/python bench/run_all.py
 
@@ -57,4 +63,4 @@ gpu-check:
 	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) bench/bench_gpu.py --out bench/results/gpu.json
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build site src/*.egg-info .pytest_cache

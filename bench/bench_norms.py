@@ -19,6 +19,11 @@ Native references: bn -> nn.BatchNorm2d, in -> nn.InstanceNorm2d(affine=True), l
 gn -> nn.GroupNorm(8, C), bin -> "BN + IN together": the same gated mix built from F.batch_norm and
 F.instance_norm (both native kernels), i.e. what BIN costs with PyTorch's own layers.
 
+The catalogue (``--norms catalogue``): timm's layers where timm has one (frn -> FilterResponseNormTlu2d,
+evonorm_b0/s0 -> EvoNorm2dB0/S0, ln2d -> LayerNorm2d, rms2d -> RmsNorm2d), otherwise the paper's equations on
+native ops (sn, brn: torch.var_mean; gbn: F.batch_norm per ghost batch; rms: F.rms_norm; dyt: torch.tanh).
+``--layer`` times one layer's forward + backward on a (batch, 32, 16, 16) tensor instead of a ResNet-20 step.
+
 normlab's blocks fuse norm + ReLU (+ the residual add) by default (``ResNet(fuse=True)``). The rows compare
 the norm layers alone, so every row builds normlab's ResNet with ``fuse=False``; a row ``X+relu`` (X = bn, in,
 ln, gn) is normlab's default ResNet-20 with norm X (fused blocks) against the same native-X model: what a user
@@ -28,6 +33,8 @@ gets.
     python bench/bench_norms.py --quick    # fewer repeats
     python bench/bench_norms.py --compile  # also torch.compile both sides (compile time reported apart)
     python bench/bench_norms.py --norms bn+relu,in+relu,ln+relu,gn+relu,aa --out norms_fused.json
+    python bench/bench_norms.py --norms catalogue,aa            # every catalogue norm vs its reference
+    python bench/bench_norms.py --norms catalogue,aa --layer    # the same, per layer
 """
 
 from __future__ import annotations
@@ -66,13 +73,119 @@ class NativeBIN(nn.Module):
         return y_bn + y_in
 
 
+class _Affine(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c))
+
+    def affine(self, y):
+        return y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+
+
+class EqSN(_Affine):
+    """Switchable Norm from the paper's equations on native reductions (torch.var_mean)."""
+
+    def __init__(self, c: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+        super().__init__(c)
+        self.eps, self.momentum = eps, momentum
+        self.mean_weight, self.var_weight = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
+        self.register_buffer("running_mean", torch.zeros(c))
+        self.register_buffer("running_var", torch.ones(c))
+
+    def forward(self, x):
+        v_in, m_in = torch.var_mean(x, (2, 3), correction=0, keepdim=True)
+        v_ln, m_ln = torch.var_mean(x, (1, 2, 3), correction=0, keepdim=True)
+        v_bn, m_bn = torch.var_mean(x, (0, 2, 3), correction=0, keepdim=True)
+        with torch.no_grad():
+            self.running_mean.lerp_(m_bn.flatten(), self.momentum)
+            self.running_var.lerp_(v_bn.flatten(), self.momentum)
+        wm, wv = torch.softmax(self.mean_weight, 0), torch.softmax(self.var_weight, 0)
+        mean = wm[0] * m_in + wm[1] * m_ln + wm[2] * m_bn
+        var = wv[0] * v_in + wv[1] * v_ln + wv[2] * v_bn
+        return self.affine((x - mean) * torch.rsqrt(var + self.eps))
+
+
+class EqBRN(_Affine):
+    """Batch Renorm from the paper's Algorithm 1 on native reductions (r_max 3, d_max 5, no warm-up)."""
+
+    def __init__(self, c: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+        super().__init__(c)
+        self.eps, self.momentum = eps, momentum
+        self.register_buffer("running_mean", torch.zeros(c))
+        self.register_buffer("running_var", torch.ones(c))
+
+    def forward(self, x):
+        var, mu = torch.var_mean(x, (0, 2, 3), correction=0)
+        sb = torch.sqrt(var + self.eps)
+        with torch.no_grad():
+            s = torch.sqrt(self.running_var + self.eps)
+            r = (sb / s).clamp(1 / 3, 3)
+            d = ((mu - self.running_mean) / s).clamp(-5, 5)
+            self.running_mean.lerp_(mu, self.momentum)
+            self.running_var.lerp_(var, self.momentum)
+        v = (1, -1, 1, 1)
+        return self.affine((x - mu.view(v)) / sb.view(v) * r.view(v) + d.view(v))
+
+
+class EqGBN(_Affine):
+    """Ghost BN: native F.batch_norm on each ghost batch of 32 samples."""
+
+    def __init__(self, c: int, vb: int = 32) -> None:
+        super().__init__(c)
+        self.vb = vb
+        self.register_buffer("running_mean", torch.zeros(c))
+        self.register_buffer("running_var", torch.ones(c))
+
+    def forward(self, x):
+        return torch.cat([F.batch_norm(ch, self.running_mean, self.running_var, self.weight, self.bias, True)
+                          for ch in x.split(self.vb)])
+
+
+class EqRMS(_Affine):
+    """RMS norm over (C, H, W) per sample with native F.rms_norm, then the per-channel affine."""
+
+    def forward(self, x):
+        return self.affine(F.rms_norm(x, x.shape[1:], eps=1e-5))
+
+
+class EqDyT(_Affine):
+    def __init__(self, c: int) -> None:
+        super().__init__(c)
+        self.alpha = nn.Parameter(torch.full((1,), 0.5))
+
+    def forward(self, x):
+        return self.affine(torch.tanh(self.alpha * x))
+
+
+def _timm(name: str, has_act: bool = False, **kw):
+    def make(c: int) -> nn.Module:
+        import timm.layers
+
+        m = getattr(timm.layers, name)(c, **kw)
+        m.has_act = has_act  # normlab's ResNet drops the ReLU after it, as after normlab's layer
+        return m
+
+    return make
+
+
 NATIVE = {
     "bn": lambda c: nn.BatchNorm2d(c),
     "in": lambda c: nn.InstanceNorm2d(c, affine=True),
     "ln": lambda c: nn.GroupNorm(1, c),
     "gn": lambda c: nn.GroupNorm(8, c),
     "bin": NativeBIN,
+    "frn": _timm("FilterResponseNormTlu2d", True, eps=1e-6),
+    "evonorm_b0": _timm("EvoNorm2dB0", True),
+    "evonorm_s0": _timm("EvoNorm2dS0", True, groups=8),
+    "sn": EqSN,
+    "brn": EqBRN,
+    "gbn": EqGBN,
+    "rms": EqRMS,
+    "ln2d": _timm("LayerNorm2d"),
+    "rms2d": _timm("RmsNorm2d"),
+    "dyt": EqDyT,
 }
+CATALOGUE = ["frn", "evonorm_b0", "evonorm_s0", "sn", "brn", "gbn", "rms", "ln2d", "rms2d", "dyt"]
 
 
 def build(norm, fmt_name: str, seed: int = 0, fuse: bool = False):
@@ -160,11 +273,56 @@ def run(norms, formats, rounds, steps, warmup, batch, compile_):
     return results
 
 
+def run_layers(norms, formats, rounds, steps, warmup, batch):
+    """Per layer: forward + backward of one norm on a (batch, 32, 16, 16) tensor, normlab vs its reference,
+    interleaved as the step rows are."""
+    from normlab.norms import make_norm
+
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(batch, 32, 16, 16, generator=g) * 2 + 0.5
+    dy = torch.randn(batch, 32, 16, 16, generator=g)
+    results = []
+    for fmt_name in formats:
+        cl = fmt_name == "channels_last"
+        for norm in norms:
+            ratios, times = [], {"normlab": [], "native": []}
+            for r in range(rounds):
+                order = ["normlab", "native"] if r % 2 == 0 else ["native", "normlab"]
+                layers = {k: (make_norm("bn" if norm == "aa" else norm, 32) if k == "normlab" and norm != "aa"
+                              else NATIVE["bn" if norm == "aa" else norm](32)).train() for k in order}
+                x = (x0.contiguous(memory_format=torch.channels_last) if cl else x0).requires_grad_()
+
+                def once(m):
+                    x.grad = None
+                    m(x).backward(dy)
+
+                for k in order:
+                    for _ in range(warmup + 1):
+                        once(layers[k])
+                per = {k: [] for k in order}
+                for i in range(steps):
+                    for k in (order if i % 2 == 0 else order[::-1]):
+                        t0 = time.perf_counter()
+                        once(layers[k])
+                        per[k].append(time.perf_counter() - t0)
+                med = {k: statistics.median(v) for k, v in per.items()}
+                for k in order:
+                    times[k].append(med[k])
+                ratios.append(med["normlab"] / med["native"])
+            row = {"norm": norm, "format": fmt_name, "what": "layer", "normlab_s": summary(times["normlab"]),
+                   "native_s": summary(times["native"]), "ratio": summary(ratios), "ratios": ratios}
+            results.append(row)
+            print(f"{norm:>10} {fmt_name:>13} layer: normlab {fmt(row['normlab_s'], 5)} s  "
+                  f"reference {fmt(row['native_s'], 5)} s  ratio {fmt(row['ratio'])}", flush=True)
+    return results
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--norms", default="bn,in,ln,gn,bin,bn+relu,aa",
                     help="aa = control: native BN on both sides (shows the measurement's own spread); X+relu "
-                         "(X = bn, in, ln, gn) = normlab's default fused blocks with norm X vs native X")
+                         "(X = bn, in, ln, gn) = normlab's default fused blocks with norm X vs native X; "
+                         "catalogue = every catalogue norm against its reference (timm's or the paper's equations)")
     ap.add_argument("--formats", default="nchw,channels_last")
     ap.add_argument("--rounds", type=int, default=8, help="fresh pairs of models, built in alternating order")
     ap.add_argument("--steps", type=int, default=6, help="interleaved timed steps per side and round (median)")
@@ -177,8 +335,10 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="4 rounds of 4 steps")
     ap.add_argument("--no-tune-malloc", action="store_true",
                     help="leave glibc's malloc as it is (normlab train tunes it; see runtime.tune_malloc)")
+    ap.add_argument("--layer", action="store_true", help="time one layer's forward + backward, not a ResNet-20 step")
     ap.add_argument("--out", default="norms.json")
     a = ap.parse_args(argv)
+    norms = [n for part in a.norms.split(",") for n in (CATALOGUE if part == "catalogue" else [part])]
     if a.quick:
         a.rounds, a.steps, a.warmup = 4, 4, 1
     torch.set_num_threads(a.threads)
@@ -186,7 +346,10 @@ def main(argv=None):
     formats = [f.replace("nchw", "NCHW") for f in a.formats.split(",")]
     info = machine()
     print(info)
-    res = run(a.norms.split(","), formats, a.rounds, a.steps, a.warmup, a.batch, a.compile)
+    if a.layer:
+        res = run_layers(norms, formats, a.rounds, a.steps, a.warmup, a.batch)
+    else:
+        res = run(norms, formats, a.rounds, a.steps, a.warmup, a.batch, a.compile)
     write_json(a.out, {"machine": info, "args": vars(a), "results": res})
 
 

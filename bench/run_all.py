@@ -2,12 +2,21 @@
 
     python bench/run_all.py                # full run (~2.5 h on the 2-core CI-class machine)
     python bench/run_all.py --quick        # every script with --quick
+    python bench/run_all.py --only norms   # some jobs (comma-separated names)
     python bench/run_all.py --report-only  # rewrite BENCHMARKS.md from the JSON already in bench/results/
+    python bench/run_all.py --stale        # which tables are older than the code they measure (exit 1 if any)
+
+BENCHMARKS.md is generated only. Each job's run is stamped in bench/results/commands.json with the commit it
+measured (and whether the files it depends on had uncommitted changes), the CPU and the date, and every table
+carries that stamp. ``DEPS`` lists, per job, the files its figures depend on; ``--stale`` names the jobs whose
+stamped commit is older than a commit touching those files.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import functools
 import json
 import subprocess
 import sys
@@ -45,6 +54,116 @@ JOBS = [  # (name, script args)
     ("executors", ["bench_executors.py"]),
 ]
 
+# What each job's figures depend on (git pathspecs from the repository root): its script, the bench helpers and
+# the normlab code it runs. A commit touching any of them after a job's stamped commit makes its table stale.
+_NORM_STEP = ["bench/_common.py", "src/normlab/norms", "src/normlab/models/resnet.py", "src/normlab/registry.py",
+              "src/normlab/train/runtime.py"]  # a ResNet-20 step on normlab's layers, malloc tuned
+_TRAIN_STEP = ["bench/_common.py", "src/normlab/norms", "src/normlab/models", "src/normlab/registry.py",
+               "src/normlab/config.py", "src/normlab/device.py", "src/normlab/metrics.py", "src/normlab/evaluation.py",
+               "src/normlab/data", "src/normlab/train"]  # normlab's data path and TrainStep
+_WHOLE = ["src/normlab"]  # whole `normlab train` / `normlab study` processes
+DEPS: dict[str, list[str]] = {
+    **{k: ["bench/bench_norms.py", *_NORM_STEP] for k in ("norms", "norms_fused", "norms_compiled")},
+    **{k: ["bench/bench_pipeline.py", *_TRAIN_STEP] for k, _ in JOBS if k.startswith("pipeline")},
+    "fused_blocks": ["bench/exp_fused_blocks.py", *_NORM_STEP],
+    "scaling": ["bench/bench_scaling.py", *_NORM_STEP],
+    "scaling_untuned": ["bench/bench_scaling.py", *_NORM_STEP],
+    "startup": ["bench/bench_startup.py", "bench/_common.py", *_WHOLE],
+    "distributed": ["bench/bench_distributed.py", *_WHOLE],
+    "executors": ["bench/bench_executors.py", *_WHOLE],
+}
+
+
+def git(*args: str, root: Path = ROOT) -> str:
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def stamp_now(name: str, root: Path = ROOT) -> dict:
+    """The stamp of a job run now: HEAD, whether the job's files differ from it, the CPU and today's date."""
+    try:
+        commit = git("rev-parse", "HEAD", root=root)
+        dirty = bool(git("status", "--porcelain", "--", *DEPS.get(name, []), root=root))
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = None, False
+    return {"commit": commit, "dirty": dirty, "cpu": cpu_model(), "date": time.strftime("%Y-%m-%d", time.gmtime())}
+
+
+def cpu_model() -> str | None:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import platform
+
+        return platform.processor() or None
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), None)
+
+
+def _code(source: str | None) -> str | None:
+    """A Python file's code without docstrings and comments (its AST), so that edits to those are no change."""
+    if source is None:
+        return None
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return source
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
+@functools.lru_cache(maxsize=None)
+def _show(commit: str, path: str, root: Path) -> str | None:
+    res = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=root, capture_output=True, text=True)
+    return res.stdout if res.returncode == 0 else None
+
+
+def changed_code(commit: str, paths: list[str], root: Path = ROOT, until: str = "HEAD") -> list[str]:
+    """The files under ``paths`` whose code differs between ``commit`` and ``until`` (edits that only touch
+    Python docstrings or comments do not count)."""
+    commit, until = git("rev-parse", commit, until, root=root).split()  # hashes: _show caches by them
+    names = git("diff", "--name-only", commit, until, "--", *paths, root=root).split()
+    out = []
+    for name in names:
+        old, new = _show(commit, name, root), _show(until, name, root)
+        if name.endswith(".py") and _code(old) == _code(new):
+            continue
+        out.append(name)
+    return out
+
+
+def newest_code_change(commit: str, files: list[str], root: Path = ROOT) -> str:
+    """The newest commit after ``commit`` that changed the code of ``files`` (hash, date, subject)."""
+    for c in git("rev-list", "--first-parent", f"{commit}..HEAD", "--", *files, root=root).split():
+        if changed_code(f"{c}^", files, root, until=c):
+            return git("log", "-1", "--format=%h %ad %s", "--date=short", c, root=root)
+    return "(not found on the first-parent line)"
+
+
+def stale(cmds: dict, root: Path = ROOT) -> list[str]:
+    """One line per job: up to date, stale (with the files whose code changed since and the newest commit that
+    changed them), or never stamped."""
+    lines = []
+    for name, _ in JOBS:
+        st = cmds.get(name, {})
+        if not st.get("commit"):
+            lines.append(f"{name}: no stamp (never run by run_all, or before stamps): rerun with --only {name}")
+            continue
+        files, short = changed_code(st["commit"], DEPS[name], root), st["commit"][:9]
+        if files:
+            last = newest_code_change(st["commit"], files, root)
+            more = f" and {len(files) - 3} more" if len(files) > 3 else ""
+            lines.append(f"{name}: STALE, measured at {short}; changed since: {', '.join(files[:3])}{more}; "
+                         f"newest change: {last[:100]}")
+        elif st.get("dirty"):
+            lines.append(f"{name}: STALE, measured at {short} with uncommitted changes to its files")
+        else:
+            lines.append(f"{name}: up to date (measured at {short})")
+    return lines
+
 
 def cmd_of(args, quick):
     return ["python", f"bench/{args[0]}", *args[1:], *(["--quick"] if quick else [])]
@@ -57,14 +176,15 @@ def run(quick: bool, only: list[str] | None) -> dict:
             continue
         cmd = cmd_of(args, quick)
         print("$", " ".join(cmd), flush=True)
-        t = time.perf_counter()
+        stamp, t = stamp_now(name), time.perf_counter()  # the code as it is when the job starts
         with open(RES / f"{name}.log", "w") as log:
             rc = subprocess.run([sys.executable, *cmd[1:]], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
-        done[name] = {"cmd": " ".join(cmd), "rc": rc, "seconds": time.perf_counter() - t}
+        done[name] = {"cmd": " ".join(cmd), "rc": rc, "seconds": time.perf_counter() - t, **stamp}
         print(f"  -> rc {rc}, {done[name]['seconds']:.0f} s", flush=True)
         meta = RES / "commands.json"  # after every job: an interrupted run_all keeps what it finished
         old = json.loads(meta.read_text()) if meta.is_file() else {}
-        old[name] = done[name]
+        # a failed job wrote no new results: its table keeps the stamp of the run that made them
+        old[name] = done[name] if rc == 0 else {**old.get(name, {}), "failed": done[name]}
         meta.write_text(json.dumps(old, indent=1))
     return done
 
@@ -102,12 +222,21 @@ def norm_rows(results: list[dict]) -> list[str]:
             f"({r['mem_ratio']:.3f}) |" for r in results]
 
 
-def machine_label(m: dict) -> str:
-    """A machine as a table names it: CPU model, its vector/matrix extensions and the date, where recorded."""
+def cpu_label(m: dict) -> str:
+    """A machine's CPU as a table names it: the model and its vector/matrix extensions, where recorded."""
     name = " ".join(m["cpu"].replace("(R)", "").split())
-    extra = [", ".join(m["cpu_features"])] if m.get("cpu_features") else []
-    extra += [m["date"]] if m.get("date") else []
-    return name + (f" ({'; '.join(extra)})" if extra else "")
+    return name + (f" ({', '.join(m['cpu_features'])})" if m.get("cpu_features") else "")
+
+
+def stamp(st: dict, data: dict | None = None) -> tuple[str, str, str]:
+    """(commit, CPU, date) of a job's results: the commit from its stamp in commands.json; the CPU and date from
+    the result's own machine record where it has one, else from the stamp."""
+    commit = f"`{st['commit'][:7]}`" if st.get("commit") else "commit not recorded"
+    if st.get("dirty"):
+        commit += " with uncommitted changes to its files"
+    m = (data or {}).get("machine") or {}
+    cpu = cpu_label(m) if m.get("cpu") else cpu_label({"cpu": st["cpu"]}) if st.get("cpu") else "a CPU not recorded"
+    return commit, cpu, m.get("date") or st.get("date") or "date not recorded"
 
 
 def setting(args: dict) -> str:
@@ -121,12 +250,16 @@ def report() -> str:
     norms, normc, pipe, scal, start = (load("norms.json"), load("norms_compiled.json"), load("pipeline.json"),
                                        load("scaling.json"), load("startup.json"))
     found = [load(p.name) for p in sorted(RES.glob("*.json")) if p.name != "commands.json"]
-    machines = list(dict.fromkeys(machine_label(x["machine"]) for x in found if isinstance(x, dict) and "machine" in x))
+    machines = list(dict.fromkeys(cpu_label(x["machine"]) for x in found
+                                  if isinstance(x, dict) and x.get("machine", {}).get("cpu")))
     m = next(x["machine"] for x in (pipe, norms, scal, start, normc) if x)
     L = ["# Benchmarks", "",
-         "Generated by `python bench/run_all.py` (rewrite this file from the saved JSON with "
+         "Generated by `python bench/run_all.py`; do not edit by hand (rewrite this file from the saved JSON with "
          "`python bench/run_all.py --report-only`). Every number below comes from the script and command named "
-         "above its table; raw results are in `bench/results/*.json`, logs in `bench/results/*.log`.", "",
+         "above its table, which is stamped with the commit of the code it measured, the CPU and the date; "
+         "`python bench/run_all.py --stale` lists the tables older than the code they measure. Raw results are in "
+         "`bench/results/*.json`, logs in `bench/results/*.log`; what was tried on the way, with the figures of "
+         "the time, is in the lab notes, `bench/archive/NOTES.md`.", "",
          f"Machines: {m['logical_cpus']} logical CPUs, no GPU, shared with other jobs (timings are noisy, so every "
          "comparison is measured side by side, interleaved, in one process). This project's machines are not "
          "always the same CPU model, and each table says which one it was measured on: "
@@ -135,19 +268,20 @@ def report() -> str:
          f"Python {m['python']}, torch {m['torch']}, torchvision {m['torchvision']}.", "",
          "Numbers are medians with (min–max) over repeats. **Threads:** the norm and scaling benches use 1 torch "
          "thread: on this shared 2-core machine 2 threads made a ResNet-20 step several times slower and far "
-         "noisier whenever another process was busy (`bench/results/exp_threads.log`, see the notes at the end). "
+         "noisier whenever another process was busy (`bench/archive/results/exp_threads.log`, and the lab notes). "
          "The pipeline bench uses torch's default (2) as each pipeline runs out of the box, and 1 as a check.", ""]
 
     def cmd(name, data=None):
+        commit, cpu, date = stamp(cmds.get(name, {}), data)
         line = f"Command: `{cmds[name]['cmd']}`" if name in cmds else "Command: (not recorded)"
-        return line + (f" · measured on {machine_label(data['machine'])}" if data and "machine" in data else "")
+        return f"Measured at commit {commit} on {cpu}, {date} · {line}"
 
     if norms:
         ar = norms["args"]
         L += ["## 1. Norm layers vs PyTorch's native layers (ResNet-20, batch 128, 32×32, one training step)", "",
               cmd("norms", norms), "",
               f"Eager mode, {ar.get('threads', 1)} thread, glibc malloc tuned for both sides "
-              f"({'on' if ar.get('malloc_tuned') else 'off'}; see the notes). {ar.get('rounds', '?')} rounds, each "
+              f"({'on' if ar.get('malloc_tuned') else 'off'}; see the lab notes). {ar.get('rounds', '?')} rounds, each "
               f"with a fresh pair of models built in alternating order and {ar.get('steps', '?')} interleaved steps "
               "per side; ratio = normlab / native step time per round (≤ 1.00 is the target), median (min–max) "
               "over rounds. The **aa** row is the control: native BN on both sides, i.e. the measurement's own "
@@ -197,7 +331,8 @@ def report() -> str:
               "identities, stepping on one resident batch in normlab's layout and precision -- convolutions, "
               "residual adds, pooling, classifier and SGD only, no data path. Its ratio to the conventional side "
               "is the most any implementation of the norms and the data pipeline could reach on this machine.", "",
-              "| command | machine | normlab precision, compile (blocks fused unless said) | torch threads normlab / "
+              "Each row is its own run, stamped with the commit it measured, the CPU and the date.", "",
+              "| command | measured at | normlab precision, compile (blocks fused unless said) | torch threads normlab / "
               "conventional (+ workers) | normlab images/s | conventional images/s | **ratio** | ceiling images/s | "
               "ceiling ratio |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -205,7 +340,7 @@ def report() -> str:
             if "throughput" not in p:
                 continue
             t, ar = p["throughput"], p["args"]
-            L.append(f"| `{cmds[k]['cmd'] if k in cmds else k}` | {machine_label(p['machine'])} | {setting(ar)} | "
+            L.append(f"| `{cmds[k]['cmd'] if k in cmds else k}` | {', '.join(stamp(cmds.get(k, {}), p))} | {setting(ar)} | "
                      f"{t['threads']['normlab']} / {t['threads']['conventional']} (+{ar['workers']}) | "
                      f"{f3(t['normlab_img_s'], 0)} | {f3(t['conventional_img_s'], 0)} | **{f3(t['ratio'], 2)}** | "
                      + (f"{f3(t['bound_img_s'], 0)} | {f3(t['bound_ratio'], 2)} |" if "bound_ratio" in t else "– | – |"))
@@ -217,16 +352,17 @@ def report() -> str:
                   "statistics, initial weights and per-step cosine lr from 0.1; test accuracy on the full "
                   "10,000-image test folder; one run per seed and side. Only the augmentation's random draws "
                   "differ. Paired difference = normlab − conventional per seed.", "",
-                  "| machine | normlab precision, compile | images × epochs × seeds | normlab test acc (mean ± sd) | "
+                  "| command | measured at | normlab precision, compile | images × epochs × seeds | normlab test acc (mean ± sd) | "
                   "conventional test acc (mean ± sd) | paired difference median (min…max), normlab higher | "
                   "paired difference mean [95% t-interval] | per seed normlab / conventional |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|"]
             for k, p in acc:
                 a = p["accuracy"]
                 per = ", ".join(f"{r['normlab']:.4f} / {r['conventional']:.4f}" for r in a["runs"])
                 d = sorted(r["normlab"] - r["conventional"] for r in a["runs"])
                 med = d[len(d) // 2] if len(d) % 2 else (d[len(d) // 2 - 1] + d[len(d) // 2]) / 2
-                L.append(f"| {machine_label(p['machine'])} | {setting(p['args'])} | {a['subset']:,} × {a['epochs']} × {len(a['runs'])} | "
+                L.append(f"| `{cmds[k]['cmd'] if k in cmds else k}` | {', '.join(stamp(cmds.get(k, {}), p))} | "
+                         f"{setting(p['args'])} | {a['subset']:,} × {a['epochs']} × {len(a['runs'])} | "
                          f"{a['normlab']['mean']:.4f} ± {a['normlab']['std']:.4f} | {a['conventional']['mean']:.4f} ± "
                          f"{a['conventional']['std']:.4f} | {med:+.4f} ({d[0]:+.4f}…{d[-1]:+.4f}), "
                          f"{sum(x > 0 for x in d)}/{len(d)} | {paired_interval(d)} | {per} |")
@@ -246,8 +382,8 @@ def report() -> str:
               f"glibc malloc {'tuned' if scal['args'].get('malloc_tuned') else 'untuned'}.", ""]
         untuned = load("scaling_untuned.json")
         if untuned:
-            L += [f"Same sweep with NCHW and glibc's default malloc (`{cmds.get('scaling_untuned', {}).get('cmd', 'not recorded')}`), µs per pixel per "
-                  "image in the size sweep, this run vs the default run above:", "",
+            L += ["Same sweep with NCHW and glibc's default malloc, µs per pixel per image in the size sweep, this run "
+                  "vs the default run above:", "", cmd("scaling_untuned", untuned), "",
                   "| size | NCHW, untuned malloc | defaults (above) |", "|---|---|---|"]
             tuned = {r["value"]: r for r in scal["results"] if r["sweep"] == "size"}
             for r in untuned["results"]:
@@ -256,6 +392,19 @@ def report() -> str:
                     L.append(f"| {r['value']}² | {r['s_per_image']['median'] * 1e3 / px:.3f} | "
                              f"{tuned[r['value']]['s_per_image']['median'] * 1e3 / px:.3f} |")
             L.append("")
+    fused = load("exp_fused_blocks.json")
+    if fused:
+        ar = fused["args"]
+        L += ["## 4. Fused blocks: normlab's ResNet-20 with and without the fused norm + ReLU (+ residual add)", "",
+              cmd("fused_blocks", fused), "",
+              f"The same model with `fuse=True` (normlab's default: the stem and every block compute "
+              f"relu(norm(x) + shortcut) in the norm's own passes) and `fuse=False`, {ar.get('threads')} threads, "
+              f"{ar.get('memory_format')}, batch {ar.get('batch')}, {ar.get('rounds')} interleaved rounds of "
+              f"{ar.get('steps')} steps per side; ratio = fused / unfused step time per round, median (min–max).", "",
+              "| norm | fused s/step | unfused s/step | **ratio fused/unfused** |", "|---|---|---|---|"]
+        L += [f"| {r['norm']} | {f3(r['fused_s'])} | {f3(r['unfused_s'])} | **{f3(r['ratio'], 3)}** |"
+              for r in fused["results"]]
+        L.append("")
     if start:
         L += ["## 5. Start-up: time to first step (fresh process, warm data cache)", "", cmd("startup", start), "",
               "| compile | imports s | load_data s | build + compile wrapper s | first step s | **time to first step s** | second step s |",
@@ -276,9 +425,6 @@ def report() -> str:
     if exec_md.is_file():
         L += ["## 7. A study on local processes, Ray and Slurm; a worker killed and a job preempted", "",
               cmd("executors"), "", exec_md.read_text().strip(), ""]
-    notes = ROOT / "bench" / "NOTES.md"
-    if notes.is_file():
-        L += [notes.read_text().strip(), ""]
     return "\n".join(L)
 
 
@@ -286,8 +432,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--stale", action="store_true", help="list the tables older than the code they measure; "
+                    "exit 1 if any")
     ap.add_argument("--only", default=None, help="comma-separated job names: " + ",".join(j[0] for j in JOBS))
     a = ap.parse_args()
+    if a.stale:
+        lines = stale(load("commands.json") or {})
+        print("\n".join(lines))
+        sys.exit(1 if any(": up to date" not in line for line in lines) else 0)
     RES.mkdir(parents=True, exist_ok=True)
     if not a.report_only:
         run(a.quick, a.only.split(",") if a.only else None)

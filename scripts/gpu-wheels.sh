@@ -3,7 +3,7 @@
 # (in .gitignore): the device machine installs them with
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 # The image already has torch, torchvision, rich, torchmetrics, matplotlib, tensorboard, pyyaml, numpy,
-# pillow, scipy, scikit-learn, tqdm and opencv-python-headless (bench/NOTES.md); grad-cam and ttach are missing.
+# pillow, scipy, scikit-learn, tqdm and opencv-python-headless (bench/archive/NOTES.md); grad-cam and ttach are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

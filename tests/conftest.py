@@ -1,8 +1,11 @@
-"""Shared fixtures: an isolated data cache and a small generated image folder that a ResNet can learn."""
+"""Shared fixtures: an isolated data cache, a small generated image folder that a ResNet can learn, and the
+single-node Slurm of the executor tests."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -49,3 +52,39 @@ def make_image_folder(root: Path, classes=("red", "green", "blue"), per_split=No
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("imgs"))
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """'slurm' when a real single-node Slurm runs (installed and started here by scripts/slurm-local.sh, as root),
+    else 'local' (submitit's local executor: same jobs, same pickles, same checkpoint/requeue path, no sbatch).
+    Session-scoped, so whichever test asks first gets it installed. Under CI=true a failed start is a failure,
+    not a quiet fallback; NORMLAB_TEST_SLURM=0 asks for the local executor explicitly."""
+    try:
+        import submitit  # noqa: F401 - in the `test` extra
+    except ImportError:
+        if IN_CI:
+            pytest.fail("submitit is not installed; CI installs normlab[test] which includes it")
+        pytest.skip("submitit is not installed (pip install 'normlab[slurm]')")
+    if os.environ.get("NORMLAB_TEST_SLURM", "1") == "0":
+        yield "local"
+        return
+    state = Path(os.environ.get("NORMLAB_SLURM_STATE", "/tmp/normlab-slurm"))
+    script = ["bash", str(REPO / "scripts" / "slurm-local.sh")]
+    was_up = (state / "slurmctld.pid").is_file() and subprocess.run(
+        ["pgrep", "-F", str(state / "slurmctld.pid")], capture_output=True).returncode == 0
+    try:
+        res = subprocess.run(script + ["start"], capture_output=True, text=True, timeout=1200)
+    except subprocess.TimeoutExpired:
+        res = subprocess.CompletedProcess(script, 1, "", "slurm-local.sh start timed out")
+    if res.returncode != 0 or not shutil.which("sbatch"):
+        why = (res.stderr.strip() or "sbatch is not on the PATH")[-300:]
+        if IN_CI:
+            pytest.fail(f"CI needs the single-node Slurm of scripts/slurm-local.sh (run as root): {why}")
+        print(f"no real Slurm here, using submitit's local executor: {why}")
+        yield "local"
+        return
+    os.environ["SLURM_CONF"] = str(state / "slurm.conf")
+    yield "slurm"
+    if not was_up:  # leave the machine as we found it
+        subprocess.run(script + ["stop"], capture_output=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import signal
 import subprocess
 import threading
@@ -24,7 +23,7 @@ from normlab.study import executors as ex
 from normlab.study.executors import local as local_mod
 from normlab.study.plan import Run
 from normlab.study.runner import execute
-from normlab.train.runtime import RunLock
+from normlab.runfolder import RunLock
 
 from conftest import IN_CI, REPO, make_image_folder
 
@@ -121,9 +120,14 @@ def test_options_from_yaml_then_flags():
         ex.options_from_args(build_parser().parse_args(["study", "--slurm-option", "account"]))
 
 
-def test_sbatch_script_has_partition_time_gpus_and_array(tmp_path):
+def test_sbatch_script_has_partition_time_gpus_and_array(tmp_path, slurm_cluster):
+    """The sbatch script submitit writes from our options; needs `srun` on the PATH (submitit's test for a
+    Slurm cluster), which the session's `slurm_cluster` installs, whichever test runs first."""
     submitit = need("submitit")
     from normlab.study.executors.slurm import SlurmExecutor
+
+    if slurm_cluster != "slurm":
+        pytest.skip("no real Slurm here (scripts/slurm-local.sh needs root or an installed slurm-wlm)")
 
     o = ex.make_options({"executor": "slurm", "partition": "gpu", "time_min": 90, "gpus_per_run": 1,
                          "cpus_per_run": 4, "mem_gb": 16, "array_parallelism": 2, "slurm_options": {"account": "abc"}})
@@ -166,6 +170,34 @@ def test_slurm_checkpoint_stops_the_child_and_hands_back_a_fresh_job(tmp_path):
     assert isinstance(again, TrainJob) and again is not job and again._proc is None
     assert (again.folder, again.plan_file, again.threads) == (job.folder, job.plan_file, 2)
     assert pickle.loads(pickle.dumps(job))._proc is None  # a process handle never travels
+
+
+def test_slurm_job_has_ended_only_once_squeue_no_longer_runs_it(tmp_path, monkeypatch):
+    """submitit's done() is true as soon as the result pickle is written, while srun and the job script still
+    exit: a run is reported (and the study ends) only when Slurm no longer lists its job as active."""
+    import pickle
+
+    submitit = need("submitit")
+    from normlab.study.executors import slurm as slurm_mod
+
+    job, other = submitit.SlurmJob(tmp_path, "4242_1"), submitit.SlurmJob(tmp_path, "4242_2")
+    job.paths.result_pickle.parent.mkdir(parents=True, exist_ok=True)
+    job.paths.result_pickle.write_bytes(pickle.dumps(("success", 0)))
+    other.paths.result_pickle.write_bytes(pickle.dumps(("success", 0)))
+    answers = iter([(0, "4242_1 COMPLETING\n4242_2 COMPLETED\n"), (0, "4242_1 COMPLETED\n4242_2 COMPLETED\n"),
+                    (1, "")])  # the last: both purged from the controller ("Invalid job id specified")
+    calls: list[list[str]] = []
+
+    def squeue(cmd, **kwargs):
+        calls.append(cmd)
+        rc, out = next(answers)
+        return subprocess.CompletedProcess(cmd, rc, out, "slurm_load_jobs error: Invalid job id specified" * rc)
+
+    monkeypatch.setattr(slurm_mod.subprocess, "run", squeue)
+    assert job.done() and slurm_mod.ended([job, other]) == [other]  # result written, its step still exiting
+    assert slurm_mod.ended([job, other]) == [job, other]
+    assert slurm_mod.ended([job, other]) == [job, other]
+    assert len(calls) == 3 and calls[0][0] == "squeue" and "--jobs=4242_1,4242_2" in calls[0]  # one call for all
 
 
 # ------------------------------------------------------------------------------------- the run lock
@@ -339,32 +371,6 @@ def test_ray_worker_killed_mid_run_is_retried_and_resumes(ray_study, env):
 
 # ------------------------------------------------------------------------------------------- Slurm
 
-@pytest.fixture(scope="module")
-def slurm_cluster():
-    """'slurm' when a real single-node Slurm runs (started here by scripts/slurm-local.sh, as root), else 'local'
-    (submitit's local executor: same jobs, same pickles, same checkpoint/requeue path, no sbatch)."""
-    need("submitit")
-    if os.environ.get("NORMLAB_TEST_SLURM", "1") == "0":
-        yield "local"
-        return
-    state = Path(os.environ.get("NORMLAB_SLURM_STATE", "/tmp/normlab-slurm"))
-    script = ["bash", str(REPO / "scripts" / "slurm-local.sh")]
-    was_up = (state / "slurmctld.pid").is_file() and subprocess.run(
-        ["pgrep", "-F", str(state / "slurmctld.pid")], capture_output=True).returncode == 0
-    try:
-        res = subprocess.run(script + ["start"], capture_output=True, text=True, timeout=1200)
-    except subprocess.TimeoutExpired:
-        res = subprocess.CompletedProcess(script, 1, "", "slurm-local.sh start timed out")
-    if res.returncode != 0 or not shutil.which("sbatch"):
-        print(f"no real Slurm here, using submitit's local executor: {res.stderr.strip()[-300:]}")
-        yield "local"
-        return
-    os.environ["SLURM_CONF"] = str(state / "slurm.conf")
-    yield "slurm"
-    if not was_up:  # leave the machine as we found it
-        subprocess.run(script + ["stop"], capture_output=True)
-
-
 def test_slurm_runs_a_study_end_to_end(slurm_cluster, ray_study, env):
     study = env["root"] / "slurm-study"
     lines: list[str] = []
@@ -383,7 +389,7 @@ def test_slurm_runs_a_study_end_to_end(slurm_cluster, ray_study, env):
 
 
 def test_slurm_preempted_job_is_requeued_and_resumes(slurm_cluster, ray_study, env):
-    from normlab.study.executors.slurm import SlurmExecutor, TrainJob
+    from normlab.study.executors.slurm import SlurmExecutor, TrainJob, wait_ended
 
     study = env["root"] / "slurm-preempt"
     name = "ln-b16-none-s0"
@@ -399,6 +405,9 @@ def test_slurm_preempted_job_is_requeued_and_resumes(slurm_cluster, ray_study, e
     assert (task.folder / "last.pt").is_file() and not (task.folder / "summary.json").exists()
     job._interrupt()  # what Slurm does on preemption (SIGTERM, then submitit's USR2)
     assert job.result() == 0
+    # the result is there before the job's srun and script have exited: the study reports a run only once its
+    # job has ended on the cluster (slurm.ended), and so does this test before it looks for leftovers
+    wait_ended(job)
     log = (task.folder / "train.log").read_text()
     headers = [line for line in log.splitlines() if line.startswith("# ")]
     assert len(headers) == 2 and "--resume" in headers[1], log

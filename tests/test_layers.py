@@ -14,14 +14,15 @@ PKG = SRC / "normlab"
 
 # Layers, bottom first: a module may import modules of its own layer or of layers below it.
 LAYERS = [
-    {"normlab.version", "normlab.errors", "normlab.io", "normlab.metrics", "normlab.device"},
+    {"normlab.version", "normlab.errors", "normlab.io", "normlab.metrics", "normlab.device", "normlab.layer_outputs"},
     {"normlab.norms", "normlab.plots", "normlab.data.augment", "normlab.data.augmentations"},
-    {"normlab.registry", "normlab.config", "normlab.runfolder"},
+    {"normlab.registry", "normlab.config", "normlab.runfolder", "normlab.runlock", "normlab.studyfolder"},
     {"normlab.checkpoint", "normlab.models", "normlab.data"},
     {"normlab.evaluation"},
     {"normlab.train"},
     {"normlab.analysis"},
-    {"normlab.study", "normlab.report"},
+    {"normlab.report"},  # reads study folders through normlab.studyfolder, never normlab.study
+    {"normlab.study"},  # runs the study, then calls the report
     {"normlab", "normlab.cli", "normlab.__main__"},  # normlab/__init__.py is the Python API: train(), study()
 ]
 

@@ -170,6 +170,39 @@ def test_a_hook_added_after_train_unfuses_its_owner_until_removed(kind, target, 
     assert len(seen["a"]) == 1  # removed: not called again
 
 
+def test_recording_a_layer_unfuses_only_its_owner_while_recording(tmp_path):
+    """``record_outputs`` (the probes' one way to read layers) hooks through the layers' own methods: the block
+    whose norm is recorded stops fusing for the recording, the recorded values are the unfused model's, and
+    on exit -- also after an exception in the forward pass -- no hook is left and every block fuses again."""
+    from normlab.layer_outputs import record_outputs
+
+    a, b = _pair()
+    a.train(), b.train()
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    names = {"last_norm": "stages.2.0.bn2", "stage1": "stages.0"}
+    seen = {}
+    for key, m in (("a", a), ("b", b)):
+        with record_outputs({k: m.get_submodule(v) for k, v in names.items()}) as seen[key]:
+            if key == "a":
+                assert _fusing(a) == {name: name != "stages.2.0" for name in _fusing(a)}
+            m(x)
+    assert set(seen["a"]) == set(names)
+    for k in names:
+        torch.testing.assert_close(seen["a"][k], seen["b"][k])
+    assert (seen["a"]["last_norm"] < 0).any()  # the norm's own output, not a fused ReLU's
+    assert all(_fusing(a).values())
+    assert not a.get_submodule("stages.2.0.bn2").has_hooks() and not a.stages[0]._forward_hooks
+    with pytest.raises(RuntimeError, match="boom"):
+        with record_outputs({"last_norm": a.get_submodule("stages.2.0.bn2")}):
+            assert not a.stages[2][0].fused()
+            raise RuntimeError("boom")
+    assert all(_fusing(a).values()) and not a.get_submodule("stages.2.0.bn2").has_hooks()
+    with pytest.raises(AttributeError):  # the second layer cannot take a hook: the first one's is removed too
+        with record_outputs({"last_norm": a.get_submodule("stages.2.0.bn2"), "bad": object()}):
+            pass
+    assert all(_fusing(a).values()) and not a.get_submodule("stages.2.0.bn2").has_hooks()
+
+
 def test_only_the_registry_relu_and_hook_watched_norms_fuse():
     """A plain ``nn.ReLU`` cannot report its hooks, so a block never skips it; the registry's ReLU prints and
     computes as ``nn.ReLU``."""

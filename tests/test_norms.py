@@ -81,8 +81,10 @@ def assert_same_step(ours: nn.Module, ref: nn.Module, x: torch.Tensor, seed: int
 
 # --------------------------------------------------------------------------------------- registry
 
-def test_registry_has_exactly_the_seven_names():
-    assert set(NORMS) == set(NAMES) and len(NORMS) == 7
+def test_registry_has_the_seven_names_and_the_catalogue():
+    from norm_specs import BY_NAME  # the catalogue's specification table (tests/test_catalogue.py)
+
+    assert set(NAMES) <= set(NORMS) and set(NORMS) == set(BY_NAME)
     assert isinstance(NORMS, dict)
 
 

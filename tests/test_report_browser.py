@@ -17,7 +17,7 @@ from PIL import Image
 
 from normlab import runfolder
 from normlab.report.build import build_report
-from normlab.study import folder as sf
+from normlab import studyfolder as sf
 
 from conftest import IN_CI
 

@@ -26,11 +26,11 @@ from PIL import Image
 
 from normlab import cli
 from normlab.config import dump_yaml, make_config
-from normlab.errors import NormlabError
+from normlab.errors import EXIT_BUSY, NormlabError
 from normlab.models import build_model
 from normlab.train import loop
 from normlab.checkpoint import load_checkpoint, save_checkpoint
-from normlab.train.runtime import RunLock
+from normlab.runfolder import RunLock
 
 from conftest import make_image_folder
 
@@ -57,9 +57,9 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def assert_one_line_error(code: int, err: str, *needles: str) -> str:
+def assert_one_line_error(code: int, err: str, *needles: str, exit_code: int = 2) -> str:
     lines = err.strip().splitlines()
-    assert code == 2, err
+    assert code == exit_code, err
     assert len(lines) == 1 and lines[0].startswith("normlab: error: "), err
     assert "Traceback" not in err
     for needle in needles:
@@ -191,7 +191,7 @@ def test_sigkill_during_checkpoint_write_keeps_the_old_checkpoint(kill_env, tmp_
     assert ckpt["state"]["epoch"] == 1 and len(ckpt["state"]["rows"]) == 1
     with pytest.raises(Exception):  # the temp file really is torn
         torch.load(torn[0], weights_only=True)
-    assert len(read_rows(run)) == 2  # metrics.csv of epoch 2 was already written: resume redoes epoch 2
+    assert len(read_rows(run)) == 1  # metrics.csv follows last.pt: both still say epoch 1; resume redoes 2
     res = _resume(kill_env, run)
     assert res.returncode == 0, res.stderr
     assert "resuming" in res.stderr and "after epoch 1" in res.stderr
@@ -223,7 +223,7 @@ def test_live_lock_refuses_resume_with_one_line(image_folder, tmp_path, capsys, 
     run = _pending_run(tmp_path / "run", image_folder)
     (run / ".lock").write_text(str(sleeper.pid))
     code, err = run_cli(["train", "--resume", str(run)], capsys)
-    assert_one_line_error(code, err, f"in use by process {sleeper.pid}")
+    assert_one_line_error(code, err, f"in use by process {sleeper.pid}", exit_code=EXIT_BUSY)
     assert (run / ".lock").read_text() == str(sleeper.pid)  # the other process's lock is untouched
     assert not (run / "last.pt").exists()
 
@@ -233,7 +233,7 @@ def test_live_lock_refuses_force_without_deleting(image_folder, tmp_path, capsys
     (run / "metrics.csv").write_text("epoch\n1\n")
     (run / ".lock").write_text(str(sleeper.pid))
     code, err = run_cli(["train", "--config", str(run / "config.yaml"), "--force"], capsys)
-    assert_one_line_error(code, err, f"in use by process {sleeper.pid}")
+    assert_one_line_error(code, err, f"in use by process {sleeper.pid}", exit_code=EXIT_BUSY)
     assert (run / "metrics.csv").read_text() == "epoch\n1\n"  # --force did not wipe a live run
 
 
@@ -264,7 +264,7 @@ def test_empty_or_garbage_lock_is_stale(tmp_path, content):
 HOLD_LOCK = r"""
 import sys, time
 from pathlib import Path
-from normlab.train.runtime import RunLock
+from normlab.runfolder import RunLock
 with RunLock(Path(sys.argv[1]), print):
     Path(sys.argv[2]).write_text("locked")
     time.sleep(120)
@@ -281,7 +281,7 @@ def test_lock_held_by_a_running_process(image_folder, tmp_path, capsys):
             time.sleep(0.05)
         assert ready.exists()
         code, err = run_cli(["train", "--resume", str(run)], capsys)
-        assert_one_line_error(code, err, f"in use by process {holder.pid}")
+        assert_one_line_error(code, err, f"in use by process {holder.pid}", exit_code=EXIT_BUSY)
         with pytest.raises(NormlabError, match="in use"):
             with RunLock(run, print):
                 pass

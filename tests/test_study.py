@@ -228,6 +228,37 @@ def test_findings_name_failures_and_batch_effects(tmp_path):
     assert items[0].startswith("Best variant by mean test accuracy: bn 0.8000")
 
 
+def test_each_renderer_escapes_for_its_own_format(tmp_path):
+    """report.md reads as written (p<0.001, |Δ|: no HTML entities, no stray backslashes) and still renders no
+    user-given HTML, link or broken table (checked with a CommonMark parser); report.html escapes as HTML."""
+    from markdown_it import MarkdownIt
+
+    (tmp_path / "figures").mkdir()
+    fig = tmp_path / "figures" / "a (1).png"
+    fig.write_bytes(b"\x89PNG\r\n\x1a\n")
+    doc = Doc("Study <b>x</b>")
+    doc.h("Norms <u>compared</u>")
+    doc.p("bn vs gn: 0.0123 (p<0.001), |Δ| 0.0500 & more")
+    doc.p("<script>alert(1)</script> \\<img src=x onerror=alert(1)> &amp; [click](http://evil.example) <!-- c -->")
+    doc.findings(["gn moves more (|Δ| 0.0500 vs 0.0100), p<0.001", "<http://evil.example> & 3 < 4"])
+    doc.table(["class | name", "acc"], [["cat|dog <i>x</i>", "0.5"], ["two\nlines", "1 < 2"]])
+    doc.img(fig, "a [figure](http://evil.example)")
+    md = to_markdown(doc, tmp_path)
+    assert "(p<0.001), |Δ| 0.0500 & more" in md and "- gn moves more (|Δ| 0.0500 vs 0.0100), p<0.001" in md
+    assert "p&lt;" not in md and "&amp; more" not in md and "\\|Δ" not in md and "3 < 4" in md
+    rendered = MarkdownIt("commonmark").enable("table").render(md)
+    for raw in ("<script", "<img src=x", "<b>", "<u>", "<i>", "<!--", 'href="http://evil', "<http"):
+        assert raw not in rendered, (raw, rendered)
+    assert "<h1>Study &lt;b&gt;x&lt;/b&gt;</h1>" in rendered and "(p&lt;0.001), |Δ| 0.0500 &amp; more" in rendered
+    assert "\\&lt;img" in rendered and "&amp;amp; [click](http://evil.example)" in rendered  # the user's own text
+    assert [row.count("<td>") for row in rendered.split("<tr>")[2:]] == [2, 2]  # the pipes stayed in their cells
+    assert "<td>cat|dog &lt;i&gt;x&lt;/i&gt;</td>" in rendered and "<td>two lines</td>" in rendered
+    assert '<img src="figures/a%20%281%29.png" alt="a [figure](http://evil.example)"' in rendered
+    page = to_html(doc)
+    assert "(p&lt;0.001), |Δ| 0.0500 &amp; more" in page and "&lt;script&gt;" in page and "<script" not in page
+    assert "&amp;amp; [click]" in page and "<td>cat|dog &lt;i&gt;x&lt;/i&gt;</td>" in page
+
+
 def test_report_helpers_are_pure_and_honest():
     assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5))
     assert fmt(0.5, 0.1, 2) == "0.5000 ± 0.1000" and fmt(0.5, 0.0, 1) == "0.5000"

@@ -85,7 +85,7 @@ def study(spec: str = "quick", out: str | Path | None = None, *, jobs: int = 1, 
 def load_study(study_dir: str | Path):
     """One row per planned run of a study folder (settings it varies, seed, status, train/val/test metrics,
     epochs, time) as a pandas DataFrame."""
-    from normlab.study.folder import load_study as load
+    from normlab.studyfolder import load_study as load
 
     return load(study_dir)
 

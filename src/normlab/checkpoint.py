@@ -68,12 +68,20 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated zip, foreign pickle, ...
         first = (str(exc).strip().splitlines() or [""])[0][:120]  # some errors (empty file) have no message
-        raise NormlabError(f"checkpoint {path} cannot be read ({type(exc).__name__}{': ' + first if first else ''}); "
-                           "it is truncated or not a normlab checkpoint: "
-                           "delete it and resume from the other one or retrain") from None
+        raise CheckpointUnreadable(path, f"{type(exc).__name__}{': ' + first if first else ''}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise NormlabError(f"checkpoint {path} is not a normlab checkpoint (no model/config inside)")
+        raise CheckpointUnreadable(path, "no model/config inside")
     return ckpt
+
+
+class CheckpointUnreadable(NormlabError):
+    """A checkpoint file that is truncated, damaged or not normlab's; ``reason`` says what the reader saw."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"checkpoint {path} cannot be read ({reason}); it is truncated or not a normlab checkpoint: "
+                         f"retrain the run (`normlab train --resume {self.path.parent} --force` starts it over with "
+                         "its saved settings)")
 
 
 def config_of(ckpt: dict[str, Any]) -> TrainConfig:

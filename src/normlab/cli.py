@@ -1,4 +1,4 @@
-"""The ``normlab`` command: train, study, report, evaluate, gradcam, activations, augment-preview, completion.
+"""The ``normlab`` command: train, study, report, evaluate, gradcam, activations, robustness, augment-preview, completion.
 
 Every ``TrainConfig`` field is a flag (``gn_groups`` -> ``--gn-groups``) whose type, choices and help come
 from the field (``normlab.config.setting``) and the registries (``normlab.registry``); flags override
@@ -209,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in RUN_DIR from its last.pt, with its saved settings; only "
                         f"{', '.join('--' + k.replace('_', '-') for k in RESUME_SAFE)} may change (epochs can only "
                         "grow)")
-    p.add_argument("--force", action="store_true", help="overwrite an output folder that already holds a run")
+    p.add_argument("--force", action="store_true", help="overwrite an output folder that already holds a run; with "
+                   "--resume: start that run over from epoch 1 with its saved settings")
     p.add_argument("--config", metavar="FILE", help="YAML file of settings (flags override it)")
     add_setting_flags(p, "settings (override the config file)")
     p.set_defaults(func=cmd_train)
@@ -262,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="output folder (default: RUN_DIR/activations)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
     p.set_defaults(func=cmd_activations)
+
+    add_robustness_parser(sub)
 
     p = sub.add_parser("completion", help="print a shell completion script: eval \"$(normlab completion bash)\"")
     p.add_argument("shell", choices=SHELLS, help="the shell to complete in")
@@ -388,8 +391,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     study_dir = _existing(args.study_dir, "study folder")
     if not (study_dir / "plan.json").is_file():
         raise NormlabError(f"{study_dir} is not a study folder (no plan.json): run `normlab study --out {study_dir}` first")
-    analyse_study(study_dir, device=args.device)
-    md, html = build_report(study_dir)
+    from normlab.study import study_lock
+
+    with study_lock(study_dir):  # not while a study (or another report) writes the folder
+        analyse_study(study_dir, device=args.device)
+        md, html = build_report(study_dir)
     print(html)
     return 0
 
@@ -426,12 +432,66 @@ def cmd_train(args: argparse.Namespace) -> int:
         if changes and (Path(args.resume) / "summary.json").is_file():
             raise NormlabError(f"--resume {args.resume}: the run is finished (summary.json exists), so there is "
                                f"nothing to continue with {', '.join(sorted(changes))}; start a new run with --out")
-        train(None, resume_dir=args.resume, changes=changes)  # type: ignore[arg-type]
+        train(None, resume_dir=args.resume, changes=changes, force=args.force)  # type: ignore[arg-type]
         return 0
     cfg = load_config(args.config, **config_overrides(args))
     check_pretrained_file(cfg)  # before any data is loaded
     out = train(cfg, force=args.force)
     print(out)
+    return 0
+
+
+def add_robustness_parser(sub) -> None:
+    """``normlab robustness RUN...``: corruption robustness, test-time statistics and calibration of runs."""
+    p = sub.add_parser("robustness", help="evaluate runs' best weights on corrupted test images (15 corruptions × "
+                                          "severities), with re-estimated statistics, and their calibration")
+    p.add_argument("run_dir", metavar="RUN_DIR", nargs="+", help="folders made by `normlab train`")
+    p.add_argument("--corruptions", type=_names, metavar="NAME,...",
+                   help="corruptions to apply [default: every one that fits the data set]")
+    p.add_argument("--severities", type=_names, default=["1", "2", "3", "4", "5"], metavar="S,...",
+                   help="severities 1-5 [default: 1,2,3,4,5]")
+    p.add_argument("--baseline", metavar="RUN_DIR", help="the run that normalizes CE and mCE [default: the first "
+                                                        "given run whose norm is torch_bn; none: mean errors only]")
+    p.add_argument("--no-test-time", dest="test_time", action="store_false",
+                   help="skip re-estimated and prior-mixed statistics and the batch-statistics sweep")
+    p.add_argument("--prior-n", type=int, default=16, metavar="N", help="prior strength N of the mixed statistics "
+                                                                        "[default: 16]")
+    p.add_argument("--batch-stats-images", type=int, metavar="N",
+                   help="images of the clean batch-statistics sweep [default: the whole split]")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    p.set_defaults(func=cmd_robustness)
+
+
+def cmd_robustness(args: argparse.Namespace) -> int:
+    from normlab import runfolder
+    from normlab.analysis.calibration import run_calibration
+    from normlab.analysis.galleries import load_run
+    from normlab.analysis.robustness import check_severities, normalize_runs, run_robustness
+
+    severities = check_severities(args.severities)  # before any run is loaded
+    runs = [_existing(r, "run folder") for r in args.run_dir]
+    baseline = _existing(args.baseline, "baseline run folder") if args.baseline else None
+    results = {}
+    for run_dir in runs + ([baseline] if baseline and baseline not in runs else []):
+        loaded = load_run(run_dir, args.device)
+        results[str(run_dir)] = run_robustness(run_dir, corruptions=args.corruptions, severities=severities,
+                                               test_time=args.test_time, prior_n=args.prior_n, device=args.device,
+                                               batch_stats_images=args.batch_stats_images, loaded=loaded)
+        results[str(run_dir)]["calibration"] = run_calibration(run_dir, loaded=loaded)
+    base = [str(baseline)] if baseline else [k for k, v in results.items() if v["norm"] == "torch_bn"][:1]
+    label = f"{results[base[0]]['norm']} ({Path(base[0]).name})" if base else ""
+    for key, res in normalize_runs(results, base, label).items():
+        cal = res.pop("calibration", {})
+        if res.get("normalized"):
+            runfolder.write_robustness(key, res)
+        n = res.get("normalized") or {}
+        acc = [a for sev in res["accuracy"].values() for a in sev.values()]
+        adapted = [a for sev in (res.get("adapted") or {}).values() for a in sev.values()]
+        print(f"{key}: clean {res['clean']['acc']:.4f}, corrupted {sum(acc) / len(acc):.4f}"
+              + (f", re-estimated {sum(adapted) / len(adapted):.4f}" if adapted else "")
+              + (f", mCE {n['mce']:.3f}, relative mCE {n['relative_mce']:.3f}" if n else "")
+              + "".join(f", {split} ECE {c['ece']:.4f}" for split, c in cal.items())
+              + f" -> {Path(key) / runfolder.ROBUSTNESS}")
     return 0
 
 
@@ -471,12 +531,30 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except NormlabError as exc:
-        print(f"normlab: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"normlab: error: {_for_command(exc, args)}", file=sys.stderr)
+        return exc.exit_code
+    except Exception as exc:  # a full disk reported by any layer (torch, TensorBoard, matplotlib): one line too
+        from normlab.errors import DiskFull, disk_full_cause
+
+        cause = disk_full_cause(exc)
+        if cause is None:
+            raise
+        full = DiskFull(cause.filename or getattr(args, "out", None) or getattr(args, "resume", None))
+        print(f"normlab: error: {_for_command(full, args)}", file=sys.stderr)
+        return full.exit_code
     except KeyboardInterrupt:
         print("normlab: interrupted; finished epochs are saved (resume with `normlab train --resume RUN_DIR`)",
               file=sys.stderr)
         return 130
+
+
+def _for_command(exc: NormlabError, args: argparse.Namespace) -> NormlabError:
+    """A full disk met outside ``normlab train`` (a study's or a report's own files): rerun that command."""
+    from normlab.errors import DiskFull
+
+    if isinstance(exc, DiskFull) and exc.advice == DiskFull.RESUME and args.command != "train":
+        return DiskFull(exc.path, f"free space and rerun the same normlab {args.command} command")
+    return exc
 
 
 def entry() -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import os
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -18,8 +19,10 @@ import yaml
 
 from normlab.data.augmentations import check_augment
 from normlab.errors import NormlabError
-from normlab.registry import (ACTIVATIONS, AUGMENTATIONS, DATASETS, MODELS, NORMS, OPTIMIZERS, SCHEDULES, SHORTCUTS,
-                              choose, is_timm)
+from normlab.registry import (
+    ACTIVATIONS, AUGMENTATIONS, CONVS, DATASETS, MODELS, NORMS, OPTIMIZERS, SCHEDULES, SHORTCUTS, choose,
+    is_timm,
+)
 
 IMAGENET = "imagenet"  # --pretrained imagenet: torchvision's ResNet18_Weights.IMAGENET1K_V1
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -67,8 +70,12 @@ class TrainConfig:
     model: str = setting("resnet", "model family, or timm:<architecture> for any timm model", choices=MODELS)
     n: int = setting(3, "blocks per stage: 6n+2 layers (n=3: ResNet-20)")
     norm: str = setting("bn", "normalization layer", choices=NORMS)
-    gn_groups: int | None = setting(None, "GroupNorm groups (unset: 8, which divides 16, 32 and 64)")
+    gn_groups: int | None = setting(None, "GroupNorm groups (unset: 8, which divides 16, 32 and 64); also evonorm_s0's")
+    ghost_batch: int | None = setting(None, "gbn: samples per ghost batch (unset: 32); the batch size must be a multiple "
+                                      "of it, or at most it")
     shortcut: str = setting("A", "residual shortcut when the shape changes", choices=SHORTCUTS)
+    conv: str = setting("plain", "conv layers: plain, or ws = weight standardization (Qiao et al. 2019), with any norm",
+                        choices=CONVS)
     activation: str = setting("relu", "activation after each norm", choices=ACTIVATIONS)
     dropout: float = setting(0.0, "dropout before the classifier")
     width: int = setting(16, "compact: base width w, stage widths w/2w/2.5w (w=16, n=1: ~46k params)")
@@ -95,6 +102,8 @@ class TrainConfig:
     step_gamma: float = setting(0.1, "step schedule: lr factor at each milestone")
     label_smoothing: float = setting(0.0, "cross-entropy label smoothing")
     grad_clip: float | None = setting(None, "clip the gradient norm to this value (unset: off)")
+    agc: float | None = setting(None, "adaptive gradient clipping factor (Brock et al. 2021; e.g. 0.01 for --model nf; "
+                                "unset: off): each unit's gradient is clipped to this times its weight norm")
     patience: int | None = setting(None, "early stopping: stop after this many epochs without a better val accuracy")
     # --- runtime ---
     seed: int = setting(0, "seeds init, data order, augmentation and dropout (splits use fixed seeds); CPU runs "
@@ -142,12 +151,24 @@ class TrainConfig:
         for f in fields(self):
             if f.metadata.get("choices") is not None:
                 choose(f.metadata["choices"], getattr(self, f.name), f.name)
+            value = getattr(self, f.name)
+            numbers = value if isinstance(value, list) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+                bad(f.name, "is not a finite number: give a real value (nan and inf are refused)")
         for name in ("n", "epochs", "batch_size", "eval_batch_size", "probe_size"):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
-        for name in ("image_size", "train_subset", "eval_subset", "gn_groups", "patience", "threads"):
+        for name in ("image_size", "train_subset", "eval_subset", "gn_groups", "ghost_batch", "patience", "threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 bad(name, "must be >= 1 (or left unset)")
+        if self.image_size is not None and self.image_size < min_image_size(self.model, self.norm):
+            smallest = min_image_size(self.model, self.norm)
+            down = MODELS[self.model].downsampling
+            why = (f"{self.model} down-samples by {down}, and norm={self.norm!r} normalizes each sample over space, "
+                   f"which needs at least 2x2 pixels in the last stage" if smallest > down else
+                   f"{self.model} down-samples by {down} (stride-2 stages): smaller images leave its last "
+                   "stage's stride-2 convolutions a single pixel")
+            bad("image_size", f"is too small: {why}; use --image-size {smallest} or more")
         if self.lr <= 0:
             bad("lr", "must be > 0")
         if self.weight_decay < 0 or self.momentum < 0 or self.label_smoothing < 0 or self.dropout < 0:
@@ -158,6 +179,8 @@ class TrainConfig:
             bad("val_fraction", "must be between 0 and 1 (exclusive)")
         if self.grad_clip is not None and self.grad_clip <= 0:
             bad("grad_clip", "must be > 0 (or left unset)")
+        if self.agc is not None and self.agc <= 0:
+            bad("agc", "must be > 0 (or left unset), e.g. --agc 0.01")
         if self.batch_size == 1 and needs_batch_statistics(self.norm):
             bad("batch_size", f"cannot train with norm={self.norm!r}: BatchNorm needs more than one value per "
                 "channel to compute batch statistics; use --batch-size 2 or more, or --norm gn/ln/in")
@@ -166,6 +189,10 @@ class TrainConfig:
                 if width % self.gn_groups:
                     bad("gn_groups", f"does not divide the ResNet's {width} channels; choose a divisor of 16 "
                         "(1, 2, 4, 8 or 16)")
+        ghost = self.ghost_batch or 32
+        if self.norm == "gbn" and self.batch_size > ghost and self.batch_size % ghost:
+            bad("batch_size", f"is not a multiple of the ghost batch of {ghost} samples (norm gbn): use a batch size "
+                f"that is a multiple of {ghost}, or --ghost-batch with a divisor of {self.batch_size}")
         check_augment(self.augment, self.augment_params)
         parse_head(self.head)
         spec = MODELS[self.model]
@@ -188,6 +215,30 @@ class TrainConfig:
         if self.width < 1:
             bad("width", "must be >= 1")
         return self
+
+
+@functools.cache
+def min_image_size(model: str, norm: str) -> int:
+    """The smallest input side the model uses meaningfully: its total stride (below it a stride-2 stage sees a
+    single pixel), one more for norms that normalize each sample over space (instance norm, group norm with
+    a channel per group): on a 1x1 last stage their output no longer depends on the input."""
+    down = MODELS[model].downsampling
+    return down + 1 if needs_spatial_extent(norm) else down
+
+
+@functools.cache
+def needs_spatial_extent(norm: str) -> bool:
+    """Whether the norm's training output on 1x1 maps is the same for every input (statistics over one value),
+    asked of the layer itself."""
+    import torch
+
+    from normlab.norms import make_norm
+
+    layer = make_norm(norm, 16).train()
+    with torch.no_grad():
+        x = torch.randn(4, 16, 1, 1, generator=torch.Generator().manual_seed(0))
+        y = layer(x)
+    return bool(torch.allclose(y, y[:1].expand_as(y), atol=1e-3))  # rounding: the inputs differ by ~1
 
 
 @functools.cache

@@ -103,13 +103,19 @@ def plot_curves(rows: Sequence[dict[str, float]], path: str | os.PathLike, title
 Series = dict[str, tuple[Sequence[float], Sequence[float]]]  # label -> (x, y)
 
 # One colour and marker per norm in every figure and table of a report (colour-blind-safe Okabe-Ito
-# colours; the marker tells them apart in grey too). Never by position: position changes between figures.
+# colours for the first seven, tab20 colours away from them for the catalogue; every norm has its own marker,
+# so the 17 stay apart in grey too). Never by position: position changes between figures.
 VARIANT_STYLES: dict[str, tuple[str, str]] = {
     "torch_bn": ("#000000", "s"), "bn": ("#0072B2", "o"), "in": ("#E69F00", "^"), "bin": ("#009E73", "D"),
     "ln": ("#CC79A7", "v"), "gn": ("#D55E00", "P"), "nn": ("#56B4E9", "X"),
+    "frn": ("#d62728", "p"), "evonorm_b0": ("#9467bd", "h"), "evonorm_s0": ("#c5b0d5", "H"), "sn": ("#8c564b", "*"),
+    "brn": ("#17becf", "<"), "gbn": ("#98df8a", ">"), "rms": ("#7f7f7f", "d"), "ln2d": ("#bcbd22", "8"),
+    "rms2d": ("#ff9896", "x"), "dyt": ("#1a1a6e", "+"),
 }
-MARKER_GLYPHS = {"o": "●", "s": "■", "^": "▲", "D": "◆", "v": "▼", "P": "✚", "X": "✖", "*": "★", "h": "⬢", "<": "◀"}
-_EXTRA = (("#7F7F7F", "*"), ("#8C564B", "h"), ("#BCBD22", "<"), ("#17BECF", "*"), ("#9467BD", "h"), ("#F0E442", "<"))
+MARKER_GLYPHS = {"o": "●", "s": "■", "^": "▲", "D": "◆", "v": "▼", "P": "✚", "X": "✖", "*": "★", "h": "⬢", "<": "◀",
+                 "p": "⬟", "H": "⬣", ">": "▶", "d": "◊", "8": "✸", "x": "✕", "+": "✛"}
+# labels without a listed norm (a norm registered later, a compare group): tab20's light colours, none of the above
+_EXTRA = (("#aec7e8", "*"), ("#ffbb78", "h"), ("#c49c94", "<"), ("#f7b6d2", "*"), ("#dbdb8d", "h"), ("#9edae5", "<"))
 _LINES = ("-", "--", ":", "-.")
 
 
@@ -146,8 +152,9 @@ def plot_panels(panels: Sequence[tuple[str, str, Series]], path: str | os.PathLi
         if logy and logy[i]:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        if series:
-            ax.legend(fontsize=8)
+        if series:  # many variants (the catalogue): two columns, smaller, so the legend does not hide the curves
+            many = len(series) > 8
+            ax.legend(fontsize=6.5 if many else 8, ncol=2 if many else 1)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     if title:
@@ -228,3 +235,58 @@ def plot_bars(values: dict[str, float], path: str | os.PathLike, title: str, yla
     ax.grid(alpha=0.3, axis="y")
     ax.tick_params(axis="x", rotation=30)
     return save_figure(fig, path)
+
+
+def plot_reliability(variants: dict[str, dict[str, Sequence[float]]], path: str | os.PathLike, title: str = "",
+                     ncols: int = 4) -> Path:
+    """Reliability diagrams, one panel per variant: accuracy against mean confidence per confidence bin
+    (``{"confidence", "accuracy", "count"}``), bars shaded by how many images the bin holds, the diagonal
+    = perfect calibration."""
+    n = max(1, len(variants))
+    ncols = min(ncols, n)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols, 3.3 * nrows), squeeze=False, sharex=True,
+                             sharey=True, constrained_layout=True)
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for ax, (label, bins) in zip(axes.flat, variants.items()):
+        ax.set_visible(True)
+        k = len(bins["count"])
+        edges = [i / k for i in range(k + 1)]
+        total = max(1, sum(bins["count"]))
+        color = style_of(label, list(variants))["color"]
+        for i, (acc, cnt) in enumerate(zip(bins["accuracy"], bins["count"])):
+            if cnt:
+                ax.bar(edges[i], acc, width=1 / k, align="edge", color=color,
+                       alpha=0.25 + 0.75 * min(1.0, 5 * cnt / total), edgecolor="white", lw=0.5)
+        ax.plot([0, 1], [0, 1], ":", color="gray", lw=1)
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy")
+        ax.set_title(label, color=color, fontsize=9, parse_math=False)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10, parse_math=False)
+    return save_figure(fig, path, dpi=100)
+
+
+def plot_heatmap(values: Sequence[Sequence[float]], rows: Sequence[str], cols: Sequence[str], path: str | os.PathLike,
+                 title: str = "", label: str = "", fmt: str = "{:.2f}") -> Path:
+    """A rows × columns heat map with every cell written in it (NaN cells blank), e.g. corruption × variant."""
+    import numpy as np
+
+    a = np.asarray(values, dtype=float)
+    fig, ax = plt.subplots(figsize=(1.1 * len(cols) + 2.8, 0.34 * len(rows) + 1.6), constrained_layout=True)
+    finite = a[np.isfinite(a)]
+    im = ax.imshow(np.ma.masked_invalid(a), cmap="viridis", aspect="auto", interpolation="nearest",
+                   vmin=finite.min() if finite.size else 0, vmax=finite.max() if finite.size else 1)
+    fig.colorbar(im, ax=ax, label=label)
+    mid = (finite.min() + finite.max()) / 2 if finite.size else 0
+    for i in range(a.shape[0]):
+        for j in range(a.shape[1]):
+            if np.isfinite(a[i, j]):
+                ax.text(j, i, fmt.format(a[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if a[i, j] < mid else "black")
+    ax.set_xticks(range(len(cols)), [str(c) for c in cols], rotation=30, ha="right", fontsize=8, parse_math=False)
+    ax.set_yticks(range(len(rows)), [str(r) for r in rows], fontsize=8, parse_math=False)
+    if title:
+        ax.set_title(title, fontsize=10, parse_math=False)
+    return save_figure(fig, path, dpi=100)

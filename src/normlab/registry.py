@@ -67,10 +67,9 @@ def fused_step(groups: list[dict]) -> bool | None:
       overflowed step inside its kernel, where any other optimizer makes ``GradScaler.step`` read the flag
       on the host (``.item()``) every step. Also after an explicit ``unscale_`` (``train/step.py`` clips
       unscaled gradients): the scaler then hands over the flag that ``unscale_`` found.
-    - speed on the CPU: measured on a ResNet-20's 0.27 M parameters (300 interleaved steps each, medians,
-      this 2-core machine): SGD with momentum 0.22 ms fused vs 0.51 ms foreach, AdamW 0.71 vs 2.2 ms
-      (1 thread; 2 threads and channels_last the same way round). The results agree with foreach
-      (SGD identical, AdamW within 2e-8 after 3 steps)."""
+    - speed on the CPU: the fused steps are faster than foreach for SGD with momentum and for AdamW on a
+      ResNet-20's parameters, and their results agree with foreach (SGD identical, AdamW within float
+      rounding)."""
     devices = {p.device.type for g in groups for p in g["params"]}
     return True if devices and devices <= {"cpu", "cuda"} else None
 
@@ -139,6 +138,7 @@ class ModelSpec:
     freeze_stages: str  # what --freeze 1, 2, ... freeze, in order
     help: str
     pretrained: bool = False  # takes --pretrained (resnet18: torchvision weights; timm: a local state_dict)
+    downsampling: int = 4  # total stride for small inputs (stride-2 stages): the last stage sees size/downsampling
 
     @property
     def freeze_units(self) -> int:
@@ -182,14 +182,19 @@ MODELS: dict[str, ModelSpec] = ModelRegistry({
                         "the 6n+2 CIFAR ResNet"),
     "resnet18": ModelSpec("normlab.models.torchvision_resnet:build_resnet18",
                           "conv1+bn1, layer1, layer2, layer3, layer4", "torchvision's ResNet-18, any norm",
-                          pretrained=True),
+                          pretrained=True, downsampling=8),
     "compact": ModelSpec("normlab.models.compact:build_compact", "stem, stage1, stage2, stage3",
                          "narrow ResNet for small budgets, see --width"),
-    # freeze: the timm model's stem, then its stages (where it has `stem` and `stages`); counted when built
+    "nf": ModelSpec("normlab.models.nf:build_nf", "stem, stage1, stage2, stage3",
+                    "normalizer-free 6n+2 ResNet (scaled WS convs, no norm; use --agc)"),
+    # freeze: the timm model's stem, then its stages (where it has `stem` and `stages`); counted when built.
+    # downsampling 1: the smallest input is checked when the model is built (a probe pass at the input size)
     TIMM_PREFIX + "NAME": ModelSpec("normlab.models.timm_models:build_timm", "stem, stages ...",
                                     "any timm architecture, e.g. timm:convnext_atto (pip install 'normlab[timm]')",
-                                    pretrained=True),
+                                    pretrained=True, downsampling=1),
 })
+# conv layers of the models (--conv): plain, or weight-standardized (models/nf.py)
+CONVS: tuple[str, ...] = ("plain", "ws")
 
 # data set -> its image size (folder: the size images are resized to unless --image-size says otherwise)
 DATASETS: dict[str, int] = {"fashion-mnist": 28, "cifar10": 32, "folder": 256}

@@ -12,7 +12,18 @@ A run folder (``normlab train --out DIR``, ``<study>/runs/<name>``) holds:
 ``best.pt``        weights with the best val accuracy · ``last.pt`` weights + optimizer + RNG + progress
 ``predictions.json`` per-image ``{"val": {"true": [...], "pred": [...]}, "test": ...}`` of the best weights
                    (written by the analyses: paired tests between runs on the same images)
-``failed.json``    written by a study when the training process failed: ``{"returncode", "command"}``
+``robustness.json`` corruption robustness of the best weights (``normlab robustness``, a study's robustness
+                   step): split, corruptions, severities, clean and per corruption × severity accuracy, the
+                   same with statistics re-estimated on the corrupted data (``adapted``) and with Schneider et
+                   al.'s prior-weighted mix (``mixed``), clean accuracy with batch statistics per evaluation
+                   batch size, and ``normalized`` (CE / mCE against a baseline run); ``{"failed": message}``
+                   when the step failed
+``calibration.json`` per split: ECE (15 bins), NLL, Brier score and the reliability bins of the best weights
+``logits.npz``     per split, the best weights' logits (float32, data order) and ``<split>_true`` labels:
+                   calibration is computed from them
+``reliability_{split}.png`` the run's reliability diagram
+``failed.json``    written by a study when the training process failed: ``{"returncode", "command"}``;
+                   removed once the run has a summary (the summary is the run's one truth)
 ``events.*``       TensorBoard scalars per epoch, and the run's HParams once at the end
 ``curves.png``, ``confusion_*.png``, ``misclassified_val.png|webp``, ``gradcam/`` (``gradcam.json`` + galleries)
 ``eval/``          ``normlab evaluate``: ``<data>-<split>.json`` (``EVAL_KEYS``: the scores and confusion matrix of
@@ -20,6 +31,9 @@ A run folder (``normlab train --out DIR``, ``<study>/runs/<name>``) holds:
 =================  ==========================================================================================
 
 Every reader and writer of these files goes through this module, so a change of name or key is made once.
+``summary.json`` is written last, when everything else of the run is on disk: a run whose process failed
+before that (a full disk while drawing ``curves.png``) has no summary and resumes from ``last.pt``. The
+folder's lock (``RunLock``, from ``normlab.runlock``) and its preparation (``prepare``) live here too.
 ``SCHEMA_VERSION`` is stored in ``summary.json``; a summary without one is version 1 (the same keys
 minus the timing and world-size additions, which readers treat as absent). Version 3 adds ``model``
 (``MODEL_KEYS``); ``read_summary`` gives older summaries ``model: None``.
@@ -30,11 +44,16 @@ from __future__ import annotations
 import csv
 import io
 import math
+import shutil
 import statistics
 from pathlib import Path
 from typing import Any
 
+from normlab.errors import NormlabError
 from normlab.io import read_json, write_json, write_text
+from normlab.runlock import RunLock
+
+__all__ = ["RunLock", "prepare"]  # and the names below
 
 SCHEMA_VERSION = 3
 
@@ -47,6 +66,12 @@ LAST = "last.pt"
 FAILED = "failed.json"
 PREDICTIONS = "predictions.json"
 CURVES = "curves.png"
+ROBUSTNESS = "robustness.json"
+CALIBRATION = "calibration.json"
+LOGITS = "logits.npz"
+RELIABILITY_PNG = "reliability_{split}.png"
+LABELS_SUFFIX = "_true"  # logits.npz: "<split>_true" holds the labels of "<split>"
+ROBUSTNESS_SCHEMA = 1
 TRAIN_LOG = "train.log"
 GRADCAM_DIR = "gradcam"
 GRADCAM_INDEX = "gradcam.json"
@@ -87,12 +112,36 @@ def holds_run(folder: str | Path) -> bool:
 
 
 def run_state(folder: str | Path) -> str:
-    """finished (summary.json) | partial (last.pt: resumable) | new. What a study runner needs to decide."""
+    """finished (summary.json) | partial (last.pt, or metrics.csv, which is written after last.pt: finished
+    epochs whose last.pt is gone, and ``--resume`` says what it can do) | new. What a study runner needs."""
     if _p(folder, SUMMARY).is_file():
         return "finished"
-    if _p(folder, LAST).is_file():
+    if _p(folder, LAST).is_file() or _p(folder, METRICS).is_file():
         return "partial"
     return "new"
+
+
+def prepare(out: str | Path, force: bool) -> Path:
+    """Make ``out`` ready for a new run: refuse a folder holding a run unless ``force``, which empties it (never
+    while a live process holds its lock). Returns the folder, created if needed."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NormlabError(f"output {out} exists and is not a folder: choose another --out")
+    if out.is_dir() and holds_run(out):
+        if not force:
+            raise NormlabError(f"output folder {out} already holds a run: continue it with `normlab train --resume "
+                               f"{out}`, choose another --out, or pass --force to overwrite it")
+        RunLock.check_free(out)  # --force must not delete the files of a run still being written
+        clear(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def clear(out: str | Path, keep: tuple[str, ...] = ()) -> None:
+    """Delete everything in the run folder but its lock and ``keep``."""
+    for child in Path(out).iterdir():
+        if child.name != ".lock" and child.name not in keep:
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 
 # ----------------------------------------------------------------------------------------- metrics.csv
@@ -138,8 +187,16 @@ def write_quantiles(folder: str | Path, qs: tuple[float, ...] | list[float], epo
 
 
 def read_quantiles(folder: str | Path) -> dict[str, Any] | None:
+    """The file's content; a non-finite quantile (written as null: JSON is strict) is NaN again here."""
     path = _p(folder, QUANTILES)
-    return read_json(path) if path.is_file() else None
+    if not path.is_file():
+        return None
+    data = read_json(path)
+    for entry in data.get("epochs", []):
+        for layer, values in entry.items():
+            if isinstance(values, list):
+                entry[layer] = [math.nan if v is None else v for v in values]
+    return data
 
 
 # ----------------------------------------------------------------------------------------- summary.json
@@ -159,6 +216,11 @@ def read_summary(folder: str | Path) -> dict[str, Any] | None:
     summary.setdefault("schema_version", 1)
     summary.setdefault("model", None)
     return summary
+
+
+def clear_failure(folder: str | Path) -> None:
+    """Remove ``failed.json`` of an earlier attempt: the run's summary (or its next attempt) is the truth now."""
+    _p(folder, FAILED).unlink(missing_ok=True)
 
 
 def model_record(name: str, swaps: dict[str, Any] | None = None, pretrained: dict[str, Any] | None = None
@@ -277,3 +339,84 @@ def misclassified_file(folder: str | Path) -> Path | None:
 def gradcam_index(folder: str | Path) -> dict[str, Any] | None:
     path = Path(folder) / GRADCAM_DIR / GRADCAM_INDEX
     return read_json(path) if path.is_file() else None
+
+
+# ----------------------------------------------------------------------------------------- robustness, calibration
+
+
+def write_robustness(folder: str | Path, result: dict[str, Any]) -> Path:
+    """``robustness.json``: see the table above; accuracies keyed ``[corruption][str(severity)]``."""
+    path = _p(folder, ROBUSTNESS)
+    write_json(path, {"schema": ROBUSTNESS_SCHEMA, **result})
+    return path
+
+
+def read_robustness(folder: str | Path) -> dict[str, Any] | None:
+    path = _p(folder, ROBUSTNESS)
+    return read_json(path) if path.is_file() else None
+
+
+def write_calibration(folder: str | Path, splits: dict[str, dict[str, Any]]) -> Path:
+    path = _p(folder, CALIBRATION)
+    write_json(path, splits)
+    return path
+
+
+def read_calibration(folder: str | Path) -> dict[str, Any] | None:
+    path = _p(folder, CALIBRATION)
+    return read_json(path) if path.is_file() else None
+
+
+def write_logits(folder: str | Path, splits: dict[str, Any]) -> Path:
+    """``logits.npz``: ``splits[name]`` an ``N × K`` float array of the best weights' logits, data order;
+    ``splits[name + LABELS_SUFFIX]`` the true classes (int64), so the file alone gives the calibration."""
+    import numpy as np
+
+    from normlab.io import atomic_write
+
+    path = _p(folder, LOGITS)
+    arrays = {k: np.asarray(v, dtype=np.int64 if k.endswith(LABELS_SUFFIX) else np.float32) for k, v in splits.items()}
+    atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
+    return path
+
+
+def read_logits(folder: str | Path) -> dict[str, Any] | None:
+    import numpy as np
+
+    path = _p(folder, LOGITS)
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _mean_acc(table: dict[str, dict[str, float]] | None) -> float | None:
+    vals = [v for sev in (table or {}).values() for v in sev.values() if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def robustness_scores(folder: str | Path) -> dict[str, Any]:
+    """Flat columns for ``results.csv``: mean accuracy over every corruption × severity (plain, with
+    re-estimated and with prior-mixed statistics), mCE and relative mCE (when normalized), ECE / NLL /
+    Brier per split. None where absent; ``robustness_status`` is ok | failed: … | '' (not run)."""
+    rob = read_robustness(folder) or {}
+    cal = read_calibration(folder) or {}
+    norm = rob.get("normalized") or {}
+    out: dict[str, Any] = {
+        "robustness_status": ("ok" if rob.get("accuracy") else f"failed: {rob['failed']}" if rob.get("failed") else ""),
+        "clean_acc_robustness_split": (rob.get("clean") or {}).get("acc"),
+        "corrupted_acc": _mean_acc(rob.get("accuracy")),
+        "corrupted_acc_adapted": _mean_acc(rob.get("adapted")),
+        "corrupted_acc_mixed": _mean_acc(rob.get("mixed")),
+        "mce": norm.get("mce"), "relative_mce": norm.get("relative_mce"),
+    }
+    for split in ("val", "test"):
+        part = cal.get(split) or {}
+        for m in ("ece", "nll", "brier"):
+            out[f"{split}_{m}"] = part.get(m)
+    return out
+
+
+ROBUSTNESS_COLUMNS = ("robustness_status", "clean_acc_robustness_split", "corrupted_acc", "corrupted_acc_adapted",
+                      "corrupted_acc_mixed", "mce", "relative_mce",
+                      "val_ece", "val_nll", "val_brier", "test_ece", "test_nll", "test_brier")

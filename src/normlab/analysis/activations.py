@@ -21,6 +21,7 @@ from torch import nn
 
 from normlab.device import unwrap
 from normlab.errors import NormlabError
+from normlab.layer_outputs import record_outputs
 
 
 def read_image(path: str | os.PathLike, channels: int | None = None, size: int | None = None) -> torch.Tensor:
@@ -76,16 +77,12 @@ def feature_layers(model: nn.Module) -> dict[str, nn.Module]:
 @torch.no_grad()
 def feature_maps(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Outputs (``C x H x W``, CPU float) of every feature layer for the single normalised image ``x`` (1 x C x H x W)."""
-    out: dict[str, torch.Tensor] = {}
-    hooks = [layer.register_forward_hook(lambda _m, _i, o, name=name: out.__setitem__(name, o[0].detach().float().cpu()))
-             for name, layer in feature_layers(model).items()]
     was_training = model.training
     try:
         model.eval()
-        model(x)
+        with record_outputs(feature_layers(model), keep=lambda o: o[0].detach().float().cpu()) as out:
+            model(x)
     finally:
-        for h in hooks:
-            h.remove()
         model.train(was_training)
     return out
 

@@ -31,7 +31,7 @@ def draws_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 @functools.lru_cache(maxsize=64)
 def _affine(mean: tuple[float, ...], std: tuple[float, ...], dtype: torch.dtype,
             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    # made once per (statistics, dtype, device): building them per batch was a host-to-device copy per step
+    # made once per (statistics, dtype, device): building them per batch would be a host-to-device copy per step
     std64 = torch.tensor(std, dtype=torch.float64)
     scale = (1.0 / (255.0 * std64)).to(dtype=dtype).view(-1, 1, 1)
     shift = (torch.tensor(mean, dtype=torch.float64) / std64).to(dtype=dtype).view(-1, 1, 1)

@@ -24,8 +24,15 @@ def build_model(cfg, in_channels: int, num_classes: int, *, sync: bool = False) 
     norm_kwargs = {"sync": sync}
     if cfg.gn_groups is not None:
         norm_kwargs["num_groups"] = cfg.gn_groups
+    if getattr(cfg, "ghost_batch", None) is not None:
+        norm_kwargs["virtual_batch"] = cfg.ghost_batch
     build = choose(MODELS, getattr(cfg, "model", "resnet"), "model").build()
-    return finish_model(build(cfg, in_channels, num_classes, norm_kwargs), cfg, num_classes)
+    model = build(cfg, in_channels, num_classes, norm_kwargs)
+    if getattr(cfg, "conv", "plain") == "ws":  # weight standardization (Qiao et al. 2019), with any norm
+        from normlab.models.nf import standardize_convs
+
+        standardize_convs(model)
+    return finish_model(model, cfg, num_classes)
 
 
 def check_model(model: str) -> None:

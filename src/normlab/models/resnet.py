@@ -143,12 +143,20 @@ class _Fusing:
         return self._fusable
 
 
+def _act_after(norm: nn.Module, act: Callable[[], nn.Module]) -> nn.Module:
+    """The activation that follows ``norm``: none (``nn.Identity``) when the norm contains its own (``has_act``:
+    FRN's TLU, EvoNorm's), as timm's norm+activation convention; the block's ``act`` otherwise."""
+    return nn.Identity() if getattr(norm, "has_act", False) else act()
+
+
 class BasicBlock(_Fusing, nn.Module):
     """Two 3×3 convs, a norm after each, ReLU, and a residual connection around both.
 
     With ``fuse`` (the default), a norm that offers ``forward_relu`` (normlab's BN, GN, LN and IN) computes
     ``relu(norm(x))`` and ``relu(norm(x) + shortcut)`` itself in training: the same values without the
-    separate ReLU and add ops and their sweeps over memory. Not in eval mode, and not while a module hook is
+    separate ReLU and add ops and their sweeps over memory. A norm that contains its activation (``has_act``:
+    frn, evonorm_b0, evonorm_s0) replaces the norm + ReLU pairs: the ReLU after ``bn1`` (and the stem's) is
+    ``nn.Identity``; ``bn2`` keeps its activation and the ReLU after the residual add stays. Not in eval mode, and not while a module hook is
     registered on the norms or ReLUs (feature probes, Grad-CAM, user hooks: they get the unfused modules'
     outputs) or a global module hook was registered when fusion was last decided (see ``_Fusing``).
     """
@@ -158,7 +166,7 @@ class BasicBlock(_Fusing, nn.Module):
         super().__init__()
         self.conv1 = _conv3x3(cin, cout, stride)
         self.bn1 = norm_layer(cout)
-        self.act1 = act()
+        self.act1 = _act_after(self.bn1, act)
         self.conv2 = _conv3x3(cout, cout)
         self.bn2 = norm_layer(cout)
         self.act2 = act()
@@ -189,7 +197,7 @@ class Stem(_Fusing, nn.Sequential):
     ``BasicBlock``."""
 
     def __init__(self, conv: nn.Module, norm: nn.Module, act: nn.Module, fuse: bool = True) -> None:
-        super().__init__(conv, norm, act)
+        super().__init__(conv, norm, nn.Identity() if getattr(norm, "has_act", False) else act)
         self.fuse = fuse
         self._built = True
 

@@ -11,7 +11,11 @@ of being changed silently.
 What means the same thing is carried over: running statistics when both layers keep them (BN -> bn,
 torch_bn, bin) and the per-channel affine ``weight``/``bias`` when both have one (-> in, ln, gn as well);
 nothing for ``nn`` (identity). BIN's gate starts at 1 (pure BN), so a BN -> bin swap computes the same
-function.
+function. The catalogue norms take the affine too, and BN's running statistics where they keep them
+(evonorm_b0, sn, brn, gbn); their own parameters start at their initial values (sn's mixing weights uniform,
+frn's τ at 0, EvoNorm's v at 1, dyt's α at 0.5). Only the norm is swapped: a norm with its own activation
+(frn, evonorm_*) swapped into a model keeps the model's activations around it (build normlab's ResNet with
+that norm to drop them).
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ synced BIN: forward ``_kernels.bin_moments`` (IN statistics, BN's per-channel sh
 here with ``_update_running`` --, the (N, C) scale and shift); backward ``_kernels.bin_grad_sums`` (BN's
 per-channel gradient sums, the weight, bias and ρ gradients) and ``_kernels.bin_grad_coefs`` (dx's (N, C)
 coefficients). They evaluate the tensor-op path's expressions in the same order, so the two agree to float64
-rounding (a few torch ops per direction instead of ~65; timing in bench/NOTES.md).
+rounding (and a layer dispatches a few torch ops per direction instead of dozens of small ones).
 
 On Triton (``_bin_triton_forward`` / ``_bin_triton_backward``) each direction is three launches: the sweep
 (``_triton.channel_sums``), one finish kernel that does all the small float64 math above (``_triton.bin_stats``:

@@ -11,8 +11,8 @@ Design (shared by both):
   input is bf16/fp16 (autocast); the output comes back in the input dtype, while the weight and bias
   gradients come back in the parameters' dtype. Backward centres x on the mean before the products.
 * The per-channel affine is fused: ``y = x * scale + shift`` with ``scale = rstd * weight`` and
-  ``shift = bias - mean * scale``, one ``addcmul`` over the big tensor (measured faster on CPU than
-  normalizing first and applying the affine as separate ops).
+  ``shift = bias - mean * scale``, one ``addcmul`` over the big tensor (one pass instead of normalizing first and
+  applying the affine as separate ops).
 * Only the input and the small per-channel / per-group ``mean`` and ``rstd`` are saved; x̂ is
   recomputed in backward. Saving the input (not the output) keeps the in-place ReLU that follows
   every norm in a ResNet legal, and uses the same memory as the native kernels.
@@ -94,8 +94,8 @@ def _common_shift(x: torch.Tensor, ct: torch.dtype) -> torch.Tensor:
     sums (what the Triton path, BIN and compiled graphs do) is as exact, but rounds the float partial sums
     differently from one process: mean / rstd may differ from one process's by an ulp, and where a fused
     ReLU's input is within that of 0 its mask flips; a test comparing a synced two-process ResNet with one
-    process on the whole batch (tests/test_distributed.py) then saw single gradient entries off by up to 6%
-    -- rounding, amplified, not an error of the statistics. The common shift makes the C++ and tensor-op
+    process on the whole batch (tests/test_distributed.py) would see single gradient entries off by several
+    percent -- rounding, amplified, not an error of the statistics. The common shift makes the C++ and tensor-op
     paths agree with one process to the rounding of float64 sums, at the price of one small broadcast per
     layer."""
     return _broadcast(_sample_shift(x, ct).clone(memory_format=torch.contiguous_format))  # a copy, not a view of x
@@ -139,7 +139,7 @@ def _update_running(running_mean: torch.Tensor, running_var: torch.Tensor, mean:
 
 
 # The big buffers below are allocated with empty_like(x) and written with out=: a broadcast sub with an
-# (N, C, 1, 1) operand otherwise allocates through a slower path on channels_last (measured 0.48 vs 0.19 ms).
+# (N, C, 1, 1) operand otherwise allocates through a slower path on channels_last.
 # Not under torch.compile: Inductor plans its own buffers, and torch 2.4's dynamo refuses out= wherever an
 # operand requires grad (it traces a Function's forward with the inputs' requires_grad).
 

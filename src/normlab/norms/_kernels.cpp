@@ -168,8 +168,8 @@ static inline void run_sums(const S* pa, const S* pb, i64 len, T k, T& out1, T& 
                             S* pg = nullptr) {
   if constexpr (!std::is_same_v<S, double>) {
     // float / bfloat16: two vectors of 16 accumulators per sum, explicit, and one tree reduction at the end.
-    // (The lane loop, still used for double, left short runs -- an 8x8 map's 64 values in a ResNet's last
-    // stage -- to a reduction that cost as much as the run: 2x native's time there, measured on AMD Zen 4.)
+    // (The lane loop, still used for double, leaves short runs -- an 8x8 map's 64 values in a ResNet's last
+    // stage -- to a reduction that costs as much as the run.)
     vf16 a1 = {}, a2 = {}, c1 = {}, c2 = {};
     const vf16 kv = vf16{} + k;
     i64 i = 0;
@@ -238,8 +238,8 @@ static void tile(const T* v, i64 c, i64 tl, T* out) {
 // and C = 16, 32, 48 or 64 channels (a CIFAR ResNet's widths): a row of C values is V = C/16 vectors of 16
 // floats, and R rows go in flight with their own accumulators (R*V = 3 or 4 vectors per sum), so no add waits
 // on another's latency. The tiled loop below keeps its accumulators in memory, a load and a store per value
-// and sum: on a CPU with narrower store bandwidth (measured on AMD Zen 4) that made the channels_last sums
-// 2-2.6x slower than the same sums in NCHW. GCC/Clang vector extensions: 512-bit where the CPU has it,
+// and sum, which on a CPU with narrow store bandwidth makes the channels_last sums much slower than the same
+// sums in NCHW. GCC/Clang vector extensions: 512-bit where the CPU has it,
 // split into narrower instructions elsewhere.
 template <int V, typename S, bool SAME, bool MASK>
 static void sample_sums_regs(const S* a, const S* b, i64 hw, const float* k, double* d1, double* d2, const S* m,
@@ -520,7 +520,7 @@ static void sums_nc(const S* a, const S* b, int nhwc, i64 n, i64 c, i64 hw, cons
     else if (m) sums_nhwc<S, false, true>(a, b, n, hw, c, k, ks, s1, s2, nt, m, g);
     else sums_nhwc<S, false>(a, b, n, hw, c, k, ks, s1, s2, nt);
   } else {
-    std::vector<T> kr(per_nc ? 0 : n * c);  // per row (no r % c in the loop: a division per row cost ~5% at 8x8 maps)
+    std::vector<T> kr(per_nc ? 0 : n * c);  // per row (no r % c in the loop: a division per row is a visible cost at 8x8 maps)
     for (i64 s = 0; s < n && !per_nc; ++s) std::memcpy(kr.data() + s * c, k, c * sizeof(T));
     const T* kk = per_nc ? k : kr.data();
     if (b == nullptr) sums_rows<S, true>(a, a, n * c, hw, kk, s1, s2, nt);

@@ -4,7 +4,7 @@ The kernels do each norm's passes over the big tensor (per-(sample, channel) sum
 input gradient: one pass each) and the small per-channel / per-group math, for float32, float64 and
 bfloat16 CPU tensors in NCHW or channels_last; ``_functional.py`` falls back to plain tensor ops for
 everything else (CUDA, float16, other strides, torch.compile tracing) or when no compiler
-works. The build takes ~2 s, is cached as ``$NORMLAB_CACHE/kernels/normlab_norms_<hash>.so`` (the hash
+works. The build runs once and is cached as ``$NORMLAB_CACHE/kernels/normlab_norms_<hash>.so`` (the hash
 covers the source, flags, compiler and CPU), and is written atomically so parallel processes (DDP
 ranks, study jobs) can race safely. ``NORMLAB_KERNELS=0`` turns the fast path off.
 """

@@ -19,8 +19,9 @@ and shift), ``bn_grads`` (BN backward: weight/bias gradients, dx's coefficients)
 ``bin_grads`` (Batch-Instance Norm: BN's per-channel and IN's per-(sample, channel) statistics from the same
 partials, the (N, C) affine's coefficients, the weight, bias and ρ gradients). They add the partials in
 float64 in a fixed order (no atomics: deterministic). A forward or a backward is thus three launches (sums,
-finish, affine), as many as native BN's kernels; it was 18-28 (BN, IN, LN, GN) and 59-61 (BIN) when the small
-math ran as torch ops (counted under the interpreter, ``tests/test_triton_norms.py``). Synced BN and BIN add
+finish, affine), as many as native BN's kernels; with the small math as torch ops it would be 18-28 (BN, IN, LN,
+GN) and 59-61 (BIN) launches, each a visible share of a layer's time (counted under the interpreter,
+``tests/test_triton_norms.py`` asserts the bounds). Synced BN and BIN add
 the packing of the local sums (``bn_pack`` / ``bn_grads(pack=True)``, ``bin_pack`` / ``bin_grads(pack=True)``)
 and the all-reduce.
 

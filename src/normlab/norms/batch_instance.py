@@ -17,10 +17,10 @@ class BatchInstanceNorm2d(BatchStatsNorm):
 
     * ``rho`` starts at 1 (pure BN). It is kept in [0, 1] two ways, as in the paper's code: the
       forward uses ``rho`` clamped to [0, 1] with a straight-through gradient (so the layer never sees
-      an out-of-range gate, yet a gate at a bound still gets a gradient), and the
-      training loop calls :func:`normlab.norms.clamp_gates_` after every optimizer step to clip the
-      stored values back into range (so the gate cannot drift far outside [0, 1], where clamp's zero
-      gradient would freeze it).
+      an out-of-range gate, yet a gate at a bound still gets a gradient), and after every optimizer step
+      the stored values are clipped back into range (so the gate cannot drift far outside [0, 1], where
+      clamp's zero gradient would freeze it): normlab's training step (``normlab.train.step.TrainStep``)
+      does that itself for the gates it found once; in your own loop, call :func:`normlab.norms.clamp_gates_`.
     * The BN branch keeps ``running_mean`` / ``running_var`` / ``num_batches_tracked`` (updated as in
       ``nn.BatchNorm2d``) and uses them in eval; the IN branch always uses per-sample statistics.
     * ``sync=True`` synchronizes the BN branch's statistics across ranks (no-op when not distributed).
@@ -28,10 +28,8 @@ class BatchInstanceNorm2d(BatchStatsNorm):
     Implementation: one autograd Function (``_bin``) that computes both branches' statistics from the same
     per-(sample, channel) sums and writes the output as one per-(sample, channel) affine -- the sweeps over the
     input of one BN, forward and backward -- on the Triton kernels (CUDA), the C++ kernels (the CPU tensors they
-    take: float32/float64/bfloat16, NCHW or channels_last) or tensor ops otherwise. On one CPU thread the C++
-    sweeps took a (128, 16, 32, 32) forward + backward from 7.8 to 4.2 ms (fp32) and 9.8 to 2.8 ms (bf16) in
-    NCHW, 7.6 to 5.2 / 9.3 to 3.1 ms in channels_last, against the tensor ops; its small per-(sample, channel)
-    math in C too then saved 0.3-0.7 ms more per layer (fp32; bench/NOTES.md).
+    take: float32/float64/bfloat16, NCHW or channels_last, with the small per-(sample, channel) math in C too)
+    or tensor ops otherwise.
     """
 
     def __init__(self, num_channels: int, eps: float = 1e-5, momentum: float | None = 0.1, *,
@@ -77,9 +75,10 @@ _GATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> its
 def clamp_gates_(module: nn.Module, *, refresh: bool = False) -> nn.Module:
     """Clamp every BatchInstanceNorm2d gate ``rho`` in ``module`` into [0, 1], in place; returns ``module``.
 
-    Call it after each optimizer step (works through DDP / torch.compile wrappers). The gates are found by
-    one walk over the modules on the first call and remembered (the trainer calls this every step); pass
-    ``refresh=True`` after adding or replacing BIN layers in ``module``. No gates: nothing runs at all.
+    Call it after each optimizer step of your own training loop (works through DDP / torch.compile wrappers;
+    normlab's ``TrainStep`` clamps its gates itself). The gates are found by one walk over the modules on the
+    first call and remembered, so calling it every step is cheap; pass ``refresh=True`` after adding or
+    replacing BIN layers in ``module``. No gates: nothing runs at all.
     """
     gates = None if refresh else _GATES.get(module)
     if gates is None:

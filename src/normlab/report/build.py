@@ -22,14 +22,17 @@ from normlab.report.collect import (METRICS, SPLITS, RunRecord, by_cell, cell_me
                                     fmt, mean_curve, mean_quantiles, mean_std, rank)
 from normlab.report.findings import augmentation, batch_size, sanity, score_split, summarise
 from normlab.report.render import Doc, Swatch, to_html, to_markdown
-from normlab.study import folder as sf
+from normlab.report.robustness import (calibration_findings, calibration_section, robustness_findings,
+                                       robustness_section)
+from normlab import studyfolder as sf
 from normlab.device import cpu_name
 
 METRIC_NAMES = {"acc": "acc", "micro_f1": "micro-F1", "macro_f1": "macro-F1"}
 SECTIONS = ("Findings", "Results: all variants", "Sanity check: custom BN vs torch_bn", "Loss curves",
             "Error, accuracy and F1 curves", "Batch size: BN vs GN", "Augmentation", "Feature-quantile evolution",
             "Time per epoch", "Confusion matrices", "Per-class accuracy and most-confused pairs",
-            "Misclassified images", "Grad-CAM", "Grad-CAM across norms", "Appendix: setup and settings")
+            "Misclassified images", "Grad-CAM", "Grad-CAM across norms", "Robustness", "Calibration",
+            "Appendix: setup and settings")
 
 
 def _hardware() -> str:
@@ -83,7 +86,8 @@ def build_report(study_dir: str | Path) -> tuple[Path, Path]:
     done = sum(r.usable for r in runs)
     doc.p(f"{len(runs)} runs planned, {done} finished; {study['seeds']} seed(s) per cell; data {base['dataset']}, "
           f"{make_config(base).model_label}. Every sentence below is computed from the run folders.")
-    doc.findings(summarise(runs))
+    doc.findings(summarise(runs) + robustness_findings(norms)[:2]
+                 + calibration_findings(norms, score_split(runs)))
     doc.p(f"Every run as one table row: {sf.RESULTS} (normlab.load_study(folder) gives it as a pandas DataFrame).")
 
     # ------------------------------------------------------------------ main table
@@ -249,8 +253,14 @@ def build_report(study_dir: str | Path) -> tuple[Path, Path]:
     doc.h(SECTIONS[13])
     _gradcam_across(doc, study_dir, state)
 
-    # ------------------------------------------------------------------ appendix
+    # ------------------------------------------------------------------ robustness and calibration (saved results)
     doc.h(SECTIONS[14])
+    robustness_section(doc, runs, fig_dir, swatch)
+    doc.h(SECTIONS[15])
+    calibration_section(doc, runs, fig_dir, swatch, score_split(runs))
+
+    # ------------------------------------------------------------------ appendix
+    doc.h(SECTIONS[16])
     doc.fold("Setup, hardware, versions and the shared training settings")
     _setup(doc, runs, study, base, first_run, state)
     doc.end_fold()
@@ -340,8 +350,11 @@ def _per_class(doc: Doc, seed0: dict[str, RunRecord | None], classes: list[str])
     if not runs or not classes:
         return
     accs = {k: per_class_accuracy(torch.tensor(r.summary["val"]["confusion"])).tolist() for k, r in runs.items()}
-    doc.table(["class"] + [swatch(k, seed0) for k in accs],
-              [[c] + [f"{accs[k][i]:.3f}" for k in accs] for i, c in enumerate(classes)])
+    if len(accs) > len(classes):  # many variants (the catalogue): one row each, so the table stays narrow
+        doc.table(["variant"] + list(classes), [[swatch(k, seed0)] + [f"{a:.3f}" for a in accs[k]] for k in accs])
+    else:
+        doc.table(["class"] + [swatch(k, seed0) for k in accs],
+                  [[c] + [f"{accs[k][i]:.3f}" for k in accs] for i, c in enumerate(classes)])
     doc.p("Val accuracy per class (seed 0). Most-confused pairs on val (true → predicted: count):")
     rows = []
     for k, r in runs.items():

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from normlab import runfolder
-from normlab.study import folder as sf
+from normlab import studyfolder as sf
 
 METRICS = ("acc", "micro_f1", "macro_f1")
 SPLITS = ("train", "val", "test")
@@ -28,6 +28,8 @@ class RunRecord:
     quantiles: dict[str, Any] | None = None
     cells: dict[str, str] = field(default_factory=dict)  # group -> the cell label it has there
     predictions: dict[str, Any] | None = None  # predictions.json: per-image true/pred per split
+    robustness: dict[str, Any] | None = None  # robustness.json
+    calibration: dict[str, Any] | None = None  # calibration.json
 
     @property
     def usable(self) -> bool:
@@ -40,7 +42,8 @@ def read_run(folder: Path, name: str, config: dict, groups: list[str], cell: str
         status = "missing"
     return RunRecord(name, folder, config, groups, cell, status, runfolder.read_summary(folder),
                      runfolder.read_metrics(folder), runfolder.read_quantiles(folder),
-                     predictions=runfolder.read_predictions(folder))
+                     predictions=runfolder.read_predictions(folder), robustness=runfolder.read_robustness(folder),
+                     calibration=runfolder.read_calibration(folder))
 
 
 def collect_study(study_dir: Path) -> tuple[dict[str, Any], list[RunRecord]]:

@@ -1,5 +1,6 @@
 """One document, two renderings: Markdown (images by relative path) and self-contained HTML (images
-inlined as base64, every string escaped — class names, file names and config values come from users)."""
+inlined as base64). Each renderer escapes every string for its own format -- class names, file names and config
+values come from users: HTML's entities in the HTML; in the Markdown only what would change its meaning, so it reads as written."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import html
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 
 @dataclass(frozen=True)
@@ -56,9 +58,26 @@ class Doc:
         self.blocks.append(("findings", items))
 
 
-def _md_text(text: str) -> str:
-    """Markdown passes raw HTML through: neutralise it, and the table separator."""
-    return html.escape(str(text), quote=False).replace("|", "\\|")
+_MD_BACKSLASH = re.compile(r"\\(?=[!-/:-@\[-`{-~])")  # a backslash that would escape the next character
+_MD_TAG = re.compile(r"<(?=[A-Za-z/!?])")  # would open a tag, comment or autolink: Markdown passes raw HTML through
+_MD_ENTITY = re.compile(r"&(?=#?[A-Za-z0-9]+;)")  # would be read as an entity
+_MD_LINK = re.compile(r"\](?=\()")  # the "](" of a link or image
+_MD_ALT = re.compile(r"[\[\]]")  # inside an image's [alt text]: every bracket
+
+
+def _md_text(text: str, cell: bool = False, alt: bool = False) -> str:
+    """Markdown's own escapes, only where the text would change meaning, so it reads as written (``p<0.001``,
+    ``|Δ|``): a ``<`` that could open a tag, comment or autolink becomes ``&lt;`` and an ``&`` before an entity
+    ``&amp;`` (the way every Markdown dialect writes a literal ``<`` there; not all take ``\\<``); a backslash
+    before punctuation and the ``](`` of a link get a backslash; in table cells ``|`` and line breaks, in an
+    image's alt text every bracket."""
+    out = _MD_BACKSLASH.sub(r"\\\\", str(text))
+    out = _MD_ENTITY.sub("&amp;", out)
+    out = _MD_TAG.sub("&lt;", out)
+    out = (_MD_ALT if alt else _MD_LINK).sub(lambda m: "\\" + m.group(0), out)
+    if cell:
+        out = out.replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+    return out
 
 
 def _slug(text: str) -> str:
@@ -77,13 +96,13 @@ def to_markdown(doc: Doc, base: Path) -> str:
             out += ["```", block[1].replace("```", "'''"), "```", ""]
         elif kind == "table":
             headers, rows = block[1], block[2]
-            out.append("| " + " | ".join(_md_text(h) for h in headers) + " |")
+            out.append("| " + " | ".join(_md_text(h, cell=True) for h in headers) + " |")
             out.append("|" + "---|" * len(headers))
-            out += ["| " + " | ".join(_md_text(c) for c in row) + " |" for row in rows]
+            out += ["| " + " | ".join(_md_text(c, cell=True) for c in row) + " |" for row in rows]
             out.append("")
         elif kind == "img":
             rel = block[1].resolve().relative_to(base.resolve()).as_posix()
-            out += [f"![{_md_text(block[2])}]({rel})", f"*{_md_text(block[2])}*", ""]
+            out += [f"![{_md_text(block[2], alt=True)}]({quote(rel)})", f"*{_md_text(block[2])}*", ""]
         elif kind == "fold":
             out += [f"**{_md_text(block[1])}**", ""]
         elif kind == "findings":

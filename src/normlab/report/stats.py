@@ -66,6 +66,12 @@ class Gap:
                 return (f"beyond test-set noise (±{self.half_width:.4f}) but one seed: seed-to-seed variation "
                         "cannot be ruled out")
             return f"within noise (one seed; test-set sampling alone gives ±{self.half_width:.4f})"
+        if self.basis == "bootstrap over images":
+            if self.separated:
+                return (f"beyond test-set noise (paired bootstrap over {self.images} images, 95 % interval "
+                        f"±{self.half_width:.4f}) but one seed: seed-to-seed variation cannot be ruled out")
+            return (f"within noise (one seed; a paired bootstrap over {self.images} images gives "
+                    f"±{self.half_width:.4f})")
         return "cannot be separated (one seed and no test-set size)"
 
 
@@ -129,3 +135,24 @@ def mcnemar_gap(true: list[int], pred_a: list[int], pred_b: list[int]) -> Gap:
     only_a = sum(x and not y for x, y in zip(a, b))
     only_b = sum(y and not x for x, y in zip(a, b))
     return Gap((sum(a) - sum(b)) / len(true), math.nan, 1, "McNemar", p=mcnemar_p(only_a, only_b), images=len(true))
+
+
+def bootstrap_gap(stat, a: tuple, b: tuple, n_boot: int = 400, seed: int = 0) -> Gap:
+    """``stat(*a) − stat(*b)`` for two models scored on the same images (``a``, ``b``: tuples of per-image
+    numpy arrays, e.g. (confidence, correct)), with the 95 % half-width of a paired bootstrap over the
+    images (the same resampled images for both): test-set noise for statistics such as the ECE that have
+    no closed-form interval."""
+    import numpy as np
+
+    n = len(a[0])
+    if n == 0 or any(len(v) != n for v in (*a, *b)):
+        raise ValueError("bootstrap_gap needs both models' values on the same, non-empty image list")
+    diff = stat(*a) - stat(*b)
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        i = rng.integers(0, n, n)
+        boots.append(stat(*(v[i] for v in a)) - stat(*(v[i] for v in b)))
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    half = max(abs(hi - diff), abs(diff - lo))
+    return Gap(float(diff), float(half), 1, "bootstrap over images", images=n)

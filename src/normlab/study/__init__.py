@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
 from typing import Any
 
 from normlab import runfolder
-from normlab.errors import NormlabError
-from normlab.study import folder as sf
-from normlab.study.folder import load_study, update_results
+from normlab.errors import DiskFull, NormlabError
+from normlab.runfolder import RunLock
+from normlab import studyfolder as sf
+from normlab.studyfolder import load_study, update_results
 from normlab.study.plan import StudyConfig, check_base, load_preset, make_study_config, plan_runs, study_record
 from normlab.study.executors import make_options
 from normlab.study.runner import check_study_dir, execute
 
-__all__ = ["StudyConfig", "analyse_study", "load_study", "run_study", "update_results"]
+__all__ = ["StudyConfig", "analyse_study", "load_study", "run_study", "study_lock", "update_results"]
 
 
 def run_study(spec: str, out: str | Path | None = None, *, study_overrides: dict[str, Any] | None = None,
@@ -30,15 +32,40 @@ def run_study(spec: str, out: str | Path | None = None, *, study_overrides: dict
         raise NormlabError(f"--jobs {jobs}: must be >= 1")
     study_dir = Path(out or Path("studies") / study.name)
     record = study_record(study, base)
+    created = not study_dir.exists()
+    try:
+        study_dir.mkdir(parents=True, exist_ok=True)
+        with study_lock(study_dir, log):
+            return _run_study(study_dir, study, base, record, t0, jobs, force, plan_only, log, executor_options)
+    finally:
+        if created:  # refused before anything was written (other settings, a bad preset): no empty folder left
+            with contextlib.suppress(OSError):
+                study_dir.rmdir()
+
+
+def study_lock(study_dir: Path, log=print) -> RunLock:
+    """The study folder's lock: one ``normlab study`` (or ``normlab report``) writes a study folder at a time.
+    A second one is refused with the holder's pid and host, so no run is ever reported failed because the
+    other study was training it."""
+    return RunLock(study_dir, log, what="study folder",
+                   way_out="wait for that study to finish or stop it, or use another --out; rerunning the same "
+                           "command later continues it")
+
+
+def _run_study(study_dir: Path, study, base, record, t0, jobs, force, plan_only, log, executor_options) -> Path:
     check_study_dir(study_dir, record, force)
     runs = plan_runs(study, base)
-    study_dir.mkdir(parents=True, exist_ok=True)
     sf.write_record(study_dir, record)
     sf.write_plan(study_dir, [dataclasses.asdict(r) for r in runs])
     previous = sf.read_state(study_dir).get(sf.WALL_SECONDS, 0.0)
-    outcome = execute(study_dir, runs, jobs=jobs, log=log, plan_only=plan_only,
-                      options=make_options(study.executor, executor_options),
-                      on_finished=lambda _name, _state: update_results(study_dir))
+    try:
+        outcome = execute(study_dir, runs, jobs=jobs, log=log, plan_only=plan_only,
+                          options=make_options(study.executor, executor_options),
+                          on_finished=lambda _name, _state: update_results(study_dir))
+    except DiskFull:
+        with contextlib.suppress(DiskFull):  # the table of what finished, if it still fits
+            update_results(study_dir)
+        raise
     if plan_only:
         return study_dir / sf.PLAN
     update_results(study_dir)
@@ -52,7 +79,8 @@ def run_study(spec: str, out: str | Path | None = None, *, study_overrides: dict
 
 
 def analyse_study(study_dir: Path, device: str = "cpu", log=print) -> None:
-    """Confusion matrices and misclassified grids for every finished run that lacks them; Grad-CAM for the
+    """Confusion matrices and misclassified grids for every finished run that lacks them; calibration, and
+    corruption robustness where the study's robustness step is on (``study.robustness``); Grad-CAM for the
     best run (by val accuracy) of the norm comparison, and the same chosen val images explained by the
     first seed of every variant side by side; ``results.csv``. Reads checkpoints only: nothing is retrained."""
     from normlab.analysis.galleries import run_analyses
@@ -74,6 +102,9 @@ def analyse_study(study_dir: Path, device: str = "cpu", log=print) -> None:
             compare.setdefault(p["config"]["norm"], p["name"])
             if summary["val"]["acc"] > best_acc:
                 best, best_acc = p["name"], summary["val"]["acc"]
+    from normlab.study.robustness import robustness_step
+
+    robustness_step(study_dir, plan, record, sf.read_record(study_dir)["train"].get("dataset", ""), device, log)
     update_results(study_dir)
     state = sf.read_state(study_dir)
     settings = [record.get(k) for k in ("gradcam_classes", "gradcam_per_class", "gradcam_max_classes")]

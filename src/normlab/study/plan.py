@@ -33,6 +33,9 @@ from normlab.errors import NormlabError
 from normlab.norms import NORMS
 
 NORM_NAMES = tuple(NORMS)
+# what a study compares when it names no norms: the course's seven (the catalogue has its own preset)
+DEFAULT_NORMS = ("bn", "in", "bin", "ln", "gn", "nn", "torch_bn")
+ROBUSTNESS_MODES = ("auto", "on", "off")
 
 
 def _presets():
@@ -49,7 +52,7 @@ def preset_names() -> list[str]:
 class StudyConfig:
     name: str = "study"  # shown in the report's title
     seeds: int = 1  # every cell runs with seeds 0..K-1; tables show mean ± std when K > 1
-    norms: list[str] = field(default_factory=lambda: list(NORM_NAMES))  # group 1: the variants compared
+    norms: list[str] = field(default_factory=lambda: list(DEFAULT_NORMS))  # group 1: the variants compared
     batch_norms: list[str] = field(default_factory=lambda: ["bn", "gn"])  # group 2: norms in the batch-size study
     batch_sizes: list[int] = field(default_factory=lambda: [8, 128])  # group 2: batch sizes compared
     batch_max_epochs: int = 50  # group 2: epoch cap (early stopping on val accuracy decides before)
@@ -61,6 +64,12 @@ class StudyConfig:
     gradcam_per_class: int = 5  # correct and misclassified val images per class
     gradcam_max_classes: int = 10  # cap when gradcam_classes is None
     executor: dict[str, Any] = field(default_factory=dict)  # where runs execute: ExecutorOptions in study/executors
+    # robustness step after training (never retrains): auto = on for cifar10 and image folders, off otherwise
+    robustness: str = "auto"  # auto | on | off
+    robustness_severities: list[int] = field(default_factory=lambda: [3])  # the presets' full protocol: 1..5
+    robustness_corruptions: list[str] | None = None  # None: every corruption that fits the data set's images
+    robustness_test_time: bool = True  # re-estimated / prior-mixed statistics and the batch-statistics sweep
+    robustness_batch_stats_images: int = 2000  # images of the clean batch-statistics sweep (batch 1 = 1 image)
 
     def validate(self) -> StudyConfig:
         if self.seeds < 1:
@@ -79,7 +88,24 @@ class StudyConfig:
                                "{optimizers: [{optimizer: sgd, lr: 0.1}, {optimizer: adam, lr: 0.001}]}")
         if any(b < 1 for b in self.batch_sizes) or self.batch_max_epochs < 1 or self.batch_patience < 1:
             raise NormlabError("study: batch_sizes, batch_max_epochs and batch_patience must be >= 1")
+        if self.robustness not in ROBUSTNESS_MODES:
+            raise NormlabError(f"study: robustness={self.robustness!r} must be auto, on or off")
+        for s in self.robustness_severities:
+            if not 1 <= s <= 5:
+                raise NormlabError(f"study: robustness_severities has severity {s}, outside 1–5: "
+                                   "use severities from 1 to 5, e.g. [1, 3, 5]")
+        if not self.robustness_severities:
+            raise NormlabError("study: robustness_severities is empty: give severities from 1 to 5 or robustness: off")
+        if self.robustness_batch_stats_images < 1:
+            raise NormlabError("study: robustness_batch_stats_images must be >= 1")
         return self
+
+    def robustness_on(self, dataset: str) -> bool:
+        """The robustness step runs: on/off as set; auto = on for CIFAR-10 and image folders (colour
+        photographs, where the corruption benchmark is defined), off for Fashion-MNIST."""
+        if self.robustness == "auto":
+            return dataset in ("cifar10", "folder")
+        return self.robustness == "on"
 
 
 @dataclass
@@ -125,13 +151,23 @@ def make_study_config(data: dict[str, Any], where: str = "study") -> StudyConfig
         default = getattr(StudyConfig(), key)
         if key == "compare":
             pass
-        elif isinstance(default, list) or key == "gradcam_classes":
+        elif key == "robustness":  # YAML reads on/off as booleans
+            value = {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else str(value).lower()
+        elif isinstance(default, bool):
+            if isinstance(value, str) and value.lower() in ("true", "false", "on", "off", "yes", "no"):
+                value = value.lower() in ("true", "on", "yes")
+            if not isinstance(value, bool):
+                raise NormlabError(f"{where}: {key}={value!r} must be true or false")
+        elif isinstance(default, list) or key in ("gradcam_classes", "robustness_corruptions"):
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
             if value is not None and not isinstance(value, list):
                 raise NormlabError(f"{where}: {key} must be a list")
-            if key == "batch_sizes":
-                value = [int(v) for v in value]
+            if key in ("batch_sizes", "robustness_severities"):
+                try:
+                    value = [int(v) for v in value]
+                except (TypeError, ValueError):
+                    raise NormlabError(f"{where}: {key} must be a list of integers") from None
         elif isinstance(default, int):
             try:
                 value = int(value)

@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import math
 import platform
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -23,13 +22,15 @@ import torch
 from torch import nn
 
 from normlab import runfolder
-from normlab.checkpoint import load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state
+from normlab.checkpoint import (CheckpointUnreadable, load_checkpoint, load_weights, rng_state, save_checkpoint,
+                                set_rng_state)
 from normlab.config import TrainConfig, dump_yaml, make_config, read_yaml, resume_config
-from normlab.data import load_data, normalize
+from normlab.data import images, load_data, normalize
 from normlab.device import pick_device, unwrap
-from normlab.errors import NormlabError
+from normlab.errors import NormlabError, disk_full_cause
 from normlab.evaluation import evaluate
 from normlab.io import write_text
+from normlab.layer_outputs import record_outputs
 from normlab.metrics import quantiles, scores_from_confusion
 from normlab.models import build_model, check_model, count_parameters
 from normlab.plots import plot_curves
@@ -37,7 +38,8 @@ from normlab.train import distributed as dist_utils
 from normlab.train.distributed import world_of
 from normlab.train.optim import build_optimizer
 from normlab.train.progress import EpochProgress
-from normlab.train.runtime import RunLock, compile_settings, grad_scaler, maybe_compile, tune_malloc
+from normlab.runfolder import RunLock
+from normlab.train.runtime import compile_settings, grad_scaler, maybe_compile, tune_malloc
 from normlab.train.step import TrainStep
 
 
@@ -79,14 +81,8 @@ def probe_layers(model: nn.Module) -> dict[str, nn.Module]:
 @torch.no_grad()
 def probe_quantiles(model: nn.Module, probe: torch.Tensor) -> dict[str, list[float]]:
     model.eval()
-    out: dict[str, list[float]] = {}
-    hooks = [layer.register_forward_hook(lambda _m, _i, o, name=name: out.__setitem__(name, quantiles(o, QUANTILES)))
-             for name, layer in probe_layers(model).items()]
-    try:
+    with record_outputs(probe_layers(model), keep=lambda o: quantiles(o, QUANTILES)) as out:
         model(probe)
-    finally:
-        for h in hooks:
-            h.remove()
     return out
 
 
@@ -95,40 +91,81 @@ def run_dir_of(cfg: TrainConfig) -> Path:
 
 
 def prepare_run_dir(cfg: TrainConfig, force: bool) -> Path:
-    out = run_dir_of(cfg)
-    if out.exists() and not out.is_dir():
-        raise NormlabError(f"output {out} exists and is not a folder: choose another --out")
-    if out.is_dir() and runfolder.holds_run(out):
-        if not force:
-            raise NormlabError(f"output folder {out} already holds a run: continue it with `normlab train --resume "
-                               f"{out}`, choose another --out, or pass --force to overwrite it")
-        RunLock.check_free(out)  # --force must not delete the files of a run still being written
-        for child in out.iterdir():
-            if child.name != ".lock":
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    return runfolder.prepare(run_dir_of(cfg), force)
+
+
+def resume_settings(out: Path, log) -> dict[str, Any]:
+    """The saved settings of the run in ``out``: ``config.yaml``, or, when that was deleted, the copy inside
+    ``last.pt`` (then ``best.pt``); the run writes ``config.yaml`` again when it starts."""
+    if not out.is_dir():
+        raise NormlabError(f"--resume {out}: no such folder; point it at a run folder made by normlab train")
+    if (out / runfolder.CONFIG).is_file():
+        return read_yaml(out / runfolder.CONFIG)
+    for name in (runfolder.LAST, runfolder.BEST):
+        try:
+            saved = load_checkpoint(out / name)["config"]
+        except NormlabError:
+            continue
+        log(f"{out / runfolder.CONFIG} is missing: using the settings saved in {out / name}")
+        return saved
+    raise NormlabError(f"--resume {out}: no config.yaml there and no readable last.pt or best.pt holding the "
+                       f"settings: point it at a run folder made by normlab train, or start a new run there with "
+                       f"`normlab train --config FILE --out {out} --force`")
+
+
+def check_resumable(out: Path, force: bool, log) -> None:
+    """Before a resume: say what will happen instead of silently retraining finished epochs. A damaged or
+    missing ``last.pt`` of a run with finished epochs is refused with the way out (``--force``: start the
+    run over in its folder with its saved settings)."""
+    last = out / runfolder.LAST
+    over = f"start it over with `normlab train --resume {out} --force` (retrains from epoch 1 with its saved settings)"
+    if force:
+        RunLock.check_free(out)
+        runfolder.clear(out, keep=(runfolder.CONFIG,))
+        log(f"starting {out} over from epoch 1 (--force): its earlier results are deleted")
+        return
+    if last.is_file():
+        try:
+            load_checkpoint(last)
+        except CheckpointUnreadable as exc:
+            raise NormlabError(f"--resume {out}: {last} cannot be read ({exc.reason}): it is truncated or damaged, "
+                               f"so the run cannot continue from it; {over}") from None
+        return
+    done = len(runfolder.read_metrics(out))  # written after last.pt: rows without it mean last.pt was lost
+    if done:
+        raise NormlabError(f"--resume {out}: last.pt is missing but metrics.csv records {done} finished "
+                           f"epoch{'s' if done != 1 else ''}; resuming would retrain from epoch 1, so nothing is done: "
+                           f"{over}")
+
+
+def _remove_if_empty(out: Path) -> None:
+    with contextlib.suppress(OSError):
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
 
 
 def train(cfg: TrainConfig, *, force: bool = False, resume_dir: str | Path | None = None,
           log=None, changes: dict | None = None) -> Path:
-    """Train one run (or resume ``resume_dir``, with the safe ``changes`` of ``config.resume_config``) and
-    return its folder."""
+    """Train one run (or resume ``resume_dir``, with the safe ``changes`` of ``config.resume_config``; with
+    ``force``, start it over with its saved settings) and return its folder."""
     if resume_dir is not None:
         out = Path(resume_dir)
-        if not (out / "config.yaml").is_file():
-            raise NormlabError(f"--resume {out}: no config.yaml there; point it at a run folder made by normlab train")
-        cfg = resume_config(make_config(read_yaml(out / "config.yaml"), where=str(out / "config.yaml")), changes or {})
+        cfg = resume_config(make_config(resume_settings(out, log or print), where=str(out / runfolder.CONFIG)),
+                            changes or {})
     dinfo = dist_utils.setup("cuda" if (cfg.device == "auto" or cfg.device.startswith("cuda"))
                              and torch.cuda.is_available() else "cpu")
     progress = EpochProgress(cfg.progress, enabled=dinfo.is_main)
     say = log or progress.say  # the result lines, shown even with the progress display off
     log = log or progress.log
+    created = False  # a folder this call made: removed again if the run fails before writing anything
     if resume_dir is not None:
-        if runfolder.run_state(out) == "finished":
+        if runfolder.run_state(out) == "finished" and not force:
             log(f"run {out} is already finished (summary.json exists); nothing to do")
             return out
+        if dinfo.is_main:
+            check_resumable(out, force, say)
     elif dinfo.is_main:
+        created = not run_dir_of(cfg).exists()
         out = prepare_run_dir(cfg, force)
     else:
         out = run_dir_of(cfg)
@@ -137,6 +174,8 @@ def train(cfg: TrainConfig, *, force: bool = False, resume_dir: str | Path | Non
         with RunLock(out, log) if dinfo.is_main else contextlib.nullcontext():
             result = _train(cfg, out, dinfo, progress, log, say)
     except BaseException:
+        if created:  # e.g. the data was refused: no empty folder left behind
+            _remove_if_empty(out)
         # no barrier here: the other ranks may be inside a collective this rank will never join
         if dinfo.enabled:
             dist_utils.teardown()
@@ -213,7 +252,8 @@ def _train(cfg: TrainConfig, out: Path, dinfo, progress: EpochProgress, log, say
                         all_reduce_min=(lambda t: dist_utils.all_reduce_min(t, dinfo)) if dinfo.enabled else None,
                         mark_step=compiled.cuda_graphs and run_model is not ddp_model)
 
-    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+    # a run that stopped early and then failed before its summary (last.pt says so): finish it, train no more
+    for epoch in range(state["epoch"] + 1, cfg.epochs + 1 if not state.get("stopped_early") else 0):
         run_model.train()
         t0 = time.perf_counter()
         # the epoch's order goes to the device once; batches are slices of it (no copy per step)
@@ -272,12 +312,14 @@ def _train(cfg: TrainConfig, out: Path, dinfo, progress: EpochProgress, log, say
         else:
             state["bad_epochs"] += 1
         _log_epoch(writer, row, log, cfg)
-        runfolder.write_metrics(out, state["rows"])
-        runfolder.write_quantiles(out, QUANTILES, state["quantiles"])
+        # last.pt first (it holds the rows and quantiles too), then their readable copies: metrics.csv with
+        # rows but no last.pt means last.pt was lost, never that the disk filled before it was written
+        state["stopped_early"] = cfg.patience is not None and state["bad_epochs"] >= cfg.patience
         save_checkpoint(last, model, cfg, optimizer=optimizer.state_dict(), rng=rng_state(), state=state,
                         scaler=scaler.state_dict() if scaler is not None else None, data=data_of)
-        stop = cfg.patience is not None and state["bad_epochs"] >= cfg.patience
-        if dist_utils.any_rank(stop, dinfo, device):
+        runfolder.write_metrics(out, state["rows"])
+        runfolder.write_quantiles(out, QUANTILES, state["quantiles"])
+        if dist_utils.any_rank(state["stopped_early"], dinfo, device):
             log(f"early stop: val accuracy has not improved for {cfg.patience} epochs (best {state['best_acc']:.4f} "
                 f"at epoch {state['best_epoch']})")
             state["stopped_early"] = True
@@ -343,6 +385,8 @@ def _log_hparams(out: Path, cfg: TrainConfig, summary: dict[str, Any], log) -> N
         with SummaryWriter(str(out)) as writer:
             writer.add_hparams(hp, metrics, run_name=".")
     except Exception as exc:  # TensorBoard is a convenience: a broken install must not lose the run
+        if disk_full_cause(exc) is not None:
+            raise
         log(f"warning: could not write TensorBoard HParams ({type(exc).__name__}: {exc})")
 
 
@@ -374,17 +418,25 @@ def _finish(cfg, out, model, data, device, state, n_params, wall, log, say) -> N
         "model": runfolder.model_record(cfg.model, getattr(unwrap(model), "normlab_swaps", None),
                                         getattr(unwrap(model), "normlab_pretrained", None)),
     }
-    runfolder.write_summary(out, summary)
     _log_hparams(out, cfg, summary, log)
     if rows:
         plot_curves(runfolder.read_metrics(out), out / runfolder.CURVES,
                     title=f"{cfg.dataset} · {cfg.model_label} · {cfg.norm} · seed {cfg.seed}")
+    # last: a summary says the run is complete, so nothing of the run may fail after it is written
+    runfolder.write_summary(out, summary)
     skipped = int(data.info.get("num_skipped", 0) or 0)
     if skipped:
         shown = min(skipped, 20)
         say(f"skipped {skipped} unreadable image file{'s' if skipped > 1 else ''}; "
             f"{'the first ' + str(shown) + ' are' if skipped > shown else 'listed'} in "
             f"{out / runfolder.SUMMARY} (data.skipped)")
+    ignored = int(data.info.get("num_ignored", 0) or 0)
+    if ignored:
+        names = summary["data"].get("ignored") or []
+        say(f"warning: ignored {ignored} file{'s' if ignored > 1 else ''} that {'are' if ignored > 1 else 'is'} not "
+            f"an image normlab reads ({' '.join(images.IMG_EXTENSIONS)}): {', '.join(names[:3])}"
+            f"{', ...' if ignored > 3 else ''}; {'the first ' + str(len(names)) + ' are' if ignored > len(names) else 'listed'} "
+            f"in {out / runfolder.SUMMARY} (data.ignored)")
     split = "test" if splits.get("test") else "val"
     scores = splits.get(split) or {}
     say(f"done: {status}; best epoch {state['best_epoch']}; "
@@ -400,6 +452,7 @@ def _data_info(info: dict[str, Any]) -> dict[str, Any]:
     """What the summary keeps about the data: provenance, counts, and the first skipped files."""
     out = {k: info[k] for k in DATA_INFO_KEYS if k in info}
     out["skipped"] = [list(map(str, s)) for s in info.get("skipped", [])[:20]]
+    out["ignored"] = [str(p) for p in info.get("ignored_examples", [])[:20]]  # not images (e.g. .gif): by name
     return out
 
 

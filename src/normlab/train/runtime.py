@@ -1,26 +1,15 @@
-"""Run-time choices made once per run: device, threads, precision, torch.compile, the run-folder lock."""
+"""Run-time choices made once per run: device, threads, precision, torch.compile (the run folder's lock
+lives with the run folder: ``normlab.runlock``)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import platform
-import socket
-import threading
-import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
-
-from normlab.errors import NormlabError
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows: pid check only
-    fcntl = None  # type: ignore[assignment]
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
@@ -30,10 +19,10 @@ def tune_malloc() -> bool:
     """Keep freed memory in the process for reuse (glibc): no page faults in every training step.
 
     By default glibc hands large freed blocks back to the OS (trim, or munmap for blocks it mmapped) and
-    faults them in again, zero-filled, at the next allocation: on this CPU a ResNet-20 step took 2,900 to
-    24,000 minor page faults depending on where its tensors happened to land, and 3-5% longer than with
-    this tuning (bench/NOTES.md: 1-3 faults per step tuned). Blocks up to 32 MB now come from the
-    heap and the heap is never trimmed below 1 GB of free space; larger blocks are still mmapped. Returns
+    faults them in again, zero-filled, at the next allocation: a ResNet-20 step then takes thousands of
+    minor page faults, more or fewer depending on where its tensors happened to land, and runs measurably
+    longer. With this tuning blocks up to 32 MB come from the heap and the heap is never trimmed below 1 GB
+    of free space; larger blocks are still mmapped. Returns
     True when applied (Linux with glibc, and ``NORMLAB_MALLOC`` is not 0).
     """
     if os.environ.get("NORMLAB_MALLOC", "1").strip().lower() in ("0", "off", "false", "no"):
@@ -75,8 +64,8 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 def compile_settings(choice: str, device: torch.device, distributed: bool = False) -> CompileSettings:
     """``--compile on``, or ``auto`` on CUDA (where an eager step of the from-scratch norms is launch-bound),
-    compiles; ``auto`` stays eager on CPU and MPS (on a CPU the compile costs 10-40 s before the first
-    step for a few percent). ``NORMLAB_COMPILE_MODE`` picks torch.compile's mode (``default``,
+    compiles; ``auto`` stays eager on CPU and MPS (on a CPU the compile costs tens of seconds before the
+    first step for a small gain per step). ``NORMLAB_COMPILE_MODE`` picks torch.compile's mode (``default``,
     ``reduce-overhead``, ``max-autotune``, ``max-autotune-no-cudagraphs``).
 
     CUDA graphs (``reduce-overhead``) are opt-in, not the default: the graph trees allow the in-place
@@ -163,129 +152,3 @@ class _CompileFallback(nn.Module):
             self._compiled[0] = self.model
         self._checked = True
         return out
-
-
-class RunLock:
-    """A lock file stopping two processes from writing one run folder; a stale lock (dead pid) is taken over."""
-
-    HEARTBEAT_S, STALE_S = 30.0, 300.0
-
-    def __init__(self, folder: Path, log=print) -> None:
-        self.path = Path(folder) / ".lock"
-        self.log = log
-
-    def __enter__(self) -> RunLock:
-        """Take the lock: an OS lock (``flock``) on ``.lock`` makes two starters race safely and dies with its
-        process; the "pid host" written inside names the holder, and a live holder also counts (other writers,
-        and filesystems whose ``flock`` is local to each node, e.g. NFS mounted ``local_lock=all`` or Lustre
-        ``localflock``). A pid of another host cannot be checked from here: that holder counts as alive while
-        it refreshes the file's mtime (a heartbeat every ``HEARTBEAT_S``), and as gone ``STALE_S`` after."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(10):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                if fcntl is not None:
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except OSError:
-                        self._in_use(_read_pid(self.path))
-                    try:
-                        replaced = os.fstat(fd).st_ino != os.stat(self.path).st_ino
-                    except FileNotFoundError:
-                        replaced = True
-                    if replaced:  # its holder released and removed it meanwhile: lock the new file
-                        os.close(fd)
-                        continue
-                pid, host = _read_owner(self.path)
-                if pid is not None and (pid, host) != (os.getpid(), _HOST):
-                    if _holder_alive(self.path, pid, host):
-                        self._in_use(pid, host)
-                    self.log(f"taking over a stale lock in {self.path.parent} (process {_who(pid, host)} is gone)")
-                elif pid is None and os.fstat(fd).st_size:
-                    self.log(f"taking over a stale lock in {self.path.parent} (unreadable lock file)")
-                os.ftruncate(fd, 0)
-                os.write(fd, f"{os.getpid()} {_HOST}".encode())
-                os.fsync(fd)
-            except BaseException:
-                os.close(fd)
-                raise
-            self._fd = fd
-            self._remove_stale_temp_files()
-            self._stop = threading.Event()
-            threading.Thread(target=self._heartbeat, daemon=True, name="normlab-lock-heartbeat").start()
-            return self
-        raise NormlabError(f"could not lock {self.path}: remove the file if no normlab process uses the folder")
-
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(self.HEARTBEAT_S):
-            with contextlib.suppress(OSError):
-                os.utime(self.path)
-
-    def _in_use(self, pid: int | None, host: str | None = None) -> None:
-        who = f"process {_who(pid, host)}" if pid is not None else "another process"
-        raise NormlabError(f"run folder {self.path.parent} is in use by {who}: wait for it to finish or stop it "
-                           "(or use another --out)") from None
-
-    def _remove_stale_temp_files(self) -> None:
-        """Half-written ``.<name>.*.tmp`` files (see ``normlab.io.atomic_write``) left by a killed process: with
-        the lock held no one else writes here, so they are garbage."""
-        for tmp in self.path.parent.glob(".*.tmp"):
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-
-    @staticmethod
-    def check_free(folder: Path) -> None:
-        """Raise if a live process other than this one holds the lock of ``folder`` (before touching it)."""
-        path = Path(folder) / ".lock"
-        pid, host = _read_owner(path)
-        if pid is not None and (pid, host) != (os.getpid(), _HOST) and _holder_alive(path, pid, host):
-            raise NormlabError(f"run folder {folder} is in use by process {_who(pid, host)}: wait for it to finish "
-                               "or stop it (or use another --out)")
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        try:
-            if _read_owner(self.path) == (os.getpid(), _HOST):
-                self.path.unlink(missing_ok=True)
-        finally:
-            os.close(self._fd)  # releases the flock
-
-
-_HOST = socket.gethostname()
-
-
-def _read_owner(path: Path) -> tuple[int | None, str | None]:
-    """(pid, host) of the lock's holder; a file of older versions holds only a pid (this host's)."""
-    try:
-        parts = path.read_text().split()
-        pid = int(parts[0])
-    except (OSError, ValueError, IndexError):  # missing, empty (being written) or garbage
-        return None, None
-    return (pid, parts[1] if len(parts) > 1 else _HOST) if pid > 0 else (None, None)
-
-
-def _who(pid: int, host: str | None) -> str:
-    return f"{pid}" if host in (None, _HOST) else f"{pid} on {host}"
-
-
-def _read_pid(path: Path) -> int | None:
-    return _read_owner(path)[0]
-
-
-def _holder_alive(path: Path, pid: int, host: str | None) -> bool:
-    if host in (None, _HOST):
-        return _alive(pid)
-    try:  # another node: only its heartbeat can tell
-        return time.time() - path.stat().st_mtime < RunLock.STALE_S
-    except FileNotFoundError:
-        return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -30,6 +30,7 @@ from normlab.data.augmentations import CATALOGUE, check_augment, settings
 from normlab.device import autocast, unwrap
 from normlab.evaluation import confusion_add_, sum_dtype
 from normlab.norms import BatchInstanceNorm2d
+from normlab.train.agc import adaptive_clip_, agc_params
 from normlab.train.optim import lr_at
 
 CHECK_EVERY = 50  # steps between host reads of the device-side flags and the progress bar's loss
@@ -97,6 +98,7 @@ class TrainStep:
         # found once: walking every module after every step cost as much for a bn model as for bin
         self.gates = [m.rho for m in self.model.modules() if isinstance(m, BatchInstanceNorm2d)]
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.agc_params = agc_params(self.model) if getattr(cfg, "agc", None) else []
         self.begin_epoch()
 
     def begin_epoch(self) -> None:
@@ -139,6 +141,8 @@ class TrainStep:
             self.scaler.unscale_(self.optimizer)  # clipping and the norm below see the true gradients
         else:
             loss.backward()
+        if self.agc_params:  # adaptive gradient clipping (NF-ResNets), on the true (unscaled) gradients
+            adaptive_clip_(self.agc_params, cfg.agc)
         if cfg.grad_clip is not None:
             gnorm = nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
         else:  # still computed: an inf gradient at the last step would otherwise be saved as nan weights

@@ -5,7 +5,7 @@ The study plans its runs; an executor runs each as one ``normlab train`` child p
 this machine, ``ray`` makes each run a Ray task, ``slurm`` each run an element of a Slurm job array (through
 submitit). All three share the worker side (``run_child``): the command is chosen when the run *starts*
 (``--resume`` if the folder holds a ``last.pt``), so a retried or requeued run continues where it stopped,
-and the run lock in the folder (``normlab.train.runtime.RunLock``) keeps one cell from running twice.
+and the run lock in the folder (``normlab.runfolder.RunLock``) keeps one cell from running twice.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from normlab.errors import NormlabError
+from normlab.errors import EXIT_DISK_FULL, NormlabError, disk_full_cause
 from normlab.runfolder import run_state
 
 EXECUTORS = ("local", "ray", "slurm")
@@ -126,6 +126,7 @@ class RunTask:
 
 
 Report = Callable[[RunTask, "int | None", float, str], None]  # (task, exit code or None, seconds, note)
+# executor.run(tasks, report, should_stop): should_stop() -> True once no more runs may start (a full disk)
 
 
 
@@ -161,7 +162,17 @@ def run_child(folder: Path, plan_file: Path, env: dict[str, str] | None = None, 
               on_start: Callable[[subprocess.Popen], None] | None = None, die_with_parent: bool = False,
               ignore_term: bool = False) -> int:
     """Run one ``normlab train`` child to its end and return its exit code (the worker side of every executor).
-    Polls instead of ``wait()`` so a signal handler in this process (submitit's checkpoint) can stop it."""
+    Polls instead of ``wait()`` so a signal handler in this process (submitit's checkpoint) can stop it. A disk
+    too full to hold the run folder or its log ends the run with ``EXIT_DISK_FULL``, like the child would."""
+    try:
+        return _run_child(folder, plan_file, env, log_file, on_start, die_with_parent, ignore_term)
+    except OSError as exc:
+        if disk_full_cause(exc) is None:
+            raise
+        return EXIT_DISK_FULL
+
+
+def _run_child(folder: Path, plan_file: Path, env, log_file, on_start, die_with_parent, ignore_term) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     cmd = train_command(folder, plan_file)
     kwargs: dict[str, Any] = {"env": env}

@@ -21,7 +21,8 @@ class LocalExecutor:
         gpus = visible_gpus() if on_gpu else []
         return gpu_slots(self.jobs, gpus, self.runs_per_gpu)
 
-    def run(self, tasks: list[RunTask], report: Report) -> None:
+    def run(self, tasks: list[RunTask], report: Report, should_stop=None) -> None:
+        """Run every task, ``jobs`` at a time; once ``should_stop()`` says so (a full disk), start no more."""
         slots = self.slots(tasks)
         jobs = len(slots)
         free: queue.SimpleQueue[str | None] = queue.SimpleQueue()
@@ -33,6 +34,8 @@ class LocalExecutor:
         def one(task: RunTask) -> None:
             gpu = free.get()
             try:
+                if should_stop is not None and should_stop():
+                    return
                 verb = "resuming" if run_state(task.folder) == "partial" else "starting"
                 where = f" on GPU {gpu}" if gpu is not None and jobs > 1 else ""
                 self.log(f"[{task.index}/{task.total}] {verb} {task.name}{where}")

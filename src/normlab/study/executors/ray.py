@@ -67,7 +67,9 @@ class RayExecutor:
             gpus = 1.0 / self.options.runs_per_gpu if on_gpu else 0.0
         return cpus, gpus
 
-    def run(self, tasks: list[RunTask], report: Report) -> None:
+    def run(self, tasks: list[RunTask], report: Report, should_stop=None) -> None:
+        # every run is submitted at once: after a full disk (``should_stop``) the queued ones end on their own,
+        # each reported as stopped by the full disk, not as failed
         started = self._connect()
         pending: dict = {}
         try:

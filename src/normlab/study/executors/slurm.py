@@ -58,6 +58,42 @@ class TrainJob:
         return submitit.helpers.DelayedSubmission(TrainJob(self.folder, self.plan_file, self.threads, self.grace_s))
 
 
+# a job in one of these states still has processes on its node (or will have): not ended yet
+ACTIVE_STATES = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED",
+                           "REQUEUE_HOLD", "RESIZING", "SIGNALING", "STAGE_OUT", "SUSPENDED", "STOPPED"})
+
+
+def ended(jobs: list[submitit.Job]) -> list[submitit.Job]:
+    """Those of ``jobs`` that are over, processes included. submitit's ``done()`` is true as soon as the job
+    has written its result, while Slurm's step (``srun``) and the job script are still exiting; a Slurm job
+    is over once ``squeue`` no longer shows it in an active state (one call for all of them). submitit's
+    local jobs are over when ``done()`` says so: it waits for their process."""
+    done = [j for j in jobs if j.done()]
+    slurm = [j for j in done if isinstance(j, submitit.SlurmJob)]
+    if not slurm:
+        return done
+    try:
+        res = subprocess.run(["squeue", "--noheader", "--states=all", "--format=%i %T",
+                              "--jobs=" + ",".join(j.job_id for j in slurm)],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return done  # no answer from the scheduler: the results are there, do not wait forever
+    # an error here means the jobs are gone from the controller ("Invalid job id specified") or it is down
+    lines = res.stdout.splitlines() if res.returncode == 0 else []
+    active = {parts[0] for parts in map(str.split, lines) if len(parts) >= 2 and parts[1] in ACTIVE_STATES}
+    return [j for j in done if j.job_id not in active]
+
+
+def wait_ended(job: submitit.Job, poll_s: float = 0.5, timeout_s: float = 300.0) -> None:
+    """Block until ``job`` is over on the cluster (``ended``), its result already being there."""
+    deadline = time.monotonic() + timeout_s
+    while not ended([job]):
+        if time.monotonic() > deadline:
+            raise NormlabError(f"Slurm job {job.job_id} still runs {timeout_s:.0f} s after it wrote its "
+                               f"result; see squeue -j {job.job_id}")
+        time.sleep(poll_s)
+
+
 class SlurmExecutor:
     name = "slurm"
 
@@ -87,7 +123,9 @@ class SlurmExecutor:
         ex.update_parameters(**params)
         return ex
 
-    def run(self, tasks: list[RunTask], report: Report) -> None:
+    def run(self, tasks: list[RunTask], report: Report, should_stop=None) -> None:
+        # every run is submitted at once: after a full disk (``should_stop``) the queued ones end on their own,
+        # each reported as stopped by the full disk, not as failed
         ex = self.executor(tasks)
         threads = self.options.cpus_per_run or 1
         with ex.batch():
@@ -99,7 +137,7 @@ class SlurmExecutor:
         pending = dict(zip(jobs, tasks))
         try:
             while pending:
-                for job in [j for j in pending if j.done()]:
+                for job in ended(list(pending)):  # reported once its processes are gone, not at its result
                     task = pending.pop(job)
                     try:
                         rc, note = job.result(), ""

@@ -7,7 +7,8 @@
 ``state.json``     study-level progress: ``wall_seconds``, ``last_outcome``, ``gradcam_run`` (the run whose
                    Grad-CAM gallery the report shows), ``gradcam_settings``, ``gradcam_compare`` (the
                    cross-norm comparison's folder and runs)
-``results.csv``    one row per planned run (``RESULT_COLUMNS`` + the settings the study varies)
+``results.csv``    one row per planned run (``RESULT_COLUMNS`` + the settings the study varies + the robustness and
+                   calibration columns, ``runfolder.ROBUSTNESS_COLUMNS``)
 ``runs/<run>/``    one run folder each (``normlab.runfolder``) · ``figures/`` · ``report.md`` · ``report.html``
 =================  ==========================================================================================
 """
@@ -112,7 +113,7 @@ def result_rows(study_dir: str | Path) -> tuple[list[str], list[dict[str, Any]]]
     """(columns, one row per planned run) read from the run folders: nothing is computed from weights."""
     plan = read_plan(study_dir)
     settings = varied_settings(plan)
-    columns = list(RESULT_COLUMNS[:4]) + settings + list(RESULT_COLUMNS[4:])
+    columns = list(RESULT_COLUMNS[:4]) + settings + list(RESULT_COLUMNS[4:]) + list(runfolder.ROBUSTNESS_COLUMNS)
     rows = []
     for p in plan:
         folder = run_dir(study_dir, p["name"])
@@ -127,6 +128,7 @@ def result_rows(study_dir: str | Path) -> tuple[list[str], list[dict[str, Any]]]
                    first_epoch_seconds=timing.get("first_epoch_seconds"),
                    wall_seconds=(summary or {}).get("wall_seconds"),
                    diverged_epoch=((summary or {}).get("diverged") or {}).get("epoch"))
+        row.update(runfolder.robustness_scores(folder))
         rows.append(row)
     return columns, rows
 
