@@ -160,13 +160,13 @@ def test_analyses_find_the_stages_of_timm_models():
 
 
 def test_timm_norms_preset_plans_every_norm_on_both_nets(tmp_path, capsys):
-    from normlab.norms import NORMS
+    from normlab.study.plan import DEFAULT_NORMS  # the course's seven
 
     code, out, err = run(["study", "--preset", "timm-norms", "--plan-only", "--out", str(tmp_path / "s")], capsys)
     assert code == 0, err
     plan = json.loads((tmp_path / "s" / "plan.json").read_text())
     cells = {(r["config"]["model"], r["config"]["norm"]) for r in plan}
-    assert cells == {(f"timm:{a}", n) for a in ("convnext_atto", "regnetx_002") for n in NORMS} - {
+    assert cells == {(f"timm:{a}", n) for a in ("convnext_atto", "regnetx_002") for n in DEFAULT_NORMS} - {
         ("timm:convnext_atto", "in")}  # its head norm sees pooled 1x1 features: refused
     assert all(r["config"]["image_size"] == 64 and r["config"]["dataset"] == "cifar10" for r in plan)
     # a misspelt architecture stops a study before its first run
