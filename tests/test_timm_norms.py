@@ -159,3 +159,17 @@ def test_torchvision_resnet18_trains_a_step_with_each_norm(name):
     from torchvision.models import resnet18
 
     one_step(resnet18(num_classes=2, norm_layer=norm_layer(name)), name, 64)  # 32 px: layer4 sees 1x1 maps
+
+
+@pytest.mark.parametrize("name", [n for n in NORM_NAMES if has_act(n)])
+def test_replace_norms_lets_a_norm_with_its_own_activation_replace_the_pair(name, stock):
+    """frn / evonorm_* swapped into timm's norm+activation layers take the place of norm AND activation (timm's
+    EvoNorm/FRN convention, as norm_layer builds them): keeping the layer's ReLU after FRN's TLU applied two."""
+    model = timm.create_model("regnetx_002", pretrained=False, num_classes=2)
+    pairs = sum(type(m).__name__ == "BatchNormAct2d" and not isinstance(m.act, nn.Identity) for m in model.modules())
+    replace_norms(model, norm_layer(name))
+    assert not any(isinstance(m, NormAct2d) for m in model.modules())
+    ours = [m for m in model.modules() if type(m) is NORMS[name]]
+    assert sum(m.apply_act for m in ours) == pairs
+    assert sum((stock["regnetx_002"] - activations(model)).values()) == pairs
+    one_step(model, name, 64)

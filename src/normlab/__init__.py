@@ -7,6 +7,7 @@ The Python API (each call leaves torch's thread count and the global random gene
     summary["test"]["acc"], summary["run_dir"]
     folder = normlab.study("quick", out="studies/quick", epochs=2)   # preset name or YAML path
     df = normlab.load_study(folder)                                   # pandas: pip install 'normlab[data]'
+    run = normlab.load_run(summary["run_dir"])                        # .model (best weights), .config, .summary
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from normlab.version import __version__
-__all__ = ["__version__", "keyword_message", "load_study", "preserved_torch_state", "study", "train"]
+__all__ = ["__version__", "keyword_message", "load_run", "load_study", "preserved_torch_state", "study", "train"]
 
 
 @contextlib.contextmanager
@@ -173,6 +174,17 @@ def load_study(study_dir: str | Path):
     from normlab.studyfolder import load_study as load
 
     return load(study_dir)
+
+
+def load_run(run_dir: str | Path, which: str = "best", device: str = "cpu"):
+    """A trained run in one call: its model with the ``best`` (best val accuracy) or ``last`` weights, in eval
+    mode on ``device``, as ``.model``, with ``.config`` (``TrainConfig``), ``.summary`` (``summary.json``, None
+    while unfinished), ``.epoch``, ``.classes`` and the input normalization ``.mean``/``.std``; unpacks as
+    ``model, config = normlab.load_run(run_dir)``. Nothing is trained and no data is loaded."""
+    with preserved_torch_state():  # building a model draws initial weights from the global generator
+        from normlab.analysis.evaluate import load_trained
+
+        return load_trained(run_dir, which, device)
 
 
 class _Entry:

@@ -1,4 +1,4 @@
-"""The ``normlab`` command: train, study, report, gradcam, activations, robustness, augment-preview, completion.
+"""The ``normlab`` command: train, study, report, evaluate, gradcam, activations, robustness, augment-preview, completion.
 
 Every ``TrainConfig`` field is a flag (``gn_groups`` -> ``--gn-groups``) whose type, choices and help come
 from the field (``normlab.config.setting``) and the registries (``normlab.registry``); flags override
@@ -127,7 +127,8 @@ def add_setting_flags(parser: argparse.ArgumentParser, title: str, skip: tuple[s
             group.add_argument(*names, dest=f.name, action=BoolFlag, type=_typed(f.name), help=help_text)
             continue
         action = group.add_argument(*names, dest=f.name, default=None, type=_typed(f.name), help=help_text,
-                                    choices=list(choices) if choices is not None else None,
+                                    # a dict stays a dict: MODELS answers `in` for every timm:<name>
+                                    choices=choices if isinstance(choices, dict) or choices is None else list(choices),
                                     metavar=None if choices is not None else _metavar(f))
         if f.name in PATH_SETTINGS:
             action.complete = SHTAB_FILE
@@ -249,6 +250,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                                                 "gradcam_compare next to the first)")
     p.set_defaults(func=cmd_gradcam)
 
+    add_evaluate_parser(sub)
+
     p = sub.add_parser("augment-preview", help="a grid of one image under each augmentation of the catalogue")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--image", metavar="FILE", help="the image to augment")
@@ -279,6 +282,36 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("shell", choices=SHELLS, help="the shell to complete in")
     p.set_defaults(func=cmd_completion)
     return parser
+
+
+def add_evaluate_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="score a run's weights on its own data or another data set of the same "
+                                        "classes (scores + confusion matrix); never retrains")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a folder made by `normlab train`")
+    p.add_argument("--data-root", metavar="PATH", help="folder/tarball of the data to evaluate on [default: the run's]"
+                   ).complete = SHTAB_FILE  # type: ignore[attr-defined]
+    p.add_argument("--dataset", help="kind of that data (fashion-mnist, cifar10, folder) [default: the run's]")
+    p.add_argument("--split", default="test", choices=("test", "val", "train"), help="split to score [default: test]")
+    p.add_argument("--weights", default="best", choices=("best", "last"),
+                   help="best.pt (best val accuracy) or last.pt [default: best]")
+    p.add_argument("--eval-subset", type=int, metavar="N",
+                   help="score a stratified subset of N images, 0 = every image [default: the run's --eval-subset]")
+    p.add_argument("--out", metavar="DIR", help="output folder [default: RUN_DIR/eval]")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto [default: cpu]")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from normlab.analysis.evaluate import evaluate_run
+
+    r = evaluate_run(_existing(args.run_dir, "run folder"), data_root=args.data_root, dataset=args.dataset,
+                     split=args.split, which=args.weights, eval_subset=args.eval_subset, out=args.out,
+                     device=args.device)
+    print(f"{r['split']} of {r['source']}: acc {r['acc']:.4f}, macro-F1 {r['macro_f1']:.4f} "
+          f"({r['images']} images, {r['weights']})")
+    print(r["json"])
+    print(r["figure"])
+    return 0
 
 
 DEFAULT_PRESET = "quick"

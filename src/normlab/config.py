@@ -20,7 +20,7 @@ import yaml
 
 from normlab.errors import NormlabError
 from normlab.registry import (ACTIVATION_NAMES, AUGMENTATION_NAMES, CONVS, DATASETS, MODELS, NORM_NAMES,
-                              OPTIMIZER_NAMES, SCHEDULES, SHORTCUTS, choose)
+                              OPTIMIZER_NAMES, SCHEDULES, SHORTCUTS, choose, is_timm)
 
 IMAGENET = "imagenet"  # --pretrained imagenet: torchvision's ResNet18_Weights.IMAGENET1K_V1
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -65,7 +65,7 @@ class TrainConfig:
     augment_params: str | None = setting(None, "augmentation settings NAME.KEY=VALUE, e.g. "
                                          "cutout.size=8,rotation.degrees=15,mask.p=0.3,mask.block=4")
     # --- model ---
-    model: str = setting("resnet", "model family", choices=MODELS)
+    model: str = setting("resnet", "model family, or timm:<architecture> for any timm model", choices=MODELS)
     n: int = setting(3, "blocks per stage: 6n+2 layers (n=3: ResNet-20)")
     norm: str = setting("bn", "normalization layer", choices=NORM_NAMES)
     gn_groups: int | None = setting(None, "GroupNorm groups (unset: 8, which divides 16, 32 and 64); also evonorm_s0's")
@@ -80,7 +80,7 @@ class TrainConfig:
     head: str = setting("linear", "classifier head: linear | mlp:H1,H2,... (Linear-ReLU-Dropout per hidden width, "
                         "uses --dropout)")
     pretrained: str | None = setting(None, "resnet18: PATH to a torchvision resnet18 state_dict, or imagenet "
-                                     "(needs internet)")
+                                     "(needs internet); timm:<name>: PATH to that timm model's state_dict")
     freeze: int = setting(0, "freeze the first K stages: 1 = stem (resnet18: conv1+bn1), 2 = + stage1/layer1, ... "
                           "(resnet18 up to 5)")
     max_params: int | None = setting(None, "refuse to build a model with more parameters than this")
@@ -132,6 +132,9 @@ class TrainConfig:
         return self.image_size or DATASETS.get(self.dataset, 256)
 
     def run_name(self) -> str:
+        if is_timm(self.model):  # n is normlab's ResNet depth: the architecture names a timm run instead
+            arch = self.model.split(":", 1)[1].replace("/", "_")
+            return f"{self.dataset}-{arch}-{self.norm}-b{self.batch_size}-{self.augment}-s{self.seed}"
         return f"{self.dataset}-{self.norm}-n{self.n}-b{self.batch_size}-{self.augment}-s{self.seed}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -193,11 +196,20 @@ class TrainConfig:
         check_augment(self.augment, self.augment_params)
         parse_head(self.head)
         spec = MODELS[self.model]
-        if not 0 <= self.freeze <= spec.freeze_units:
+        if is_timm(self.model):
+            if self.activation != "relu":
+                bad("activation", "applies to normlab's resnet/compact only: a timm model keeps its own "
+                    "activations; drop --activation")
+            if self.pretrained == IMAGENET:
+                bad("pretrained", "for a timm model must be a local state_dict file: normlab never downloads "
+                    "timm weights (save them with torch.save(model.state_dict(), path) where timm can download)")
+            if self.freeze < 0:
+                bad("freeze", "must be >= 0")
+        elif not 0 <= self.freeze <= spec.freeze_units:
             bad("freeze", f"is out of range for model {self.model}: use 0..{spec.freeze_units} "
                 f"(stages: {spec.freeze_stages})")
         if self.pretrained is not None and not spec.pretrained:
-            bad("pretrained", f"needs --model resnet18 (weights are torchvision resnet18 state_dicts), not {self.model!r}")
+            bad("pretrained", f"needs --model resnet18 or timm:<name>, not {self.model!r}")
         if self.max_params is not None and self.max_params < 1:
             bad("max_params", "must be >= 1 (or left unset)")
         if self.width < 1:
@@ -261,8 +273,9 @@ def check_pretrained_file(cfg: TrainConfig) -> None:
     """Fail early (one line) when ``--pretrained`` names a file that does not exist. Not part of ``validate()``:
     a finished run's saved config must stay readable after the weight file has moved."""
     if cfg.pretrained not in (None, IMAGENET) and not Path(cfg.pretrained).expanduser().is_file():
-        raise NormlabError(f"config: pretrained={cfg.pretrained!r}: no such file; pass a torchvision resnet18 "
-                           "state_dict file or 'imagenet'")
+        raise NormlabError(f"config: pretrained={cfg.pretrained!r}: no such file; pass a "
+                           + ("timm state_dict file" if is_timm(cfg.model) else
+                              "torchvision resnet18 state_dict file or 'imagenet'"))
 
 
 def resume_config(saved: TrainConfig, changes: dict[str, Any]) -> TrainConfig:

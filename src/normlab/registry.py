@@ -10,7 +10,7 @@ activation     ``ACTIVATIONS``                             factory ``() -> modul
 shortcut       ``SHORTCUTS``                               description
 optimizer      ``OPTIMIZERS``                              ``(param_groups, cfg) -> Optimizer``
 schedule       ``SCHEDULES``                               ``(t in [0, 1), cfg) -> learning rate``
-model          ``MODELS``                                  ``ModelSpec`` (builder path, freeze stages)
+model          ``MODELS`` (also ``timm:<name>``)               ``ModelSpec`` (builder path, freeze stages)
 dataset        ``DATASETS``                                default image size
 =============  ==========================================  =========================================
 
@@ -79,7 +79,7 @@ class ModelSpec:
     builder: str  # "module:function" taking (cfg, in_channels, num_classes, norm_kwargs) -> nn.Module
     freeze_stages: str  # what --freeze 1, 2, ... freeze, in order
     help: str
-    pretrained: bool = False  # takes --pretrained (torchvision resnet18 weights)
+    pretrained: bool = False  # takes --pretrained (resnet18: torchvision weights; timm: a local state_dict)
     downsampling: int = 4  # total stride for small inputs (stride-2 stages): the last stage sees size/downsampling
 
     @property
@@ -91,7 +91,35 @@ class ModelSpec:
         return getattr(importlib.import_module(module), name)
 
 
-MODELS: dict[str, ModelSpec] = {
+TIMM_PREFIX = "timm:"  # --model timm:<architecture>: any timm model (normlab.models.timm_models)
+
+
+class ModelRegistry(dict):
+    """The model dict, whose ``timm:NAME`` entry stands for every ``timm:<architecture>``: ``"timm:convnext_atto"
+    in MODELS`` and ``MODELS["timm:convnext_atto"]`` answer with that entry, so validation, the CLI's choices and
+    the help all come from this one dict; whether timm knows the architecture is checked when the model is built
+    (timm is an optional dependency)."""
+
+    def _timm_key(self, key: object) -> str | None:
+        if isinstance(key, str) and key.startswith(TIMM_PREFIX) and len(key) > len(TIMM_PREFIX):
+            return TIMM_PREFIX + "NAME"
+        return None
+
+    def __contains__(self, key: object) -> bool:
+        return super().__contains__(key) or self._timm_key(key) in self.keys()
+
+    def __missing__(self, key: object) -> ModelSpec:
+        timm_key = self._timm_key(key)
+        if timm_key is None or not super().__contains__(timm_key):
+            raise KeyError(key)
+        return super().__getitem__(timm_key)
+
+
+def is_timm(model: str) -> bool:
+    return str(model).startswith(TIMM_PREFIX)
+
+
+MODELS: dict[str, ModelSpec] = ModelRegistry({
     "resnet": ModelSpec("normlab.models.build:build_resnet", "stem, stage1, stage2, stage3",
                         "the 6n+2 CIFAR ResNet"),
     "resnet18": ModelSpec("normlab.models.torchvision_resnet:build_resnet18",
@@ -101,7 +129,12 @@ MODELS: dict[str, ModelSpec] = {
                          "narrow ResNet for small budgets, see --width"),
     "nf": ModelSpec("normlab.models.nf:build_nf", "stem, stage1, stage2, stage3",
                     "normalizer-free 6n+2 ResNet (scaled WS convs, no norm; use --agc)"),
-}
+    # freeze: the timm model's stem, then its stages (where it has `stem` and `stages`); counted when built.
+    # downsampling 1: the smallest input is checked when the model is built (a probe pass at the input size)
+    TIMM_PREFIX + "NAME": ModelSpec("normlab.models.timm_models:build_timm", "stem, stages ...",
+                                    "any timm architecture, e.g. timm:convnext_atto (pip install 'normlab[timm]')",
+                                    pretrained=True, downsampling=1),
+})
 # conv layers of the models (--conv): plain, or weight-standardized (models/nf.py)
 CONVS: tuple[str, ...] = ("plain", "ws")
 
@@ -125,4 +158,5 @@ def choose(registry: Mapping[str, Any] | tuple[str, ...], value: Any, what: str)
 
 
 __all__ = ["ACTIVATIONS", "ACTIVATION_NAMES", "AUGMENTATIONS", "AUGMENTATION_NAMES", "DATASETS", "MODELS", "NORMS",
-           "NORM_NAMES", "OPTIMIZERS", "OPTIMIZER_NAMES", "SCHEDULES", "SHORTCUTS", "ModelSpec", "ReLU", "choose"]
+           "NORM_NAMES", "OPTIMIZERS", "OPTIMIZER_NAMES", "SCHEDULES", "SHORTCUTS", "TIMM_PREFIX", "ModelRegistry",
+           "ModelSpec", "ReLU", "choose", "is_timm"]

@@ -7,7 +7,8 @@ A run folder (``normlab train --out DIR``, ``<study>/runs/<name>``) holds:
 ``metrics.csv``    one row per epoch, columns ``METRIC_COLUMNS`` (train figures from the training pass)
 ``quantiles.json`` ``{"q": [...], "headline": layer, "epochs": [{"epoch": e, layer: [quantiles], ...}]}``
 ``summary.json``   the finished run (``SUMMARY_KEYS``): status, train/val/test scores and confusion matrices
-                   of the best-on-val weights, timing (steady state and one-time costs), world size, versions
+                   of the best-on-val weights, timing (steady state and one-time costs), world size, versions,
+                   the model (``model``: name, and for a model whose norms were swapped in, what was swapped)
 ``best.pt``        weights with the best val accuracy · ``last.pt`` weights + optimizer + RNG + progress
 ``predictions.json`` per-image ``{"val": {"true": [...], "pred": [...]}, "test": ...}`` of the best weights
                    (written by the analyses: paired tests between runs on the same images)
@@ -25,6 +26,8 @@ A run folder (``normlab train --out DIR``, ``<study>/runs/<name>``) holds:
                    removed once the run has a summary (the summary is the run's one truth)
 ``events.*``       TensorBoard scalars per epoch, and the run's HParams once at the end
 ``curves.png``, ``confusion_*.png``, ``misclassified_val.png|webp``, ``gradcam/`` (``gradcam.json`` + galleries)
+``eval/``          ``normlab evaluate``: ``<data>-<split>.json`` (``EVAL_KEYS``: the scores and confusion matrix of
+                   the run's weights on a data set and split) and ``<data>-<split>.png`` (its confusion figure)
 =================  ==========================================================================================
 
 Every reader and writer of these files goes through this module, so a change of name or key is made once.
@@ -32,7 +35,8 @@ Every reader and writer of these files goes through this module, so a change of 
 before that (a full disk while drawing ``curves.png``) has no summary and resumes from ``last.pt``. The
 folder's lock (``RunLock``, from ``normlab.runlock``) and its preparation (``prepare``) live here too.
 ``SCHEMA_VERSION`` is stored in ``summary.json``; a summary without one is version 1 (the same keys
-minus the timing and world-size additions, which readers treat as absent).
+minus the timing and world-size additions, which readers treat as absent). Version 3 adds ``model``
+(``MODEL_KEYS``); ``read_summary`` gives older summaries ``model: None``.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from normlab.runlock import RunLock
 
 __all__ = ["RunLock", "prepare"]  # and the names below
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 CONFIG = "config.yaml"
 METRICS = "metrics.csv"
@@ -83,10 +87,19 @@ SCORES = ("acc", "micro_f1", "macro_f1")
 METRIC_COLUMNS = (("epoch", "lr")
                   + tuple(f"{s}_{m}" for s in ("train", "val") for m in ("loss", "error") + SCORES)
                   + ("epoch_seconds", "images_per_s", "eval_seconds"))
-# summary.json keys (schema 2); "timing" and "world" are new in 2
+# summary.json keys (schema 3); "timing" and "world" are new in 2, "model" in 3
 SUMMARY_KEYS = ("schema_version", "status", "diverged", "run", "epochs_run", "best_epoch", "classes", "params",
                 "layers", "train", "val", "test", "seconds_per_epoch", "images_per_s", "timing", "wall_seconds",
-                "device", "world", "torch", "python", "threads", "data")
+                "device", "world", "torch", "python", "threads", "data", "model")
+# summary["model"]: the --model name; norm_swaps {"Old -> New": count} and norms_kept {"Type": count} for a model
+# whose norms were swapped in (timm, resnet18; None for normlab's own models, built with the norm), how
+# (via: norm_layer | replace_norms), the timm keywords it was built with, and the --pretrained weights loaded
+MODEL_KEYS = ("name", "norm_swaps", "norms_kept", "via", "timm_kwargs", "pretrained")
+EVAL_DIR = "eval"
+# eval/<data>-<split>.json keys: the split's scores as in summary.json (loss, acc, micro_f1, macro_f1, confusion)
+# and where they come from
+EVAL_KEYS = ("schema_version", "run", "weights", "epoch", "dataset", "data_root", "source", "split", "images",
+             "classes", "loss", "acc", "micro_f1", "macro_f1", "confusion", "normalization", "figure")
 STATUSES = ("finished", "stopped_early", "diverged")  # of summary.json; a study adds failed | missing | partial
 
 
@@ -201,12 +214,49 @@ def read_summary(folder: str | Path) -> dict[str, Any] | None:
         return None
     summary = read_json(path)
     summary.setdefault("schema_version", 1)
+    summary.setdefault("model", None)
     return summary
 
 
 def clear_failure(folder: str | Path) -> None:
     """Remove ``failed.json`` of an earlier attempt: the run's summary (or its next attempt) is the truth now."""
     _p(folder, FAILED).unlink(missing_ok=True)
+
+
+def model_record(name: str, swaps: dict[str, Any] | None = None, pretrained: dict[str, Any] | None = None
+                 ) -> dict[str, Any]:
+    """``summary["model"]`` (``MODEL_KEYS``) from the model name and what the builder recorded."""
+    swaps = swaps or {}
+    return {"name": name, "norm_swaps": swaps.get("swapped"), "norms_kept": swaps.get("kept"),
+            "via": swaps.get("via"), "timm_kwargs": swaps.get("timm_kwargs"), "pretrained": pretrained}
+
+
+# ----------------------------------------------------------------------------------------- eval/
+
+
+def _slug(text: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("._") or "data"
+
+
+def eval_paths(folder: str | Path, data_label: str, split: str, out: str | Path | None = None) -> tuple[Path, Path]:
+    """``(json, png)`` for ``normlab evaluate`` of ``split`` of the data ``data_label``: in ``RUN/eval/`` unless
+    ``out`` names another folder."""
+    base = Path(out) if out is not None else _p(folder, EVAL_DIR)
+    stem = f"{_slug(data_label)}-{split}"
+    return base / f"{stem}.json", base / f"{stem}.png"
+
+
+def write_eval(path: str | Path, record: dict[str, Any]) -> Path:
+    write_json(Path(path), {"schema_version": SCHEMA_VERSION, **record})
+    return Path(path)
+
+
+def read_evals(folder: str | Path) -> dict[str, dict[str, Any]]:
+    """Every ``eval/*.json`` of a run, by file stem."""
+    base = _p(folder, EVAL_DIR)
+    return {p.stem: read_json(p) for p in sorted(base.glob("*.json"))} if base.is_dir() else {}
 
 
 def read_failure(folder: str | Path) -> dict[str, Any] | None:

@@ -57,12 +57,17 @@ def read_image(path: str | os.PathLike, channels: int | None = None, size: int |
 
 
 def feature_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """``stem`` and ``stage1..K`` of a normlab ResNet / compact model or of the workbench's resnet18."""
+    """``stem`` and ``stage1..K`` of a normlab ResNet / compact model or of the workbench's resnet18; of a timm
+    model without ``stages``, its feature stages (``feature_info``, e.g. RegNet's ``s1..s4``)."""
     m = unwrap(model)
     layers: dict[str, nn.Module] = {}
-    if hasattr(m, "stem"):
+    if isinstance(getattr(m, "stem", None), nn.Module):
         layers["stem"] = m.stem
-    for i, stage in enumerate(getattr(m, "stages", None) or []):
+    stages = list(getattr(m, "stages", None) or [])
+    if not stages and isinstance(getattr(m, "feature_info", None), list):
+        names = [f.get("module") for f in m.feature_info if isinstance(f, dict)]
+        stages = [m.get_submodule(n) for n in names if n and n != "stem" and not n.startswith("act")]
+    for i, stage in enumerate(stages):
         layers[f"stage{i + 1}"] = stage
     if not layers:
         raise NormlabError(f"{type(m).__name__} has no stem/stages to show feature maps of")

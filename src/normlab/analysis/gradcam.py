@@ -34,15 +34,22 @@ CAM_BATCH = 16  # images per Grad-CAM forward/backward (bounds memory at 256×25
 
 
 def last_stage_convs(model: nn.Module) -> list[nn.Module]:
-    """``conv1`` and ``conv2`` of every block of the last stage: 2n layers for a 6n+2 ResNet."""
+    """``conv1`` and ``conv2`` of every block of the last stage: 2n layers for a 6n+2 ResNet (and ResNet-18).
+    A timm model: the output of its last feature stage (``feature_info``: ``stages.3``, ``s4``, ``layer4``)."""
     m = unwrap(model)
     stages = getattr(m, "stages", None)
-    if stages is None or len(stages) == 0:
-        raise NormlabError(f"{type(m).__name__} has no `stages`: Grad-CAM layers are picked from a normlab ResNet")
-    layers: list[nn.Module] = []
-    for block in stages[-1]:
-        layers += [block.conv1, block.conv2]
-    return layers
+    blocks = list(stages[-1]) if isinstance(stages, (list, nn.Sequential, nn.ModuleList)) and len(stages) and \
+        isinstance(stages[-1], (nn.Sequential, nn.ModuleList)) else []
+    if blocks and all(hasattr(b, "conv1") and hasattr(b, "conv2") for b in blocks):
+        layers: list[nn.Module] = []
+        for block in blocks:
+            layers += [block.conv1, block.conv2]
+        return layers
+    info = getattr(m, "feature_info", None)
+    if isinstance(info, list) and info and isinstance(info[-1], dict) and info[-1].get("module"):
+        return [m.get_submodule(info[-1]["module"])]
+    raise NormlabError(f"{type(m).__name__} has no `stages` of residual blocks and no timm feature_info: Grad-CAM "
+                       "layers are picked from a normlab ResNet, ResNet-18 or a timm model")
 
 
 def gradcam_maps(model: nn.Module, images: torch.Tensor, targets: Sequence[int] | torch.Tensor,

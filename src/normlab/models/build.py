@@ -16,7 +16,7 @@ from torch import nn
 from normlab.config import parse_head
 from normlab.errors import NormlabError
 from normlab.models.resnet import ResNet
-from normlab.registry import MODELS, choose
+from normlab.registry import MODELS, choose, is_timm
 
 
 def build_model(cfg, in_channels: int, num_classes: int, *, sync: bool = False) -> nn.Module:
@@ -33,6 +33,16 @@ def build_model(cfg, in_channels: int, num_classes: int, *, sync: bool = False) 
 
         standardize_convs(model)
     return finish_model(model, cfg, num_classes)
+
+
+def check_model(model: str) -> None:
+    """A one-line error now, before any data is loaded, for a model that cannot be built: an unknown family, a
+    timm architecture that timm does not have, or timm not installed."""
+    choose(MODELS, model, "model")
+    if is_timm(model):
+        from normlab.models.timm_models import check_name, timm_name
+
+        check_name(timm_name(model))
 
 
 def build_resnet(cfg, in_channels: int, num_classes: int, norm_kwargs: dict) -> ResNet:
@@ -84,7 +94,14 @@ def check_budget(model: nn.Module, max_params: int | None, name: str) -> None:
 def finish_model(model: nn.Module, cfg, num_classes: int) -> nn.Module:
     """Head, parameter budget and freezing, common to every model family."""
     head, dropout = getattr(cfg, "head", "linear"), getattr(cfg, "dropout", 0.0)
-    if head != "linear" or (getattr(cfg, "model", "resnet") == "resnet18" and dropout > 0):
+    if head != "linear" and not isinstance(getattr(model, "fc", None), nn.Linear):  # timm: its classifier
+        path = str(getattr(model, "pretrained_cfg", {}).get("classifier") or "")
+        fc = model.get_submodule(path) if path else None
+        if not isinstance(fc, nn.Linear):
+            raise NormlabError(f"--head {head}: cannot find the classifier Linear of {getattr(cfg, 'model', '?')}; "
+                               "use --head linear")
+        model.set_submodule(path, make_head(fc.in_features, num_classes, head, dropout))
+    elif head != "linear" or (getattr(cfg, "model", "resnet") == "resnet18" and dropout > 0):
         fc = model.fc
         if head != "linear" and isinstance(getattr(model, "dropout", None), nn.Dropout):
             model.dropout = nn.Identity()  # the head carries its own dropout
@@ -98,4 +115,4 @@ def finish_model(model: nn.Module, cfg, num_classes: int) -> nn.Module:
     return model
 
 
-__all__ = ["build_model", "check_budget", "finish_model", "freeze", "freeze_units", "make_head"]
+__all__ = ["build_model", "check_budget", "check_model", "finish_model", "freeze", "freeze_units", "make_head"]

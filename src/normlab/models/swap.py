@@ -19,9 +19,10 @@ torch_bn, bin) and the per-channel affine ``weight``/``bias`` when both have one
 timm's LayerNorm2d's per-channel affine too); nothing for ``nn`` (identity). BIN's gate starts at 1 (pure BN),
 so a BN -> bin swap computes the same function. The catalogue norms take the affine too, and BN's running
 statistics where they keep them (evonorm_b0, sn, brn, gbn); their own parameters start at their initial values
-(sn's mixing weights uniform, frn's τ at 0, EvoNorm's v at 1, dyt's α at 0.5). Only the norm is swapped: a norm
-with its own activation (frn, evonorm_*) swapped into a model keeps the model's activations around it (build
-normlab's ResNet with that norm to drop them).
+(sn's mixing weights uniform, frn's τ at 0, EvoNorm's v at 1, dyt's α at 0.5). A norm with its own activation
+(frn, evonorm_*, given as ``norm_layer(name)``) takes the place of a timm norm+activation layer's pair, as timm's
+EvoNorm/FRN layers do; swapped in for a plain norm, it keeps the model's activations around it (build normlab's
+ResNet with that norm to drop them).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 from torch import nn
 
 from normlab.errors import NormlabError
-from normlab.norms import NormAct2d
+from normlab.norms import NORMS, NormAct2d, has_act
 
 _NATIVE: tuple[type, ...] = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, nn.InstanceNorm2d)
 # timm's layers on (N, C, H, W) maps, by module and class name (timm is not imported for this)
@@ -103,11 +104,17 @@ def carry_over(old: nn.Module, new: nn.Module) -> nn.Module:
 
 
 def _swap(old: nn.Module, factory: Callable[[int], nn.Module]) -> nn.Module:
-    new = carry_over(old, factory(_channels(old)))
     act, drop = getattr(old, "act", None), getattr(old, "drop", None)
+    drop = drop if isinstance(drop, nn.Module) and not isinstance(drop, nn.Identity) else None
     if type(old).__module__ == "timm.layers.norm_act" and isinstance(act, nn.Module):  # norm, drop, act in one
-        return NormAct2d(new, act, drop if isinstance(drop, nn.Module) else None)
-    return new
+        name = getattr(factory, "norm", None)
+        if name in NORMS and has_act(name):
+            # a norm with its own activation (frn, evonorm_*) takes the place of the whole norm+activation pair,
+            # as timm's EvoNorm/FRN layers do: the old activation goes, applying two would be a different net
+            new = carry_over(old, factory(_channels(old), apply_act=not isinstance(act, nn.Identity)))
+            return NormAct2d(new, None, drop) if drop is not None else new
+        return NormAct2d(carry_over(old, factory(_channels(old))), act, drop)
+    return carry_over(old, factory(_channels(old)))
 
 
 def _plan(model: nn.Module, keep: tuple[type, ...], prefix: str = "") -> tuple[list[tuple[nn.Module, str, nn.Module]],

@@ -124,8 +124,14 @@ def build_resnet18(cfg, in_channels: int, num_classes: int, norm_kwargs: dict, i
     """``--model resnet18``: norms are swapped in after any weights are loaded (the weights are BN's)."""
     from normlab.norms import norm_layer
 
+    from normlab.models.timm_models import norm_paths, norm_swaps
+
     factory = norm_layer(cfg.norm, **norm_kwargs)
     model = resnet18(num_classes, in_channels, image_size or cfg.input_size)
-    if getattr(cfg, "pretrained", None):
-        load_pretrained(model, cfg.pretrained)
-    return replace_norms(model, factory)
+    pretrained = load_pretrained(model, cfg.pretrained) if getattr(cfg, "pretrained", None) else None
+    stock = norm_paths(model)
+    model = replace_norms(model, factory)
+    model.normlab_swaps = {**norm_swaps(stock, model, (type(factory(16)),)), "via": "replace_norms"}
+    if pretrained is not None:
+        model.normlab_pretrained = pretrained
+    return model

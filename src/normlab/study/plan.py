@@ -243,6 +243,10 @@ def plan_runs(study: StudyConfig, base: dict[str, Any]) -> list[Run]:
     names = [r.name for r in runs.values()]
     if len(set(names)) != len(names):  # pragma: no cover - names encode every compared setting
         raise NormlabError("study: two different runs got the same folder name; report this as a bug")
+    from normlab.models import check_model
+
+    for model in sorted({r.config["model"] for r in runs.values()}):  # e.g. a misspelt timm:<name>: before any run
+        check_model(model)
     return list(runs.values())
 
 

@@ -32,7 +32,7 @@ from normlab.evaluation import evaluate
 from normlab.io import write_text
 from normlab.layer_outputs import record_outputs
 from normlab.metrics import quantiles, scores_from_confusion
-from normlab.models import build_model, count_parameters
+from normlab.models import build_model, check_model, count_parameters
 from normlab.plots import plot_curves
 from normlab.train import distributed as dist_utils
 from normlab.train.distributed import world_of
@@ -61,8 +61,18 @@ def probe_layers(model: nn.Module) -> dict[str, nn.Module]:
     the second norm of the last block: the normalization's output right before the final residual add."""
     m = unwrap(model)
     stages = list(getattr(m, "stages", None) or [])  # models without stem/stages: probe what exists
-    layers = {**({"stem": m.stem} if hasattr(m, "stem") else {}), **{f"stage{i + 1}": s for i, s in enumerate(stages)}}
-    last = getattr(stages[-1][-1], "bn2", None) if stages and len(stages[-1]) else None
+    stem = m.stem if isinstance(getattr(m, "stem", None), nn.Module) else None
+    if not stages and isinstance(getattr(m, "feature_info", None), list):  # timm: its feature stages
+        names = [f.get("module") for f in m.feature_info if isinstance(f, dict)]
+        stages = [m.get_submodule(n) for n in names if n and n != "stem" and not n.startswith("act")]
+    layers = {**({"stem": stem} if stem is not None else {}), **{f"stage{i + 1}": s for i, s in enumerate(stages)}}
+    tail = stages[-1] if stages else None
+    last = getattr(tail[-1], "bn2", None) if isinstance(tail, (nn.Sequential, nn.ModuleList, list)) and len(tail) else None
+    if last is None and tail is not None and not isinstance(getattr(m, "fc", None), nn.Linear):
+        from normlab.models.timm_models import is_norm_module
+
+        norms = [x for x in tail.modules() if is_norm_module(x)]  # a timm model: the last norm of its last stage
+        last = norms[-1] if norms else None
     if last is not None:
         layers["last_norm"] = last
     return layers
@@ -188,6 +198,7 @@ def _train(cfg: TrainConfig, out: Path, dinfo, progress: EpochProgress, log, say
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    check_model(cfg.model)  # a misspelt timm architecture or a missing timm: before the data is loaded
     data = load_data(cfg, max_eval=cfg.eval_subset)
     if dinfo.is_main:
         write_text(out / "config.yaml", dump_yaml(cfg.to_dict()))
@@ -207,6 +218,9 @@ def _train(cfg: TrainConfig, out: Path, dinfo, progress: EpochProgress, log, say
     val_x, val_y = data.val_x.to(device), data.val_y.to(device)  # evaluated every epoch: copied once
     probe = normalize(data.val_x[: cfg.probe_size].to(device), data.mean, data.std)
     n_train = len(train_x)
+    # what `normlab evaluate` / `normlab.load_run` need without reloading this data: classes and normalization
+    data_of = {"classes": list(data.classes), "in_channels": data.in_channels, "mean": list(data.mean),
+               "std": list(data.std)}
     per_rank = cfg.batch_size // dinfo.world_size
     if per_rank < 1:
         raise NormlabError(f"batch_size={cfg.batch_size} is smaller than the {dinfo.world_size} processes: raise it")
@@ -294,7 +308,7 @@ def _train(cfg: TrainConfig, out: Path, dinfo, progress: EpochProgress, log, say
         improved = va["acc"] > state["best_acc"]
         if improved:
             state.update(best_acc=va["acc"], best_epoch=epoch, bad_epochs=0)
-            save_checkpoint(out / "best.pt", model, cfg, epoch=epoch, val_acc=va["acc"])
+            save_checkpoint(out / "best.pt", model, cfg, epoch=epoch, val_acc=va["acc"], data=data_of)
         else:
             state["bad_epochs"] += 1
         _log_epoch(writer, row, log, cfg)
@@ -302,7 +316,7 @@ def _train(cfg: TrainConfig, out: Path, dinfo, progress: EpochProgress, log, say
         # rows but no last.pt means last.pt was lost, never that the disk filled before it was written
         state["stopped_early"] = cfg.patience is not None and state["bad_epochs"] >= cfg.patience
         save_checkpoint(last, model, cfg, optimizer=optimizer.state_dict(), rng=rng_state(), state=state,
-                        scaler=scaler.state_dict() if scaler is not None else None)
+                        scaler=scaler.state_dict() if scaler is not None else None, data=data_of)
         runfolder.write_metrics(out, state["rows"])
         runfolder.write_quantiles(out, QUANTILES, state["quantiles"])
         if dist_utils.any_rank(state["stopped_early"], dinfo, device):
@@ -401,6 +415,8 @@ def _finish(cfg, out, model, data, device, state, n_params, wall, log, say) -> N
         "timing": {**runfolder.timing(rows), "data_load_seconds": data.info.get("load_seconds")},
         "wall_seconds": wall, "device": str(device), "world": world_of(), "torch": torch.__version__,
         "python": platform.python_version(), "threads": torch.get_num_threads(), "data": _data_info(data.info),
+        "model": runfolder.model_record(cfg.model, getattr(unwrap(model), "normlab_swaps", None),
+                                        getattr(unwrap(model), "normlab_pretrained", None)),
     }
     _log_hparams(out, cfg, summary, log)
     if rows:
