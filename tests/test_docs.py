@@ -40,7 +40,8 @@ def text(page: Path) -> str:
 def test_site_has_the_guide_the_api_reference_and_the_architecture(site):
     for page in ("index.html", "install/index.html", "compatibility/index.html", "guide/train/index.html",
                  "guide/studies/index.html", "guide/report/index.html", "guide/norms/index.html",
-                 "guide/transfer/index.html", "guide/cluster/index.html", "guide/gpu/index.html"):
+                 "guide/transfer/index.html", "guide/cluster/index.html", "guide/gpu/index.html",
+                 "guide/robustness/index.html"):
         assert (site / page).is_file(), page
     api = (site / "api" / "normlab" / "index.html").read_text()
     for name in ("normlab.train", "normlab.study", "normlab.load_study"):  # train/study: the functions, not packages
@@ -48,6 +49,12 @@ def test_site_has_the_guide_the_api_reference_and_the_architecture(site):
     norms = (site / "api" / "norms" / "index.html").read_text()
     assert 'id="normlab.norms.BatchInstanceNorm2d"' in norms
     assert ":class:" not in norms and ":func:" not in norms  # Sphinx roles rendered as code
+    for name in ("FilterResponseNorm2d", "EvoNormB0", "SwitchableNorm2d", "DynamicTanh2d", "spec.SpecNorm"):
+        assert f'id="normlab.norms.{name}"' in norms, name  # the catalogue and its spec engine
+    for page, name in (("data", "normlab.data.corruptions.corrupt"),
+                       ("analysis", "normlab.analysis.robustness.run_robustness"),
+                       ("analysis", "normlab.analysis.calibration.run_calibration")):
+        assert f'id="{name}"' in (site / "api" / page / "index.html").read_text(), name
     # the architecture page is ARCHITECTURE.md itself, included at build time
     first_rule = next(line for line in (ROOT / "ARCHITECTURE.md").read_text().splitlines() if line.startswith("- **"))
     words = " ".join(re.sub(r"[*`]", "", first_rule)[2:60].split()[:-1])
