@@ -3,6 +3,7 @@ report's Robustness and Calibration sections. (Bad-input robustness of the tools
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -13,10 +14,10 @@ import torch
 from torch import nn
 
 from normlab.analysis.robustness import (PriorMixed, batch_stat_modules, batch_stats_accuracy, check_severities,
-                                         normalize_runs, reestimated, run_robustness)
+                                         normalize_runs, reestimated, run_robustness, with_batch_stats)
 from normlab.errors import NormlabError
 from normlab.metrics import calibration_metrics, corruption_errors, ece_from_confidence
-from normlab.norms import make_norm
+from normlab.norms import NORMS, make_norm
 
 from conftest import make_image_folder
 
@@ -77,11 +78,11 @@ def test_calibration_metrics_against_numpy():
 
 
 class Tiny(nn.Module):
-    def __init__(self, norm: str, pool_first: bool = False):
+    def __init__(self, norm: str, pool_first: bool = False, **kw):
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
         self.pool_first = pool_first
-        self.norm = make_norm(norm, 8)
+        self.norm = make_norm(norm, 8, **kw)
         self.head = nn.Linear(8, 3)
 
     def forward(self, x):
@@ -171,6 +172,149 @@ def test_batch_size_one_on_one_by_one_maps_is_not_applicable(norm):
     out = batch_stats_accuracy(model, x, y, (0.5,) * 3, (0.25,) * 3, torch.device("cpu"), (1, 8))
     assert out["1"] is None and 0.0 <= out["8"] <= 1.0 and 0.0 <= out["eval"] <= 1.0
     assert not model.norm.training  # the model itself stays in eval mode
+
+
+# every catalogue norm that keeps running statistics, found by its buffers (not by batch_stat_modules)
+RUNNING = [n for n in NORMS if isinstance(getattr(make_norm(n, 8), "running_var", None), torch.Tensor)]
+# (name, constructor keywords): GBN also with ghost batches smaller than the test's batches
+CASES = [(n, {}) for n in RUNNING] + [("gbn", {"virtual_batch": 4})]
+CASE_IDS = [n + ("-ghost4" if kw else "") for n, kw in CASES]
+BN_LIKE = ("bn", "torch_bn", "brn", "gbn")  # eval is plain BN with the running statistics
+
+
+def test_the_catalogue_norms_with_running_statistics_are_all_there():
+    assert set(RUNNING) == {"bn", "bin", "torch_bn", "evonorm_b0", "sn", "brn", "gbn"}
+
+
+@pytest.mark.parametrize("norm", RUNNING)
+def test_every_norm_with_running_statistics_is_found(norm):
+    layer = make_norm(norm, 8)
+    assert batch_stat_modules(layer) == [layer]
+    assert len(batch_stat_modules(Tiny(norm))) == 1
+
+
+def test_evonorm_without_its_activation_has_nothing_to_reestimate():
+    assert batch_stat_modules(make_norm("evonorm_b0", 8, apply_act=False)) == []
+
+
+def _batches_of(h: torch.Tensor, size: int) -> list[torch.Tensor]:
+    return [h[i:i + size] for i in range(0, len(h), size)]
+
+
+def _stats(h: torch.Tensor, ghost: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and unbiased variance of one batch as a training step estimates them."""
+    parts = _batches_of(h, ghost) if ghost else [h]
+    return (torch.stack([p.mean((0, 2, 3)) for p in parts]).mean(0),
+            torch.stack([p.var((0, 2, 3), unbiased=True) for p in parts]).mean(0))
+
+
+@pytest.mark.parametrize("norm,kw", CASES, ids=CASE_IDS)
+def test_every_batch_norm_is_reestimated_on_shifted_data(norm, kw):
+    torch.manual_seed(0)
+    x = torch.randint(0, 120, (32, 3, 8, 8), dtype=torch.uint8)
+    model = _trained_stats(Tiny(norm, **kw), x.float() / 255)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    shifted = (x + 120).to(torch.uint8)
+    m = reestimated(model, shifted, (0.0,) * 3, (1.0,) * 3, torch.device("cpu"), 8)
+    assert not m.training and not m.norm.training
+    feats = model.conv(shifted.float() / 255).detach()
+    ghost = kw.get("virtual_batch")
+    per_batch = [_stats(b, ghost) for b in _batches_of(feats, 8)]
+    # cumulative average over the batches: the data's mean, the mean of the batches' (unbiased) variances
+    torch.testing.assert_close(m.norm.running_mean, feats.mean((0, 2, 3)), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(m.norm.running_var, torch.stack([v for _, v in per_batch]).mean(0), rtol=1e-4,
+                               atol=1e-4)
+    assert not torch.allclose(model.norm.running_mean, m.norm.running_mean, atol=1e-2)
+    for k, v in model.state_dict().items():  # the saved model is never modified
+        assert torch.equal(v, before[k]), k
+    assert m.norm.momentum == model.norm.momentum
+    assert getattr(m.norm, "renorm", None) == getattr(model.norm, "renorm", None)  # brn's corrections back on
+    inp = shifted.float() / 255
+    assert not torch.allclose(m(inp), model(inp), atol=1e-4)  # eval now normalizes with the new statistics
+
+
+@pytest.mark.parametrize("norm,kw", CASES, ids=CASE_IDS)
+def test_prior_mix_of_every_batch_norm_is_schneider_formula(norm, kw):
+    torch.manual_seed(1)
+    model = _trained_stats(Tiny(norm, **kw), torch.rand(32, 3, 8, 8))
+    source = (model.norm.running_mean.clone(), model.norm.running_var.clone())
+    xb = torch.rand(8, 3, 8, 8) * 3 + 1
+    with PriorMixed(model, prior_n=16) as mm:
+        got = mm(xb)
+    h = model.conv(xb).detach()
+    w = 16 / (16 + 8)
+    bmean, bvar = _stats(h, kw.get("virtual_batch"))
+    mean, var = w * source[0] + (1 - w) * bmean, w * source[1] + (1 - w) * bvar
+    hand = copy.deepcopy(model)  # the norm's own eval with the mixed statistics in its buffers
+    hand.norm.running_mean.copy_(mean)
+    hand.norm.running_var.copy_(var)
+    with torch.no_grad():
+        torch.testing.assert_close(got, hand(xb), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(got, model(xb), atol=1e-3)  # not the plain evaluation
+    if norm in BN_LIKE:  # and written out: BN with the mixed statistics
+        bn = model.norm
+        normed = (h - mean[None, :, None, None]) / torch.sqrt(var[None, :, None, None] + bn.eps)
+        expected = model.head((normed * bn.weight[None, :, None, None] + bn.bias[None, :, None, None]).mean((2, 3)))
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(model.norm.running_mean, source[0]) and torch.equal(model.norm.running_var, source[1])
+
+
+@pytest.mark.parametrize("norm", RUNNING)
+def test_batch_size_sweep_of_every_batch_norm(norm):
+    torch.manual_seed(0)
+    x = torch.randint(0, 255, (16, 3, 8, 8), dtype=torch.uint8)
+    y = torch.randint(0, 3, (16,))
+    model = _trained_stats(Tiny(norm, pool_first=True), x.float() / 255)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = batch_stats_accuracy(model, x, y, (0.5,) * 3, (0.25,) * 3, torch.device("cpu"), (1, 8))
+    assert out["1"] is None and 0.0 <= out["8"] <= 1.0 and 0.0 <= out["eval"] <= 1.0  # 1x1 maps of one image
+    assert not model.norm.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    m = with_batch_stats(model)  # what the sweep evaluates: batch statistics, not the running ones
+    assert m.norm.training and not m.training and not m.conv.training
+    inp = torch.rand(8, 3, 8, 8)
+    with torch.no_grad():
+        assert not torch.allclose(m(inp), model(inp), atol=1e-4)
+
+
+class TwoNorms(nn.Module):
+    def __init__(self, norm: str, **kw):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.norm1, self.norm2 = make_norm(norm, 8, **kw), make_norm(norm, 8, **kw)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.norm1(self.conv1(x)))
+        return self.head(self.norm2(self.conv2(h)).mean((2, 3)))
+
+
+def test_batch_renorm_test_time_statistics_are_batchnorms():
+    """Batch Renorm's r and d correct towards the running statistics the test-time evaluations replace: with
+    them off, re-estimation and the batch-statistics sweep are BN's, even with the corrections at full bounds
+    (warmup 0) and running statistics far from the data."""
+    torch.manual_seed(0)
+    brn = TwoNorms("brn", warmup=0)
+    with torch.no_grad():
+        for layer in (brn.norm1, brn.norm2):
+            layer.running_mean.fill_(3.0)
+            layer.running_var.fill_(20.0)
+            layer.num_batches_tracked.fill_(5000)
+            layer.weight.uniform_(0.5, 1.5)
+    bn = TwoNorms("bn")
+    bn.load_state_dict(brn.state_dict())
+    brn.eval(), bn.eval()
+    x = torch.randint(0, 255, (32, 3, 8, 8), dtype=torch.uint8)
+    got, ref = (reestimated(m, x, (0.5,) * 3, (0.25,) * 3, torch.device("cpu"), 8) for m in (brn, bn))
+    for a, b in ((got.norm1, ref.norm1), (got.norm2, ref.norm2)):
+        torch.testing.assert_close(a.running_mean, b.running_mean, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a.running_var, b.running_var, rtol=1e-4, atol=1e-4)
+    assert got.norm1.renorm and got.norm2.renorm  # switched back on the copy it returns
+    inp = torch.rand(8, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(with_batch_stats(brn)(inp), with_batch_stats(bn)(inp), rtol=1e-4, atol=1e-4)
+    assert brn.norm1.renorm and not brn.norm1.training
 
 
 def test_severities_are_checked():

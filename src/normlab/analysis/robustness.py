@@ -18,9 +18,28 @@ split is stored sorted by class: batch statistics of a one-class batch are not t
   statistics, and that size is reported as not applicable (None).
 
 Norms with batch statistics are found by a property, not a list of names: any module with
-``track_running_stats`` and ``running_mean`` / ``running_var`` tensors (torch's BatchNorm, normlab's BN and
-BIN, and any norm added later that keeps running statistics the same way). Every change is made on a copy of
-the model; the saved weights are never modified.
+``track_running_stats`` True and ``running_mean`` / ``running_var`` tensors. The three evaluations rely on
+torch's BatchNorm conventions, which every such norm of the catalogue follows (torch's BatchNorm, normlab's
+BN and BIN through ``BatchStatsNorm``, EvoNorm-B0, Switchable Norm, Batch Renorm and Ghost BN through the
+spec engine's ``RunningStats``), and a norm added later gets all three by following them too:
+
+* ``reset_running_stats()`` (else the buffers are set to 0 and 1) and ``momentum=None`` as a cumulative
+  average over the batches since the reset: full re-estimation;
+* train mode normalizes with batch statistics and folds them into the running ones: re-estimation and the
+  batch-statistics sweep;
+* eval mode reads ``running_mean`` / ``running_var`` at every forward: the mix writes them from a forward
+  pre-hook. The batch part of the mix is ``batch_statistics(x)`` where the norm has it (mean and unbiased
+  variance per channel as its training step estimates them: GBN's mean over ghost batches), else the mean
+  and unbiased variance of the batch over (N, H, W);
+* a norm whose training forward corrects the batch statistics towards the running ones (Batch Renorm's r
+  and d) has a ``renorm`` attribute, set False on the copy: the running statistics are the ones being
+  replaced, so it normalizes as BN does.
+
+What that means per norm: BN, torch's BN and GBN normalize with the re-estimated / mixed statistics (GBN's
+batch statistics, in re-estimation and the sweep, are per ghost batch, as in training); BIN and Switchable
+Norm in their BN branch only (the IN and LN branches stay per sample); EvoNorm-B0 in its batch variance (the
+instance variance stays per sample); Batch Renorm as BN. Every change is made on a copy of the model; the
+saved weights are never modified.
 
 ``normalize_runs`` turns plain errors into corruption errors against a baseline (``torch_bn``), the mCE and
 relative mCE of Hendrycks & Dietterich (``normlab.metrics.corruption_errors``).
@@ -113,6 +132,35 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return float((logits.argmax(1) == y.to(logits.device)).double().mean()) if len(y) else float("nan")
 
 
+def _batch_mode(mods: Sequence[nn.Module]) -> list[Any]:
+    """Put the layers in train mode with plain batch statistics (``renorm`` off where a norm has it);
+    returns what :func:`_restore` needs."""
+    saved = []
+    for mod in mods:
+        saved.append(getattr(mod, "renorm", None))
+        if saved[-1] is not None:
+            mod.renorm = False
+        mod.train()
+    return saved
+
+
+def _restore(mods: Sequence[nn.Module], saved: Sequence[Any]) -> None:
+    for mod, renorm in zip(mods, saved):
+        if renorm is not None:
+            mod.renorm = renorm
+        mod.eval()
+
+
+def _batch_statistics(mod: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel (mean, unbiased variance) of ``x`` the norm's training step would use."""
+    own = getattr(mod, "batch_statistics", None)
+    if callable(own):
+        return own(x)
+    dims = [d for d in range(x.dim()) if d != 1]
+    xf = x.detach().float()
+    return xf.mean(dims), xf.var(dims, unbiased=True)
+
+
 @torch.no_grad()
 def reestimated(model: nn.Module, x: torch.Tensor, mean, std, device: torch.device, batch_size: int) -> nn.Module:
     """A copy of ``model`` whose running statistics are recomputed on ``x`` (full re-estimation), in eval mode."""
@@ -122,21 +170,22 @@ def reestimated(model: nn.Module, x: torch.Tensor, mean, std, device: torch.devi
     for mod in mods:
         _reset(mod)
         mod.momentum = None  # cumulative average over every batch of x
-        mod.train()
+    saved = _batch_mode(mods)
     from normlab.data import normalize
 
     for i, j in _batches(x, batch_size):
         m(normalize(x[i:j].to(device), mean, std))
+    _restore(mods, saved)
     for mod, mom in zip(mods, momenta):
         mod.momentum = mom
-        mod.eval()
     return m
 
 
 class PriorMixed:
     """A copy of the model whose batch-statistics layers normalize each batch with Schneider et al.'s mix
-    ``N/(N+n)·source + n/(N+n)·batch`` (n: images in the batch), through forward pre-hooks that set the
-    copy's running buffers before the layer runs in eval mode. Use as a context manager."""
+    ``N/(N+n)·source + n/(N+n)·batch`` (n: images in the batch; batch: the norm's own estimate, see
+    :func:`_batch_statistics`), through forward pre-hooks that set the copy's running buffers before the layer
+    runs in eval mode. Use as a context manager."""
 
     def __init__(self, model: nn.Module, prior_n: int = PRIOR_N) -> None:
         self.model = copy.deepcopy(model).eval()
@@ -148,11 +197,9 @@ class PriorMixed:
     def _hook(self, i: int) -> Callable:
         def hook(mod: nn.Module, args: tuple) -> None:
             x = args[0]
-            dims = [d for d in range(x.dim()) if d != 1]
             if x.numel() // x.shape[1] < 2:
                 raise NormlabError(f"{type(mod).__name__} got 1 value per channel: batch statistics need more")
-            xf = x.detach().float()
-            bmean, bvar = xf.mean(dims), xf.var(dims, unbiased=True)
+            bmean, bvar = _batch_statistics(mod, x)
             w = self.prior_n / (self.prior_n + x.shape[0])
             smean, svar = self.source[i]
             mod.running_mean.copy_(w * smean + (1 - w) * bmean.to(smean.dtype))
@@ -167,16 +214,24 @@ class PriorMixed:
             h.remove()
 
 
+def with_batch_stats(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in eval mode but for its batch-statistics layers, which normalize every batch with
+    its own statistics (train mode, Batch Renorm's corrections off; their running statistics, updated by the
+    copy's forwards, are not read)."""
+    m = copy.deepcopy(model).eval()
+    _batch_mode(batch_stat_modules(m))
+    return m
+
+
 def batch_stats_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mean, std, device: torch.device,
                          batch_sizes: Sequence[int] = BATCH_SIZES, eval_batch_size: int = 512
                          ) -> dict[str, float | None]:
     """Clean accuracy in eval mode (``"eval"``) and with batch statistics at each evaluation batch size
-    (the norm layers in train mode on a copy; None where a batch has one value per channel)."""
+    (the norm layers in train mode on a copy, Batch Renorm's corrections off; None where a batch has one value
+    per channel)."""
     out: dict[str, float | None] = {"eval": accuracy(logits_of(model.eval(), x, mean, std, device, eval_batch_size),
                                                      y)}
-    m = copy.deepcopy(model).eval()
-    for mod in batch_stat_modules(m):
-        mod.train()
+    m = with_batch_stats(model)
     for b in batch_sizes:
         try:
             out[str(b)] = accuracy(logits_of(m, x, mean, std, device, b), y)

@@ -18,6 +18,14 @@ class BatchRenorm2d(RunningStats, SpecNorm):
     ``warmup`` training steps (counted by ``num_batches_tracked``, read as a tensor: no host sync); ``warmup=0``
     starts at the full bounds. Running statistics as BN's (``momentum``, unbiased batch variance), synced batch
     statistics with ``sync``.
+
+    ``renorm`` (an attribute, True): False switches r and d off (r = 1, d = 0), so the training forward is
+    plain BN on the batch statistics. The test-time statistics of ``normlab robustness`` do that on their copy
+    of the model: they replace the running statistics r and d correct towards, so the corrections have nothing
+    to aim at. Re-estimation then recomputes the running statistics (BN's: the mean and unbiased variance of
+    the layer's input) on the corrupted data with BN forwards, the prior-weighted mix normalizes in eval mode
+    with the mix of running and evaluation-batch statistics, and the batch-statistics sweep normalizes each
+    batch with its own statistics, as BN does.
     """
 
     batch_stats = True
@@ -32,6 +40,7 @@ class BatchRenorm2d(RunningStats, SpecNorm):
             raise NormlabError(f"BatchRenorm: warmup must be a whole number of steps >= 0, got {warmup!r}")
         self.num_channels = self.num_features = num_channels
         self.eps, self.r_max, self.d_max, self.warmup, self.sync = eps, float(r_max), float(d_max), warmup, sync
+        self.renorm = True
         init_affine(self, num_channels, device=device, dtype=dtype)
         self.init_running(num_channels, momentum, device)
 
@@ -46,7 +55,10 @@ class BatchRenorm2d(RunningStats, SpecNorm):
         if not self.training:
             a = self.weight * torch.rsqrt(self.running_var.to(ct) + self.eps)
             return a, stats.offset(self.running_mean), self.bias
-        m = stats.moments("batch")
+        m = self.batch_moments(stats)
+        if not getattr(self, "renorm", True):  # plain BN (a module pickled before the attribute existed: on)
+            self.update_running(m)
+            return self.weight * torch.rsqrt(m.var + self.eps), m.centre, self.bias
         sigma_b = torch.sqrt(m.var + self.eps)
         with torch.no_grad():
             r_max, d_max = (t.to(ct) for t in self.bounds())

@@ -42,6 +42,12 @@ class EvoNormB0(RunningStats, _Evo):
     Batch variance per channel over (N, H, W) in training (synced over ranks with ``sync``), its running value
     (unbiased, ``momentum``) in eval; the instance variance per (sample, channel) over (H, W). ``eps`` 1e-3 as
     in the paper and timm. ``running_mean`` is kept too (as BN's, so state carries over) but not used.
+
+    Test-time statistics (``normlab robustness``): re-estimation recomputes the running variance (and the unused
+    mean) on the corrupted data, the prior-weighted mix replaces the running variance by the mix of running and
+    evaluation-batch variances, and the batch-statistics sweep uses the batch's variance; the instance variance
+    is per sample throughout. With ``apply_act=False`` the layer is an affine that uses no statistics, and
+    ``track_running_stats`` is False: there is nothing to re-estimate.
     """
 
     batch_stats = True
@@ -52,13 +58,14 @@ class EvoNormB0(RunningStats, _Evo):
         self._init("EvoNormB0", num_channels, eps, apply_act, device, dtype)
         self.sync = sync
         self.init_running(num_channels, momentum, device)
+        self.track_running_stats = self.apply_act  # without its activation the layer uses no statistics
 
     def output(self, x: torch.Tensor, stats: Stats) -> torch.Tensor:
         xf = x.to(stats.ct)
         if self.v is None:
             return self._affine(xf, x)
         if self.training:
-            m = stats.moments("batch")
+            m = self.batch_moments(stats)
             self.update_running(m)
             var = m.stat_var[0]
         else:

@@ -18,6 +18,12 @@ class GhostBatchNorm2d(RunningStats, SpecNorm):
     mean over the ghost batches of their means and unbiased variances; eval uses them. Ghost batches are a
     rank's own, so there is no ``sync``. ``normlab train`` refuses a batch size that is not a multiple of
     ``--ghost-batch``.
+
+    Test-time statistics (``normlab robustness``): re-estimation runs training-mode forwards, so the running
+    statistics become the cumulative mean over the corrupted set's ghost batches of their statistics; the
+    prior-weighted mix combines the running statistics with the same estimate from the evaluation batch (the
+    mean over its ghost batches); the batch-statistics sweep normalizes per ghost batch, as in training (an
+    evaluation batch above ``virtual_batch`` is cut into ghost batches).
     """
 
     batch_stats = True
@@ -35,11 +41,15 @@ class GhostBatchNorm2d(RunningStats, SpecNorm):
         init_affine(self, num_channels, device=device, dtype=dtype)
         self.init_running(num_channels, momentum, device)
 
+    def batch_moments(self, stats: Stats):
+        """Statistics per ghost batch of ``virtual_batch`` samples."""
+        return stats.moments("batch", ghost=self.virtual_batch)
+
     def coefficients(self, stats: Stats):
         if not self.training:
             a = self.weight * torch.rsqrt(self.running_var.to(stats.ct) + self.eps)
             return a, stats.offset(self.running_mean), self.bias
-        m = stats.moments("batch", ghost=self.virtual_batch)
+        m = self.batch_moments(stats)
         self.update_running(m)
         return self.weight * torch.rsqrt(m.var + self.eps), m.centre, self.bias
 

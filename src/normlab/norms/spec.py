@@ -243,7 +243,18 @@ class SpecNorm(nn.Module):
 
 class RunningStats:
     """BN's running-statistics buffers (``running_mean``, ``running_var``, ``num_batches_tracked``: state_dicts
-    carry over from BN) and their update; for the batch-statistics specs."""
+    carry over from BN) and their update; for the batch-statistics specs.
+
+    They follow torch's BatchNorm conventions, which is what ``normlab.analysis.robustness`` relies on to give
+    every norm with batch statistics its test-time statistics without knowing it by name:
+    ``track_running_stats`` is True, :meth:`reset_running_stats` starts the estimates afresh, ``momentum=None``
+    makes the update a cumulative average over the batches since the reset, train mode folds each batch into
+    them and eval mode reads the buffers at every forward (so a forward pre-hook that writes them sets the
+    statistics a batch is normalized with). :meth:`batch_statistics` is the per-channel estimate the update
+    folds in (a norm whose batch statistics are not the whole batch's, as GBN's ghost batches, overrides
+    :meth:`batch_moments`)."""
+
+    track_running_stats = True
 
     def init_running(self, num_channels: int, momentum: float | None, device=None) -> None:
         self.momentum = momentum
@@ -251,14 +262,34 @@ class RunningStats:
         self.register_buffer("running_var", torch.ones(num_channels, device=device))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
 
-    @torch.no_grad()
-    def update_running(self, m: Moments) -> None:
-        """nn.BatchNorm2d's update from the batch's (or the mean of the ghost batches') mean and unbiased variance."""
+    def reset_running_stats(self) -> None:
+        """Running mean 0, variance 1 and the batch counter 0, as ``nn.BatchNorm2d.reset_running_stats``."""
+        self.running_mean.zero_()
+        self.running_var.fill_(1)
+        self.num_batches_tracked.zero_()
+
+    def batch_moments(self, stats: Stats) -> Moments:
+        """The batch statistics this norm normalizes with in training: one per channel over (N, H, W)."""
+        return stats.moments("batch")
+
+    @staticmethod
+    def _estimate(m: Moments) -> tuple[torch.Tensor, torch.Tensor]:
         count = m.count
         if isinstance(count, torch.Tensor) and count.dim() == 1:  # ghost batches: one count each
             count = count[:, None]
         unbiased = m.stat_var * (count / (count - 1))
-        mean, var = m.stat_mean.mean(0), unbiased.mean(0)
+        return m.stat_mean.mean(0), unbiased.mean(0)
+
+    @torch.no_grad()
+    def batch_statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, unbiased variance) per channel of ``x`` as a training step would fold them into the running
+        statistics (the batch's; the mean over ghost batches for GBN), not synced; in the compute dtype."""
+        return self._estimate(self.batch_moments(Stats(x.detach(), False, type(self).__name__)))
+
+    @torch.no_grad()
+    def update_running(self, m: Moments) -> None:
+        """nn.BatchNorm2d's update from the batch's (or the mean of the ghost batches') mean and unbiased variance."""
+        mean, var = self._estimate(m)
         factor = self.momentum
         if factor is None:  # cumulative average, as native BN (reads the counter: a host sync)
             factor = 1.0 / (float(self.num_batches_tracked) + 1.0)

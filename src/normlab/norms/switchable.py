@@ -13,6 +13,11 @@ class SwitchableNorm2d(RunningStats, SpecNorm):
     """``y = γ·(x − Σ wₖμₖ) / sqrt(Σ w'ₖσ²ₖ + ε) + β`` over k ∈ (IN, LN, BN), ``w = softmax(mean_weight)``,
     ``w' = softmax(var_weight)`` (both start uniform). Biased variances throughout; the BN branch keeps BN's
     running statistics (eval uses them, IN and LN stay per sample) and is synced over ranks with ``sync``.
+
+    Test-time statistics (``normlab robustness``) concern the BN branch alone: re-estimation recomputes its
+    running statistics on the corrupted data, the prior-weighted mix replaces them by the mix of running and
+    evaluation-batch statistics, and the batch-statistics sweep uses the batch's; the IN and LN branches and
+    the learned weights of the three are unchanged.
     """
 
     batch_stats = True
@@ -31,7 +36,7 @@ class SwitchableNorm2d(RunningStats, SpecNorm):
     def coefficients(self, stats: Stats):
         inst, layer = stats.moments("hw"), stats.moments("groups", 1)
         if self.training:
-            bn = stats.moments("batch")
+            bn = self.batch_moments(stats)
             self.update_running(bn)
             bn_centre, bn_var = bn.centre, bn.var
         else:
