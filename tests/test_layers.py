@@ -14,7 +14,8 @@ PKG = SRC / "normlab"
 
 # Layers, bottom first: a module may import modules of its own layer or of layers below it.
 LAYERS = [
-    {"normlab.version", "normlab.errors", "normlab.io", "normlab.metrics", "normlab.device", "normlab.layer_outputs"},
+    {"normlab.version", "normlab.errors", "normlab.io", "normlab.metrics", "normlab.device", "normlab.layer_outputs",
+     "normlab.norm_table"},
     {"normlab.norms", "normlab.plots", "normlab.data.augment", "normlab.data.augmentations"},
     {"normlab.registry", "normlab.builders", "normlab.config", "normlab.runfolder", "normlab.runlock",
      "normlab.studyfolder"},

@@ -91,14 +91,14 @@ def test_augmentation_names_are_the_catalogue():
 
 
 def test_a_new_norm_is_its_layer_and_its_name(monkeypatch, capsys):
-    """Register a norm in NORMS and its name in NORM_NAMES: config, CLI choices, models and replace_norms all
-    take it (the name list lets the command line offer it without importing torch)."""
+    """A norm registered in NORMS whose name the choices list (what its line in norm_table.NORM_PATHS gives):
+    config, CLI choices, models and replace_norms all take it."""
 
     class MyNorm(GroupNorm2d):
         pass
 
     monkeypatch.setitem(NORMS, "my", lambda c, **kw: MyNorm(c, num_groups=2))
-    names = registry.NORM_NAMES + ("my",)  # what adding the name to registry.NORM_NAMES does
+    names = registry.NORM_NAMES + ("my",)  # what adding its line to norm_table.NORM_PATHS does
     field = {f.name: f for f in dataclasses.fields(TrainConfig)}["norm"]
     monkeypatch.setattr(field, "metadata", {**field.metadata, "choices": names})
     cfg = make_config({"norm": "my", "batch_size": 1})  # and it needs no batch statistics
@@ -121,3 +121,12 @@ def test_config_does_not_import_models_or_training():
                          timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
 
+
+
+def test_the_norms_are_one_table():
+    """NORMS, the config's choices and the CLI's are all read from norm_table.NORM_PATHS, in its order."""
+    from normlab.norm_table import NORM_PATHS
+
+    assert tuple(NORMS) == registry.NORM_NAMES == tuple(NORM_PATHS)
+    field = {f.name: f for f in dataclasses.fields(TrainConfig)}["norm"]
+    assert field.metadata["choices"] == tuple(NORM_PATHS)

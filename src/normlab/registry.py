@@ -30,11 +30,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from normlab.errors import NormlabError
+from normlab.norm_table import NORM_PATHS
 
 # The names of the choices whose values need torch: config and the command line validate and offer these
 # without importing torch; tests/test_registries.py checks that they are the registries' keys.
-NORM_NAMES = ("bn", "in", "bin", "ln", "gn", "nn", "torch_bn", "frn", "evonorm_b0", "evonorm_s0", "sn", "brn", "gbn", "rms",
-              "ln2d", "rms2d", "dyt")  # normlab.norms.NORMS
+NORM_NAMES = tuple(NORM_PATHS)  # normlab.norms.NORMS: one table, normlab.norm_table
 ACTIVATION_NAMES = ("relu", "leaky_relu", "elu", "gelu", "silu", "tanh", "sigmoid")  # ACTIVATIONS
 OPTIMIZER_NAMES = ("sgd", "adam", "adamw")  # OPTIMIZERS
 AUGMENTATION_NAMES = ("standard", "crop", "hflip", "vflip", "rotation", "jitter", "resized_crop", "cutout", "blur",

@@ -37,6 +37,7 @@ do not apply to, so ``norm_layer(any_name, num_groups=g, sync=s)`` always works.
 from __future__ import annotations
 
 import difflib
+import importlib
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -44,6 +45,7 @@ from typing import Any
 from torch import nn
 
 from normlab.errors import NormlabError
+from normlab.norm_table import NORM_PATHS
 from normlab.norms.batch import BatchNorm2d
 from normlab.norms.batch_instance import BatchInstanceNorm2d, clamp_gates_
 from normlab.norms.batch_renorm import BatchRenorm2d
@@ -61,30 +63,13 @@ from normlab.norms.rms import RMSNorm2d
 from normlab.norms.switchable import SwitchableNorm2d
 
 
-def _torch_bn(num_channels: int, **kw: Any) -> nn.Module:
-    """"torch_bn": PyTorch's native BatchNorm2d, the reference the from-scratch layers are tested against."""
-    return nn.BatchNorm2d(num_channels, **kw)
+def _resolve(path: str) -> Callable[..., nn.Module]:
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
-NORMS: dict[str, Callable[..., nn.Module]] = {
-    "bn": BatchNorm2d,
-    "in": InstanceNorm2d,
-    "bin": BatchInstanceNorm2d,
-    "ln": LayerNorm2d,
-    "gn": GroupNorm2d,
-    "nn": NoNorm2d,
-    "torch_bn": _torch_bn,
-    "frn": FilterResponseNorm2d,
-    "evonorm_b0": EvoNormB0,
-    "evonorm_s0": EvoNormS0,
-    "sn": SwitchableNorm2d,
-    "brn": BatchRenorm2d,
-    "gbn": GhostBatchNorm2d,
-    "rms": RMSNorm2d,
-    "ln2d": ChannelLayerNorm2d,
-    "rms2d": ChannelRMSNorm2d,
-    "dyt": DynamicTanh2d,
-}
+# name -> layer class (or factory), resolved from the one table of registered norms (normlab.norm_table)
+NORMS: dict[str, Callable[..., nn.Module]] = {name: _resolve(path) for name, path in NORM_PATHS.items()}
 
 # keyword -> the norms it applies to; other norms drop it silently
 _OPTIONAL_KWARGS: dict[str, tuple[str, ...]] = {
