@@ -131,6 +131,18 @@ def test_reestimation_follows_shifted_data_and_leaves_the_model_alone(norm):
     assert m.norm.momentum == model.norm.momentum
 
 
+def test_reestimation_feeds_batches_in_the_models_layout():
+    # an NCHW batch into a channels_last model is converted layer by layer: the pass costs about twice as much
+    torch.manual_seed(0)
+    x = torch.randint(0, 255, (16, 3, 8, 8), dtype=torch.uint8)
+    model = _trained_stats(Tiny("bn"), x.float() / 255).to(memory_format=torch.channels_last)
+    seen = []
+    model.conv.register_forward_pre_hook(lambda mod, args: seen.append(args[0].is_contiguous(
+        memory_format=torch.channels_last) and not args[0].is_contiguous()))
+    reestimated(model, x, (0.0,) * 3, (1.0,) * 3, torch.device("cpu"), 8)
+    assert seen == [True, True]
+
+
 def test_reestimation_changes_nothing_for_instance_norm():
     torch.manual_seed(0)
     x = torch.randint(0, 120, (16, 3, 8, 8), dtype=torch.uint8)

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from normlab import runfolder
@@ -125,8 +126,9 @@ def reestimated(model: nn.Module, x: torch.Tensor, mean, std, device: torch.devi
         mod.train()
     from normlab.data import normalize
 
+    fmt = _layout(m)  # the model's own layout: an NCHW batch into a channels_last model is converted per layer
     for i, j in _batches(x, batch_size):
-        m(normalize(x[i:j].to(device), mean, std))
+        m(normalize(x[i:j].to(device), mean, std).contiguous(memory_format=fmt))
     for mod, mom in zip(mods, momenta):
         mod.momentum = mom
         mod.eval()
@@ -148,11 +150,14 @@ class PriorMixed:
     def _hook(self, i: int) -> Callable:
         def hook(mod: nn.Module, args: tuple) -> None:
             x = args[0]
-            dims = [d for d in range(x.dim()) if d != 1]
             if x.numel() // x.shape[1] < 2:
                 raise NormlabError(f"{type(mod).__name__} got 1 value per channel: batch statistics need more")
+            # the batch's mean and unbiased variance from the native batch-norm kernel (momentum 1 writes them
+            # into the scratch buffers): one fused pass, several times faster than mean() and var() on the CPU
             xf = x.detach().float()
-            bmean, bvar = xf.mean(dims), xf.var(dims, unbiased=True)
+            bmean = torch.zeros(x.shape[1], device=x.device)
+            bvar = torch.ones(x.shape[1], device=x.device)
+            F.batch_norm(xf, bmean, bvar, training=True, momentum=1.0)
             w = self.prior_n / (self.prior_n + x.shape[0])
             smean, svar = self.source[i]
             mod.running_mean.copy_(w * smean + (1 - w) * bmean.to(smean.dtype))
