@@ -1,6 +1,6 @@
 """Run every benchmark and rewrite BENCHMARKS.md from their JSON results (bench/results/).
 
-    python bench/run_all.py                # full run (~2.5 h on the 2-core CI-class machine)
+    python bench/run_all.py                # full run (~3 h on the 2-core CI-class machine; robustness ~40 min)
     python bench/run_all.py --quick        # every script with --quick
     python bench/run_all.py --only norms   # some jobs (comma-separated names)
     python bench/run_all.py --report-only  # rewrite BENCHMARKS.md from the JSON already in bench/results/
