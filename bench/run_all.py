@@ -1,6 +1,6 @@
 """Run every benchmark and rewrite BENCHMARKS.md from their JSON results (bench/results/).
 
-    python bench/run_all.py                # full run (~2.5 h on the 2-core CI-class machine)
+    python bench/run_all.py                # full run (~3 h on the 2-core CI-class machine; robustness ~40 min)
     python bench/run_all.py --quick        # every script with --quick
     python bench/run_all.py --only norms   # some jobs (comma-separated names)
     python bench/run_all.py --report-only  # rewrite BENCHMARKS.md from the JSON already in bench/results/
@@ -52,6 +52,7 @@ JOBS = [  # (name, script args)
     ("startup", ["bench_startup.py"]),
     ("distributed", ["bench_distributed.py"]),
     ("executors", ["bench_executors.py"]),
+    ("robustness", ["bench_robustness.py"]),  # writes robustness.json
 ]
 
 # What each job's figures depend on (git pathspecs from the repository root): its script, the bench helpers and
@@ -71,6 +72,8 @@ DEPS: dict[str, list[str]] = {
     "startup": ["bench/bench_startup.py", "bench/_common.py", *_WHOLE],
     "distributed": ["bench/bench_distributed.py", *_WHOLE],
     "executors": ["bench/bench_executors.py", *_WHOLE],
+    # the corruptions, the test-time statistics passes and, for the training-epoch context, TrainStep
+    "robustness": ["bench/bench_robustness.py", "src/normlab/analysis/robustness.py", *_TRAIN_STEP],
 }
 
 
@@ -425,7 +428,66 @@ def report() -> str:
     if exec_md.is_file():
         L += ["## 7. A study on local processes, Ray and Slurm; a worker killed and a job preempted", "",
               cmd("executors"), "", exec_md.read_text().strip(), ""]
+    rob = load("robustness.json")
+    if rob:
+        L += robustness_section(rob, cmd("robustness", rob))
     return "\n".join(L)
+
+
+def robustness_section(r: dict, command: str) -> list[str]:
+    """Section 8: the robustness step's phases per run (bench_robustness.py), with one clean evaluation and one
+    training epoch as the scale they are read against."""
+    s, c = r["seconds"], r["context"]
+    n_sets = len(r["corruptions"]) * len(r["severities"])
+    cores = r.get("machine", {}).get("logical_cpus")
+    k, m = len(r["corruptions"]), len(r["severities"])
+    title = (f"{r['images']:,} test images × {k} corruption{'s' * (k != 1)} × {m} severit{'ies' if m != 1 else 'y'}"
+             + (f", {cores} cores" if cores else ""))
+    later, epoch, clean = r["later_run_seconds"], c["train_epoch_seconds"], c["clean_eval_seconds"]
+    plain_only = s["load"] + s["plain"]
+
+    def row(what: str, when: str, sec: float, bold: bool = False) -> str:
+        b = "**" if bold else ""
+        return (f"| {b}{what}{b} | {when} | {b}{sec:,.1f}{b} | {sec / clean:,.1f} | {sec / epoch:.2f} |")
+
+    sev = ", ".join(str(x) for x in r["severities"])
+    L = [f"## 8. Cost of the robustness step per run at CIFAR-10 size ({title})", "", command, ""]
+    if r.get("quick"):
+        L += ["**Smoke test (`--quick`): a few images and sets, not a measurement; rerun without `--quick`.**", ""]
+    L += [f"What `normlab robustness` and a study's robustness step do per run, phase by phase, for "
+          f"{r['model']} with {r['norm']} (random weights: an evaluation's cost does not depend on them), "
+          f"torch threads {r['threads']}, evaluation batch {r['eval_batch_size']}, on {r['source'].split(' (')[0]}: "
+          f"{n_sets} corrupted sets (severities {sev}). Seconds are sums over every set. The last two columns put "
+          "each phase against one plain evaluation of the clean test set and one training epoch (below the "
+          "table).", "",
+          "| phase | paid | seconds | × clean evaluation | × training epoch |", "|---|---|---|---|---|",
+          row(f"generate the {n_sets} sets (written to the cache)", "once per study (data set and seed)",
+              s["generate"] + r.get("fingerprint_seconds", 0.0)),
+          row("load the cached sets", "every run", s["load"]),
+          row("plain evaluation (eval mode)", "every run", s["plain"])]
+    if r.get("batch_statistics", True):
+        L += [row("re-estimated statistics (train-mode pass + evaluation)", "runs of norms with batch statistics",
+                  s["adapted"]),
+              row("prior-mixed statistics (Schneider et al.)", "runs of norms with batch statistics", s["mixed"]),
+              row("clean batch-statistics sweep (batch 1, 8, 32, 128, "
+                  f"{min(r['images'], r['args'].get('batch_stats_images', r['images'])):,} images)",
+                  "runs of norms with batch statistics", s["batch_stats"])]
+    L += [row(f"total per run, {r['norm']}", "every run", later, bold=True),
+          row("total per run, a norm without batch statistics (load + plain)", "every run", plain_only),
+          row(f"first run of a study, {r['norm']} (adds the generation)", "once per study",
+              r["first_run_seconds"]), "",
+          f"Context, in the same process: one plain evaluation of the clean test set ({r['images']:,} images) took "
+          f"**{clean:,.1f} s**; one training epoch of the cifar10-paper protocol ({c['train_epoch_images']:,} "
+          f"images, batch {c['train_batch']}, standard augmentation) **{epoch:,.1f} s**, estimated from "
+          f"{c['train_steps_timed']} timed `TrainStep` steps scaled to {c['train_epoch_steps']} (training steps "
+          f"only: no validation pass or checkpoint). So the robustness step of one {r['norm']} run costs as much "
+          f"as {later / epoch:.1f} training epochs ({plain_only / epoch:.1f} for a norm without batch statistics): "
+          f"{100 * later / (later + 100 * epoch):.0f}% of a 100-epoch run's training steps plus this step.", ""]
+    gen = sorted(r.get("generate_seconds_per_corruption", {}).items(), key=lambda kv: -kv[1])
+    if gen:
+        L += [f"Generation per corruption, seconds over severities {sev}: "
+              + ", ".join(f"{k} {v:,.1f}" for k, v in gen) + ".", ""]
+    return L
 
 
 def main():

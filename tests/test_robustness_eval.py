@@ -132,6 +132,18 @@ def test_reestimation_follows_shifted_data_and_leaves_the_model_alone(norm):
     assert m.norm.momentum == model.norm.momentum
 
 
+def test_reestimation_feeds_batches_in_the_models_layout():
+    # an NCHW batch into a channels_last model is converted layer by layer: the pass costs about twice as much
+    torch.manual_seed(0)
+    x = torch.randint(0, 255, (16, 3, 8, 8), dtype=torch.uint8)
+    model = _trained_stats(Tiny("bn"), x.float() / 255).to(memory_format=torch.channels_last)
+    seen = []
+    model.conv.register_forward_pre_hook(lambda mod, args: seen.append(args[0].is_contiguous(
+        memory_format=torch.channels_last) and not args[0].is_contiguous()))
+    reestimated(model, x, (0.0,) * 3, (1.0,) * 3, torch.device("cpu"), 8)
+    assert seen == [True, True]
+
+
 def test_reestimation_changes_nothing_for_instance_norm():
     torch.manual_seed(0)
     x = torch.randint(0, 120, (16, 3, 8, 8), dtype=torch.uint8)
@@ -549,3 +561,37 @@ def test_batches_mix_classes_even_when_the_split_is_sorted_by_class(runs, monkey
     assert not torch.equal(seen["reest_x"], stored)  # shuffled ...
     assert sorted(i.tobytes() for i in seen["reest_x"].numpy()) == sorted(i.tobytes() for i in stored.numpy())
     assert res["images"] == len(run.data.test_y)
+
+
+def _captured_figure(monkeypatch, draw):
+    from normlab import plots
+
+    got = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path, dpi=110: got.append(fig) or path)
+    draw(plots)
+    return got[0]
+
+
+def test_reliability_panels_label_the_outer_axes_also_above_an_empty_slot(monkeypatch, tmp_path):
+    bins = {"confidence": [0.25, 0.75], "accuracy": [0.2, 0.8], "count": [10, 30]}
+    names = ["torch_bn", "bn", "in", "bin", "ln", "gn", "nn"]  # 4 + 3 panels: the 8th slot is empty
+    fig = _captured_figure(monkeypatch, lambda p: p.plot_reliability({n: bins for n in names}, tmp_path / "r.png"))
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+
+    def numbers(ax):
+        return ax.xaxis.get_major_ticks()[0].label1.get_visible()
+
+    assert [numbers(ax) for ax in axes] == [False, False, False, True, True, True, True]  # bin: above the gap
+    assert [ax.get_xlabel() for ax in axes] == ["", "", "", "confidence", "confidence", "confidence", "confidence"]
+    assert [ax.get_ylabel() for ax in axes] == ["accuracy", "", "", "", "accuracy", "", ""]
+
+
+def test_severity_panels_share_one_y_scale_with_ticks_at_the_severities(monkeypatch, tmp_path):
+    panels = [("as trained", "accuracy", {"bn": ([0, 1, 3, 5], [0.55, 0.5, 0.45, 0.4])}),
+              ("re-estimated", "accuracy", {"bn": ([0, 1, 3, 5], [0.55, 0.52, 0.5, 0.48])})]
+    fig = _captured_figure(monkeypatch, lambda p: p.plot_panels(panels, tmp_path / "s.png", sharey=True,
+                                                                xticks=[0, 1, 3, 5]))
+    left, right = fig.axes[:2]
+    assert left.get_ylim() == right.get_ylim() and left.get_ylim()[0] <= 0.4
+    assert right.yaxis.get_major_ticks()[0].label1.get_visible()  # both panels readable on their own
+    assert list(left.get_xticks()) == [0, 1, 3, 5]

@@ -137,11 +137,15 @@ def style_of(label: str, siblings: Sequence[str] = ()) -> dict[str, str]:
 
 def plot_panels(panels: Sequence[tuple[str, str, Series]], path: str | os.PathLike, ncols: int = 2,
                 xlabel: str = "epoch", title: str = "", logy: Sequence[bool] | None = None,
-                styles: dict[str, str] | None = None, dpi: int = 110) -> Path:
-    """Several panels of overlaid curves: ``panels`` = [(panel title, y label, {label: (x, y)})]."""
+                styles: dict[str, str] | None = None, dpi: int = 110, sharey: bool = False,
+                xticks: Sequence[float] | None = None) -> Path:
+    """Several panels of overlaid curves: ``panels`` = [(panel title, y label, {label: (x, y)})]. ``sharey``: one
+    y scale for every panel (when the panels are meant to be compared value for value); ``xticks``: ticks only
+    at these x values (e.g. the severities evaluated)."""
     ncols = min(ncols, len(panels))
     nrows = -(-len(panels) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(6.2 * ncols, 4.2 * nrows), squeeze=False, constrained_layout=True)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.2 * ncols, 4.2 * nrows), squeeze=False, constrained_layout=True,
+                             sharey=sharey)
     for i, (ax, (name, ylabel, series)) in enumerate(zip(axes.flat, panels)):
         for label, (x, y) in series.items():
             style = style_of(label, list(series))
@@ -149,6 +153,10 @@ def plot_panels(panels: Sequence[tuple[str, str, Series]], path: str | os.PathLi
                 style["linestyle"] = styles[label]
             ax.plot(x, y, ms=3.5, lw=1.5, label=label, **style)
         ax.set(title=name, xlabel=xlabel, ylabel=ylabel)
+        if xticks is not None:
+            ax.set_xticks(list(xticks))
+        if sharey:
+            ax.yaxis.set_tick_params(labelleft=True)  # each panel keeps its numbers: read without looking across
         if logy and logy[i]:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
@@ -249,7 +257,7 @@ def plot_reliability(variants: dict[str, dict[str, Sequence[float]]], path: str 
                              sharey=True, constrained_layout=True)
     for ax in axes.flat:
         ax.set_visible(False)
-    for ax, (label, bins) in zip(axes.flat, variants.items()):
+    for idx, (ax, (label, bins)) in enumerate(zip(axes.flat, variants.items())):
         ax.set_visible(True)
         k = len(bins["count"])
         edges = [i / k for i in range(k + 1)]
@@ -260,7 +268,12 @@ def plot_reliability(variants: dict[str, dict[str, Sequence[float]]], path: str 
                 ax.bar(edges[i], acc, width=1 / k, align="edge", color=color,
                        alpha=0.25 + 0.75 * min(1.0, 5 * cnt / total), edgecolor="white", lw=0.5)
         ax.plot([0, 1], [0, 1], ":", color="gray", lw=1)
-        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy")
+        # shared axes: numbers and labels at the bottom panel of each column (also above an empty slot of the
+        # last row) and on the left column only
+        bottom = idx + ncols >= n
+        ax.xaxis.set_tick_params(labelbottom=bottom)
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence" if bottom else "",
+               ylabel="accuracy" if idx % ncols == 0 else "")
         ax.set_title(label, color=color, fontsize=9, parse_math=False)
         ax.grid(alpha=0.3)
     if title:

@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from normlab import runfolder
@@ -156,9 +157,13 @@ def _batch_statistics(mod: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, to
     own = getattr(mod, "batch_statistics", None)
     if callable(own):
         return own(x)
-    dims = [d for d in range(x.dim()) if d != 1]
+    # the batch's mean and unbiased variance from the native batch-norm kernel (momentum 1 writes them into the
+    # scratch buffers): one fused pass, several times faster than mean() and var() on the CPU
     xf = x.detach().float()
-    return xf.mean(dims), xf.var(dims, unbiased=True)
+    bmean = torch.zeros(x.shape[1], device=x.device)
+    bvar = torch.ones(x.shape[1], device=x.device)
+    F.batch_norm(xf, bmean, bvar, training=True, momentum=1.0)
+    return bmean, bvar
 
 
 @torch.no_grad()
@@ -173,8 +178,9 @@ def reestimated(model: nn.Module, x: torch.Tensor, mean, std, device: torch.devi
     saved = _batch_mode(mods)
     from normlab.data import normalize
 
+    fmt = _layout(m)  # the model's own layout: an NCHW batch into a channels_last model is converted per layer
     for i, j in _batches(x, batch_size):
-        m(normalize(x[i:j].to(device), mean, std))
+        m(normalize(x[i:j].to(device), mean, std).contiguous(memory_format=fmt))
     _restore(mods, saved)
     for mod, mom in zip(mods, momenta):
         mod.momentum = mom

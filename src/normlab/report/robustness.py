@@ -224,7 +224,9 @@ def robustness_section(doc, runs: list[RunRecord], fig_dir: Path, swatch) -> Non
             series[label] = ([0] + list(sevs), ys)
         if series:
             panels.append((title, "accuracy (mean over corruptions)", series))
-    path = plots.plot_panels(panels, fig_dir / "robustness_severity.png", xlabel="severity (0 = clean)")
+    # one y scale: the gain from re-estimation is the step from the left panel's curve to the right one's
+    path = plots.plot_panels(panels, fig_dir / "robustness_severity.png", xlabel="severity (0 = clean)", sharey=True,
+                             xticks=[0] + list(sevs))
     doc.img(path, "Accuracy against corruption severity, every variant, mean over corruptions and seeds")
     # corruption × variant heat map
     names = first["corruptions"]
