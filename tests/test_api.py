@@ -53,3 +53,21 @@ def test_progress_off_prints_nothing_and_errors_name_keywords(tmp_path, capfd):
     message = str(info.value)
     assert "force=True" in message and f"normlab.train(resume={tmp_path / 'run'})" in message
     assert "--" not in message
+
+
+def test_api_errors_keep_their_type_exit_code_and_cause():
+    """Rewording flags as keywords must not turn a full disk or a busy folder into a plain error: callers catch
+    DiskFull / FolderBusy, and the exit codes (74, 75) and the cause chain go with them."""
+    from normlab import _keywords
+    from normlab.errors import DiskFull, FolderBusy
+
+    cause = OSError(28, "No space left on device")
+    with pytest.raises(DiskFull) as info:
+        with _keywords():
+            raise DiskFull("/x/best.pt") from cause
+    assert info.value.exit_code == 74 and info.value.path == "/x/best.pt" and info.value.__cause__ is cause
+    assert "--resume" not in str(info.value) and "resume" in str(info.value)
+    with pytest.raises(FolderBusy) as busy:
+        with _keywords():
+            raise FolderBusy("folder s is in use by process 1 on h: use another --out")
+    assert busy.value.exit_code == 75 and "--out" not in str(busy.value) and "out=" in str(busy.value)

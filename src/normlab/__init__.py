@@ -13,7 +13,6 @@ The Python API (each call leaves torch's thread count and the global random gene
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 import inspect
 import re
@@ -114,7 +113,8 @@ def _keywords():
         text = keyword_message(str(exc))
         if text == str(exc):
             raise
-        raise type(exc)(text) if type(exc) is NormlabError else NormlabError(text) from None
+        exc.args = (text,)  # the same error (its type, exit code and cause): only its wording changes
+        raise
 
 
 def _train_signature() -> inspect.Signature:

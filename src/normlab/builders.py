@@ -31,6 +31,7 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "sigmoid": nn.Sigmoid,
 }
 
+
 def fused_step(groups: list[dict]) -> bool | None:
     """``fused=True`` when every parameter is on a CPU or CUDA device (torch has fused SGD/Adam/AdamW steps
     for both since 2.4), else None: torch's default (foreach or a loop; ``False`` would force the loop).
@@ -40,10 +41,9 @@ def fused_step(groups: list[dict]) -> bool | None:
       overflowed step inside its kernel, where any other optimizer makes ``GradScaler.step`` read the flag
       on the host (``.item()``) every step. Also after an explicit ``unscale_`` (``train/step.py`` clips
       unscaled gradients): the scaler then hands over the flag that ``unscale_`` found.
-    - speed on the CPU: measured on a ResNet-20's 0.27 M parameters (300 interleaved steps each, medians,
-      this 2-core machine): SGD with momentum 0.22 ms fused vs 0.51 ms foreach, AdamW 0.71 vs 2.2 ms
-      (1 thread; 2 threads and channels_last the same way round). The results agree with foreach
-      (SGD identical, AdamW within 2e-8 after 3 steps)."""
+    - speed on the CPU: the fused steps are faster than foreach for SGD with momentum and for AdamW on a
+      ResNet-20's parameters (the lab notes, bench/archive/NOTES.md, keep the figures), and their results agree
+      with foreach (SGD identical, AdamW within float rounding)."""
     devices = {p.device.type for g in groups for p in g["params"]}
     return True if devices and devices <= {"cpu", "cuda"} else None
 

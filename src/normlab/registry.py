@@ -86,7 +86,7 @@ class ModelSpec:
     def freeze_units(self) -> int:
         return len(self.freeze_stages.split(", "))
 
-    def build(self) -> Callable[..., nn.Module]:
+    def build(self) -> Callable[..., Any]:  # the model builder (returns a torch module; no torch import here)
         module, _, name = self.builder.partition(":")
         return getattr(importlib.import_module(module), name)
 

@@ -172,7 +172,7 @@ def _pad_index(n: int, pad: int, mode: str, device) -> torch.Tensor:
 
 def _pad(x: torch.Tensor, pad_h: int, pad_w: int, mode: str) -> torch.Tensor:
     """Pad the last two dimensions (see ``_pad_index``): torch's own padding where it has the mode and the
-    pad fits (several times faster than an index_select), index_select otherwise."""
+    pad fits (faster than an index_select), index_select otherwise."""
     h, w = x.shape[-2:]
     if x.dim() == 4 and x.is_floating_point():
         if mode == "edge":
@@ -198,7 +198,7 @@ def _gauss1d(sigma: float, radius: int) -> torch.Tensor:
 
 def _sep_conv(x: torch.Tensor, kh: torch.Tensor, kw: torch.Tensor, mode: str) -> torch.Tensor:
     """Separable correlation of every (image, channel) plane with ``kh`` (rows) then ``kw`` (columns), as
-    weighted sums of shifted slices: for the few taps used here that is several times faster on the CPU
+    weighted sums of shifted slices: for the few taps used here that is faster on the CPU
     than ``conv2d`` over one-channel planes."""
     h, w = x.shape[-2:]
     ph, pw = len(kh) // 2, len(kw) // 2
@@ -677,7 +677,7 @@ def _jpeg_pil(u8: torch.Tensor, quality: int) -> torch.Tensor:
 def jpeg_compression(x, c, scale, gen):
     """JPEG at quality c with libjpeg's defaults (4:2:0 chroma subsampling for colour), as the reference's
     PIL ``save(..., quality=c)``: through torchvision's batched encode/decode (byte-identical to PIL's,
-    checked in the tests, and about three times faster at these sizes), PIL where torchvision lacks it."""
+    checked in the tests, and faster at these sizes), PIL where torchvision lacks it."""
     u8 = torch.round(x * 255).clamp(0, 255).to(torch.uint8).cpu().contiguous()
     out = _jpeg_torchvision(u8, int(c)) if USE_TORCHVISION_JPEG else None
     if out is None:

@@ -99,7 +99,7 @@ def is_norm_module(m: nn.Module) -> bool:
         return True
     from normlab.norms import NORMS
 
-    if isinstance(m, NormAct2d) or type(m) in {f for f in NORMS.values() if isinstance(f, type)}:
+    if type(m) in {f for f in NORMS.values() if isinstance(f, type)}:
         return True
     return bool(_NORM_NAME.search(type(m).__name__)) and not any(
         isinstance(c, (nn.Conv2d, nn.Linear)) for c in m.modules())

@@ -38,12 +38,13 @@ def _one_line(exc: BaseException) -> str:
 def robustness_step(study_dir: Path, plan: list[dict[str, Any]], record: dict[str, Any], dataset: str,
                     device: str = "cpu", log=print) -> None:
     from normlab.analysis.calibration import run_calibration
-    from normlab.analysis.robustness import normalize_runs, robustness_settings, run_robustness
+    from normlab.analysis.robustness import (BATCH_SIZES, PRIOR_N, normalize_runs, robustness_settings,
+                                             run_robustness)
 
     study = _study_config(record)
     on = study.robustness_on(dataset)
     settings = robustness_settings(study.robustness_corruptions, sorted(set(study.robustness_severities)),
-                                   study.robustness_test_time, 16, (1, 8, 32, 128), 0,
+                                   study.robustness_test_time, PRIOR_N, BATCH_SIZES, 0,
                                    study.robustness_batch_stats_images)
     usable = []
     for p in plan:
