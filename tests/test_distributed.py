@@ -45,6 +45,10 @@ def _worker(rank: int, world: int, store_dir: str, norm: str, sync: bool) -> Non
         dist.all_reduce(mean_loss)
         torch.save({"loss": mean_loss / world, "grads": {n: p.grad for n, p in model.named_parameters()},
                     "stats": _stats(model)}, os.path.join(store_dir, f"rank{rank}.pt"))
+        # both ranks destroy the group together, as normlab's training loop does: a rank that tore gloo down
+        # while its peer was still finishing its side aborted the peer ("terminate called without an active
+        # exception", SIGABRT) once in a CI run
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -765,6 +765,7 @@ def _sync_worker(rank: int, world: int, store: str, out: str) -> None:
                 results[(name, sync)] = {"y": y.detach(), "dx": x.grad, "rm": m.running_mean.clone(),
                                          "rv": m.running_var.clone(), "dw": m.weight.grad.clone()}
         torch.save(results, f"{out}/rank{rank}.pt")
+        dist.barrier()  # both ranks tear gloo down together (see tests/test_distributed.py's worker)
     finally:
         dist.destroy_process_group()
 
