@@ -218,7 +218,8 @@ def build_side(norm: str, side: str, fmt_name: str):
     return build(NATIVE["bn" if norm == "aa" else base], fmt_name)
 
 
-def run(norms, formats, rounds, steps, warmup, batch, compile_):
+def run(norms, formats, rounds, steps, warmup, batch, compile_, build_side=build_side):
+    """Step rows; ``build_side(norm, side, fmt_name)`` builds each side's model (``bench_versions.py`` passes its own)."""
     g = torch.Generator().manual_seed(1)
     x0 = torch.randn(batch, 3, 32, 32, generator=g)
     y = torch.randint(0, 10, (batch,), generator=g)
