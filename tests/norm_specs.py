@@ -171,6 +171,22 @@ class RefRMS(nn.Module):
         return x / rms * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
 
 
+class RefMeanOnlyBN(_RefRunning):
+    """Mean-only BN, Salimans & Kingma 2016 (section 3.1): x minus its batch mean per channel (the running mean
+    in eval), then the per-channel affine; running mean and (unused) unbiased variance updated as BN's."""
+
+    def __init__(self, c, momentum):
+        super().__init__(c, 0.0, momentum)
+
+    def forward(self, x):
+        if not self.training:
+            return self.affine(x - self.running_mean.view(1, -1, 1, 1))
+        mu = x.mean((0, 2, 3))
+        _bn_update(self, mu.detach(), x.var((0, 2, 3), unbiased=False).detach(), x.numel() // x.shape[1])
+        self.num_batches_tracked += 1
+        return self.affine(x - mu.view(1, -1, 1, 1))
+
+
 class RefDyT(nn.Module):
     """Dynamic Tanh, Zhu et al. 2025: γ·tanh(α·x) + β."""
 
@@ -262,6 +278,8 @@ SPECS: list[Spec] = [
     Spec("ln2d", lambda c: make_norm("ln2d", c), _ref_ln2d, "timm"),
     Spec("rms2d", lambda c: make_norm("rms2d", c), _ref_rms2d, "timm", grads={"weight": "inner.weight"}),
     Spec("dyt", lambda c: make_norm("dyt", c), lambda m: copy_state(RefDyT(m.num_channels), m), "paper"),
+    Spec("mobn", lambda c: make_norm("mobn", c), lambda m: copy_state(RefMeanOnlyBN(m.num_channels, m.momentum), m),
+         "paper", batch_stats=True, sync=True, running=("running_mean", "running_var")),
 ]
 
 BY_NAME = {s.name: s for s in SPECS}

@@ -354,7 +354,7 @@ def test_the_catalogue_preset_has_every_norm_and_every_batch_statistics_norm_at_
     study, train, _ = load_preset("catalogue")
     cfg = make_study_config(study)
     assert set(cfg.norms) == set(NORMS) and train["batch_size"] == 128 and train["dataset"] == "cifar10"
-    assert set(cfg.batch_norms) == {s.name for s in SPECS if s.batch_stats} - {"torch_bn"}
+    assert set(cfg.batch_norms) == {s.name for s in SPECS if s.batch_stats}
     assert sorted(cfg.batch_sizes) == [8, 128]
 
 

@@ -287,3 +287,16 @@ def test_an_explicit_epochs_flag_caps_the_batch_cells_too(tmp_path):
               plan_only=True, log=lambda _: None)
     plan = json.loads((tmp_path / "u" / "plan.json").read_text())
     assert {r["config"]["epochs"] for r in plan} == {1, 3}
+
+
+def test_study_norm_keywords_expand_to_every_norm_and_to_those_with_batch_statistics():
+    from normlab.config import needs_batch_statistics
+    from normlab.registry import NORM_NAMES
+    from normlab.study.plan import make_study_config
+
+    cfg = make_study_config({"norms": ["gn", "all"], "batch_norms": "batch-statistics,bn"})
+    assert cfg.norms == ["gn"] + [n for n in NORM_NAMES if n != "gn"]  # named first, then the rest, no repeats
+    assert cfg.batch_norms == [n for n in NORM_NAMES if needs_batch_statistics(n)]
+    assert {"bn", "torch_bn", "bin", "mobn"} <= set(cfg.batch_norms) and not {"gn", "in", "dyt"} & set(cfg.batch_norms)
+    with pytest.raises(NormlabError, match="unknown norm 'alll'"):
+        make_study_config({"norms": ["alll"]})

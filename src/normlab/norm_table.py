@@ -27,6 +27,7 @@ NORM_PATHS: dict[str, str] = {
     "ln2d": "normlab.norms.channel:ChannelLayerNorm2d",
     "rms2d": "normlab.norms.channel:ChannelRMSNorm2d",
     "dyt": "normlab.norms.dyt:DynamicTanh2d",
+    "mobn": "normlab.norms.mean_only:MeanOnlyBatchNorm2d",
 }
 
 __all__ = ["NORM_PATHS"]

@@ -171,8 +171,31 @@ def make_study_config(data: dict[str, Any], where: str = "study") -> StudyConfig
                 value = int(value)
             except (TypeError, ValueError):
                 raise NormlabError(f"{where}: {key}={value!r} must be an integer") from None
+        if key in ("norms", "batch_norms") and value:
+            value = expand_norms(value)
         values[key] = value
     return StudyConfig(**values).validate()
+
+
+ALL_NORMS, BATCH_STAT_NORMS = "all", "batch-statistics"  # keywords in a study's norms / batch_norms lists
+
+
+def expand_norms(names: list) -> list[str]:
+    """A study's list of norms with its keywords expanded, in registry order and without repeats: ``all`` is every
+    registered norm, ``batch-statistics`` every norm that normalizes with batch statistics (asked of the layers,
+    so a preset that names them compares a norm added later without being edited)."""
+    out: list[str] = []
+    for name in map(str, names):
+        if name == ALL_NORMS:
+            add = list(NORM_NAMES)
+        elif name == BATCH_STAT_NORMS:
+            from normlab.config import needs_batch_statistics
+
+            add = [n for n in NORM_NAMES if needs_batch_statistics(n)]
+        else:
+            add = [name]
+        out += [n for n in add if n not in out]
+    return out
 
 
 def explicit_caps(study: StudyConfig, train_overrides: dict[str, Any] | None,
