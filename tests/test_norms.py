@@ -1,5 +1,6 @@
 """normlab.norms: the from-scratch layers equal PyTorch's native ones (forward, gradients, running
-stats, eval), pass gradcheck, plug into ResNets, handle bf16/channels_last, and sync across ranks."""
+stats, eval), pass gradcheck, plug into ResNets, handle bf16/channels_last, and sync across ranks; every test runs
+on the C++ kernels and on the tensor ops (the kernels' own internals: test_cpp_kernels.py)."""
 
 from __future__ import annotations
 
