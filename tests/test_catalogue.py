@@ -25,7 +25,7 @@ IDS = [s.name for s in SPECS]
 
 @pytest.fixture(autouse=True)
 def _ops_path(monkeypatch):
-    monkeypatch.setenv("NORMLAB_KERNELS", "0")  # the existing norms' C++ path is tested in test_norms.py
+    monkeypatch.setenv("NORMLAB_KERNELS", "0")  # the existing norms' C++ path: test_norms.py, test_cpp_kernels.py
 
 
 def randomize(m: nn.Module, seed: int = 1) -> nn.Module:

@@ -342,3 +342,58 @@ def test_hooks_under_torch_compile_and_ddp(tmp_path):
             assert len(seen) == 1 and a.stages[0][0].fused()
     finally:
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------ what counts as a normalization layer
+
+class ScaleNorm(nn.Module):
+    """A user's own normalization layer: no torch base class, not registered, named as a norm."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.g = nn.Parameter(torch.ones(c))
+
+    def forward(self, x):
+        return self.g[:, None, None] * x / x.pow(2).mean(1, keepdim=True).add(1e-5).sqrt()
+
+
+class PreNorm(nn.Module):
+    """A block named as a norm that holds a conv: searched, not taken for a norm."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+def test_a_users_own_norm_layer_is_refused_and_kept_on_purpose():
+    """A layer of any library named as a norm, holding no conv or linear layer, is a normalization layer (the
+    swap and the training loop's probe used to disagree here: replace_norms left it silently, norm_paths listed
+    it): replace_norms refuses to leave it behind, keep= keeps it, and a block named so is searched."""
+    from normlab.models.swap import is_normalization, norm_paths, replace_norms
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), ScaleNorm(8), PreNorm(8), nn.BatchNorm2d(8))
+    assert [is_normalization(m) for m in model] == [False, True, False, True]
+    assert list(norm_paths(model)) == ["1", "2.bn", "3"]
+    with pytest.raises(NormlabError, match=r"1 normalization layer\(s\) .* would stay: "
+                                           r"test_models\.ScaleNorm x1 \(at 1\); nothing was changed"):
+        replace_norms(model, norm_layer("gn"))
+    assert type(model[3]) is nn.BatchNorm2d and type(model[2].bn) is nn.BatchNorm2d
+    replace_norms(model, norm_layer("gn"), keep=(ScaleNorm,))
+    assert type(model[1]) is ScaleNorm and type(model[2].bn) is NORMS["gn"] and type(model[3]) is NORMS["gn"]
+
+
+def test_input_normalization_is_not_a_normalization_layer():
+    """torchvision's ``Normalize`` (fixed per-channel constants on the input) is not a normalization layer: a model
+    that starts with it is swapped (the swap used to refuse it, by the word Norm in its name) and the swap record
+    does not list it."""
+    from torchvision.transforms import Normalize
+
+    from normlab.models.swap import is_normalization, norm_paths, replace_norms
+
+    model = nn.Sequential(Normalize((0.5,) * 3, (0.25,) * 3), nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+    assert not is_normalization(model[0]) and list(norm_paths(model)) == ["2"]
+    replace_norms(model, norm_layer("gn"))
+    assert type(model[0]) is Normalize and type(model[2]) is NORMS["gn"]

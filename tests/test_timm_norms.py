@@ -173,3 +173,22 @@ def test_replace_norms_lets_a_norm_with_its_own_activation_replace_the_pair(name
     assert sum(m.apply_act for m in ours) == pairs
     assert sum((stock["regnetx_002"] - activations(model)).values()) == pairs
     one_step(model, name, 64)
+
+
+def test_timms_evonorm_and_frn_layers_are_normalization_layers():
+    """timm's EvoNorm and FRN layers (names that do not end in Norm...) are normalization layers for the swap
+    record and the training loop's probe too (norm_paths used to miss them while replace_norms refused them):
+    listed by norm_paths, refused by replace_norms (it cannot swap them), kept with keep=. A container named
+    otherwise (timm's NormMlpClassifierHead) is searched: its LayerNorm2d is found and swapped."""
+    from timm.layers import EvoNorm2dB0, FilterResponseNormTlu2d, NormMlpClassifierHead
+
+    from normlab.models.swap import is_normalization, norm_paths
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), EvoNorm2dB0(8), FilterResponseNormTlu2d(8), NormMlpClassifierHead(8, 2))
+    assert [is_normalization(m) for m in model] == [False, True, True, False]
+    assert list(norm_paths(model)) == ["1", "2", "3.norm"]
+    with pytest.raises(NormlabError, match=r"2 normalization layer\(s\) .* would stay: timm\.layers\.evo_norm\."
+                                           r"EvoNorm2dB0 x1, timm\.layers\.filter_response_norm\.FilterResponseNormTlu2d x1"):
+        replace_norms(model, norm_layer("gn"))
+    replace_norms(model, norm_layer("gn"), keep=(EvoNorm2dB0, FilterResponseNormTlu2d))
+    assert type(model[3].norm) is NORMS["gn"] and type(model[1]) is EvoNorm2dB0

@@ -19,6 +19,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from normlab.errors import NormlabError
+from normlab.norm_table import BATCH_STATISTICS
 from normlab.registry import (ACTIVATION_NAMES, AUGMENTATION_NAMES, CONVS, DATASETS, MODELS, NORM_NAMES,
                               OPTIMIZER_NAMES, SCHEDULES, SHORTCUTS, choose, is_timm)
 
@@ -244,13 +245,11 @@ def needs_spatial_extent(norm: str) -> bool:
     return bool(torch.allclose(y, y[:1].expand_as(y), atol=1e-3))  # rounding: the inputs differ by ~1
 
 
-@functools.cache
 def needs_batch_statistics(norm: str) -> bool:
-    """Whether the norm normalizes with statistics over the batch (it then keeps running statistics for eval),
-    asked of the layer itself so that a new norm needs no entry here."""
-    from normlab.norms import make_norm
-
-    return hasattr(make_norm(norm, 16), "running_mean")
+    """Whether the norm normalizes with statistics over the batch (it then keeps running statistics for eval):
+    ``norm_table.BATCH_STATISTICS``, which a test checks against the layers (``norms.traits``), read without
+    torch."""
+    return norm in BATCH_STATISTICS
 
 
 def parse_head(spec: str) -> list[int]:

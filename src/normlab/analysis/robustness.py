@@ -17,8 +17,9 @@ split is stored sorted by class: batch statistics of a one-class batch are not t
   sizes 1, 8, 32 and 128 (on a fixed random subset); a batch whose maps have a single value per channel cannot be normalized with batch
   statistics, and that size is reported as not applicable (None).
 
-Norms with batch statistics are found by a property, not a list of names: any module with
-``track_running_stats`` True and ``running_mean`` / ``running_var`` tensors. The three evaluations rely on
+Norms with batch statistics are found by a property, not a list of names
+(``normlab.norms.traits.uses_batch_statistics``): any module with ``track_running_stats`` True and
+``running_mean`` / ``running_var`` tensors. The three evaluations rely on
 torch's BatchNorm conventions, which every such norm of the catalogue follows (torch's BatchNorm, normlab's
 BN and BIN through ``BatchStatsNorm``, EvoNorm-B0, Switchable Norm, Batch Renorm and Ghost BN through the
 spec engine's ``RunningStats``), and a norm added later gets all three by following them too:
@@ -64,6 +65,7 @@ from torch import nn
 from normlab import runfolder
 from normlab.errors import NormlabError
 from normlab.metrics import corruption_errors
+from normlab.norms.traits import uses_batch_statistics
 
 SEVERITIES = (1, 2, 3, 4, 5)
 BATCH_SIZES = (1, 8, 32, 128)
@@ -75,11 +77,9 @@ _ONE_VALUE = re.compile(r"(more than 1 value|1 value|single value) per channel",
 
 
 def batch_stat_modules(model: nn.Module) -> list[nn.Module]:
-    """The layers that normalize with batch statistics in training and keep running estimates for eval."""
-    return [m for m in model.modules()
-            if getattr(m, "track_running_stats", False) is True
-            and isinstance(getattr(m, "running_mean", None), torch.Tensor)
-            and isinstance(getattr(m, "running_var", None), torch.Tensor)]
+    """The layers that normalize with batch statistics in training and keep running estimates for eval
+    (:func:`normlab.norms.traits.uses_batch_statistics`)."""
+    return [m for m in model.modules() if uses_batch_statistics(m)]
 
 
 def has_batch_stats(model: nn.Module) -> bool:

@@ -9,10 +9,14 @@ The layers it swaps are matched by EXACT type, because a subclass may do more th
   norm followed by their own ``drop`` and ``act`` (:class:`normlab.norms.NormAct2d`), so a same-kind swap
   (BN -> bn) computes the same function.
 
-Every other normalization layer (a torch or timm norm not listed, e.g. timm's channels-last ``LayerNorm`` in a
-ConvNeXt built without ``conv_mlp``, a frozen BN, a 1-d norm, a subclass) would stay as it is: the swap is then
-refused with the list of what would stay, and the model is left unchanged; ``keep=`` names the types the
-caller means to keep.
+Every other normalization layer (:func:`is_normalization`: a torch or timm norm not listed, e.g. timm's
+channels-last ``LayerNorm`` in a ConvNeXt built without ``conv_mlp``, a frozen BN, a 1-d norm, a subclass, timm's
+EvoNorm, a layer of any library named as a norm) would stay as it is: the swap is then refused with the list of
+what would stay, and the model is left unchanged; ``keep=`` names the types the caller means to keep.
+
+:func:`is_normalization` is the one answer to "is this a normalization layer" (the refusal above,
+:func:`norm_paths` for the swap record and the training loop's probe); :func:`is_norm` answers "does
+:func:`replace_norms` swap it".
 
 What means the same thing is carried over: running statistics when both layers keep them (BN -> bn,
 torch_bn, bin) and the per-channel affine ``weight``/``bias`` when both have one (-> in, ln, gn as well;
@@ -27,8 +31,10 @@ ResNet with that norm to drop them).
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,10 +50,18 @@ _TIMM_2D = {
     "timm.layers.norm_act": {"BatchNormAct2d", "SyncBatchNormAct", "GroupNormAct", "GroupNorm1Act", "LayerNormAct2d",
                              "LayerNormAct2dFp32", "RmsNormAct2d", "RmsNormAct2dFp32"},
 }
-# what counts as a normalization layer when looking for the ones a swap would leave behind
+# what counts as a normalization layer (is_normalization): torch's norm bases, ...
 _NORM_BASES: tuple[type, ...] = tuple(t for t in (
     nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, getattr(nn, "RMSNorm", None))
     if t is not None)
+# ... every layer of timm's normalization modules (EvoNorm2dB0, FilterResponseNormTlu2d, LayerNormExp2d: names that
+# end otherwise) ...
+_TIMM_NORM_MODULES = frozenset({"timm.layers.norm", "timm.layers.norm_act", "timm.layers.evo_norm",
+                                "timm.layers.filter_response_norm"})
+# ... and a layer of any library named as a norm (...Norm, ...Norm2d, ...NormAct2d, ...Fp32) that holds no conv or
+# linear layer (a block named so is searched). A suffix, not a substring: torchvision's ``Normalize`` (fixed input
+# constants) and timm's ``NormMlpClassifierHead`` are not normalization layers.
+_NORM_NAME = re.compile(r"Norm(Act)?([123]d)?(Fp32)?$")
 
 
 def norm_types() -> tuple[type, ...]:
@@ -66,16 +80,26 @@ def is_norm(module: nn.Module) -> bool:
     return type(module) in norm_types() or _is_timm_2d(module)
 
 
-def _looks_like_norm(module: nn.Module) -> bool:
-    """A normalization layer: an instance of torch's norm bases, or a torch/torchvision/timm layer named *Norm*."""
-    if isinstance(module, NormAct2d):
-        return False
-    cls = type(module)
-    if isinstance(module, _NORM_BASES):
+def is_normalization(module: nn.Module) -> bool:
+    """Whether ``module`` is a normalization layer, of any origin: torch's (every subclass of its norm bases),
+    normlab's (the registered layers and the ``NormAct2d`` a swap leaves), timm's (its norms and norm+activation
+    layers, EvoNorm and FRN included), and any other layer named as a norm that holds no conv or linear layer."""
+    if isinstance(module, (NormAct2d,) + _NORM_BASES) or is_norm(module):
         return True
-    # by name only a leaf (or a norm+act layer): a container such as timm's NormMlpClassifierHead is searched
-    return ("Norm" in cls.__name__ and cls.__module__.split(".")[0] in ("torch", "torchvision", "timm")
-            and {name for name, _ in module.named_children()} <= {"act", "drop"})
+    cls = type(module)
+    if cls.__module__ in _TIMM_NORM_MODULES:
+        return True
+    return bool(_NORM_NAME.search(cls.__name__)) and not any(
+        isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) for m in module.modules())
+
+
+def norm_paths(model: nn.Module) -> dict[str, nn.Module]:
+    """``{path: module}`` of the outermost normalization layers (a norm inside a norm+act wrapper is not listed)."""
+    found: dict[str, nn.Module] = {}
+    for path, m in model.named_modules():
+        if path and is_normalization(m) and not any(path.startswith(p + ".") for p in found):
+            found[path] = m
+    return found
 
 
 def _channels(m: nn.Module) -> int:
@@ -127,7 +151,8 @@ def _plan(model: nn.Module, keep: tuple[type, ...], prefix: str = "") -> tuple[l
         if is_norm(child):
             swaps.append((model, name, child))
             continue
-        if _looks_like_norm(child) and not isinstance(child, keep):
+        # a NormAct2d (an earlier swap's) is searched: its norm is swapped, its activation kept
+        if is_normalization(child) and not isinstance(child, (NormAct2d,) + keep):
             stays.append((path, child))
             continue
         more, left = _plan(child, keep, f"{path}.")
@@ -163,4 +188,42 @@ def swap_counts(model: nn.Module) -> dict[str, int]:
     return dict(Counter(type(old).__name__ for _, _, old in swaps))
 
 
-__all__ = ["carry_over", "is_norm", "norm_types", "replace_norms", "swap_counts"]
+def _name(m: nn.Module) -> str:
+    return ("nn." if type(m).__module__.startswith("torch.") else "") + type(m).__name__
+
+
+def _label(m: nn.Module) -> str:
+    inner = getattr(m, "norm", None)
+    if isinstance(inner, nn.Module) and not isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
+        return f"{type(m).__name__}({_name(inner)})"
+    return _name(m)
+
+
+def _qualified(m: nn.Module) -> str:
+    return f"{type(m).__module__.split('.')[0]}.{_label(m)}"
+
+
+def norm_swaps(stock: dict[str, nn.Module], model: nn.Module, made: tuple[type, ...]) -> dict[str, Any]:
+    """What became of each norm of the stock model (``{path: module}``, from :func:`norm_paths`):
+    ``{"swapped": {"Old -> New": count}, "kept": {"Old": count}}``. A position counts as swapped when the model
+    holds a layer of the chosen norm there (``made``: its types), directly or inside a norm+activation wrapper."""
+    swapped: Counter[str] = Counter()
+    kept: Counter[str] = Counter()
+    for path, old in stock.items():
+        try:
+            new = model.get_submodule(path)
+        except AttributeError:
+            continue
+        inner = getattr(new, "norm", None)
+        if new is not old and (isinstance(new, made) or isinstance(inner, made)):
+            a, b = _label(old), _label(new)
+            if a == b:  # the same class name in another library: say which
+                a, b = _qualified(old), _qualified(new)
+            swapped[f"{a} -> {b}"] += 1
+        else:
+            kept[_label(new)] += 1
+    return {"swapped": dict(swapped), "kept": dict(kept)}
+
+
+__all__ = ["carry_over", "is_norm", "is_normalization", "norm_paths", "norm_swaps", "norm_types", "replace_norms",
+           "swap_counts"]

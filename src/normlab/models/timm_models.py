@@ -12,7 +12,7 @@
   a model that cannot run with the chosen norm or input size fails with one line, not in the first epoch; so
   does a model that would ignore its input: instance norm on 1x1 maps (RegNet's last stage at 32x32, ConvNeXt's
   head norm on pooled features at any size), or any norm after which two images give the same features.
-* :func:`norm_swaps` compares the norm layers timm builds by default with the ones in the model, position by
+* :func:`~normlab.models.swap.norm_swaps` compares the norm layers timm builds by default with the ones in the model, position by
   position: ``{"LayerNorm2d -> GroupNorm2d": 17}``, plus the norms left as they were. ``build_timm`` attaches
   the result to the model as ``normlab_swaps`` for the run's summary.
 """
@@ -22,7 +22,6 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ import torch
 from torch import nn
 
 from normlab.errors import NormlabError
-from normlab.models.swap import replace_norms
+from normlab.models.swap import is_normalization, norm_paths, norm_swaps, replace_norms
 from normlab.norms import NormAct2d
 from normlab.registry import TIMM_PREFIX
 
@@ -42,7 +41,6 @@ OPTIONAL_KWARGS = ("img_size", "drop_rate", "conv_mlp")
 NORM_LAYER_KWARGS = {"conv_mlp": True}
 DEGENERATE = 1e-5  # relative feature difference between two random images below which a model ignores its input
 PER_SAMPLE_CHANNEL = ("in",)  # statistics per sample and channel only: degenerate on 1x1 maps (bin mixes in BN)
-_NORM_NAME = re.compile(r"(Norm|Norm[123]d|NormAct|NormAct[123]d|Norm[123]?d?Fp32|NormAct[123]?d?Fp32)$")
 
 
 def timm_name(model: str) -> str:
@@ -92,68 +90,9 @@ def _create(name: str, kwargs: dict[str, Any]) -> tuple[nn.Module, dict[str, Any
             raise NormlabError(f"timm could not build {name} with {sorted(kwargs)} ({_first_line(exc)})") from None
 
 
-def is_norm_module(m: nn.Module) -> bool:
-    """A normalization layer of any origin: torch's, timm's (also its norm+activation layers), normlab's and
-    the wrappers a swap leaves (``NormAct2d``)."""
-    if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, NormAct2d)):
-        return True
-    from normlab.norms import NORMS
-
-    if type(m) in {f for f in NORMS.values() if isinstance(f, type)}:
-        return True
-    return bool(_NORM_NAME.search(type(m).__name__)) and not any(
-        isinstance(c, (nn.Conv2d, nn.Linear)) for c in m.modules())
-
-
-def norm_paths(model: nn.Module) -> dict[str, nn.Module]:
-    """``{path: module}`` of the outermost norm layers (a norm inside a norm+act wrapper is not listed)."""
-    found: dict[str, nn.Module] = {}
-    for path, m in model.named_modules():
-        if path and is_norm_module(m) and not any(path.startswith(p + ".") for p in found):
-            found[path] = m
-    return found
-
-
 def _is_norm_act(m: nn.Module) -> bool:
     """timm's norm+activation layers (``BatchNormAct2d``, ``GroupNormAct``, ...): a norm that also applies ``act``."""
-    return is_norm_module(m) and isinstance(getattr(m, "act", None), nn.Module) and not isinstance(m, NormAct2d)
-
-
-def _name(m: nn.Module) -> str:
-    return ("nn." if type(m).__module__.startswith("torch.") else "") + type(m).__name__
-
-
-def _label(m: nn.Module) -> str:
-    inner = getattr(m, "norm", None)
-    if isinstance(inner, nn.Module) and not isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
-        return f"{type(m).__name__}({_name(inner)})"
-    return _name(m)
-
-
-def _qualified(m: nn.Module) -> str:
-    return f"{type(m).__module__.split('.')[0]}.{_label(m)}"
-
-
-def norm_swaps(stock: dict[str, nn.Module], model: nn.Module, made: tuple[type, ...]) -> dict[str, Any]:
-    """What became of each norm of the stock model (``{path: module}``): ``{"swapped": {"Old -> New": count},
-    "kept": {"Old": count}}``. A position counts as swapped when the model holds a layer of the chosen norm
-    there (``made``: its types), directly or inside a norm+activation wrapper."""
-    swapped: Counter[str] = Counter()
-    kept: Counter[str] = Counter()
-    for path, old in stock.items():
-        try:
-            new = model.get_submodule(path)
-        except AttributeError:
-            continue
-        inner = getattr(new, "norm", None)
-        if new is not old and (isinstance(new, made) or isinstance(inner, made)):
-            a, b = _label(old), _label(new)
-            if a == b:  # the same class name in another library: say which
-                a, b = _qualified(old), _qualified(new)
-            swapped[f"{a} -> {b}"] += 1
-        else:
-            kept[_label(new)] += 1
-    return {"swapped": dict(swapped), "kept": dict(kept)}
+    return is_normalization(m) and isinstance(getattr(m, "act", None), nn.Module) and not isinstance(m, NormAct2d)
 
 
 # ------------------------------------------------------------------------------------------ weights
@@ -320,4 +259,4 @@ def build_timm(cfg, in_channels: int, num_classes: int, norm_kwargs: dict) -> nn
     return model
 
 
-__all__ = ["build_timm", "check_name", "is_norm_module", "load_weights_file", "norm_paths", "norm_swaps", "timm_name"]
+__all__ = ["build_timm", "check_name", "load_weights_file", "timm_name"]

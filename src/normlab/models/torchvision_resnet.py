@@ -21,7 +21,7 @@ from torch.hub import load_state_dict_from_url
 
 from normlab.config import IMAGENET
 from normlab.errors import NormlabError
-from normlab.models.swap import replace_norms
+from normlab.models.swap import norm_paths, norm_swaps, replace_norms
 
 SMALL_INPUT = 32  # inputs up to this size get the CIFAR-style stem
 
@@ -123,8 +123,6 @@ def load_pretrained(model: nn.Module, source: str) -> dict[str, Any]:
 def build_resnet18(cfg, in_channels: int, num_classes: int, norm_kwargs: dict, image_size: int | None = None) -> nn.Module:
     """``--model resnet18``: norms are swapped in after any weights are loaded (the weights are BN's)."""
     from normlab.norms import norm_layer
-
-    from normlab.models.timm_models import norm_paths, norm_swaps
 
     factory = norm_layer(cfg.norm, **norm_kwargs)
     model = resnet18(num_classes, in_channels, image_size or cfg.input_size)

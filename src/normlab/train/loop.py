@@ -69,9 +69,9 @@ def probe_layers(model: nn.Module) -> dict[str, nn.Module]:
     tail = stages[-1] if stages else None
     last = getattr(tail[-1], "bn2", None) if isinstance(tail, (nn.Sequential, nn.ModuleList, list)) and len(tail) else None
     if last is None and tail is not None and not isinstance(getattr(m, "fc", None), nn.Linear):
-        from normlab.models.timm_models import is_norm_module
+        from normlab.models.swap import is_normalization
 
-        norms = [x for x in tail.modules() if is_norm_module(x)]  # a timm model: the last norm of its last stage
+        norms = [x for x in tail.modules() if is_normalization(x)]  # a timm model: the last norm of its last stage
         last = norms[-1] if norms else None
     if last is not None:
         layers["last_norm"] = last
