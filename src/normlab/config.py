@@ -19,7 +19,6 @@ from typing import Any, get_type_hints
 import yaml
 
 from normlab.errors import NormlabError
-from normlab.norm_table import BATCH_STATISTICS
 from normlab.registry import (ACTIVATION_NAMES, AUGMENTATION_NAMES, CONVS, DATASETS, MODELS, NORM_NAMES,
                               OPTIMIZER_NAMES, SCHEDULES, SHORTCUTS, choose, is_timm)
 
@@ -246,10 +245,12 @@ def needs_spatial_extent(norm: str) -> bool:
 
 
 def needs_batch_statistics(norm: str) -> bool:
-    """Whether the norm normalizes with statistics over the batch (it then keeps running statistics for eval):
-    ``norm_table.BATCH_STATISTICS``, which a test checks against the layers (``norms.traits``), read without
-    torch."""
-    return norm in BATCH_STATISTICS
+    """Whether the norm normalizes with statistics over the batch (it then keeps running statistics for eval),
+    asked of the layer itself (``norms.traits``), so that a new norm needs no entry here; imports torch, so it is
+    asked only where the answer matters (a batch of one)."""
+    from normlab.norms.traits import norm_uses_batch_statistics
+
+    return norm_uses_batch_statistics(norm)
 
 
 def parse_head(spec: str) -> list[int]:

@@ -4,10 +4,8 @@
 names without importing torch, so the configuration and the command line offer every norm. Plain strings, so
 this module imports nothing. The order is the order of every listing (``--help``, studies, reports).
 
-``BATCH_STATISTICS`` names the norms that normalize with statistics over the batch and keep running estimates
-for eval (built with their defaults): what ``config`` asks, without torch, to refuse a batch of one. The layers
-answer the same question themselves (``normlab.norms.traits.uses_batch_statistics``); a test checks the two for
-every norm above, so a new norm with batch statistics that is not listed here fails it.
+Whether a norm normalizes with batch statistics is the layer's own answer (``normlab.norms.traits``), not a
+second list here: a new norm is one line.
 """
 
 from __future__ import annotations
@@ -35,6 +33,4 @@ NORM_PATHS: dict[str, str] = {
     "mobn": "normlab.norms.mean_only:MeanOnlyBatchNorm2d",
 }
 
-BATCH_STATISTICS: frozenset[str] = frozenset({"bn", "bin", "torch_bn", "evonorm_b0", "sn", "brn", "gbn"})
-
-__all__ = ["BATCH_STATISTICS", "NORM_PATHS"]
+__all__ = ["NORM_PATHS"]

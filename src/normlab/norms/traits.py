@@ -6,17 +6,17 @@ eval mode reads (``track_running_stats`` True and ``running_mean`` / ``running_v
 convention). It holds for any layer following that convention, torch's, timm's or a norm added later, so the
 robustness analysis finds such layers in any model by this property.
 
-The name-level answer, for code that imports no torch (``config``'s settings validation), is
-:data:`normlab.norm_table.BATCH_STATISTICS`: the registered norms whose layer, built with its defaults, answers
-True here; a test checks the two for every registered norm.
+:func:`norm_uses_batch_statistics` gives the answer for a registered norm's name, from its layer built with the
+defaults (``config`` refuses a batch of one with it, the studies' ``batch-statistics`` keyword expands with it).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
-from normlab.norm_table import BATCH_STATISTICS
 
 
 def uses_batch_statistics(layer: nn.Module) -> bool:
@@ -26,9 +26,12 @@ def uses_batch_statistics(layer: nn.Module) -> bool:
             and isinstance(getattr(layer, "running_var", None), torch.Tensor))
 
 
+@functools.cache
 def norm_uses_batch_statistics(name: str) -> bool:
-    """The same answer for a registered norm's name (its layer built with the defaults), without building it."""
-    return name in BATCH_STATISTICS
+    """The same answer for a registered norm's name: its layer, built with the defaults, asked."""
+    from normlab.norms import make_norm
+
+    return uses_batch_statistics(make_norm(name, 16))
 
 
-__all__ = ["BATCH_STATISTICS", "norm_uses_batch_statistics", "uses_batch_statistics"]
+__all__ = ["norm_uses_batch_statistics", "uses_batch_statistics"]
