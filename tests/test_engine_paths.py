@@ -376,3 +376,39 @@ def test_errors_are_the_same_on_both_paths(name, x, message, monkeypatch):
             continue
         with pytest.raises(NormlabError, match=re.escape(message)):
             m(x)
+
+
+COMPILED = [s for s in OVERRIDDEN if s.name in ("bn", "gn", "bin")]  # one per code family: BN, group stats, BIN
+
+
+@pytest.mark.parametrize("spec", COMPILED, ids=[s.name for s in COMPILED])
+def test_engine_path_compiles_into_one_graph(spec, monkeypatch):
+    """The engine path under torch.compile (fullgraph: no graph break), forward_relu included, equals eager."""
+    monkeypatch.delenv("NORMLAB_FUSED", raising=False)
+    m = engine(randomize(spec.factory(C)))
+    if spec.batch_stats:
+        m.momentum = 0.0  # the same running statistics for the compiled and the eager call
+    x = make_input().requires_grad_()
+    y = torch.compile(m, backend="eager", fullgraph=True)(x)
+    y.backward(make_input(seed=3, mean=0.0))
+    _close(y, m(x), "compiled output")
+    if hasattr(m, "forward_relu"):
+        _close(torch.compile(m.forward_relu, backend="eager", fullgraph=True)(x, x), m.forward_relu(x, x),
+               "compiled forward_relu")
+
+
+@pytest.mark.parametrize("spec", OVERRIDDEN, ids=IDS)
+def test_a_course_norm_is_a_spec_with_the_same_surface_on_both_paths(spec):
+    """Each of the five is a SpecNorm (its math a spec on the engine) whose override is only a switch: the
+    parameters, buffers, state_dict keys and repr do not depend on the path, and a state_dict moves between
+    them."""
+    from normlab.norms.spec import SpecNorm
+
+    fused, eng = paths(spec)
+    assert isinstance(fused, SpecNorm) and type(fused).coefficients is not SpecNorm.coefficients
+    assert repr(fused) == repr(eng) and "override" not in repr(eng)
+    assert fused.state_dict().keys() == eng.state_dict().keys()
+    fresh = engine(spec.factory(C))
+    fresh.load_state_dict(fused.state_dict())
+    x = make_input()
+    _close(fresh.eval()(x), fused.eval()(x), "eval output after loading the fused layer's state")
