@@ -103,8 +103,8 @@ class BatchNorm2d(ReluFusion, BatchStatsNorm):
     the statistics (and their gradients) across ranks when torch.distributed runs with more than one
     process -- a no-op otherwise. Training with a single value per channel raises ``NormlabError``.
 
-    The spec: ``y = γ·(x − μ)/sqrt(σ² + ε) + β`` with the batch moments of the engine (``Stats.moments("batch")``)
-    or the running ones. The override (``override = True``, the default; see ``normlab.norms.override``):
+    The spec: ``y = γ·(x − μ)/sqrt(σ² + ε) + β`` with the batch moments of the engine
+    (``Stats.moments("batch")``) or the running ones. The override (``override = True``, the default; see ``normlab.norms.override``):
     ``BatchNormFunction``, whose ``forward_relu`` also fuses the block's residual add and ReLU.
     """
 

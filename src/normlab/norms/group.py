@@ -16,8 +16,8 @@ class GroupStatsNorm(ReluFusion, FusedSpecNorm):
     """What the norms with per-(sample, group) statistics share (GroupNorm, InstanceNorm, LayerNorm); subclasses
     set ``num_channels``, ``eps``, ``weight``, ``bias`` and ``groups()``.
 
-    The spec: ``y = γ·(x − μ)/sqrt(σ² + ε) + β`` with μ, σ² per (sample, group) from ``Stats.moments("groups",
-    G)`` (IN: ``"hw"``). The override (``override = True``, the default; see ``normlab.norms.override``):
+    The spec: ``y = γ·(x − μ)/sqrt(σ² + ε) + β`` with μ, σ² per (sample, group) from
+    ``Stats.moments("groups", G)`` (IN: ``"hw"``). The override (``override = True``, the default; see ``normlab.norms.override``):
     ``GroupNormFunction``, whose ``forward_relu`` also fuses the block's residual add and ReLU."""
 
     num_channels: int
