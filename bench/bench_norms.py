@@ -35,6 +35,14 @@ gets.
     python bench/bench_norms.py --norms bn+relu,in+relu,ln+relu,gn+relu,aa --out norms_fused.json
     python bench/bench_norms.py --norms catalogue,aa            # every catalogue norm vs its reference
     python bench/bench_norms.py --norms catalogue,aa --layer    # the same, per layer
+    python bench/bench_norms.py --engine   # bn, in, ln, gn, bin (+relu): spec engine vs hand-fused override
+
+``--engine`` (rows ``X@engine``, ``X+relu@engine``): the course norms (bn, in, ln, gn, bin) are specs on the
+engine of ``normlab.norms.spec`` with their hand-fused Function as the default override (see
+``normlab.norms.override``). Side A is normlab's model with every such layer on the engine path
+(``override = False``: what ``NORMLAB_FUSED=0`` does), side B the same model on the override; the ratio is
+engine / override, so a ratio above 1 is what the override saves. ``X+relu@engine`` compares the fused blocks
+(on the engine path ``relu(norm(x) + residual)`` for now). ``--norms`` names without ``@engine`` get it added.
 """
 
 from __future__ import annotations
@@ -208,11 +216,37 @@ def make_step(model, x, y):
     return step
 
 
+ENGINE = "@engine"
+ENGINE_NORMS = ["bn", "in", "ln", "gn", "bin", "bn+relu", "in+relu", "ln+relu", "gn+relu", "aa"]
+
+
+def on_engine(model: nn.Module) -> nn.Module:
+    """``model`` with every course norm (a spec with a hand-fused override) on its engine path."""
+    from normlab.norms.override import FusedSpecNorm
+
+    layers = [m for m in model.modules() if isinstance(m, FusedSpecNorm)]
+    assert layers, "no norm with a hand-fused override in the model"
+    for m in layers:
+        m.override = False
+    return model
+
+
+def sides_of(norm: str) -> tuple[str, str]:
+    """What the row's two sides are, for the printout: (A, B)."""
+    return ("engine", "fused") if norm.endswith(ENGINE) else ("normlab", "native")
+
+
 def build_side(norm: str, side: str, fmt_name: str):
     """The model for one side: normlab's layer, or the native reference. The control row "aa" is native BN on
     both sides; a row "X+relu" is normlab's default ResNet with norm X (blocks and stem fuse X + ReLU + the
-    residual add) against the same model with X's native layer."""
+    residual add) against the same model with X's native layer. A row "X@engine": normlab's model with X on the
+    engine path (side "normlab") against the same model on X's hand-fused override (side "native")."""
+    engine = norm.endswith(ENGINE)
+    norm = norm.removesuffix(ENGINE)
     base, fused = norm.removesuffix("+relu"), norm.endswith("+relu")
+    if engine:
+        model = build(base, fmt_name, fuse=fused)
+        return on_engine(model) if side == "normlab" else model
     if side == "normlab" and norm != "aa":
         return build(base, fmt_name, fuse=fused)
     return build(NATIVE["bn" if norm == "aa" else base], fmt_name)
@@ -265,9 +299,11 @@ def run(norms, formats, rounds, steps, warmup, batch, compile_, build_side=build
                    "ratio": summary(ratios), "ratios": ratios, "normlab_saved_MB": mem["normlab"] / 2**20,
                    "native_saved_MB": mem["native"] / 2**20, "mem_ratio": mem["normlab"] / mem["native"],
                    "first_step_s": compile_s}
+            row["sides"] = sides_of(norm)
             results.append(row)
-            print(f"{norm:>7} {fmt_name:>13}{' compiled' if compile_ else ''}: normlab {fmt(row['normlab_s'], 4)} s  "
-                  f"native {fmt(row['native_s'], 4)} s  ratio {fmt(row['ratio'])}  "
+            a_, b_ = row["sides"]
+            print(f"{norm:>7} {fmt_name:>13}{' compiled' if compile_ else ''}: {a_} {fmt(row['normlab_s'], 4)} s  "
+                  f"{b_} {fmt(row['native_s'], 4)} s  ratio {fmt(row['ratio'])}  "
                   f"saved {row['normlab_saved_MB']:.1f}/{row['native_saved_MB']:.1f} MB ({row['mem_ratio']:.3f}x)"
                   + (f"  first step {compile_s['normlab']:.1f}/{compile_s['native']:.1f} s" if compile_ else ""),
                   flush=True)
@@ -289,8 +325,13 @@ def run_layers(norms, formats, rounds, steps, warmup, batch):
             ratios, times = [], {"normlab": [], "native": []}
             for r in range(rounds):
                 order = ["normlab", "native"] if r % 2 == 0 else ["native", "normlab"]
-                layers = {k: (make_norm("bn" if norm == "aa" else norm, 32) if k == "normlab" and norm != "aa"
-                              else NATIVE["bn" if norm == "aa" else norm](32)).train() for k in order}
+                if norm.endswith(ENGINE):  # the same layer on the engine path and on its fused override
+                    base = norm.removesuffix(ENGINE)
+                    layers = {k: make_norm(base, 32).train() for k in order}
+                    layers["normlab"].override = False
+                else:
+                    layers = {k: (make_norm("bn" if norm == "aa" else norm, 32) if k == "normlab" and norm != "aa"
+                                  else NATIVE["bn" if norm == "aa" else norm](32)).train() for k in order}
                 x = (x0.contiguous(memory_format=torch.channels_last) if cl else x0).requires_grad_()
 
                 def once(m):
@@ -311,19 +352,25 @@ def run_layers(norms, formats, rounds, steps, warmup, batch):
                     times[k].append(med[k])
                 ratios.append(med["normlab"] / med["native"])
             row = {"norm": norm, "format": fmt_name, "what": "layer", "normlab_s": summary(times["normlab"]),
-                   "native_s": summary(times["native"]), "ratio": summary(ratios), "ratios": ratios}
+                   "native_s": summary(times["native"]), "ratio": summary(ratios), "ratios": ratios,
+                   "sides": sides_of(norm) if norm.endswith(ENGINE) else ("normlab", "reference")}
             results.append(row)
-            print(f"{norm:>10} {fmt_name:>13} layer: normlab {fmt(row['normlab_s'], 5)} s  "
-                  f"reference {fmt(row['native_s'], 5)} s  ratio {fmt(row['ratio'])}", flush=True)
+            a_, b_ = row["sides"]
+            print(f"{norm:>10} {fmt_name:>13} layer: {a_} {fmt(row['normlab_s'], 5)} s  "
+                  f"{b_} {fmt(row['native_s'], 5)} s  ratio {fmt(row['ratio'])}", flush=True)
     return results
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--norms", default="bn,in,ln,gn,bin,bn+relu,aa",
+    ap.add_argument("--norms", default=None,
                     help="aa = control: native BN on both sides (shows the measurement's own spread); X+relu "
                          "(X = bn, in, ln, gn) = normlab's default fused blocks with norm X vs native X; "
-                         "catalogue = every catalogue norm against its reference (timm's or the paper's equations)")
+                         "catalogue = every catalogue norm against its reference (timm's or the paper's equations); "
+                         "default bn,in,ln,gn,bin,bn+relu,aa (with --engine: bn, in, ln, gn, bin and their +relu)")
+    ap.add_argument("--engine", action="store_true",
+                    help="the course norms on the spec engine (side A) vs their hand-fused override (side B), "
+                         "rows X@engine")
     ap.add_argument("--formats", default="nchw,channels_last")
     ap.add_argument("--rounds", type=int, default=8, help="fresh pairs of models, built in alternating order")
     ap.add_argument("--steps", type=int, default=6, help="interleaved timed steps per side and round (median)")
@@ -339,7 +386,11 @@ def main(argv=None):
     ap.add_argument("--layer", action="store_true", help="time one layer's forward + backward, not a ResNet-20 step")
     ap.add_argument("--out", default="norms.json")
     a = ap.parse_args(argv)
+    if a.norms is None:
+        a.norms = ",".join(ENGINE_NORMS) if a.engine else "bn,in,ln,gn,bin,bn+relu,aa"
     norms = [n for part in a.norms.split(",") for n in (CATALOGUE if part == "catalogue" else [part])]
+    if a.engine:
+        norms = [n if n == "aa" or n.endswith(ENGINE) else n + ENGINE for n in norms]
     if a.quick:
         a.rounds, a.steps, a.warmup = 4, 4, 1
     torch.set_num_threads(a.threads)

@@ -31,6 +31,7 @@ class Spec:
     rtol: float = 1e-4
     grads: dict[str, str] = field(default_factory=dict)  # our parameter -> the reference's, where names differ
     running: tuple[str, ...] = ()  # buffers the reference updates too
+    override: bool = False  # a spec with a hand-fused override (normlab.norms.override): both paths are tested
 
 
 def copy_state(dst: nn.Module, src: nn.Module, rename: dict[str, str] | None = None) -> nn.Module:
@@ -247,18 +248,20 @@ def _native_bn(m):
 SPECS: list[Spec] = [
     # the existing norms: native torch references
     Spec("bn", lambda c: make_norm("bn", c), _native_bn, "torch", batch_stats=True, sync=True,
-         running=("running_mean", "running_var")),
+         running=("running_mean", "running_var"), override=True),
     Spec("torch_bn", lambda c: make_norm("torch_bn", c),
          lambda m: copy_state(nn.BatchNorm2d(m.num_features), m), "torch", batch_stats=True,
          running=("running_mean", "running_var")),
     Spec("in", lambda c: make_norm("in", c), lambda m: copy_state(nn.InstanceNorm2d(m.num_channels, affine=True), m),
-         "torch"),
-    Spec("ln", lambda c: make_norm("ln", c), lambda m: copy_state(nn.GroupNorm(1, m.num_channels), m), "torch"),
+         "torch", override=True),
+    Spec("ln", lambda c: make_norm("ln", c), lambda m: copy_state(nn.GroupNorm(1, m.num_channels), m), "torch",
+         override=True),
     Spec("gn", lambda c: make_norm("gn", c, num_groups=4), lambda m: copy_state(nn.GroupNorm(4, m.num_channels), m),
-         "torch"),
+         "torch", override=True),
     Spec("bin", lambda c: make_norm("bin", c), lambda m: copy_state(RefBIN(m.num_channels), m, {
         "running_mean": "bn.running_mean", "running_var": "bn.running_var",
-        "num_batches_tracked": "bn.num_batches_tracked"}), "torch", batch_stats=True, sync=True),
+        "num_batches_tracked": "bn.num_batches_tracked"}), "torch", batch_stats=True, sync=True,
+         override=True),
     Spec("nn", lambda c: make_norm("nn", c), lambda m: nn.Identity(), "torch"),
     # the catalogue
     Spec("frn", lambda c: make_norm("frn", c), _ref_frn, "timm", has_act=True),

@@ -25,8 +25,10 @@ built from norm+activation layers get :class:`NormAct2d` with each layer's own a
 | ``rms2d`` | :class:`ChannelRMSNorm2d` (RMS over channels at each pixel) |
 | ``dyt`` | :class:`DynamicTanh2d` (``γ·tanh(α·x) + β``, no statistics) |
 
-The catalogue norms of the shared shape (frn, evonorm_*, sn, brn, gbn, rms) are specs on the engine of
-``normlab.norms.spec``. Norms whose class sets ``has_act`` contain their activation: :func:`norm_layer` hands
+The norms of the shared shape are specs on the engine of ``normlab.norms.spec``: the catalogue ones (frn,
+evonorm_*, sn, brn, gbn, rms) run on it, and bn, in, ln, gn and bin keep their hand-fused autograd Functions as
+the default override (``normlab.norms.override``: ``NORMLAB_FUSED=0``, or ``layer.override = False`` on one
+layer, takes the engine path). Norms whose class sets ``has_act`` contain their activation: :func:`norm_layer` hands
 them timm's ``apply_act`` instead of wrapping them in another activation, and normlab's ResNet drops the ReLU
 that follows them.
 

@@ -1,4 +1,5 @@
-"""Batch-Instance Normalization (Nam & Kim 2018): a learned per-channel mix of BN and IN."""
+"""Batch-Instance Normalization (Nam & Kim 2018): a learned per-channel mix of BN and IN; a spec with a fused
+override."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import torch
 from torch import nn
 
 from normlab.norms._bin import BatchInstanceFunction
-from normlab.norms._functional import check_input
 from normlab.norms.batch import BatchStatsNorm
+from normlab.norms.spec import Stats
 
 
 class BatchInstanceNorm2d(BatchStatsNorm):
@@ -25,12 +26,18 @@ class BatchInstanceNorm2d(BatchStatsNorm):
       ``nn.BatchNorm2d``) and uses them in eval; the IN branch always uses per-sample statistics.
     * ``sync=True`` synchronizes the BN branch's statistics across ranks (no-op when not distributed).
 
-    Implementation: one autograd Function (``_bin``) that computes both branches' statistics from the same
-    per-(sample, channel) sums and writes the output as one per-(sample, channel) affine -- the sweeps over the
-    input of one BN, forward and backward -- on the Triton kernels (CUDA), the C++ kernels (the CPU tensors they
-    take: float32/float64/bfloat16, NCHW or channels_last, with the small per-(sample, channel) math in C too)
-    or tensor ops otherwise.
+    The spec (``coefficients``): IN's moments (``Stats.moments("hw")``) and BN's (``"batch"``, or the running
+    ones), the gate clamped with a straight-through gradient, written as one per-(sample, channel) affine
+    centred on IN's mean, BN's offset from it folded into the shift (exact for large means).
+
+    The override (``override = True``, the default; see ``normlab.norms.override``): one autograd Function (``_bin``)
+    that computes both branches' statistics from the same per-(sample, channel) sums and writes the output as
+    one per-(sample, channel) affine -- the sweeps over the input of one BN, forward and backward -- on the
+    Triton kernels (CUDA), the C++ kernels (the CPU tensors they take: float32/float64/bfloat16, NCHW or
+    channels_last, with the small per-(sample, channel) math in C too) or tensor ops otherwise.
     """
+
+    _who, _instead = "BatchInstanceNorm", "in/gn"
 
     def __init__(self, num_channels: int, eps: float = 1e-5, momentum: float | None = 0.1, *,
                  sync: bool = False, device=None, dtype=None) -> None:
@@ -43,19 +50,25 @@ class BatchInstanceNorm2d(BatchStatsNorm):
         if dtype is not None:
             self.running_mean, self.running_var = self.running_mean.to(dtype), self.running_var.to(dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.num_channels, type(self).__name__)
-        return self._fused(x)
+    def coefficients(self, stats: Stats):
+        ct = stats.ct
+        bn_centre, bn_var = self.bn_moments(stats)
+        inst = stats.moments("hw")
+        rho = self.rho.to(ct)
+        r = rho + (rho.detach().clamp(0, 1) - rho.detach())  # clamped, with a straight-through gradient
+        w = self.weight.to(ct)
+        a_bn = r * w * torch.rsqrt(bn_var + self.eps)
+        a_in = (1 - r) * w * torch.rsqrt(inst.var + self.eps)
+        # a_bn·(x − μ_BN) + a_in·(x − μ_IN) + β = (a_bn + a_in)·(x − μ_IN) + β − a_bn·(μ_BN − μ_IN)
+        return a_bn + a_in, inst.centre, self.bias - a_bn * (bn_centre - inst.centre)
 
-    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+    def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         """``BatchInstanceFunction`` with this module's statistics: batch statistics in training (running ones
         updated as ``BatchStatsNorm.batch_norm`` does), running ones in eval; it clamps ``rho`` itself."""
-        tracking = self.track_running_stats and self.running_mean is not None
+        tracking = self._tracking()
         batch = self.training or not tracking
         update = self.training and tracking
-        factor = 0.0
-        if update:  # momentum None: cumulative average (reads the counter: a host sync, as native's does)
-            factor = (1.0 / (float(self.num_batches_tracked) + 1.0)) if self.momentum is None else self.momentum
+        factor = self._factor() if update else 0.0
         stats = update or not batch
         y = BatchInstanceFunction.apply(x, self.weight, self.bias, self.rho,
                                         self.running_mean if stats else None, self.running_var if stats else None,

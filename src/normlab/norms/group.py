@@ -1,20 +1,24 @@
-"""GroupNorm2d from scratch: per-sample statistics over groups of channels."""
+"""GroupNorm2d from scratch: per-sample statistics over groups of channels; a spec with a fused override."""
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from normlab.errors import NormlabError
-from normlab.norms._functional import GroupNormFunction, check_input, fusable_residual, init_affine
-from normlab.norms._hooks import HookWatched
+from normlab.norms._functional import GroupNormFunction, check_input, init_affine
+from normlab.norms.override import FusedSpecNorm, ReluFusion
+from normlab.norms.spec import Moments, Stats
 
 DEFAULT_GROUPS = 8  # divides the CIFAR ResNet's 16, 32 and 64 channels (2, 4 and 8 channels per group)
 
 
-class GroupStatsNorm(HookWatched, nn.Module):
-    """The forward shared by the norms with per-(sample, group) statistics (GroupNorm, InstanceNorm,
-    LayerNorm); subclasses set ``num_channels``, ``eps``, ``weight``, ``bias`` and ``groups()``."""
+class GroupStatsNorm(ReluFusion, FusedSpecNorm):
+    """What the norms with per-(sample, group) statistics share (GroupNorm, InstanceNorm, LayerNorm); subclasses
+    set ``num_channels``, ``eps``, ``weight``, ``bias`` and ``groups()``.
+
+    The spec: ``y = γ·(x − μ)/sqrt(σ² + ε) + β`` with μ, σ² per (sample, group) from
+    ``Stats.moments("groups", G)`` (IN: ``"hw"``). The override (``override = True``, the default; see ``normlab.norms.override``):
+    ``GroupNormFunction``, whose ``forward_relu`` also fuses the block's residual add and ReLU."""
 
     num_channels: int
     eps: float
@@ -22,16 +26,24 @@ class GroupStatsNorm(HookWatched, nn.Module):
     def groups(self) -> int:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def check(self, x: torch.Tensor) -> None:
         check_input(x, self.num_channels, type(self).__name__, self.num_channels // self.groups())
+
+    def moments(self, stats: Stats) -> Moments:
+        """The statistics per (sample, group of channels)."""
+        return stats.moments("groups", self.groups())
+
+    def coefficients(self, stats: Stats):
+        m = self.moments(stats)
+        a = torch.rsqrt(m.var + self.eps)
+        if self.weight is not None:
+            a = a * self.weight
+        return a, m.centre, self.bias if self.bias is not None else a.new_zeros(())
+
+    def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         return GroupNormFunction.apply(x, self.weight, self.bias, self.groups(), self.eps)
 
-    def forward_relu(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """``relu(self(x) + residual)`` (or ``relu(self(x))``), fused into the norm's passes; forward hooks on
-        this module are not called (the block that calls this checks for them)."""
-        check_input(x, self.num_channels, type(self).__name__, self.num_channels // self.groups())
-        if not fusable_residual(x, residual):
-            return torch.relu(self.forward(x) + residual)  # the general case, unfused
+    def fused_forward_relu(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         return GroupNormFunction.apply(x, self.weight, self.bias, self.groups(), self.eps, residual, True)
 
 
