@@ -165,6 +165,21 @@ class EqDyT(_Affine):
         return self.affine(torch.tanh(self.alpha * x))
 
 
+class EqMOBN(_Affine):
+    """Mean-only BN: x minus its batch mean per channel (native mean), running mean updated."""
+
+    def __init__(self, c: int, momentum: float = 0.1) -> None:
+        super().__init__(c)
+        self.momentum = momentum
+        self.register_buffer("running_mean", torch.zeros(c))
+
+    def forward(self, x):
+        mu = x.mean((0, 2, 3))
+        with torch.no_grad():
+            self.running_mean.lerp_(mu, self.momentum)
+        return self.affine(x - mu.view(1, -1, 1, 1))
+
+
 def _timm(name: str, has_act: bool = False, **kw):
     def make(c: int) -> nn.Module:
         import timm.layers
@@ -192,8 +207,9 @@ NATIVE = {
     "ln2d": _timm("LayerNorm2d"),
     "rms2d": _timm("RmsNorm2d"),
     "dyt": EqDyT,
+    "mobn": EqMOBN,
 }
-CATALOGUE = ["frn", "evonorm_b0", "evonorm_s0", "sn", "brn", "gbn", "rms", "ln2d", "rms2d", "dyt"]
+CATALOGUE = ["frn", "evonorm_b0", "evonorm_s0", "sn", "brn", "gbn", "rms", "ln2d", "rms2d", "dyt", "mobn"]
 
 
 def build(norm, fmt_name: str, seed: int = 0, fuse: bool = False):
