@@ -21,7 +21,7 @@ F.instance_norm (both native kernels), i.e. what BIN costs with PyTorch's own la
 
 The catalogue (``--norms catalogue``): timm's layers where timm has one (frn -> FilterResponseNormTlu2d,
 evonorm_b0/s0 -> EvoNorm2dB0/S0, ln2d -> LayerNorm2d, rms2d -> RmsNorm2d), otherwise the paper's equations on
-native ops (sn, brn: torch.var_mean; gbn: F.batch_norm per ghost batch; rms: F.rms_norm; dyt: torch.tanh).
+native ops (sn, brn: torch.var_mean; gbn: F.batch_norm per ghost batch; rms: F.rms_norm; dyt: torch.tanh; mobn: torch.mean).
 ``--layer`` times one layer's forward + backward on a (batch, 32, 16, 16) tensor instead of a ResNet-20 step.
 
 normlab's blocks fuse norm + ReLU (+ the residual add) by default (``ResNet(fuse=True)``). The rows compare
