@@ -209,3 +209,27 @@ def test_the_input_gradient_is_whole_when_the_statistics_backward_does_not_run(c
         for a, b in zip(got, want):
             close(a, b, (1e-5, 1e-5))
         assert float(got[0].abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward_only", "with_backward"])
+def test_a_spec_norm_frees_its_input_without_garbage_collection(backward, kernels_on):
+    """The link between the two sweeps' autograd nodes holds no reference cycle: a forward with gradients on and
+    no backward (a validation pass without no_grad) frees the input it saved as soon as its output goes, not at
+    the next garbage collection."""
+    import gc
+    import weakref
+
+    m = make_norm("sn", SHAPE[1]).train()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        h = tensor().requires_grad_() * 1.0
+        alive = weakref.ref(h)
+        y = m(h)
+        if backward:
+            y.sum().backward()
+        del h, y
+        assert alive() is None
+    finally:
+        if enabled:
+            gc.enable()

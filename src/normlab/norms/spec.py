@@ -31,6 +31,7 @@ A norm whose output is not an affine of x (EvoNorm's per-element max and sigmoid
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -55,23 +56,29 @@ class _Link:
     statistics (:class:`ChannelSums`). Autograd would compute each in its own sweep and add them in a third; instead
     ``ChannelAffine.backward`` hands ``(g, a)`` over (``pending``) when ``ChannelSums.backward`` will run in the same
     backward pass (it runs after it: it depends on the coefficients' gradients), and that writes
-    ``a·g + 2·g2·(x − k) + g1`` in one centred sweep. ``node`` is ChannelSums' autograd node (None: its outputs need
-    no gradient), asked of the engine at backward time, so a backward that never reaches the statistics (a gradient
-    taken only for the parameters, sums used without gradient) gets ``a·g`` from ChannelAffine itself. Tensor ops
-    (and torch.compile) keep the plain two-part gradient."""
+    ``a·g + 2·g2·(x − k) + g1`` in one centred sweep. ``node`` is ChannelSums' autograd node (None: its outputs
+    need no gradient), asked of the engine at backward time, so a backward that never reaches the statistics (a
+    gradient taken only for the parameters, sums used without gradient) gets ``a·g`` from ChannelAffine itself.
+    Tensor ops (and torch.compile) keep the plain two-part gradient. The node is held weakly: it holds this link
+    (and its saved input), and a cycle would keep the input of a forward without backward alive until the next
+    garbage collection."""
 
     __slots__ = ("node", "pending", "claimed")
 
     def __init__(self) -> None:
-        self.node = None
+        self.node: weakref.ref | None = None
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.claimed = False
 
+    def attach(self, node) -> None:
+        self.node = None if node is None else weakref.ref(node)
+
     def will_run(self) -> bool:
-        if self.node is None:
+        node = None if self.node is None else self.node()
+        if node is None:
             return False
         try:
-            return bool(torch._C._will_engine_execute_node(self.node))
+            return bool(torch._C._will_engine_execute_node(node))
         except (AttributeError, RuntimeError):  # an older torch, or not inside the engine's backward
             return False
 
@@ -111,8 +118,8 @@ class ChannelAffine(torch.autograd.Function):
     """``y = a·(x − k) + c`` per (n, c) (``a``, ``c``: (N, C) in the compute dtype), y in x's dtype; with
     ``residual`` (x's shape and dtype) and ``relu``: ``relu(a·(x − k) + c + residual)`` in the same sweep, y then
     saved too (backward masks dy with y > 0; the masked gradient is also the residual's), so it must not be
-    modified in place. Backward: ``da = Σ g·(x − k)``, ``dc = Σ g`` in one sweep, and ``dx = a·g`` -- handed to the
-    linked :class:`ChannelSums` when its backward will run (see :class:`_Link`)."""
+    modified in place. Backward: ``da = Σ g·(x − k)``, ``dc = Σ g`` in one sweep, and ``dx = a·g`` -- handed to
+    the linked :class:`ChannelSums` when its backward will run (see :class:`_Link`)."""
 
     @staticmethod
     def forward(ctx, x, k, a, c, residual=None, relu: bool = False, link=None):  # noqa: D102
@@ -193,7 +200,7 @@ class Stats:
         if self._sums is None:
             self._sums = ChannelSums.apply(self.x, self.shift, self._link)
             if self._link is not None:
-                self._link.node = self._sums[0].grad_fn
+                self._link.attach(self._sums[0].grad_fn)
         return self._sums
 
     def moments(self, over: str = "hw", groups: int = 1, ghost: int | None = None) -> Moments:
