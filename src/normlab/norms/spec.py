@@ -188,7 +188,8 @@ class Stats:
         self.ct = compute_dtype(x.dtype)
         n, c, h, w = x.shape
         self.n, self.c, self.hw = n, c, h * w
-        self.shift = (x[:, :, 0, 0] if x.numel() else x.new_zeros(n, c)).detach().to(self.ct)
+        # contiguous once: every sweep reads it as an (N, C) table (a strided view of x would be copied by each)
+        self.shift = (x[:, :, 0, 0] if x.numel() else x.new_zeros(n, c)).detach().to(self.ct).contiguous()
         self.sync = bool(sync) and _functional.distributed_active()
         self._sums: tuple[torch.Tensor, torch.Tensor] | None = None
         # not traced: dynamo refuses a Function that mutates an object from outside (compiled graphs keep the
