@@ -401,6 +401,27 @@ def test_resnet_fuses_catalogue_norms_and_trains_as_unfused(norm, cl, kw, norm_p
         assert torch.equal(ta, tb), name
 
 
+@pytest.mark.parametrize("norm", ["sn", "rms"])
+def test_resnet_fused_catalogue_norms_under_bf16_autocast(norm, monkeypatch):
+    """bf16 autocast on the C++ kernels: the fused ResNet's output and gradients are as close to the fp32 ones as
+    the unfused ResNet's (a wrong fused path would be far off)."""
+    monkeypatch.setenv("NORMLAB_KERNELS", "1")
+    a, b = _fused_and_unfused(norm)
+    ref, _ = _fused_and_unfused(norm)
+    x = torch.randn(16, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    outs, grads = [], []
+    for m, bf16 in ((a, True), (b, True), (ref, False)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = m(x)
+        out.float().pow(2).mean().backward()
+        outs.append(out.detach().float())
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    assert a.stages[0][0].fused() and a.stem.fused()
+    err = [float((o - outs[2]).abs().max()) for o in outs[:2]]
+    gerr = [float((g - grads[2]).norm() / grads[2].norm()) for g in grads[:2]]
+    assert err[0] < 2 * err[1] + 1e-3 and gerr[0] < 2 * gerr[1] + 1e-3, (err, gerr)
+
+
 def test_the_old_norms_still_fuse_in_the_resnet():
     assert ResNet(1, 10, norm="bn").train().stages[0][0].fused()
     assert not ResNet(1, 10, norm="frn").train().stages[0][0].fused()
