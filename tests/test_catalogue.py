@@ -14,8 +14,8 @@ from torch import nn
 from normlab.errors import NormlabError
 from normlab.models.resnet import ResNet
 from normlab.models.swap import replace_norms
-from normlab.norms import NORMS, _functional, has_act, make_norm, norm_layer
-from normlab.norms.spec import RunningStats
+from normlab.norms import NORMS, _functional, _kernels, has_act, make_norm, norm_layer, sweeps
+from normlab.norms.spec import RunningStats, SpecNorm
 from norm_specs import BY_NAME, SPECS, Spec
 
 C = 8
@@ -25,7 +25,20 @@ IDS = [s.name for s in SPECS]
 
 @pytest.fixture(autouse=True)
 def _ops_path(monkeypatch):
-    monkeypatch.setenv("NORMLAB_KERNELS", "0")  # the existing norms' C++ path: test_norms.py, test_cpp_kernels.py
+    monkeypatch.setenv("NORMLAB_KERNELS", "0")  # tensor ops, unless a test takes `norm_path`
+
+
+@pytest.fixture(params=["cpp", "ops"])
+def norm_path(request, monkeypatch):
+    """The tests where the back-end matters run twice: through the C++ kernels and through the tensor ops."""
+    monkeypatch.setenv("NORMLAB_KERNELS", "1" if request.param == "cpp" else "0")
+    if request.param == "cpp":
+        assert _kernels.library() is not None, (
+            f"the C++ norm kernels did not build ({_kernels._state['error']}): install g++ (make test does)")
+    return request.param
+
+
+ENGINE = [s for s in SPECS if isinstance(s.factory(C), SpecNorm)]  # the rows on the spec engine
 
 
 def randomize(m: nn.Module, seed: int = 1) -> nn.Module:
@@ -86,13 +99,14 @@ def max_differences(spec: Spec, x: torch.Tensor, dy: torch.Tensor, steps: int = 
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
-def test_forward_backward_and_running_stats_equal_the_reference(spec):
+def test_forward_backward_and_running_stats_equal_the_reference(spec, norm_path):
     x, dy = make_input(), make_input(seed=3, mean=0.0)
+    assert sweeps.kind(x) == (None if norm_path == "ops" else "cpp")
     max_differences(spec, x, dy)
 
 
 @pytest.mark.parametrize("spec", [s for s in SPECS if s.name not in ("nn",)], ids=[s.name for s in SPECS if s.name != "nn"])
-def test_exact_for_large_mean_inputs(spec):
+def test_exact_for_large_mean_inputs(spec, norm_path):
     """float32 with |mean|/std = 500 against the float64 reference: the shifted sums keep the statistics exact."""
     x = make_input(mean=1000.0, seed=4)
     dy = make_input(seed=5, mean=0.0)
@@ -105,7 +119,7 @@ def test_exact_for_large_mean_inputs(spec):
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
-def test_gradcheck_float64(spec):
+def test_gradcheck_float64(spec, norm_path):
     m = randomize(spec.factory(C)).double().train()
     if isinstance(m, RunningStats) or isinstance(m, nn.BatchNorm2d):
         m.momentum = 0.0  # running statistics frozen, so repeated evaluations see one function
@@ -120,7 +134,7 @@ def test_gradcheck_float64(spec):
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
-def test_train_and_eval(spec):
+def test_train_and_eval(spec, norm_path):
     """Batch-statistics norms normalize with running statistics in eval (a different function than in training);
     every other norm computes the same in both modes."""
     m = randomize(spec.factory(C))
@@ -213,7 +227,7 @@ class TwoRanks:
 
 
 @pytest.mark.parametrize("spec", [s for s in SPECS if s.sync], ids=[s.name for s in SPECS if s.sync])
-def test_synced_ranks_with_different_batches_equal_one_process(spec, monkeypatch):
+def test_synced_ranks_with_different_batches_equal_one_process(spec, norm_path, monkeypatch):
     x_full, dy_full = make_input((8, C, 3, 2), seed=6), make_input((8, C, 3, 2), seed=7, mean=0.0)
     single = randomize(spec.factory(C))
     want = []
@@ -290,6 +304,124 @@ def test_resnet_drops_the_relu_only_after_norms_with_their_own_activation(name):
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("spec", ENGINE, ids=[s.name for s in ENGINE])
+def test_forward_relu_is_relu_of_the_norm_plus_the_residual(spec, cl, norm_path):
+    """``forward_relu(x, r)`` = ``relu(norm(x) + r)`` (and ``relu(norm(x))``): outputs, input, residual and parameter
+    gradients and running statistics; fused into the affine's sweep where the output is the affine (the ReLU's
+    mask and the residual's gradient from the same backward sweep), unfused for EvoNorm/FRN (per-element output)
+    and for a residual of another dtype."""
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    x = make_input().contiguous(memory_format=fmt)
+    dy = make_input(seed=3, mean=0.0).contiguous(memory_format=fmt)
+    for res in (make_input(seed=5).contiguous(memory_format=fmt), None, make_input(seed=5).double()):
+        ours, ref = randomize(spec.factory(C)).train(), randomize(spec.factory(C)).train()
+        xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ro = rr = None
+        if res is not None:
+            ro, rr = res.clone().requires_grad_(), res.clone().requires_grad_()
+        y = ours.forward_relu(xo, ro)
+        want = torch.relu(ref(xr) + rr) if res is not None else torch.relu(ref(xr))
+        y.backward(dy.to(y.dtype))
+        want.backward(dy.to(want.dtype))
+        torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+        assert y.is_contiguous(memory_format=fmt)
+        torch.testing.assert_close(xo.grad, xr.grad, atol=1e-5, rtol=1e-4)
+        if res is not None:
+            torch.testing.assert_close(ro.grad, rr.grad, atol=1e-5, rtol=1e-4)
+        for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+        for (name, b), c in zip(ours.named_buffers(), ref.buffers()):
+            torch.testing.assert_close(b, c, msg=lambda m, n=name: f"{n}: {m}")
+        assert (y >= 0).all() and (y == 0).any()
+
+
+@pytest.mark.parametrize("name", ["rms", "sn", "gbn"])
+def test_forward_relu_fuses_the_residual_and_relu_into_the_affine(name, monkeypatch):
+    """On the C++ kernels a fused ``forward_relu`` is the norm's own two forward sweeps (the residual add and the
+    ReLU inside the affine's) and two backward sweeps (the ReLU's mask inside the gradient sums): no separate add,
+    ReLU or ReLU-backward op over the tensor."""
+    monkeypatch.setenv("NORMLAB_KERNELS", "1")
+    seen = []
+    for fn in ("nc_sums", "nc_affine"):
+        real = getattr(_kernels, fn)
+        monkeypatch.setattr(_kernels, fn, lambda *a, _r=real, _n=fn, **k: (seen.append((_n, sorted(
+            key for key, v in k.items() if v is not None and v is not False))), _r(*a, **k))[1])
+    for fn in ("relu", "add"):  # the unfused ops would show here
+        real = getattr(torch, fn)
+        monkeypatch.setattr(torch, fn, lambda *a, _r=real, _n=fn, **k: (seen.append((_n, [])), _r(*a, **k))[1])
+    m = randomize(make_norm(name, C, **({"virtual_batch": 2} if name == "gbn" else {})))
+    x, res = make_input().requires_grad_(), make_input(seed=5).requires_grad_()
+    y = m.forward_relu(x, res)
+    assert seen == [("nc_sums", []), ("nc_affine", ["Pc", "relu", "residual"])]
+    seen.clear()
+    y.backward(make_input(seed=3, mean=0.0))
+    assert seen == [("nc_sums", ["mask"]), ("nc_affine", [])] and res.grad is not None
+
+
+def _fused_and_unfused(norm: str, **kw):
+    torch.manual_seed(0)
+    a = ResNet(1, 10, norm=norm, fuse=True, **kw)
+    b = ResNet(1, 10, norm=norm, fuse=False, **kw)
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+@pytest.mark.parametrize("norm,cl,kw", [("rms", False, {}), ("sn", True, {}), ("brn", False, {"shortcut": "B"}),
+                                        ("gbn", True, {"norm_kwargs": {"virtual_batch": 4}})],
+                         ids=["rms", "sn-channels_last", "brn-shortcut_B", "gbn-channels_last"])
+def test_resnet_fuses_catalogue_norms_and_trains_as_unfused(norm, cl, kw, norm_path):
+    """The spec norms are hook-watched and offer ``forward_relu``: a ResNet's stem and blocks fuse norm + ReLU
+    (+ residual) through them, and two SGD steps give the unfused ResNet's losses, weights and running statistics
+    (bit-identical: the same float operations in the same order)."""
+    a, b = _fused_and_unfused(norm, **kw)
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    a, b = a.to(memory_format=fmt), b.to(memory_format=fmt)
+    blocks = [m for m in a.modules() if hasattr(m, "fused")]
+    assert blocks and all(m.fused() for m in blocks)
+    assert not any(m.fused() for m in b.modules() if hasattr(m, "fused"))
+    handle = a.stem[1].register_forward_hook(lambda *_: None)  # a hook on a spec norm stops its block's fusion
+    assert not a.stem.fused()
+    handle.remove()
+    assert a.stem.fused()
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (a, b)]
+    g = torch.Generator().manual_seed(4)
+    for _ in range(2):
+        x = torch.randn(16, 3, 12, 12, generator=g).contiguous(memory_format=fmt)
+        y = torch.randint(0, 10, (16,), generator=g)
+        losses = []
+        for m, opt in zip((a, b), opts):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(m(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        assert torch.equal(losses[0], losses[1])
+    for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(ta, tb), name
+
+
+@pytest.mark.parametrize("norm", ["sn", "rms"])
+def test_resnet_fused_catalogue_norms_under_bf16_autocast(norm, monkeypatch):
+    """bf16 autocast on the C++ kernels: the fused ResNet's output and gradients are as close to the fp32 ones as
+    the unfused ResNet's (a wrong fused path would be far off)."""
+    monkeypatch.setenv("NORMLAB_KERNELS", "1")
+    a, b = _fused_and_unfused(norm)
+    ref, _ = _fused_and_unfused(norm)
+    x = torch.randn(16, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    outs, grads = [], []
+    for m, bf16 in ((a, True), (b, True), (ref, False)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = m(x)
+        out.float().pow(2).mean().backward()
+        outs.append(out.detach().float())
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    assert a.stages[0][0].fused() and a.stem.fused()
+    err = [float((o - outs[2]).abs().max()) for o in outs[:2]]
+    gerr = [float((g - grads[2]).norm() / grads[2].norm()) for g in grads[:2]]
+    assert err[0] < 2 * err[1] + 1e-3 and gerr[0] < 2 * gerr[1] + 1e-3, (err, gerr)
+
+
 def test_the_old_norms_still_fuse_in_the_resnet():
     assert ResNet(1, 10, norm="bn").train().stages[0][0].fused()
     assert not ResNet(1, 10, norm="frn").train().stages[0][0].fused()
@@ -324,7 +456,7 @@ def test_replace_norms_carries_the_affine_over(name):
         assert torch.equal(new.running_mean, torch.zeros(16))
 
 
-def test_spec_norms_under_torch_compile():
+def test_spec_norms_under_torch_compile(norm_path):
     m = randomize(make_norm("sn", C))
     ref = randomize(make_norm("sn", C))
     compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
@@ -469,7 +601,7 @@ def test_the_training_step_applies_agc_to_every_parameter_but_the_classifier(mon
 
 
 @pytest.mark.parametrize("name", NEW)
-def test_bf16_and_channels_last_inputs_keep_their_dtype_and_layout(name):
+def test_bf16_and_channels_last_inputs_keep_their_dtype_and_layout(name, norm_path):
     """Half-precision inputs are computed in float32 inside the norm and come back in their dtype; channels_last
     stays channels_last."""
     m = randomize(make_norm(name, C))

@@ -195,7 +195,7 @@ BN_LIKE = ("bn", "torch_bn", "brn", "gbn")  # eval is plain BN with the running 
 
 
 def test_the_catalogue_norms_with_running_statistics_are_all_there():
-    assert set(RUNNING) == {"bn", "bin", "torch_bn", "evonorm_b0", "sn", "brn", "gbn"}
+    assert set(RUNNING) == {"bn", "bin", "torch_bn", "evonorm_b0", "sn", "brn", "gbn", "mobn"}
 
 
 @pytest.mark.parametrize("norm", RUNNING)

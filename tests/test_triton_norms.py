@@ -585,6 +585,93 @@ def test_triton_fused_bin_finish_loops(train, monkeypatch, spy):
         check(a, b, (1e-4, 1e-4))
 
 
+SPEC_NORMS = {"frn": {}, "sn": {}, "gbn": {"virtual_batch": 2}, "evonorm_b0": {}, "rms": {}}
+# per forward + backward: (sums sweeps, affine sweeps); EvoNorm's output is torch ops: its sums' backward only
+SPEC_SWEEPS = {"evonorm_b0": (1, 1)}
+
+
+def spec_norm(name: str) -> nn.Module:
+    m = make_norm(name, SHAPE[1], **SPEC_NORMS[name]).train()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.rand(p.shape, generator=g) + 0.5 if p.dim() and p.numel() == SHAPE[1] else p)
+        if hasattr(m, "bias"):
+            m.bias.normal_(generator=g)
+    return m
+
+
+@pytest.mark.parametrize("dtype,cl", [(torch.float32, False), (torch.bfloat16, True)], ids=["fp32", "bf16_cl"])
+@pytest.mark.parametrize("name", list(SPEC_NORMS))
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "residual_relu"])
+def test_triton_spec_norms_equal_the_tensor_ops(name, dtype, cl, fused, spy, monkeypatch):
+    """The spec engine's sweeps on the Triton kernels (sums with a per-(n, c) centre, the centred affine with the
+    fused residual + ReLU, the ReLU-masked gradient sums, the one-pass input gradient) give the tensor ops' outputs,
+    input, residual and parameter gradients and running statistics."""
+    import copy
+
+    ours = spec_norm(name)
+    if name == "frn" and dtype == torch.bfloat16:  # TLU's max(y, τ) picks y or τ by bf16-rounded values: a tie
+        with torch.no_grad():  # broken differently flips a gradient entry; τ out of reach keeps bf16 comparable
+            ours.tau.fill_(-100.0)
+    ref = copy.deepcopy(ours)
+    x = inputs(SHAPE, dtype, cl)
+    # bf16: a residual that keeps y + r far from 0, where y rounded one bf16 step apart flips the ReLU's mask (and a
+    # gradient entry); the mask itself is checked in float32
+    res = inputs(SHAPE, dtype, cl, seed=3, mean=20.0 if dtype == torch.bfloat16 else 0.5) if fused else None
+    dy = inputs(SHAPE, dtype, cl, seed=5, mean=0.0, std=1.0)
+    out = []
+    for m in (ours, ref):
+        if m is ref:
+            monkeypatch.setenv("NORMLAB_TRITON", "0")
+            monkeypatch.setenv("NORMLAB_KERNELS", "0")
+            assert _functional.backend(x) is None
+        else:
+            assert _functional.backend(x) == ("triton", "nhwc" if cl else "rows")
+        xo = x.clone().requires_grad_()
+        ro = res.clone().requires_grad_() if fused else None
+        y = m.forward_relu(xo, ro) if fused else m(xo)
+        y.backward(dy)
+        out.append([y, xo.grad] + ([ro.grad] if fused else []) + [p.grad for p in m.parameters()] + list(m.buffers()))
+        if m is ours:
+            assert y.dtype == dtype and xo.grad.dtype == dtype
+            assert y.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+            sums, aff = SPEC_SWEEPS.get(name, (2, 2))
+            assert spy == {"sums": sums, "affine": aff}, spy
+    for i, (a, b) in enumerate(zip(*out)):
+        tol = TOL[dtype] if i < 2 + fused else PARAM_TOL[dtype]
+        if a.dtype == torch.long:
+            assert torch.equal(a, b)
+        else:
+            check(a, b, tol)
+
+
+@pytest.mark.parametrize("name", ["rms", "sn"])
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "residual_relu"])
+def test_triton_spec_norm_launches(name, fused, count_launches):
+    """A spec norm's big-tensor work on Triton is two launches per forward (the sums, the affine with the residual
+    and ReLU inside) and two per backward (the gradient sums with the ReLU's mask inside, the whole input gradient
+    in one affine); the (N, C) math between them is torch ops (its launches counted and bounded here: the sums'
+    float64 reduction, the moments, the coefficients; fewer for RMS than for SN's three statistics)."""
+    m = spec_norm(name)
+    x = inputs(SHAPE, torch.float32, True).requires_grad_()
+    res = inputs(SHAPE, torch.float32, True, seed=3).requires_grad_() if fused else None
+    dy = inputs(SHAPE, torch.float32, True, seed=5, mean=0.0, std=1.0)
+    fwd = count_launches()
+    with fwd:
+        y = m.forward_relu(x, res) if fused else m(x)
+    bwd = count_launches()
+    with bwd:
+        torch.autograd.grad(y, [x, *m.parameters()] + ([res] if fused else []), dy)
+    assert fwd.triton() == ["_sums_kernel", "_affine_kernel"], fwd.ops
+    assert bwd.triton() == ["_sums_kernel", "_affine_kernel"], bwd.ops
+    bound = SPEC_LAUNCHES[name]
+    assert len(fwd.ops) <= bound[0] and len(bwd.ops) <= bound[1], (len(fwd.ops), len(bwd.ops), " ".join(fwd.ops), " ".join(bwd.ops))
+
+
+SPEC_LAUNCHES = {"rms": (37, 37), "sn": (104, 102)}  # all launches per forward, backward (as measured)
+
+
 def test_triton_kernels_compile_for_sm90(tmp_path, monkeypatch):
     """Every launch signature the tests above made (dtypes, layouts, constexpr branches, launch options), plus a
     small run of each norm here (so the test also stands alone), compiles for an H100 (sm_90) through Triton's
@@ -599,6 +686,11 @@ def test_triton_kernels_compile_for_sm90(tmp_path, monkeypatch):
             for train in (True, False):
                 x = inputs(SHAPE, torch.float32, False).requires_grad_()
                 m.train(train)(x).backward(inputs(SHAPE, torch.float32, False, seed=5, mean=0.0, std=1.0))
+    for fused in (False, True):  # the spec engine's sweeps: centred affine (+ residual, ReLU), masked sums, dx
+        x = inputs(SHAPE, torch.float32, True).requires_grad_()
+        res = inputs(SHAPE, torch.float32, True, seed=3) if fused else None
+        y = spec_norm("rms").forward_relu(x, res) if fused else spec_norm("evonorm_b0")(x)
+        y.backward(inputs(SHAPE, torch.float32, True, seed=5, mean=0.0, std=1.0))
     mod = _triton.kernels()
     kernels = {k for k in vars(mod) if k.endswith("_kernel")}
     assert {r["kernel"] for r in SIGNATURES.values()} == kernels, "a kernel was never launched"

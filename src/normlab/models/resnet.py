@@ -152,8 +152,8 @@ def _act_after(norm: nn.Module, act: Callable[[], nn.Module]) -> nn.Module:
 class BasicBlock(_Fusing, nn.Module):
     """Two 3×3 convs, a norm after each, ReLU, and a residual connection around both.
 
-    With ``fuse`` (the default), a norm that offers ``forward_relu`` (normlab's BN, GN, LN and IN) computes
-    ``relu(norm(x))`` and ``relu(norm(x) + shortcut)`` itself in training: the same values without the
+    With ``fuse`` (the default), a norm that offers ``forward_relu`` (normlab's BN, GN, LN, IN and spec norms)
+    computes ``relu(norm(x))`` and ``relu(norm(x) + shortcut)`` itself in training: the same values without the
     separate ReLU and add ops and their sweeps over memory. A norm that contains its activation (``has_act``:
     frn, evonorm_b0, evonorm_s0) replaces the norm + ReLU pairs: the ReLU after ``bn1`` (and the stem's) is
     ``nn.Identity``; ``bn2`` keeps its activation and the ReLU after the residual add stays. Not in eval mode, and not while a module hook is

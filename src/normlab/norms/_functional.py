@@ -25,6 +25,8 @@ Design (shared by both):
   everything else (other strides, float16 on CPU, torch.compile tracing, no
   compiler, ``NORMLAB_KERNELS=0`` / ``NORMLAB_TRITON=0``) through the tensor ops below. Tests run every
   norm test on the C++ and tensor-op paths, and the Triton kernels under ``TRITON_INTERPRET=1``.
+* The spec engine (``spec.py``: the catalogue norms) makes the same choice, through ``backend``, for its
+  per-(sample, channel) sweeps in ``sweeps.py``.
 """
 
 from __future__ import annotations

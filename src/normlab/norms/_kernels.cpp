@@ -7,9 +7,11 @@
 //          shifted / centred value by value, so no float run sum cancels for large-mean inputs
 //   affine y = x * scale[n,c] + shift[n,c]                  (forward)
 //   grad   dx = a[n,c] * dy + b[n,c] * x + k[n,c]           (backward)
-// Batch-Instance Norm uses the sums with per-(sample, channel) shifts / centres and the two per-(n, c) loops
-// (nc_sums, nc_affine: dx centred, b[n,c] * (x - mean_IN[n,c])); its small per-(n, c) math is done here too, in
-// double, two calls per direction (bin_moments, bin_scale; bin_grad_sums, bin_grad_coefs).
+// Batch-Instance Norm and the spec engine (normlab/norms/sweeps.py) use the sums with per-(sample, channel)
+// shifts / centres and the two per-(n, c) loops (nc_sums, with the fused ReLU's mask in backward; nc_affine:
+// centred on a per-(n, c) value, + residual and ReLU; dx centred, b[n,c] * (x - mean_IN[n,c])); BIN's small
+// per-(n, c) math is done here too, in double, two calls per direction (bin_moments, bin_scale; bin_grad_sums,
+// bin_grad_coefs).
 // BatchNorm sums over n and broadcasts per-channel coefficients (split in two calls so DDP can
 // all-reduce the sums in between); Group/Layer/Instance norm sums over the channels of a group and is
 // blocked per (sample, group) so statistics and affine run while the block is in cache. The small
@@ -359,17 +361,19 @@ static inline void with_post(bool res, bool relu, F&& f) {
   else f(std::false_type{}, std::false_type{});
 }
 
-// y = x * scale + shift (then post) over a flat channels_last run of len values, tile-length coefficients.
-template <typename S, bool RES = false, bool RELU = false, typename T = typename Compute<S>::T>
+// y = x * scale + shift (then post) over a flat channels_last run of len values, tile-length coefficients;
+// CEN: (x - kc) * scale + shift, centred value by value (kc tile-length too).
+template <typename S, bool RES = false, bool RELU = false, bool CEN = false, typename T = typename Compute<S>::T>
 static inline void affine_tiled(const S* x, S* y, i64 len, i64 tl, const T* sc, const T* sh,
-                                const S* r = nullptr) {
+                                const S* r = nullptr, const T* kc = nullptr) {
   for (i64 i = 0; i < len; i += tl) {
     const i64 m = std::min(tl, len - i);
     const S* px = x + i;
     const S* pr = RES ? r + i : nullptr;
     S* py = y + i;
 #pragma omp simd
-    for (i64 t = 0; t < m; ++t) py[t] = st<S>(post<RES, RELU>(ld(px[t]) * sc[t] + sh[t], RES ? ld(pr[t]) : T(0)));
+    for (i64 t = 0; t < m; ++t)
+      py[t] = st<S>(post<RES, RELU>((CEN ? ld(px[t]) - kc[t] : ld(px[t])) * sc[t] + sh[t], RES ? ld(pr[t]) : T(0)));
   }
 }
 
@@ -447,17 +451,19 @@ static void sums_rows(const S* a, const S* b, i64 rows, i64 hw, const T* k, doub
                              MASK ? m + r * hw : nullptr, MASK ? g + r * hw : nullptr);
 }
 
-template <typename S, bool RES = false, bool RELU = false, typename T = typename Compute<S>::T>
+// y = x * scale + shift (then post) per row, per-row coefficients; CEN: (x - kc) * scale + shift.
+template <typename S, bool RES = false, bool RELU = false, bool CEN = false, typename T = typename Compute<S>::T>
 static void affine_rows(const S* x, S* y, i64 rows, i64 hw, const T* scale, const T* shift, int nt,
-                        const S* res = nullptr) {
+                        const S* res = nullptr, const T* kc = nullptr) {
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && rows * hw >= kParallelMin)
   for (i64 r = 0; r < rows; ++r) {
     const S* px = x + r * hw;
     const S* pr = RES ? res + r * hw : nullptr;
     S* py = y + r * hw;
-    const T s = scale[r], t = shift[r];
+    const T s = scale[r], t = shift[r], k = CEN ? kc[r] : T(0);
 #pragma omp simd
-    for (i64 i = 0; i < hw; ++i) py[i] = st<S>(post<RES, RELU>(ld(px[i]) * s + t, RES ? ld(pr[i]) : T(0)));
+    for (i64 i = 0; i < hw; ++i)
+      py[i] = st<S>(post<RES, RELU>((CEN ? ld(px[i]) - k : ld(px[i])) * s + t, RES ? ld(pr[i]) : T(0)));
   }
 }
 
@@ -617,37 +623,60 @@ static void bn_backward(const S* dy, const S* x, S* dx, int nhwc, i64 n, i64 c, 
   else grad_rows<S>(dy, x, dx, n * c, hw, va.data(), vb.data(), vk.data(), nt);
 }
 
-// Batch-Instance Norm's sweeps (its small per-(sample, channel) math: bin_moments ... bin_grad_coefs below): the
-// sums are sums_nc with per-(sample, channel) shifts k -- forward, k null: each (sample, channel)'s first
-// value, written to k_out (n*c values); the output, with per-(sample, channel) coefficients (n*c values each):
-// q null (forward): out = p*P + R; else (backward): out = P*p + Q*(q - Qc) + R, centred on Qc.
+// The per-(sample, channel) sweeps shared by Batch-Instance Norm and the spec engine (normlab/norms/sweeps.py;
+// BIN's small per-(sample, channel) math: bin_moments ... bin_grad_coefs below). The sums are sums_nc with
+// per-(sample, channel) shifts k -- forward, k null: each (sample, channel)'s first value, written to k_out
+// (n*c values); backward (b = x), with m (a fused ReLU's output): a is masked by m > 0 and the masked a written
+// to g. The output, with per-(sample, channel) coefficients (n*c values each): q null (forward): out = p*P + R,
+// or with Pc out = (p - Pc)*P + R, centred value by value, then + res and clamped at 0 with relu; else
+// (backward): out = P*p + Q*(q - Qc) + R, centred on Qc. Each flag picks its own compiled loop, outside the
+// inner loops: the plain sweeps (BIN's) run the same code as without them.
 template <typename S, typename T = typename Compute<S>::T>
 static void nc_sums(const S* a, const S* b, int nhwc, i64 n, i64 c, i64 hw, const T* k, T* k_out, double* s1,
-                    double* s2, int nt) {
+                    double* s2, const S* m, S* g, int nt) {
   if (k == nullptr) {
     for (i64 s = 0; s < n; ++s)
       for (i64 j = 0; j < c; ++j) k_out[s * c + j] = ld(a[nhwc ? s * hw * c + j : (s * c + j) * hw]);
     k = k_out;
   }
-  sums_nc<S>(a, b, nhwc, n, c, hw, k, true, s1, s2, nt);
+  sums_nc<S>(a, b, nhwc, n, c, hw, k, true, s1, s2, nt, b ? m : nullptr, b ? g : nullptr);
 }
 
-template <typename S, typename T = typename Compute<S>::T>
-static void nc_affine(const S* p, const S* q, S* out, int nhwc, i64 n, i64 c, i64 hw, const T* P, const T* Q,
-                      const T* Qc, const T* R, int nt) {
+template <typename S, bool RES, bool RELU, bool CEN, typename T = typename Compute<S>::T>
+static void nc_affine_t(const S* p, S* out, int nhwc, i64 n, i64 c, i64 hw, const T* P, const T* Pc, const T* R,
+                        const S* res, int nt) {
   const i64 len = hw * c, tl = tile_len(c);
   if (!nhwc) {
-    if (q) grad_rows<S, true>(p, q, out, n * c, hw, P, Q, R, nt, Qc);
-    else affine_rows<S>(p, out, n * c, hw, P, R, nt);
-  } else if (q) {
-    per_sample_nhwc<4, 0>(n, hw, c, {P, Q, R, Qc}, c, nt, [&](i64 s, T* t) {
-      grad_tiled<S, true>(p + s * len, q + s * len, out + s * len, len, tl, t, t + tl, t + 2 * tl, t + 3 * tl);
+    affine_rows<S, RES, RELU, CEN>(p, out, n * c, hw, P, R, nt, res, Pc);
+  } else if (CEN) {
+    per_sample_nhwc<3, 0>(n, hw, c, {P, R, Pc}, c, nt, [&](i64 s, T* t) {
+      affine_tiled<S, RES, RELU, true>(p + s * len, out + s * len, len, tl, t, t + tl, RES ? res + s * len : nullptr,
+                                       t + 2 * tl);
     });
   } else {
     per_sample_nhwc<2, 0>(n, hw, c, {P, R}, c, nt, [&](i64 s, T* t) {
-      affine_tiled<S>(p + s * len, out + s * len, len, tl, t, t + tl);
+      affine_tiled<S, RES, RELU>(p + s * len, out + s * len, len, tl, t, t + tl, RES ? res + s * len : nullptr);
     });
   }
+}
+
+template <typename S, typename T = typename Compute<S>::T>
+static void nc_affine(const S* p, const S* q, S* out, int nhwc, i64 n, i64 c, i64 hw, const T* P, const T* Pc,
+                      const T* Q, const T* Qc, const T* R, const S* res, int relu, int nt) {
+  const i64 len = hw * c, tl = tile_len(c);
+  if (q) {
+    if (!nhwc) grad_rows<S, true>(p, q, out, n * c, hw, P, Q, R, nt, Qc);
+    else
+      per_sample_nhwc<4, 0>(n, hw, c, {P, Q, R, Qc}, c, nt, [&](i64 s, T* t) {
+        grad_tiled<S, true>(p + s * len, q + s * len, out + s * len, len, tl, t, t + tl, t + 2 * tl, t + 3 * tl);
+      });
+    return;
+  }
+  with_post(res, relu, [&](auto r, auto u) {
+    constexpr bool RS = decltype(r)::value, U = decltype(u)::value;
+    if (Pc) nc_affine_t<S, RS, U, true>(p, out, nhwc, n, c, hw, P, Pc, R, res, nt);
+    else nc_affine_t<S, RS, U, false>(p, out, nhwc, n, c, hw, P, Pc, R, res, nt);
+  });
 }
 
 // Batch-Instance Norm's small per-(sample, channel) math, in double (_bin.py's module docstring has the
@@ -1009,13 +1038,13 @@ static void gn_backward(const S* dy, const S* x, S* dx, int nhwc, i64 n, i64 c, 
     bn_backward<S>(dy, x, dx, nhwc, n, c, hw, sum_dy, sum_dy_xc, total, w, mean, rstd, nt);          \
   }                                                                                                  \
   extern "C" void normlab_nc_sums_##X(const S* a, const S* b, int nhwc, i64 n, i64 c, i64 hw, const T* k, \
-                                      T* k_out, double* s1, double* s2, int nt) {                    \
-    nc_sums<S>(a, b, nhwc, n, c, hw, k, k_out, s1, s2, nt);                                          \
+                                      T* k_out, double* s1, double* s2, const S* m, S* g, int nt) {  \
+    nc_sums<S>(a, b, nhwc, n, c, hw, k, k_out, s1, s2, m, g, nt);                                    \
   }                                                                                                  \
   extern "C" void normlab_nc_affine_##X(const S* p, const S* q, S* out, int nhwc, i64 n, i64 c,       \
-                                        i64 hw, const T* P, const T* Q, const T* Qc, const T* R,     \
-                                        int nt) {                                                    \
-    nc_affine<S>(p, q, out, nhwc, n, c, hw, P, Q, Qc, R, nt);                                        \
+                                        i64 hw, const T* P, const T* Pc, const T* Q, const T* Qc,    \
+                                        const T* R, const S* res, int relu, int nt) {                \
+    nc_affine<S>(p, q, out, nhwc, n, c, hw, P, Pc, Q, Qc, R, res, relu, nt);                         \
   }                                                                                                  \
   extern "C" void normlab_gn_forward_##X(const S* x, S* y, int nhwc, i64 n, i64 c, i64 hw, i64 g,    \
                                          const T* w, const T* b, double eps, T* mean_out,            \

@@ -36,8 +36,8 @@ _SIGNATURES = {
     "bn_sums": [_P, _P, _INT, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P, _INT],
     "bn_forward": [_P, _P, _INT, _I, _I, _I, _P, _P, _P, _D, _P, _P, _D, _D, _P, _P, _P, _P, _P, _INT, _INT],
     "bn_backward": [_P, _P, _P, _INT, _I, _I, _I, _P, _P, _D, _P, _P, _P, _INT],
-    "nc_sums": [_P, _P, _INT, _I, _I, _I, _P, _P, _P, _P, _INT],
-    "nc_affine": [_P, _P, _P, _INT, _I, _I, _I, _P, _P, _P, _P, _INT],
+    "nc_sums": [_P, _P, _INT, _I, _I, _I, _P, _P, _P, _P, _P, _P, _INT],
+    "nc_affine": [_P, _P, _P, _INT, _I, _I, _I, _P, _P, _P, _P, _P, _P, _INT, _INT],
     "gn_forward": [_P, _P, _INT, _I, _I, _I, _I, _P, _P, _D, _P, _P, _P, _INT, _INT],
     "gn_backward": [_P, _P, _P, _INT, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _INT],
     "bin_moments": [_P, _P, _P, _I, _I, _I, _D, _P, _P, _P, _P, _P, _P],
@@ -249,33 +249,44 @@ def bn_backward(dy: torch.Tensor, x: torch.Tensor, fmt: str, s: torch.Tensor, to
     return dx
 
 
-def nc_sums(a: torch.Tensor, b: torch.Tensor | None, fmt: str, center: torch.Tensor | None = None):
+def nc_sums(a: torch.Tensor, b: torch.Tensor | None, fmt: str, center: torch.Tensor | None = None,
+            mask: torch.Tensor | None = None):
     """Per-(sample, channel) sums over (H, W), float64 (2, N, C), centred value by value on ``center`` (N, C):
     ``b=None`` (forward) those of ``a - center`` and ``(a - center)²``; otherwise (backward; ``b`` in a's layout
     and dtype) those of ``a`` and ``a*(b - center)``. ``center=None`` (forward): each (sample, channel)'s first
-    value ``a[n, c, 0, 0]``, read by the kernel. Returns ``(s, center)``, the centre as a contiguous (N, C)
-    tensor of the compute dtype."""
+    value ``a[n, c, 0, 0]``, read by the kernel. With ``mask`` (backward only: a fused ReLU's output, in a's
+    layout and dtype), ``a`` is first replaced by ``g = a * (mask > 0)``, written out. Returns ``(s, center)``,
+    the centre as a contiguous (N, C) tensor of the compute dtype, or with ``mask`` ``(s, center, g)``."""
     n, c = a.shape[:2]
     ct = _COMPUTE[a.dtype]
     s = torch.empty(2, n, c, dtype=torch.float64)
     k = torch.empty(n, c, dtype=ct) if center is None else _as(center, ct)
+    if mask is not None and b is None:
+        raise ValueError("nc_sums: a mask needs the backward sums (b)")
+    g = torch.empty_like(a) if mask is not None else None
     _fn("nc_sums", a.dtype)(a.data_ptr(), _ptr(b), *_geom(a, fmt), None if center is None else k.data_ptr(),
-                            k.data_ptr(), _row(s, 0), _row(s, 1), torch.get_num_threads())
-    return s, k
+                            k.data_ptr(), _row(s, 0), _row(s, 1), _ptr(mask), _ptr(g), torch.get_num_threads())
+    return (s, k) if mask is None else (s, k, g)
 
 
 def nc_affine(p: torch.Tensor, fmt: str, P: torch.Tensor, R: torch.Tensor, q: torch.Tensor | None = None,
-              Q: torch.Tensor | None = None, Qc: torch.Tensor | None = None) -> torch.Tensor:
+              Q: torch.Tensor | None = None, Qc: torch.Tensor | None = None, *, Pc: torch.Tensor | None = None,
+              residual: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
     """``p*P + R``, or with ``q`` (in p's layout and dtype) ``p*P + (q - Qc)*Q + R``, with (N, C) coefficients
-    (``Qc`` None: 0), in p's layout and dtype."""
+    (``Qc`` None: 0), in p's layout and dtype. Without ``q``: ``Pc`` centres p value by value,
+    ``(p - Pc)*P + R`` (exact for large-mean inputs), ``residual`` (p's layout and dtype) is added and ``relu``
+    clamps at 0."""
     ct = _COMPUTE[p.dtype]
     out = torch.empty_like(p)
     P, R = _as(P, ct), _as(R, ct)
     if q is not None:
+        if Pc is not None or residual is not None or relu:
+            raise ValueError("nc_affine: Pc, residual and relu are for the form without q")
         Q = _as(Q, ct)
         Qc = torch.zeros_like(Q) if Qc is None else _as(Qc, ct)
-    _fn("nc_affine", p.dtype)(p.data_ptr(), _ptr(q), out.data_ptr(), *_geom(p, fmt), P.data_ptr(), _ptr(Q),
-                              _ptr(Qc), R.data_ptr(), torch.get_num_threads())
+    Pc = _as(Pc, ct)
+    _fn("nc_affine", p.dtype)(p.data_ptr(), _ptr(q), out.data_ptr(), *_geom(p, fmt), P.data_ptr(), _ptr(Pc),
+                              _ptr(Q), _ptr(Qc), R.data_ptr(), _ptr(residual), int(relu), torch.get_num_threads())
     return out
 
 

@@ -143,20 +143,22 @@ def channel_sums(a: torch.Tensor, fmt: str, center: torch.Tensor | None, b: torc
 
 def affine(p: torch.Tensor, fmt: str, P: torch.Tensor, R: torch.Tensor, q: torch.Tensor | None = None,
            Q: torch.Tensor | None = None, Qc: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-           relu: bool = False) -> torch.Tensor:
-    """``p * P + (q - Qc) * Q + R (+ residual) (ReLU)`` with (C,) or (N, C) coefficients, in p's layout and
-    dtype; ``q`` and ``residual`` must already be in that layout."""
+           relu: bool = False, Pc: torch.Tensor | None = None) -> torch.Tensor:
+    """``(p - Pc) * P + (q - Qc) * Q + R (+ residual) (ReLU)`` with (C,) or (N, C) coefficients (all of one
+    shape), in p's layout and dtype; ``q`` and ``residual`` must already be in that layout. ``Pc`` (None: 0)
+    centres p value by value (the spec engine's forward, exact for large-mean inputs)."""
     n, c, h, w = p.shape
     out = torch.empty_like(p)
     P, R = _f32(P), _f32(R)
     Q = P if Q is None else _f32(Q)
     Qc = P if Qc is None else _f32(Qc)
+    Pc_ = P if Pc is None else _f32(Pc)
     total = p.numel()
     block = 1024
     kernels()._affine_kernel[(_cdiv(total, block),)](
-        p, p if q is None else q, p if residual is None else residual, out, P, Q, Qc, R, total, c, h * w,
-        c if P.dim() == 2 else 0, NHWC_=fmt == NHWC, HAS_Q=q is not None, HAS_RES=residual is not None,
-        RELU=bool(relu), BLOCK=block)
+        p, p if q is None else q, p if residual is None else residual, out, P, Pc_, Q, Qc, R, total, c, h * w,
+        c if P.dim() == 2 else 0, NHWC_=fmt == NHWC, HAS_Q=q is not None, HAS_PC=Pc is not None,
+        HAS_RES=residual is not None, RELU=bool(relu), BLOCK=block)
     return out
 
 

@@ -46,9 +46,9 @@ def _sums_kernel(a_ptr, b_ptr, m_ptr, g_ptr, ctr_ptr, p1_ptr, p2_ptr, C, HW, sN,
 
 
 @triton.jit
-def _affine_kernel(p_ptr, q_ptr, r_ptr, out_ptr, P_ptr, Q_ptr, Qc_ptr, R_ptr, total, C, HW, coef_sn,
-                   NHWC_: tl.constexpr, HAS_Q: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
-                   BLOCK: tl.constexpr):
+def _affine_kernel(p_ptr, q_ptr, r_ptr, out_ptr, P_ptr, Pc_ptr, Q_ptr, Qc_ptr, R_ptr, total, C, HW, coef_sn,
+                   NHWC_: tl.constexpr, HAS_Q: tl.constexpr, HAS_PC: tl.constexpr, HAS_RES: tl.constexpr,
+                   RELU: tl.constexpr, BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = i < total
     if NHWC_:
@@ -58,7 +58,10 @@ def _affine_kernel(p_ptr, q_ptr, r_ptr, out_ptr, P_ptr, Q_ptr, Qc_ptr, R_ptr, to
         c = (i // HW) % C
         n = i // (HW * C)
     k = n * coef_sn + c
-    v = tl.load(p_ptr + i, mask=m, other=0.0).to(tl.float32) * tl.load(P_ptr + k, mask=m, other=0.0)
+    v = tl.load(p_ptr + i, mask=m, other=0.0).to(tl.float32)
+    if HAS_PC:  # centred value by value: (p - Pc) * P
+        v -= tl.load(Pc_ptr + k, mask=m, other=0.0)
+    v = v * tl.load(P_ptr + k, mask=m, other=0.0)
     v += tl.load(R_ptr + k, mask=m, other=0.0)
     if HAS_Q:
         q = tl.load(q_ptr + i, mask=m, other=0.0).to(tl.float32)

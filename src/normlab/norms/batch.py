@@ -6,7 +6,7 @@ import torch
 
 from normlab.norms import _functional
 from normlab.norms._functional import BatchNormFunction, batch_norm_eval, init_affine
-from normlab.norms.override import FusedSpecNorm, ReluFusion
+from normlab.norms.override import FusedSpecNorm
 from normlab.norms.spec import Moments, Stats
 
 
@@ -93,7 +93,7 @@ class BatchStatsNorm(FusedSpecNorm):
         return torch.relu(y) if relu else y
 
 
-class BatchNorm2d(ReluFusion, BatchStatsNorm):
+class BatchNorm2d(BatchStatsNorm):
     """Batch normalization (Ioffe & Szegedy 2015) over (N, H, W) per channel.
 
     Drop-in for ``nn.BatchNorm2d``: same parameters (``weight``, ``bias``) and buffers

@@ -6,13 +6,13 @@ import torch
 
 from normlab.errors import NormlabError
 from normlab.norms._functional import GroupNormFunction, check_input, init_affine
-from normlab.norms.override import FusedSpecNorm, ReluFusion
+from normlab.norms.override import FusedSpecNorm
 from normlab.norms.spec import Moments, Stats
 
 DEFAULT_GROUPS = 8  # divides the CIFAR ResNet's 16, 32 and 64 channels (2, 4 and 8 channels per group)
 
 
-class GroupStatsNorm(ReluFusion, FusedSpecNorm):
+class GroupStatsNorm(FusedSpecNorm):
     """What the norms with per-(sample, group) statistics share (GroupNorm, InstanceNorm, LayerNorm); subclasses
     set ``num_channels``, ``eps``, ``weight``, ``bias`` and ``groups()``.
 

@@ -22,8 +22,7 @@ import os
 import torch
 
 from normlab.norms._functional import check_input, fusable_residual
-from normlab.norms._hooks import HookWatched
-from normlab.norms.spec import SpecNorm, Stats
+from normlab.norms.spec import SpecNorm
 
 
 def override_enabled() -> bool:
@@ -31,7 +30,7 @@ def override_enabled() -> bool:
     return os.environ.get("NORMLAB_FUSED", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
-class FusedSpecNorm(HookWatched, SpecNorm):
+class FusedSpecNorm(SpecNorm):
     """A spec norm with a hand-fused override. Subclasses write the spec (:meth:`coefficients` or
     :meth:`output`), the override (:meth:`fused_forward`) and :meth:`check` (the one-line input errors, the
     same on both paths)."""
@@ -52,23 +51,11 @@ class FusedSpecNorm(HookWatched, SpecNorm):
             return self.fused_forward(x)
         return self.engine_forward(x)
 
-    def engine_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The spec on the engine: the sums, :meth:`coefficients`, the affine (input already checked)."""
-        return self.output(x, Stats(x, self.sync, type(self).__name__))
-
-    def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The hand-fused override of the spec (input already checked)."""
-        raise NotImplementedError
-
-
-class ReluFusion:
-    """Mixin (before :class:`FusedSpecNorm` in the bases) for the norms whose override also fuses the ResNet
-    block's residual add and ReLU: ``forward_relu``, which normlab's blocks call (``models/resnet.py``)."""
-
     def forward_relu(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """``relu(self(x) + residual)`` (``relu(self(x))`` without residual), on the override fused into the
-        norm's own passes in training: the same result as the three ops, without their extra sweeps over the
-        tensor. Forward hooks on this module are not called (the block that calls this checks for them)."""
+        """``relu(self(x) + residual)`` (``relu(self(x))`` without residual), which normlab's blocks call
+        (``models/resnet.py``): on the override, :meth:`fused_forward_relu`; on the engine, the residual add and
+        ReLU inside the engine's affine sweep. Forward hooks on this module are not called (the block that calls
+        this checks for them)."""
         self.check(x)
         if not self.use_override():
             return self.engine_forward_relu(x, residual)
@@ -76,15 +63,15 @@ class ReluFusion:
             return torch.relu(self.fused_forward(x) + residual)  # the general case, unfused
         return self.fused_forward_relu(x, residual)
 
-    def engine_forward_relu(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-        """The engine path's ``relu(norm(x) + residual)``: unfused for now. The one place to call the engine's
-        fused residual + ReLU (``SpecNorm.forward_relu``) once the engine has it."""
-        y = self.engine_forward(x)
-        return torch.relu(y if residual is None else y + residual)
-
-    def fused_forward_relu(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-        """The override with the residual add and ReLU fused in (``residual``: None or x's shape and dtype)."""
+    def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The hand-fused override of the spec (input already checked)."""
         raise NotImplementedError
 
+    def fused_forward_relu(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """The override with the residual add and ReLU (``residual``: None or x's shape and dtype): fused into
+        the norm's own passes where its Function takes them (BN, IN, LN, GN override this); here the three ops."""
+        y = self.fused_forward(x)
+        return torch.relu(y if residual is None else y + residual)
 
-__all__ = ["FusedSpecNorm", "ReluFusion", "override_enabled"]
+
+__all__ = ["FusedSpecNorm", "override_enabled"]

@@ -2,12 +2,16 @@
 
 The shared shape (BN, IN, GN, BIN and most of the catalogue): per-(sample, channel) sums over H×W → a little
 math on (N, C)-sized tensors → a per-(sample, channel) affine ``y = A·(x − centre) + B``. The engine owns the
-two sweeps over the big tensor, each an autograd Function with a hand-written backward:
+two sweeps over the big tensor, each an autograd Function with a hand-written backward, both running on
+``sweeps`` (the C++ kernels on CPU, the Triton kernels on CUDA, tensor ops otherwise and under torch.compile):
 
 * :class:`ChannelSums`: ``s1 = Σ(x − k)``, ``s2 = Σ(x − k)²`` over H×W per (n, c), with ``k`` one value of
   each (n, c) map (shifted sums: exact for large-mean inputs, as ``_functional`` does); backward
-  ``dx = g1 + 2·g2·(x − k)``.
-* :class:`ChannelAffine`: ``y = a·(x − k) + c``; backward ``da = Σ dy·(x − k)``, ``dc = Σ dy``, ``dx = a·dy``.
+  ``dx = g1 + 2·g2·(x − k)``, one centred sweep.
+* :class:`ChannelAffine`: ``y = a·(x − k) + c``, centred value by value (optionally ``relu(y + residual)`` in the
+  same sweep: :meth:`SpecNorm.forward_relu`); backward ``da = Σ dy·(x − k)``, ``dc = Σ dy`` in one sweep (dy
+  masked by the ReLU there), ``dx = a·dy``. On the kernels the two parts of x's gradient are written by one
+  sweep, ``a·dy + 2·g2·(x − k) + g1`` (see :class:`_Link`).
 
 Everything between them is torch ops on (N, C) tensors written by the norm (:meth:`SpecNorm.coefficients`),
 and autograd derives that small part's backward. :class:`Stats` turns the sums into moments over any
@@ -17,26 +21,26 @@ combined in float64 around a common shift per statistic, and all-reduced over ra
 the backward all-reduces their gradients: every rank gets single-process BN's gradient on the whole batch).
 The centre a norm subtracts stays relative to the shift (``Moments.centre = mean − k``), so neither the
 affine nor its gradients cancel large means. Half-precision inputs are computed in float32 and come back in
-their dtype. Only tensor ops: works under ``torch.compile`` and on any device.
+their dtype. The specs themselves are torch ops only: a new norm gets every back-end and ``torch.compile``
+without kernel code of its own.
 
 A norm whose output is not an affine of x (EvoNorm's per-element max and sigmoid) overrides
-:meth:`SpecNorm.output` and still takes its statistics from :class:`Stats`.
-
-Back-ends later: ``ChannelSums`` and ``ChannelAffine`` are the only code that touches the big tensor, so the
-C++ and Triton sweeps of ``_kernels`` / ``_triton`` can be dispatched inside their forward/backward (the
-same ``backend(x)`` choice ``_functional`` makes) without changing any spec; see ARCHITECTURE.md.
+:meth:`SpecNorm.output` and still takes its statistics from :class:`Stats`; its output is then torch ops (and its
+``forward_relu`` unfused).
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from normlab.errors import NormlabError
-from normlab.norms import _functional
+from normlab.norms import _functional, sweeps
 from normlab.norms._functional import check_input, compute_dtype
+from normlab.norms._hooks import HookWatched
 
 _F64 = torch.float64
 
@@ -45,48 +49,108 @@ def _nc(t: torch.Tensor) -> torch.Tensor:
     return t[:, :, None, None]
 
 
+class _Link:
+    """What the two sweeps of one :class:`Stats` share, so that the input gradient is one sweep on the kernels.
+
+    x's gradient has two parts: ``a·g`` through :class:`ChannelAffine` and ``g1 + 2·g2·(x − k)`` through the
+    statistics (:class:`ChannelSums`). Autograd would compute each in its own sweep and add them in a third; instead
+    ``ChannelAffine.backward`` hands ``(g, a)`` over (``pending``) when ``ChannelSums.backward`` will run in the same
+    backward pass (it runs after it: it depends on the coefficients' gradients), and that writes
+    ``a·g + 2·g2·(x − k) + g1`` in one centred sweep. ``node`` is ChannelSums' autograd node (None: its outputs
+    need no gradient), asked of the engine at backward time, so a backward that never reaches the statistics (a
+    gradient taken only for the parameters, sums used without gradient) gets ``a·g`` from ChannelAffine itself.
+    Tensor ops (and torch.compile) keep the plain two-part gradient. The node is held weakly: it holds this link
+    (and its saved input), and a cycle would keep the input of a forward without backward alive until the next
+    garbage collection."""
+
+    __slots__ = ("node", "pending", "claimed")
+
+    def __init__(self) -> None:
+        self.node: weakref.ref | None = None
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.claimed = False
+
+    def attach(self, node) -> None:
+        self.node = None if node is None else weakref.ref(node)
+
+    def will_run(self) -> bool:
+        node = None if self.node is None else self.node()
+        if node is None:
+            return False
+        try:
+            return bool(torch._C._will_engine_execute_node(node))
+        except (AttributeError, RuntimeError):  # an older torch, or not inside the engine's backward
+            return False
+
+
 class ChannelSums(torch.autograd.Function):
-    """Per-(n, c) sums of ``x − k`` and ``(x − k)²`` over H×W in the compute dtype (``k``: (N, C), no grad)."""
+    """Per-(n, c) sums of ``x − k`` and ``(x − k)²`` over H×W (``k``: (N, C), no grad; ``sweeps.sums``: float64 on
+    the kernels, the compute dtype on tensor ops). Backward ``dx = g1 + 2·g2·(x − k)`` in one centred sweep, with
+    ``a·g`` of the linked :class:`ChannelAffine` added in the same sweep when it was handed over."""
 
     @staticmethod
-    def forward(ctx, x, k):  # noqa: D102
-        ct = k.dtype
-        d = (x if x.dtype == ct else x.to(ct)) - _nc(k)
+    def forward(ctx, x, k, link=None):  # noqa: D102
         ctx.save_for_backward(x, k)
-        return d.sum((2, 3)), (d * d).sum((2, 3))
+        ctx.link = link
+        return sweeps.sums(x, k)
 
     @staticmethod
     def backward(ctx, g1, g2):  # noqa: D102
         x, k = ctx.saved_tensors
+        link = ctx.link
+        pending = None
+        if link is not None:
+            pending, link.pending = link.pending, None
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
         ct = k.dtype
-        d = (x if x.dtype == ct else x.to(ct)) - _nc(k)
-        dx = _nc(g1.to(ct)) + 2 * _nc(g2.to(ct)) * d
-        return dx.to(x.dtype), None
+        g1 = g1.to(ct)
+        b = 2 * g2.to(ct)
+        if pending is not None:  # a·g + 2·g2·(x − k) + g1: the whole input gradient in one sweep
+            g, a = pending
+            dx = sweeps.affine(g if g.dtype == x.dtype else g.to(x.dtype), a, g1, q=x, Q=b, Qc=k)
+        else:
+            dx = sweeps.affine(x, b, g1, Pc=k)
+        return dx, None, None
 
 
 class ChannelAffine(torch.autograd.Function):
-    """``y = a·(x − k) + c`` per (n, c) (``a``, ``c``: (N, C) in the compute dtype), y in x's dtype."""
+    """``y = a·(x − k) + c`` per (n, c) (``a``, ``c``: (N, C) in the compute dtype), y in x's dtype; with
+    ``residual`` (x's shape and dtype) and ``relu``: ``relu(a·(x − k) + c + residual)`` in the same sweep, y then
+    saved too (backward masks dy with y > 0; the masked gradient is also the residual's), so it must not be
+    modified in place. Backward: ``da = Σ g·(x − k)``, ``dc = Σ g`` in one sweep, and ``dx = a·g`` -- handed to
+    the linked :class:`ChannelSums` when its backward will run (see :class:`_Link`)."""
 
     @staticmethod
-    def forward(ctx, x, k, a, c):  # noqa: D102
-        ct = k.dtype
-        y = torch.addcmul(_nc(c), (x if x.dtype == ct else x.to(ct)) - _nc(k), _nc(a))
-        ctx.save_for_backward(x, k, a)
-        return y.to(x.dtype)
+    def forward(ctx, x, k, a, c, residual=None, relu: bool = False, link=None):  # noqa: D102
+        y = sweeps.affine(x, a, c, Pc=k, residual=residual, relu=bool(relu))
+        ctx.relu, ctx.link = bool(relu), link
+        ctx.residual_dtype = None if residual is None else residual.dtype
+        ctx.save_for_backward(x, k, a, y if relu else None)
+        return y
 
     @staticmethod
     def backward(ctx, dy):  # noqa: D102
-        x, k, a = ctx.saved_tensors
+        x, k, a, y = ctx.saved_tensors
         ct = k.dtype
-        dyf = dy.to(ct)
-        da = dc = dx = None
-        if ctx.needs_input_grad[2]:
-            da = (dyf * ((x if x.dtype == ct else x.to(ct)) - _nc(k))).sum((2, 3))
-        if ctx.needs_input_grad[3]:
-            dc = dyf.sum((2, 3))
-        if ctx.needs_input_grad[0]:
-            dx = (dyf * _nc(a)).to(x.dtype)
-        return dx, None, da, dc
+        need_x, need_a, need_c = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+        need_res = ctx.residual_dtype is not None and ctx.needs_input_grad[4]
+        da = dc = dx = gr = None
+        g = dy
+        if need_a or need_c or ctx.relu:
+            s1, s2, gm = sweeps.grad_sums(dy, x, k, mask=y)
+            g = dy if gm is None else gm
+            da = s2.to(ct) if need_a else None
+            dc = s1.to(ct) if need_c else None
+        if need_x:
+            link = ctx.link
+            if (link is not None and link.pending is None and sweeps.kind(x) is not None and link.will_run()):
+                link.pending = (g, a)  # ChannelSums' backward writes a·g with its own part
+            else:
+                dx = sweeps.affine(g if g.dtype == x.dtype else g.to(x.dtype), a)
+        if need_res:
+            gr = g if g.dtype == ctx.residual_dtype else g.to(ctx.residual_dtype)
+        return dx, None, da, dc, gr, None, None
 
 
 class _AllReduce(torch.autograd.Function):
@@ -124,14 +188,20 @@ class Stats:
         self.ct = compute_dtype(x.dtype)
         n, c, h, w = x.shape
         self.n, self.c, self.hw = n, c, h * w
-        self.shift = (x[:, :, 0, 0] if x.numel() else x.new_zeros(n, c)).detach().to(self.ct)
+        # contiguous once: every sweep reads it as an (N, C) table (a strided view of x would be copied by each)
+        self.shift = (x[:, :, 0, 0] if x.numel() else x.new_zeros(n, c)).detach().to(self.ct).contiguous()
         self.sync = bool(sync) and _functional.distributed_active()
         self._sums: tuple[torch.Tensor, torch.Tensor] | None = None
+        # not traced: dynamo refuses a Function that mutates an object from outside (compiled graphs keep the
+        # two-part input gradient, which their own fusion handles)
+        self._link = None if torch.compiler.is_compiling() else _Link()
 
     def sums(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(s1, s2): per-(n, c) sums of ``x − shift`` and its square over H×W."""
         if self._sums is None:
-            self._sums = ChannelSums.apply(self.x, self.shift)
+            self._sums = ChannelSums.apply(self.x, self.shift, self._link)
+            if self._link is not None:
+                self._link.attach(self._sums[0].grad_fn)
         return self._sums
 
     def moments(self, over: str = "hw", groups: int = 1, ghost: int | None = None) -> Moments:
@@ -200,14 +270,20 @@ class Stats:
         running mean in eval)."""
         return mean.to(self.ct) - self.shift
 
-    def affine(self, a: torch.Tensor, centre: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    def affine(self, a: torch.Tensor, centre: torch.Tensor | None, b: torch.Tensor,
+               residual: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
         """``y = a·(x − mean) + b`` with ``centre`` = mean − shift (a ``Moments.centre`` or :meth:`offset`), or
-        ``y = a·x + b`` with ``centre`` None; ``a``, ``b``: anything broadcasting to (N, C)."""
+        ``y = a·x + b`` with ``centre`` None; ``a``, ``b``: anything broadcasting to (N, C). ``residual`` (x's
+        shape and dtype) and ``relu``: ``relu(y + residual)`` in the same sweep."""
         shape = (self.n, self.c)
         a = a.to(self.ct).expand(shape)
         b = b.to(self.ct).expand(shape)
         c = b + a * self.shift if centre is None else b - a * centre
-        return ChannelAffine.apply(self.x, self.shift, a, c)
+        link = None
+        if self._link is not None and not self._link.claimed:  # the first affine shares ChannelSums' dx sweep
+            self._link.claimed = True
+            link = self._link
+        return ChannelAffine.apply(self.x, self.shift, a, c, residual, bool(relu), link)
 
 
 def check_batch(x: torch.Tensor, sync: bool, who: str) -> None:
@@ -215,22 +291,52 @@ def check_batch(x: torch.Tensor, sync: bool, who: str) -> None:
     _functional.batch_values(x, sync, who, "gn/ln/in/frn/rms")
 
 
-class SpecNorm(nn.Module):
+class SpecNorm(HookWatched, nn.Module):
     """Base of the norms written as specs: subclasses set ``num_channels``, their parameters and buffers, and
     write :meth:`coefficients` (or :meth:`output`). Class flags: ``batch_stats`` (statistics over the batch:
     running statistics for eval, ``sync`` over ranks), ``has_act`` (the norm contains its activation:
-    normlab's ResNet drops the ReLU that follows it, see ``models/resnet.py``)."""
+    normlab's ResNet drops the ReLU that follows it, see ``models/resnet.py``).
+
+    Hook-watched (``_hooks.HookWatched``) and with :meth:`forward_relu`, so normlab's ResNet blocks fuse norm +
+    ReLU (+ residual) through it as they do for BN."""
 
     batch_stats = False
     has_act = False
     num_channels: int
     sync: bool = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def check(self, x: torch.Tensor) -> None:
+        """One-line errors for inputs the norm cannot take (wrong shape, one value per channel for batch
+        statistics in training)."""
         check_input(x, self.num_channels, type(self).__name__)
         if self.batch_stats and self.training:
             check_batch(x, self.sync, type(self).__name__)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check(x)
+        return self.engine_forward(x)
+
+    def forward_relu(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``relu(self(x) + residual)`` (``relu(self(x))`` without residual). For a norm whose output is the affine
+        (it does not override :meth:`output`), the residual add and the ReLU are fused into the affine's sweep,
+        forward and backward; otherwise (EvoNorm, FRN's TLU) and for a residual of another shape or dtype, the
+        three ops run unfused. Forward hooks on this module are not called (the block that calls this checks for
+        them)."""
+        self.check(x)
+        return self.engine_forward_relu(x, residual)
+
+    def engine_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The spec on the engine: the sums, :meth:`coefficients` (or :meth:`output`), the affine (input checked)."""
         return self.output(x, Stats(x, self.sync, type(self).__name__))
+
+    def engine_forward_relu(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`forward_relu` on the engine (input checked)."""
+        if type(self).output is not SpecNorm.output or not _functional.fusable_residual(x, residual):
+            y = self.engine_forward(x)
+            return torch.relu(y if residual is None else y + residual)
+        stats = Stats(x, self.sync, type(self).__name__)
+        a, centre, b = self.coefficients(stats)
+        return stats.affine(a, centre, b, residual=residual, relu=True)
 
     def output(self, x: torch.Tensor, stats: Stats) -> torch.Tensor:
         a, centre, b = self.coefficients(stats)
