@@ -66,7 +66,7 @@ def _run_two(tmp_path, norm: str, sync: bool):
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
-@pytest.mark.parametrize("norm", ["bn", "bin"])
+@pytest.mark.parametrize("norm", ["bn", "bin", "sn", "mobn"])  # sn, mobn: batch statistics synced by the spec engine
 def test_synced_two_process_step_equals_one_process_on_the_whole_batch(tmp_path, norm):
     loss, grads, stats = _single(norm)
     ranks = _run_two(tmp_path, norm, sync=True)

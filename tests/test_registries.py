@@ -164,3 +164,23 @@ def test_a_batch_of_one_is_refused_for_a_norm_with_batch_statistics(norm):
         f"config: batch_size=1 cannot train with norm={norm!r}: BatchNorm needs more than one value per channel to "
         "compute batch statistics; use --batch-size 2 or more, or --norm gn/ln/in")
     assert make_config({"norm": "rms", "batch_size": 1}).batch_size == 1
+
+
+def test_every_norm_takes_the_keywords_its_constructor_names_and_drops_the_others():
+    """make_norm hands sync / num_groups / virtual_batch to the norms whose constructor names them (read from the
+    signature: a new norm needs no list entry; mobn's sync was once dropped by such a list) and drops them for
+    the others."""
+    import inspect
+
+    from normlab.norms import NORMS, make_norm
+
+    for name, factory in NORMS.items():
+        named = inspect.signature(factory).parameters
+        layer = make_norm(name, 8, sync=True, num_groups=2, virtual_batch=2)
+        if "sync" in named:
+            assert layer.sync is True, name
+        if "num_groups" in named:
+            assert layer.num_groups == 2, name
+        if "virtual_batch" in named:
+            assert layer.virtual_batch == 2, name
+    assert make_norm("mobn", 8, sync=True).sync and not make_norm("rms", 8, sync=True).sync

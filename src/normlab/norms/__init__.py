@@ -39,7 +39,9 @@ do not apply to, so ``norm_layer(any_name, num_groups=g, sync=s)`` always works.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
+import inspect
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -73,12 +75,16 @@ def _resolve(path: str) -> Callable[..., nn.Module]:
 # name -> layer class (or factory), resolved from the one table of registered norms (normlab.norm_table)
 NORMS: dict[str, Callable[..., nn.Module]] = {name: _resolve(path) for name, path in NORM_PATHS.items()}
 
-# keyword -> the norms it applies to; other norms drop it silently
-_OPTIONAL_KWARGS: dict[str, tuple[str, ...]] = {
-    "num_groups": ("gn", "evonorm_s0"),
-    "sync": ("bn", "bin", "evonorm_b0", "sn", "brn"),
-    "virtual_batch": ("gbn",),
-}
+# the keywords a study or run hands every norm: a norm whose constructor names one takes it, the others drop it
+OPTIONAL_KWARGS = ("num_groups", "sync", "virtual_batch")
+
+
+@functools.cache
+def _takes(name: str) -> frozenset[str]:
+    """Which of ``OPTIONAL_KWARGS`` the constructor of norm ``name`` names (read from its signature, so a new
+    norm needs no entry anywhere; a ``**kwargs`` catch-all names none)."""
+    params = inspect.signature(NORMS[name]).parameters
+    return frozenset(k for k in OPTIONAL_KWARGS if k in params and params[k].kind is not params[k].VAR_KEYWORD)
 
 
 def has_act(name: str) -> bool:
@@ -97,7 +103,7 @@ def make_norm(name: str, num_channels: int, **kw: Any) -> nn.Module:
     """Build the norm ``name`` for ``num_channels`` channels; ``num_groups``/``sync`` are dropped where
     they do not apply, other keywords go to the layer's constructor."""
     _check_name(name)
-    kw = {k: v for k, v in kw.items() if k not in _OPTIONAL_KWARGS or name in _OPTIONAL_KWARGS[k]}
+    kw = {k: v for k, v in kw.items() if k not in OPTIONAL_KWARGS or k in _takes(name)}
     return NORMS[name](num_channels, **kw)
 
 
