@@ -14,7 +14,9 @@ steps (a fresh batch each) and one eval step. Recorded per quantity, as the larg
   the table says the reference updates too (``buffer.<name>``, after each step).
 
 Two references per measurement: the reference in the same dtype (``vs_same``: what the tests compare) and the
-reference in float64 from the same state and inputs (``vs_f64``: the exact answer up to float64 rounding). For
+reference in float64 from the same state and inputs (``vs_f64``: the exact answer up to float64 rounding). timm's
+FRN and EvoNorm layers take their statistics through ``x.float()``, i.e. in float32 even for float64 inputs, so
+the float64 run keeps float64 there (``exact_float64``); the same-dtype float64 run is timm's layer as it is. For
 float32, ``ref_own`` is the float32 reference against its own float64 run: the reference's own rounding, the
 scale our differences are read against (for the large-mean input, native float32 layers lose digits too).
 ``cpp_calls`` counts calls into the C++ kernel library during the measurement, so a ``cpp`` row of a norm
@@ -68,6 +70,22 @@ def kernels(setting: str):
             os.environ.pop("NORMLAB_KERNELS", None)
         else:
             os.environ["NORMLAB_KERNELS"] = old_env
+
+
+@contextlib.contextmanager
+def exact_float64():
+    """``Tensor.float()`` leaves float64 tensors float64 inside the block: timm's FRN / EvoNorm upcast their
+    statistics with it (meant for half precision), which rounds a float64 run's statistics to float32."""
+    old = torch.Tensor.float
+
+    def keep64(self, *args, **kwargs):
+        return self if self.dtype == torch.float64 else old(self, *args, **kwargs)
+
+    torch.Tensor.float = keep64
+    try:
+        yield
+    finally:
+        torch.Tensor.float = old
 
 
 def batches(mean: float, std: float, dtype: torch.dtype, shape=SHAPE, seed: int = 0):
@@ -129,7 +147,8 @@ def measure(spec, dtype: torch.dtype, mean: float, std: float) -> dict:
     rename = {f"grad.{k}": f"grad.{v}" for k, v in spec.grads.items()}
     got = run_steps(ours, data, dtype, spec.running)
     same = run_steps(ref_same, data, dtype, spec.running)
-    exact = run_steps(ref64, data, torch.float64, spec.running)
+    with exact_float64():
+        exact = run_steps(ref64, data, torch.float64, spec.running)
     vs_same, missing = compare(got, same, rename)
     vs_f64, _ = compare(got, exact, rename)
     rec = {"vs_same": vs_same, "vs_f64": vs_f64, "no_reference": missing}
