@@ -91,3 +91,11 @@ def test_the_batch_size_caption_names_its_norms_and_line_styles():
     assert build.batch_caption(batch) == ("bn, evonorm_b0, gbn at each batch size (colour and marker: norm; "
                                           "batch 128: solid; batch 8: dashed)")
     assert "Batch size" in build.SECTIONS and not any("GN" in s for s in build.SECTIONS)
+
+
+def test_a_quantile_panel_without_data_says_why(monkeypatch, tmp_path):
+    variants = {"bn": ([0.0, 1.0], [[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0]]), "nn": ([], [])}
+    fig = _captured_figure(monkeypatch, lambda p: p.plot_quantile_panels(variants, [0.01, 0.5, 0.99],
+                                                                        tmp_path / "q.png", "last_norm"))
+    bn, nn = fig.axes[:2]
+    assert not bn.texts and [t.get_text() for t in nn.texts] == ["no quantiles recorded\n(the run diverged or failed)"]

@@ -195,6 +195,9 @@ def plot_quantile_panels(variants: dict[str, tuple[Sequence[float], Sequence[Seq
     for ax, (label, (epochs, values)) in zip(axes.flat, variants.items()):
         for j, q in enumerate(qs):
             ax.plot(epochs, [v[j] for v in values], marker="o", ms=2.5, color=colors[j], label=f"{q * 100:g}th pct")
+        if not epochs:  # e.g. a run that diverged before its first probe: say so rather than leave a blank panel
+            ax.text(0.5, 0.5, "no quantiles recorded\n(the run diverged or failed)", ha="center", va="center",
+                    transform=ax.transAxes, fontsize=9, color="gray")
         ax.set_title(label, color=style_of(label, list(variants))["color"])
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[n:]:
