@@ -101,3 +101,63 @@ def test_robustness_section_sets_each_phase_against_an_evaluation_and_an_epoch(r
     assert "Generation per corruption, seconds over severities 1, 2, 3, 4, 5: b 20.0, a 5.0, c 5.0." in text
     assert "Smoke test" not in text
     assert "Smoke test (`--quick`)" in "\n".join(run_all.robustness_section(robustness_result(True), ""))
+
+
+def agreement_row(norm, backend, dtype, inp, y, grad, cpp_calls=0, buffers=None, own=None, source="torch",
+                  exact=None):
+    q = {"y": {"abs": y, "rel": y / 2}, "dx": {"abs": grad / 4, "rel": grad / 8},
+         "grad.bias": {"abs": grad, "rel": grad / 2}}
+    if buffers is not None:
+        q["buffer.running_var"] = {"abs": buffers, "rel": buffers / 10}
+    row = {"norm": norm, "source": source, "backend": backend, "dtype": dtype, "input": inp, "cpp_calls": cpp_calls,
+           "atol": 1e-5, "rtol": 1e-4, "vs_same": q, "vs_f64": exact or q, "no_reference": []}
+    if dtype == "float32":
+        row["ref_own"] = own if own is not None else q
+    return row
+
+
+def agreement_result() -> dict:
+    rows = []
+    for backend, calls in (("ops", 0), ("cpp", 8)):  # bn: C++ kernels on the cpp back-end
+        rows += [agreement_row("bn", backend, "float32", "mean0.5", 1e-6, 8e-6, calls, buffers=1e-7),
+                 agreement_row("bn", backend, "float64", "mean0.5", 4e-15, 2e-14, calls, buffers=3e-16),
+                 agreement_row("bn", backend, "float32", "mean1e3", 1e-4, 8e-3, calls, buffers=2e-5),
+                 agreement_row("bn", backend, "float64", "mean1e3", 1e-12, 2e-11, calls, buffers=1e-13)]
+    tiny = {"y": {"abs": 1e-8, "rel": 1e-8}, "dx": {"abs": 1e-8, "rel": 1e-8}}
+    exact = {"y": {"abs": 1e-14, "rel": 1e-14}, "dx": {"abs": 3e-14, "rel": 3e-14}}
+    big = {"y": {"abs": 1e-3, "rel": 1e-3}, "dx": {"abs": 1e-3, "rel": 1e-3}}
+    # evonorm_s0: no kernels; float64 stops at float32 size against the reference as it is, exact against the
+    # float64-kept one; at large mean it rounds more than the float32 reference (output) and less (grads)
+    for backend in ("ops", "cpp"):
+        rows += [agreement_row("evonorm_s0", backend, "float32", "mean0.5", 1e-6, 4e-6, source="timm"),
+                 agreement_row("evonorm_s0", backend, "float64", "mean0.5", 3e-7, 3e-6, source="timm", exact=exact),
+                 agreement_row("evonorm_s0", backend, "float32", "mean1e3", 2e-4, 1e-6, own={**tiny, "dx": big["dx"]},
+                               source="timm"),
+                 agreement_row("evonorm_s0", backend, "float64", "mean1e3", 5e-3, 7e-2, source="timm", exact=exact)]
+    return {"quick": False, "shape": [8, 16, 6, 6], "steps": 2,
+            "inputs": {"mean0.5": {"mean": 0.5, "std": 1.0}, "mean1e3": {"mean": 1000.0, "std": 1.0}},
+            "machine": {"logical_cpus": 2, "cpu": "CPU X", "date": "2026-12-05"}, "results": rows}
+
+
+def test_agreement_section_renders_each_norm_per_back_end_with_its_findings(run_all):
+    text = "\n".join(run_all.agreement_section(agreement_result(), "Measured at commit `abc`"))
+    assert text.startswith("## 9. Every norm against its reference")
+    # bn ran the C++ kernels: one row per back-end; evonorm_s0 has none: one row
+    assert "| bn | torch | tensor ops | 1e-05 / 0.0001 | 1.0e-06 (5e-07) | 8.0e-06 (4e-06), bias | " \
+           "1.0e-07 (1e-08) | 4.0e-15 (2e-15) | 2.0e-14 (1e-14), bias | 3.0e-16 (3e-17) |" in text
+    assert "| bn | torch | C++ kernels |" in text
+    assert text.count("| evonorm_s0 | timm |") == 1 and "| evonorm_s0 | timm | either (no C++ kernels) |" in text
+    # large mean: float32 against float64, with the float32 reference's own rounding; no buffers: –
+    assert ("| evonorm_s0 | either (no C++ kernels) | 2.0e-04 (1e-04) | 1.0e-06 (5e-07), bias | – | "
+            "1.0e-08 (1e-08) / 1.0e-03 (1e-03) | 1.0e-14 (1e-14) | 3.0e-14 (3e-14), dx | – |") in text
+    assert "* Largest float32 difference at mean 0.5: output 1.0e-06 (bn, ops), gradients 8.0e-06 (bn, ops, bias)" in text
+    assert "Large mean, float32: relative difference above 2× the float32 reference's own" in text
+    # once each: the norm has one row; bn rounds as its reference does
+    assert ("above 1e-6: evonorm_s0 (ops, output: 1e-04 vs the reference's 1e-08). Rounding less than the float32 "
+            "reference by more than 2×: evonorm_s0 (ops, grads: 5e-07 vs the reference's 1e-03).") in text
+    assert ("float64 differences above 1e-10 relative against the reference as the tests run it (float32-sized, "
+            "where float64 rounding is ~1e-16): **evonorm_s0**: timm's EvoNorm2dS0 takes the group variance in "
+            "float32 (`x.float().var(...)`); against the reference with float64 kept throughout, 3e-14 at most: "
+            "normlab's layer is exact.") in text
+    assert "Smoke test" not in text
+    assert "Smoke test (`--quick`)" in "\n".join(run_all.agreement_section({**agreement_result(), "quick": True}, ""))

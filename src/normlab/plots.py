@@ -135,6 +135,10 @@ def style_of(label: str, siblings: Sequence[str] = ()) -> dict[str, str]:
     return {"color": color, "marker": marker, "linestyle": line}
 
 
+MANY_SERIES = 8  # more curves than this per figure: one legend below the panels instead of one in each
+LEGEND_COLUMNS = 3  # legend columns per panel column
+
+
 def plot_panels(panels: Sequence[tuple[str, str, Series]], path: str | os.PathLike, ncols: int = 2,
                 xlabel: str = "epoch", title: str = "", logy: Sequence[bool] | None = None,
                 styles: dict[str, str] | None = None, dpi: int = 110, sharey: bool = False,
@@ -144,8 +148,11 @@ def plot_panels(panels: Sequence[tuple[str, str, Series]], path: str | os.PathLi
     at these x values (e.g. the severities evaluated)."""
     ncols = min(ncols, len(panels))
     nrows = -(-len(panels) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(6.2 * ncols, 4.2 * nrows), squeeze=False, constrained_layout=True,
-                             sharey=sharey)
+    labels = list(dict.fromkeys(label for _, _, series in panels for label in series))
+    many = len(labels) > MANY_SERIES
+    extra = 0.22 * -(-len(labels) // (LEGEND_COLUMNS * ncols)) + 0.3 if many else 0.0  # the legend's rows
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.2 * ncols, 4.2 * nrows + extra), squeeze=False,
+                             layout="constrained", sharey=sharey)
     for i, (ax, (name, ylabel, series)) in enumerate(zip(axes.flat, panels)):
         for label, (x, y) in series.items():
             style = style_of(label, list(series))
@@ -160,11 +167,17 @@ def plot_panels(panels: Sequence[tuple[str, str, Series]], path: str | os.PathLi
         if logy and logy[i]:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        if series:  # many variants (the catalogue): two columns, smaller, so the legend does not hide the curves
-            many = len(series) > 8
-            ax.legend(fontsize=6.5 if many else 8, ncol=2 if many else 1)
+        if series and not many:
+            ax.legend(fontsize=8, handlelength=3)  # long enough handles to show each line style
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
+    if many:  # one legend below the panels: inside them, a catalogue's 17+ entries covered the curves
+        shown: dict[str, object] = {}
+        for ax in axes.flat:
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                shown.setdefault(label, handle)
+        fig.legend(list(shown.values()), list(shown), loc="outside lower center", fontsize=8, handlelength=3,
+                   ncol=min(len(shown), LEGEND_COLUMNS * ncols))
     if title:
         fig.suptitle(title)
     return save_figure(fig, path, dpi=dpi)
@@ -182,6 +195,9 @@ def plot_quantile_panels(variants: dict[str, tuple[Sequence[float], Sequence[Seq
     for ax, (label, (epochs, values)) in zip(axes.flat, variants.items()):
         for j, q in enumerate(qs):
             ax.plot(epochs, [v[j] for v in values], marker="o", ms=2.5, color=colors[j], label=f"{q * 100:g}th pct")
+        if not epochs:  # e.g. a run that diverged before its first probe: say so rather than leave a blank panel
+            ax.text(0.5, 0.5, "no quantiles recorded\n(the run diverged or failed)", ha="center", va="center",
+                    transform=ax.transAxes, fontsize=9, color="gray")
         ax.set_title(label, color=style_of(label, list(variants))["color"])
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[n:]:
@@ -283,10 +299,14 @@ def plot_reliability(variants: dict[str, dict[str, Sequence[float]]], path: str 
 
 def plot_heatmap(values: Sequence[Sequence[float]], rows: Sequence[str], cols: Sequence[str], path: str | os.PathLike,
                  title: str = "", label: str = "", fmt: str = "{:.2f}") -> Path:
-    """A rows × columns heat map with every cell written in it (NaN cells blank), e.g. corruption × variant."""
+    """A rows × columns heat map with every cell written in it (NaN cells blank), e.g. corruption × variant.
+    The longer of the two lists runs down the side: a column takes 1.1 in, a row 0.34 in, so 16 variants as
+    columns made a figure so wide that a page scaled its numbers below reading size."""
     import numpy as np
 
     a = np.asarray(values, dtype=float)
+    if len(cols) > len(rows):
+        a, rows, cols = a.T, cols, rows
     fig, ax = plt.subplots(figsize=(1.1 * len(cols) + 2.8, 0.34 * len(rows) + 1.6), constrained_layout=True)
     finite = a[np.isfinite(a)]
     im = ax.imshow(np.ma.masked_invalid(a), cmap="viridis", aspect="auto", interpolation="nearest",

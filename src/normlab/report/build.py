@@ -29,7 +29,7 @@ from normlab.device import cpu_name
 
 METRIC_NAMES = {"acc": "acc", "micro_f1": "micro-F1", "macro_f1": "macro-F1"}
 SECTIONS = ("Findings", "Results: all variants", "Sanity check: custom BN vs torch_bn", "Loss curves",
-            "Error, accuracy and F1 curves", "Batch size: BN vs GN", "Augmentation", "Feature-quantile evolution",
+            "Error, accuracy and F1 curves", "Batch size", "Augmentation", "Feature-quantile evolution",
             "Time per epoch", "Confusion matrices", "Per-class accuracy and most-confused pairs",
             "Misclassified images", "Grad-CAM", "Grad-CAM across norms", "Robustness", "Calibration",
             "Appendix: setup and settings")
@@ -62,6 +62,21 @@ def _metric_table(cells: dict[str, list[RunRecord]], splits=SPLITS) -> tuple[lis
 
 def _curves(cells: dict[str, list[RunRecord]], column: str) -> dict[str, tuple[list[float], list[float]]]:
     return {label: mean_curve(recs, column) for label, recs in cells.items()}
+
+
+LINE_NAMES = {"-": "solid", "--": "dashed", ":": "dotted", "-.": "dash-dot"}
+
+
+def batch_caption(batch: dict[str, list[RunRecord]]) -> str:
+    """The batch-size figure's caption: the norms it holds and which line style is which batch size (the
+    same for every norm when each has its sizes in the same order, as a study plans them)."""
+    norms = list(dict.fromkeys(label.partition(" · ")[0] for label in batch))
+    styles: dict[str, set[str]] = {}
+    for label in batch:
+        styles.setdefault(label.partition(" · ")[2], set()).add(plots.style_of(label, list(batch))["linestyle"])
+    key = ("; ".join(f"{size}: {LINE_NAMES.get(next(iter(st)), next(iter(st)))}" for size, st in styles.items())
+           if all(len(st) == 1 for st in styles.values()) else "line style: batch size")
+    return f"{', '.join(norms)} at each batch size (colour and marker: norm; {key})"
 
 
 def _first_with_summary(runs: list[RunRecord]) -> RunRecord | None:
@@ -164,7 +179,7 @@ def build_report(study_dir: str | Path) -> tuple[Path, Path]:
         path = plots.plot_panels([("Val accuracy", "accuracy", _curves(batch, "val_acc")),
                                   ("Train loss", "loss", _curves(batch, "train_loss"))],
                                  fig_dir / "batch_size_curves.png", logy=[False, True])
-        doc.img(path, "BN and GN at each batch size (colour: norm; line style: batch size)")
+        doc.img(path, batch_caption(batch))
     else:
         doc.p("Not in this study.")
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from normlab import runfolder
 from normlab.report.collect import RunRecord, by_cell
-from normlab.report.stats import Gap, Z95, compare, mcnemar_gap
+from normlab.report.stats import Gap, Z95, chance_p, compare, mcnemar_gap
 
 
 def score_split(runs: list[RunRecord]) -> str:
@@ -150,6 +150,37 @@ def augmentation(runs: list[RunRecord], split: str) -> str | None:
     return f"Augmentation ({norm}): " + "; ".join(parts) + "."
 
 
+def at_chance(norms: dict[str, list[RunRecord]], split: str) -> dict[str, float]:
+    """The variants whose accuracy on ``split`` does not beat guessing (1/classes) by a one-sided exact binomial
+    test on its images (p >= 0.05, every seed): {label: mean accuracy}. Their gaps to each other and their
+    calibration say nothing about the norm (a model that predicts the class prior is calibrated trivially)."""
+    out = {}
+    for label, recs in norms.items():
+        scores = [r.summary[split] for r in recs if r.usable and (r.summary.get(split) or {}).get("confusion")]
+        if not scores:
+            continue
+        ps = []
+        for sc in scores:
+            cm = sc["confusion"]
+            n, right = int(sum(map(sum, cm))), int(sum(cm[i][i] for i in range(len(cm))))
+            ps.append(chance_p(right, n, len(cm)))
+        if all(p >= 0.05 for p in ps):
+            out[label] = statistics.fmean(float(sc["acc"]) for sc in scores)
+    return out
+
+
+def chance_line(norms: dict[str, list[RunRecord]], split: str) -> str | None:
+    low = at_chance(norms, split)
+    if not low:
+        return None
+    first = next(r for recs in norms.values() for r in recs if r.usable and (r.summary.get(split) or {}).get("confusion"))
+    k, n = len(first.summary[split]["confusion"]), n_images([first], split)
+    return (f"At chance level ({split} accuracy not above 1/{k} by a one-sided exact binomial test on {n} images, "
+            f"p ≥ 0.05): " + ", ".join(f"{label} {acc:.4f}" for label, acc in low.items())
+            + ". These runs did not learn at this budget: gaps among them and their calibration say nothing about "
+            "the norm.")
+
+
 def failures(runs: list[RunRecord]) -> str:
     bad = []
     for r in runs:
@@ -183,7 +214,7 @@ def summarise(runs: list[RunRecord]) -> list[str]:
     split = score_split(runs)
     norms = by_cell(runs, "norms")
     items = [best_variant(norms, split), sanity(norms, split), batch_size(runs, split), augmentation(runs, split),
-             failures(runs), timing_line(norms)]
+             failures(runs), chance_line(norms, split), timing_line(norms)]
     seeds = {len(v) for v in norms.values()}
     if seeds == {1}:
         paired = all((r.predictions or {}).get(split) for r in runs if r.usable)

@@ -16,6 +16,7 @@ from typing import Any
 
 from normlab import plots, runfolder
 from normlab.report.collect import RunRecord, by_cell, fmt, mean_std
+from normlab.report.findings import at_chance
 from normlab.report.stats import Gap, bootstrap_gap, compare, paired_gap
 
 ROBUSTNESS = "Robustness"
@@ -151,11 +152,15 @@ def calibration_findings(norms: dict[str, list[RunRecord]], split: str) -> list[
     eces = {k: _seeds(v, lambda r: ((r.calibration or {}).get(split) or {}).get("ece") if r.usable else None)
             for k, v in norms.items()}
     eces = {k: v for k, v in eces.items() if v}
+    chance = [k for k in at_chance(norms, split) if k in eces]
+    trivial = (f" ({', '.join(chance)} at chance accuracy: left out, a model that predicts the class prior is "
+               "calibrated trivially)") if chance else ""
+    eces = {k: v for k, v in eces.items() if k not in chance}
     if not eces:
-        return []
+        return [f"Calibration on {split}: every variant is at chance accuracy; ECE says nothing here."] if chance else []
     ranked = sorted(eces, key=lambda k: _m(eces[k]))
     best = ranked[0]
-    text = f"Best calibrated on {split} (lowest ECE, 15 bins): {best} {_m(eces[best]):.4f}"
+    text = f"Best calibrated on {split} (lowest ECE, 15 bins){trivial}: {best} {_m(eces[best]):.4f}"
     if len(ranked) > 1:
         gap = ece_gap(norms[best], norms[ranked[1]], split)
         text += f", vs {ranked[1]} {_m(eces[ranked[1]]):.4f} ({gap.diff:+.4f}: {gap.verdict()})"
@@ -234,7 +239,7 @@ def robustness_section(doc, runs: list[RunRecord], fig_dir: Path, swatch) -> Non
             for c in names]
     path = plots.plot_heatmap(grid, names, list(have), fig_dir / "robustness_heatmap.png",
                               title="Accuracy per corruption (mean over severities and seeds)", label="accuracy")
-    doc.img(path, "Corruption × variant: accuracy, mean over the severities evaluated")
+    doc.img(path, "Accuracy per corruption and variant, mean over the severities evaluated")
     # gain from re-estimated statistics, and the clean batch-statistics sweep
     gain_rows = []
     for label, recs in have.items():

@@ -126,6 +126,21 @@ def mcnemar_p(only_a_right: int, only_b_right: int) -> float:
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
 
 
+def chance_p(correct: int, n: int, classes: int) -> float:
+    """One-sided exact binomial p-value of ``correct`` right out of ``n`` when guessing among ``classes``
+    (each right with probability 1/classes): small = the model does better than chance. In log space, so
+    large test sets do not overflow."""
+    if n <= 0 or classes < 2:
+        return math.nan
+    p0 = 1.0 / classes
+
+    def log_term(j: int) -> float:
+        return (math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1) + j * math.log(p0)
+                + (n - j) * math.log1p(-p0))
+
+    return min(1.0, sum(math.exp(log_term(j)) for j in range(max(0, correct), n + 1)))
+
+
 def mcnemar_gap(true: list[int], pred_a: list[int], pred_b: list[int]) -> Gap:
     """Two models (one seed each) on the same images: accuracy gap and the exact McNemar test."""
     if not (len(true) == len(pred_a) == len(pred_b)) or not true:
