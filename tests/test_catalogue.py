@@ -163,6 +163,21 @@ def test_batch_renorm_is_batchnorm_before_its_warmup_and_corrects_after():
     assert float(r_max) == 3.0 and float(d_max) == 5.0
 
 
+def test_batch_renorm_warmup_bounds_keep_a_float64_layer_in_float64():
+    """The warm-up bounds in the compute dtype: in float64 mid-warm-up (d clipped by a bound that is a ratio of
+    steps) the layer equals the paper's equations to float64 rounding (bounds taken in float32 were ~1e-9 off)."""
+    spec = BY_NAME["brn"]
+    m = randomize(spec.factory(C)).double()
+    ref = spec.reference(m).double()
+    with torch.no_grad():
+        m.running_mean.fill_(0.7)
+        ref.running_mean.fill_(0.7)
+    x = make_input(dtype=torch.float64)
+    for _ in range(3):  # steps 0, 1, 2 of a warm-up of 2 steps: the bounds 1/3, ... of the way open
+        torch.testing.assert_close(m(x), ref(x), atol=1e-13, rtol=1e-12)
+    assert m.bounds(torch.float64)[1].dtype == torch.float64
+
+
 def test_ghost_batches_are_batchnorm_per_chunk_and_a_small_last_one_stands_alone():
     m = make_norm("gbn", C, virtual_batch=3)
     x = make_input((7, C, 2, 2))

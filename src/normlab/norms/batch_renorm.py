@@ -44,9 +44,10 @@ class BatchRenorm2d(RunningStats, SpecNorm):
         init_affine(self, num_channels, device=device, dtype=dtype)
         self.init_running(num_channels, momentum, device)
 
-    def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(r_max, d_max) at the current step of the warm-up, as tensors."""
-        step = self.num_batches_tracked.to(torch.float32)
+    def bounds(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(r_max, d_max) at the current step of the warm-up, as tensors of ``dtype`` (the compute dtype: a
+        float64 layer's bounds are not rounded to float32)."""
+        step = self.num_batches_tracked.to(dtype)
         ramp = (step / self.warmup).clamp(0, 1) if self.warmup else torch.ones_like(step)
         return 1 + (self.r_max - 1) * ramp, self.d_max * ramp
 
@@ -61,7 +62,7 @@ class BatchRenorm2d(RunningStats, SpecNorm):
             return self.weight * torch.rsqrt(m.var + self.eps), m.centre, self.bias
         sigma_b = torch.sqrt(m.var + self.eps)
         with torch.no_grad():
-            r_max, d_max = (t.to(ct) for t in self.bounds())
+            r_max, d_max = self.bounds(ct)
             sigma = torch.sqrt(self.running_var.to(ct) + self.eps)
             r = torch.clamp(sigma_b / sigma, 1 / r_max, r_max)
             d = torch.clamp((m.mean - self.running_mean.to(ct)) / sigma, -d_max, d_max)
