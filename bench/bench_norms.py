@@ -42,7 +42,8 @@ engine of ``normlab.norms.spec`` with their hand-fused Function as the default o
 ``normlab.norms.override``). Side A is normlab's model with every such layer on the engine path
 (``override = False``: what ``NORMLAB_FUSED=0`` does), side B the same model on the override; the ratio is
 engine / override, so a ratio above 1 is what the override saves. ``X+relu@engine`` compares the fused blocks
-(on the engine path ``relu(norm(x) + residual)`` for now). ``--norms`` names without ``@engine`` get it added.
+(on the engine path the residual add and ReLU run inside the engine's affine sweep). ``--norms`` names without
+``@engine`` get it added.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ of the new side's from ``normlab``, so neither side can silently run the other's
 ``bench_norms.run``'s: per norm and memory format, fresh pairs of models built in alternating order, steps
 timed A B, B A, ...; reported: the median of the per-round ratios new / old with its min-max over rounds.
 
-    python bench/bench_versions.py --old 348b542                        # bn, in, ln, gn, bin (+relu rows)
+    python bench/bench_versions.py --old 348b542     # bn, in, ln, gn, bin (+relu rows); sn, rms (+relu: fused blocks)
     python bench/bench_versions.py --old 348b542 --norms bn,gn --quick
 """
 
@@ -70,7 +70,7 @@ def check_sides(model, package: str) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--old", required=True, help="the commit to compare with (any git revision)")
-    ap.add_argument("--norms", default="bn,in,ln,gn,bin,bn+relu,in+relu,ln+relu,gn+relu")
+    ap.add_argument("--norms", default="bn,in,ln,gn,bin,bn+relu,in+relu,ln+relu,gn+relu,sn+relu,rms+relu")
     ap.add_argument("--formats", default="nchw,channels_last")
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--steps", type=int, default=6)

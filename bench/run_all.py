@@ -54,6 +54,14 @@ JOBS = [  # (name, script args)
     ("executors", ["bench_executors.py"]),
     ("robustness", ["bench_robustness.py"]),  # writes robustness.json
     ("agreement", ["agreement.py"]),  # no timing: every norm against its reference (seconds)
+    # the catalogue against its references (timm's layers, the paper's equations on native ops), per step and layer
+    ("norms_catalogue", ["bench_norms.py", "--norms", "catalogue,aa", "--out", "norms_catalogue.json"]),
+    ("norms_catalogue_layer", ["bench_norms.py", "--norms", "catalogue,aa", "--layer", "--out",
+                               "norms_catalogue_layer.json"]),
+    # the course norms on the spec engine against their hand-fused override (does the override pay?)
+    ("norms_engine", ["bench_norms.py", "--engine", "--out", "norms_engine.json"]),
+    # the course norms' step, this tree against the commit before they moved onto the engine (must stay within 3 %)
+    ("versions", ["bench_versions.py", "--old", "348b542", "--out", "versions.json"]),
 ]
 
 # What each job's figures depend on (git pathspecs from the repository root): its script, the bench helpers and
@@ -65,7 +73,9 @@ _TRAIN_STEP = ["bench/_common.py", "src/normlab/norms", "src/normlab/models", "s
                "src/normlab/data", "src/normlab/train"]  # normlab's data path and TrainStep
 _WHOLE = ["src/normlab"]  # whole `normlab train` / `normlab study` processes
 DEPS: dict[str, list[str]] = {
-    **{k: ["bench/bench_norms.py", *_NORM_STEP] for k in ("norms", "norms_fused", "norms_compiled")},
+    **{k: ["bench/bench_norms.py", *_NORM_STEP] for k in ("norms", "norms_fused", "norms_compiled", "norms_catalogue",
+                                                          "norms_catalogue_layer", "norms_engine")},
+    "versions": ["bench/bench_versions.py", "bench/bench_norms.py", *_NORM_STEP],
     **{k: ["bench/bench_pipeline.py", *_TRAIN_STEP] for k, _ in JOBS if k.startswith("pipeline")},
     "fused_blocks": ["bench/exp_fused_blocks.py", *_NORM_STEP],
     "scaling": ["bench/bench_scaling.py", *_NORM_STEP],
