@@ -335,6 +335,7 @@ def report() -> str:
             L.append(f"| {r['norm']} | {r['format']} | {f3(r['normlab_s'])} | {f3(r['native_s'])} | "
                      f"**{f3(r['ratio'], 2)}** | {r['first_step_s']['normlab']:.1f} / {r['first_step_s']['native']:.1f} |")
         L.append("")
+    L += catalogue_sections(load("norms_catalogue.json"), load("norms_catalogue_layer.json"), cmd)
     pipes = [(k, load(f"{k}.json")) for k in ("pipeline", "pipeline_bf16", "pipeline_compiled", "pipeline_long", "pipeline_long_bf16", "pipeline_t1",
                                             "pipeline_unfused", "pipeline_trainstep", "pipeline_trainstep_bf16")]
     pipes = [(k, p) for k, p in pipes if p]
@@ -448,7 +449,69 @@ def report() -> str:
     agree = load("agreement.json")
     if agree:
         L += agreement_section(agree, cmd("agreement", agree))
+    L += engine_section(load("norms_engine.json"), load("versions.json"), cmd)
     return "\n".join(L)
+
+
+def _time_rows(results: list[dict], a: str, b: str) -> list[str]:
+    """Rows of two sides' step (or layer) times and their ratio a / b, from bench_norms / bench_versions results."""
+    return [f"| {r['norm']} | {r['format']} | {f3(r[a])} | {f3(r[b])} | **{f3(r['ratio'], 2)}** |" for r in results]
+
+
+def catalogue_sections(step: dict | None, layer: dict | None, cmd) -> list[str]:
+    """Section 1's catalogue tables: every catalogue norm against its reference, per ResNet-20 step and per layer."""
+    L: list[str] = []
+    if step:
+        L += ["### The catalogue against its references (ResNet-20 step)", "", cmd("norms_catalogue", step), "",
+              "Same method as the table above (ResNet-20 with `fuse=False`, batch 128, 32×32, 1 thread, interleaved "
+              "rounds). References: timm's layer where timm has one (frn `FilterResponseNormTlu2d`, evonorm_b0/s0 "
+              "`EvoNorm2dB0`/`S0`, ln2d `LayerNorm2d`, rms2d `RmsNorm2d`), otherwise the paper's equations on native "
+              "ops (sn, brn: `torch.var_mean`; gbn: `F.batch_norm` per ghost batch; rms: `F.rms_norm`; dyt: "
+              "`torch.tanh`; mobn: `torch.mean`). The spec norms (frn, evonorm, sn, brn, gbn, rms, mobn) run their "
+              "sweeps on the C++ kernels and their (N, C) math on torch ops; ln2d, rms2d and dyt are tensor-op "
+              "modules. **aa** is the control (native BN both sides).", "",
+              "| norm | format | normlab s/step | reference s/step | ratio normlab/reference |", "|---|---|---|---|---|",
+              *_time_rows(step["results"], "normlab_s", "native_s"), ""]
+    if layer:
+        L += ["### The catalogue against its references (one layer)", "", cmd("norms_catalogue_layer", layer), "",
+              "One layer's forward + backward on a (128, 32, 16, 16) tensor, interleaved with its reference; the "
+              "ResNet step above includes the convolutions, which dominate it.", "",
+              "| norm | format | normlab s/layer | reference s/layer | ratio normlab/reference |",
+              "|---|---|---|---|---|", *_time_rows(layer["results"], "normlab_s", "native_s"), ""]
+    return L
+
+
+def engine_section(engine: dict | None, versions: dict | None, cmd) -> list[str]:
+    """Section 10: the course norms on the spec engine against their hand-fused override, and their step before
+    and after they became specs."""
+    if not (engine or versions):
+        return []
+    L = ["## 10. The course norms on the spec engine", "",
+         "bn, in, ln, gn and bin are specs on the engine of `normlab.norms.spec` (per-(n, c) sums on the C++ "
+         "kernels, their (N, C) math in torch ops, the affine on the C++ kernels) and keep their hand-fused "
+         "Functions as the default override (`NORMLAB_FUSED=0` or `layer.override = False` takes the engine "
+         "path). These two tables say whether the override pays, and whether becoming specs cost the default "
+         "path anything.", ""]
+    if engine:
+        L += ["### Engine path vs hand-fused override (ResNet-20 step)", "", cmd("norms_engine", engine), "",
+              "Side A: the model with every course norm on the engine path; side B: the same model on the override "
+              "(the default). Ratio engine / override: above 1 is what the override saves. Rows **X+relu@engine**: "
+              "the fused blocks (on the engine, the residual add and ReLU inside its affine sweep). **aa** is the "
+              "control (native BN both sides).", "",
+              "| norm | format | engine s/step | override s/step | ratio engine/override |", "|---|---|---|---|---|",
+              *_time_rows(engine["results"], "normlab_s", "native_s"), ""]
+    if versions:
+        old = versions.get("old", "")[:7]
+        L += [f"### Before and after: this code against `{old}`, the commit before the move (ResNet-20 step)", "",
+              cmd("versions", versions), "",
+              f"`bench/bench_versions.py` exports `src/normlab` at `{old}` as the package `normlab_old` and times "
+              "both versions' models in one process, interleaved as above (it checks every module of each side "
+              "comes from its own package). Ratio new / old: the course norms (the override path, the default) "
+              "must stay within 1.03; **sn+relu**, **rms+relu**: catalogue norms, which moved from tensor ops to "
+              "the C++ sweeps and now fuse in the blocks.", "",
+              "| norm | format | new s/step | old s/step | ratio new/old |", "|---|---|---|---|---|",
+              *_time_rows(versions["results"], "new_s", "old_s"), ""]
+    return L
 
 
 def robustness_section(r: dict, command: str) -> list[str]:

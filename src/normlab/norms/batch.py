@@ -104,8 +104,9 @@ class BatchNorm2d(BatchStatsNorm):
     process -- a no-op otherwise. Training with a single value per channel raises ``NormlabError``.
 
     The spec: ``y = γ·(x − μ)/sqrt(σ² + ε) + β`` with the batch moments of the engine
-    (``Stats.moments("batch")``) or the running ones. The override (``override = True``, the default; see ``normlab.norms.override``):
-    ``BatchNormFunction``, whose ``forward_relu`` also fuses the block's residual add and ReLU.
+    (``Stats.moments("batch")``) or the running ones. The override (``override = True``, the default; see
+    ``normlab.norms.override``): ``BatchNormFunction``, whose ``forward_relu`` also fuses the block's residual add
+    and ReLU.
     """
 
     def __init__(self, num_channels: int, eps: float = 1e-5, momentum: float | None = 0.1,
