@@ -1,4 +1,6 @@
-"""The two autograd Functions behind every normlab norm, with analytic backward passes.
+"""The hand-fused autograd Functions of the course norms, with analytic backward passes: the default override
+of their specs (``override.py``; ``NORMLAB_FUSED=0`` runs the specs on the engine instead), kept because they
+measured faster (``bench/bench_norms.py --engine``).
 
 * ``BatchNormFunction``: statistics per channel over (N, H, W) -- BatchNorm.
 * ``GroupNormFunction``: statistics per (sample, group) over (C/G, H, W) -- InstanceNorm (G = C),
@@ -25,8 +27,8 @@ Design (shared by both):
   everything else (other strides, float16 on CPU, torch.compile tracing, no
   compiler, ``NORMLAB_KERNELS=0`` / ``NORMLAB_TRITON=0``) through the tensor ops below. Tests run every
   norm test on the C++ and tensor-op paths, and the Triton kernels under ``TRITON_INTERPRET=1``.
-* The spec engine (``spec.py``: the catalogue norms) makes the same choice, through ``backend``, for its
-  per-(sample, channel) sweeps in ``sweeps.py``.
+* The spec engine (``spec.py``: every spec norm, the course norms' engine path included) makes the same choice,
+  through ``backend``, for its per-(sample, channel) sweeps in ``sweeps.py``.
 """
 
 from __future__ import annotations
