@@ -471,6 +471,57 @@ def test_replace_norms_carries_the_affine_over(name):
         assert torch.equal(new.running_mean, torch.zeros(16))
 
 
+class _TwoAffines(SpecNorm):
+    """A spec whose output is two affines of one Stats: the first (the one linked to the statistics' backward)
+    does not depend on the sums, so autograd may run the statistics' backward before it."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.num_channels = c
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, c))
+
+    def output(self, x, stats):
+        zero = torch.zeros(())
+        y = stats.affine(self.weight, None, zero)  # before the sums exist: it claims the link
+        m = stats.moments("hw")
+        return y + stats.affine(torch.rsqrt(m.var + 1e-5), m.centre, zero)
+
+
+def test_a_spec_of_two_affines_gets_its_whole_input_gradient(norm_path):
+    """The single-sweep input gradient hands the first affine's a·g to the statistics' backward only while that
+    has not run yet (once it dropped a·g on the kernels: dx off by max|w·dy|)."""
+    x = make_input().requires_grad_()
+    dy = make_input(seed=3, mean=0.0)
+    m = _TwoAffines(C)
+    m(x).backward(dy)
+    xr = x.detach().double().requires_grad_()
+    var, mean = torch.var_mean(xr, (2, 3), correction=0, keepdim=True)
+    want = m.weight.detach().double().view(1, -1, 1, 1) * xr + (xr - mean) * torch.rsqrt(var + 1e-5)
+    want.backward(dy.double())
+    torch.testing.assert_close(x.grad.double(), xr.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["sn", "rms", "gbn", "mobn"])
+def test_second_order_gradients_through_spec_norms(name, norm_path):
+    """A gradient of a gradient (a gradient penalty) through a spec norm: the backward that autograd records runs
+    on tensor ops, so the C++ path gives the tensor ops' answer (the kernels' results carry no graph: it was
+    silently zero)."""
+    def penalty_grad(kernels: str):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("NORMLAB_KERNELS", kernels)
+            m = randomize(make_norm(name, C))
+            x = make_input().requires_grad_()
+            y = m(x)
+            (g,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
+            (g * g).sum().backward()
+            return m.weight.grad.clone()
+
+    got = penalty_grad("1" if norm_path == "cpp" else "0")
+    assert got.abs().max() > 0
+    torch.testing.assert_close(got, penalty_grad("0"), atol=1e-4, rtol=1e-4)
+
+
+
 def test_spec_norms_under_torch_compile(norm_path):
     m = randomize(make_norm("sn", C))
     ref = randomize(make_norm("sn", C))

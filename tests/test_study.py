@@ -300,3 +300,6 @@ def test_study_norm_keywords_expand_to_every_norm_and_to_those_with_batch_statis
     assert {"bn", "torch_bn", "bin", "mobn"} <= set(cfg.batch_norms) and not {"gn", "in", "dyt"} & set(cfg.batch_norms)
     with pytest.raises(NormlabError, match="unknown norm 'alll'"):
         make_study_config({"norms": ["alll"]})
+    from normlab import cli
+
+    assert cli._comma_list("NORM_NAMES")("all,batch-statistics") == ["all", "batch-statistics"]  # study --norms all

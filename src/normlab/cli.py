@@ -148,8 +148,9 @@ def _comma_list(registry_name: str):
 
         names = [t.strip() for t in text.split(",") if t.strip()]
         allowed = getattr(registry, registry_name)
+        keywords = (registry.ALL_NORMS, registry.BATCH_STAT_NORMS) if registry_name == "NORM_NAMES" else ()
         for name in names:
-            if name not in allowed:
+            if name not in allowed and name not in keywords:
                 close = difflib.get_close_matches(name, list(allowed), n=1, cutoff=0.4)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise argparse.ArgumentTypeError(f"{name!r} is not one of {', '.join(allowed)}{hint}")
@@ -357,7 +358,7 @@ def add_study_flags(p: argparse.ArgumentParser, preset: str = DEFAULT_PRESET) ->
     own.add_argument("--seeds", type=int, metavar="K", help="seeds per cell (mean ± std in the tables when > 1) "
                      f"[default: {study_default('seeds')}]")
     own.add_argument("--norms", type=_comma_list("NORM_NAMES"), metavar="NAME,...",
-                     help=f"norms compared [default: {study_default('norms')}]")
+                     help=f"norms compared; `all` is every norm [default: {study_default('norms')}]")
     own.add_argument("--classes", type=_names, metavar="NAME,...", help="class names for Grad-CAM "
                      f"[default: {study_default('gradcam_classes', 'every class, capped')}]")
     run = p.add_argument_group("execution")

@@ -104,16 +104,17 @@ Series = dict[str, tuple[Sequence[float], Sequence[float]]]  # label -> (x, y)
 
 # One colour and marker per norm in every figure and table of a report (colour-blind-safe Okabe-Ito
 # colours for the first seven, tab20 colours away from them for the catalogue; every norm has its own marker,
-# so the 17 stay apart in grey too). Never by position: position changes between figures.
+# so they stay apart in grey too). Never by position: position changes between figures.
 VARIANT_STYLES: dict[str, tuple[str, str]] = {
     "torch_bn": ("#000000", "s"), "bn": ("#0072B2", "o"), "in": ("#E69F00", "^"), "bin": ("#009E73", "D"),
     "ln": ("#CC79A7", "v"), "gn": ("#D55E00", "P"), "nn": ("#56B4E9", "X"),
     "frn": ("#d62728", "p"), "evonorm_b0": ("#9467bd", "h"), "evonorm_s0": ("#c5b0d5", "H"), "sn": ("#8c564b", "*"),
     "brn": ("#17becf", "<"), "gbn": ("#98df8a", ">"), "rms": ("#7f7f7f", "d"), "ln2d": ("#bcbd22", "8"),
-    "rms2d": ("#ff9896", "x"), "dyt": ("#1a1a6e", "+"),
+    "rms2d": ("#ff9896", "x"), "dyt": ("#1a1a6e", "+"), "mobn": ("#393b79", "1"),
 }
 MARKER_GLYPHS = {"o": "●", "s": "■", "^": "▲", "D": "◆", "v": "▼", "P": "✚", "X": "✖", "*": "★", "h": "⬢", "<": "◀",
-                 "p": "⬟", "H": "⬣", ">": "▶", "d": "◊", "8": "✸", "x": "✕", "+": "✛"}
+                 "p": "⬟", "H": "⬣", ">": "▶", "d": "◊", "8": "✸", "x": "✕", "+": "✛",
+                 "1": "⋎"}
 # labels without a listed norm (a norm registered later, a compare group): tab20's light colours, none of the above
 _EXTRA = (("#aec7e8", "*"), ("#ffbb78", "h"), ("#c49c94", "<"), ("#f7b6d2", "*"), ("#dbdb8d", "h"), ("#9edae5", "<"))
 _LINES = ("-", "--", ":", "-.")

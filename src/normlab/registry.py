@@ -35,6 +35,9 @@ from normlab.norm_table import NORM_PATHS
 # The names of the choices whose values need torch: config and the command line validate and offer these
 # without importing torch; tests/test_registries.py checks that they are the registries' keys.
 NORM_NAMES = tuple(NORM_PATHS)  # normlab.norms.NORMS: one table, normlab.norm_table
+# keywords a study's list of norms takes (study files, `normlab study --norms`): every norm; those with batch
+# statistics (expanded by normlab.study.plan.expand_norms, asking the layers)
+ALL_NORMS, BATCH_STAT_NORMS = "all", "batch-statistics"
 ACTIVATION_NAMES = ("relu", "leaky_relu", "elu", "gelu", "silu", "tanh", "sigmoid")  # ACTIVATIONS
 OPTIMIZER_NAMES = ("sgd", "adam", "adamw")  # OPTIMIZERS
 AUGMENTATION_NAMES = ("standard", "crop", "hflip", "vflip", "rotation", "jitter", "resized_crop", "cutout", "blur",
@@ -157,6 +160,6 @@ def choose(registry: Mapping[str, Any] | tuple[str, ...], value: Any, what: str)
         raise NormlabError(f"config: {what}={value!r} is not one of {', '.join(map(str, registry))}{hint}") from None
 
 
-__all__ = ["ACTIVATIONS", "ACTIVATION_NAMES", "AUGMENTATIONS", "AUGMENTATION_NAMES", "DATASETS", "MODELS", "NORMS",
-           "NORM_NAMES", "OPTIMIZERS", "OPTIMIZER_NAMES", "SCHEDULES", "SHORTCUTS", "TIMM_PREFIX", "ModelRegistry",
+__all__ = ["ACTIVATIONS", "ACTIVATION_NAMES", "ALL_NORMS", "AUGMENTATIONS", "AUGMENTATION_NAMES", "BATCH_STAT_NORMS",
+           "DATASETS", "MODELS", "NORMS", "NORM_NAMES", "OPTIMIZERS", "OPTIMIZER_NAMES", "SCHEDULES", "SHORTCUTS", "TIMM_PREFIX", "ModelRegistry",
            "ModelSpec", "ReLU", "choose", "is_timm"]

@@ -24,9 +24,10 @@ built from norm+activation layers get :class:`NormAct2d` with each layer's own a
 | ``ln2d`` | :class:`ChannelLayerNorm2d` (over channels at each pixel, ConvNeXt-style) |
 | ``rms2d`` | :class:`ChannelRMSNorm2d` (RMS over channels at each pixel) |
 | ``dyt`` | :class:`DynamicTanh2d` (``γ·tanh(α·x) + β``, no statistics) |
+| ``mobn`` | :class:`MeanOnlyBatchNorm2d` (batch mean subtracted, no division; ``sync``) |
 
 The norms of the shared shape are specs on the engine of ``normlab.norms.spec``: the catalogue ones (frn,
-evonorm_*, sn, brn, gbn, rms) run on it, and bn, in, ln, gn and bin keep their hand-fused autograd Functions as
+evonorm_*, sn, brn, gbn, rms, mobn) run on it, and bn, in, ln, gn and bin keep their hand-fused autograd Functions as
 the default override (``normlab.norms.override``: ``NORMLAB_FUSED=0``, or ``layer.override = False`` on one
 layer, takes the engine path). Norms whose class sets ``has_act`` contain their activation: :func:`norm_layer` hands
 them timm's ``apply_act`` instead of wrapping them in another activation, and normlab's ResNet drops the ReLU
@@ -61,6 +62,7 @@ from normlab.norms.ghost import GhostBatchNorm2d
 from normlab.norms.group import DEFAULT_GROUPS, GroupNorm2d
 from normlab.norms.instance import InstanceNorm2d
 from normlab.norms.layer import LayerNorm2d
+from normlab.norms.mean_only import MeanOnlyBatchNorm2d
 from normlab.norms.none import NoAffineError, NoNorm2d
 from normlab.norms.norm_act import NORM_ACT_KWARGS, NormAct2d, make_activation
 from normlab.norms.rms import RMSNorm2d
@@ -225,6 +227,6 @@ def norm_layer(name: str, **kw: Any) -> type[NormLayer]:
 __all__ = [
     "DEFAULT_GROUPS", "NORMS", "BatchInstanceNorm2d", "BatchNorm2d", "BatchRenorm2d", "ChannelLayerNorm2d",
     "ChannelRMSNorm2d", "DynamicTanh2d", "EvoNormB0", "EvoNormS0", "FilterResponseNorm2d", "GhostBatchNorm2d",
-    "GroupNorm2d", "InstanceNorm2d", "LayerNorm2d", "NoAffineError", "NoNorm2d", "NormAct2d", "NormLayer",
-    "RMSNorm2d", "SwitchableNorm2d", "clamp_gates_", "has_act", "make_norm", "norm_layer",
+    "GroupNorm2d", "InstanceNorm2d", "LayerNorm2d", "MeanOnlyBatchNorm2d", "NoAffineError", "NoNorm2d", "NormAct2d",
+    "NormLayer", "RMSNorm2d", "SwitchableNorm2d", "clamp_gates_", "has_act", "make_norm", "norm_layer",
 ]

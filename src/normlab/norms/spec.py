@@ -59,9 +59,12 @@ class _Link:
     ``a·g + 2·g2·(x − k) + g1`` in one centred sweep. ``node`` is ChannelSums' autograd node (None: its outputs
     need no gradient), asked of the engine at backward time, so a backward that never reaches the statistics (a
     gradient taken only for the parameters, sums used without gradient) gets ``a·g`` from ChannelAffine itself.
-    Tensor ops (and torch.compile) keep the plain two-part gradient. The node is held weakly: it holds this link
-    (and its saved input), and a cycle would keep the input of a forward without backward alive until the next
-    garbage collection."""
+    Tensor ops (and torch.compile, and a backward that builds a graph for higher-order gradients) keep the plain
+    two-part gradient. Only an affine made after the sums claims the link (:meth:`Stats.affine`): its node then
+    has a higher sequence number than ChannelSums', so autograd runs it first (an affine made before the sums
+    could run after ChannelSums' backward, and its handed-over ``a·g`` would be lost). The node is held weakly: it
+    holds this link (and its saved input), and a cycle would keep the input of a forward without backward alive
+    until the next garbage collection."""
 
     __slots__ = ("node", "pending", "claimed")
 
@@ -103,14 +106,15 @@ class ChannelSums(torch.autograd.Function):
             pending, link.pending = link.pending, None
         if not ctx.needs_input_grad[0]:
             return None, None, None
-        ct = k.dtype
-        g1 = g1.to(ct)
-        b = 2 * g2.to(ct)
-        if pending is not None:  # a·g + 2·g2·(x − k) + g1: the whole input gradient in one sweep
-            g, a = pending
-            dx = sweeps.affine(g if g.dtype == x.dtype else g.to(x.dtype), a, g1, q=x, Q=b, Qc=k)
-        else:
-            dx = sweeps.affine(x, b, g1, Pc=k)
+        with sweeps.differentiable_if_needed():
+            ct = k.dtype
+            g1 = g1.to(ct)
+            b = 2 * g2.to(ct)
+            if pending is not None:  # a·g + 2·g2·(x − k) + g1: the whole input gradient in one sweep
+                g, a = pending
+                dx = sweeps.affine(g if g.dtype == x.dtype else g.to(x.dtype), a, g1, q=x, Q=b, Qc=k)
+            else:
+                dx = sweeps.affine(x, b, g1, Pc=k)
         return dx, None, None
 
 
@@ -137,17 +141,20 @@ class ChannelAffine(torch.autograd.Function):
         need_res = ctx.residual_dtype is not None and ctx.needs_input_grad[4]
         da = dc = dx = gr = None
         g = dy
-        if need_a or need_c or ctx.relu:
-            s1, s2, gm = sweeps.grad_sums(dy, x, k, mask=y)
-            g = dy if gm is None else gm
-            da = s2.to(ct) if need_a else None
-            dc = s1.to(ct) if need_c else None
-        if need_x:
-            link = ctx.link
-            if (link is not None and link.pending is None and sweeps.kind(x) is not None and link.will_run()):
-                link.pending = (g, a)  # ChannelSums' backward writes a·g with its own part
-            else:
-                dx = sweeps.affine(g if g.dtype == x.dtype else g.to(x.dtype), a)
+        link = ctx.link
+        if link is not None:
+            link.pending = None  # a hand-over left by a backward that raised is never read
+        with sweeps.differentiable_if_needed():
+            if need_a or need_c or ctx.relu:
+                s1, s2, gm = sweeps.grad_sums(dy, x, k, mask=y)
+                g = dy if gm is None else gm
+                da = s2.to(ct) if need_a else None
+                dc = s1.to(ct) if need_c else None
+            if need_x:
+                if link is not None and sweeps.kind(x) is not None and link.will_run():
+                    link.pending = (g, a)  # ChannelSums' backward writes a·g with its own part
+                else:
+                    dx = sweeps.affine(g if g.dtype == x.dtype else g.to(x.dtype), a)
         if need_res:
             gr = g if g.dtype == ctx.residual_dtype else g.to(ctx.residual_dtype)
         return dx, None, da, dc, gr, None, None
@@ -280,7 +287,8 @@ class Stats:
         b = b.to(self.ct).expand(shape)
         c = b + a * self.shift if centre is None else b - a * centre
         link = None
-        if self._link is not None and not self._link.claimed:  # the first affine shares ChannelSums' dx sweep
+        # the first affine made after the sums shares ChannelSums' dx sweep (see _Link: made before, it could run after)
+        if self._link is not None and self._sums is not None and not self._link.claimed:
             self._link.claimed = True
             link = self._link
         return ChannelAffine.apply(self.x, self.shift, a, c, residual, bool(relu), link)

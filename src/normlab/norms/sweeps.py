@@ -20,6 +20,9 @@ outputs come back in p's dtype and memory format (NCHW or channels_last).
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 
 from normlab.norms import _functional, _kernels, _triton
@@ -32,7 +35,27 @@ def _nc(t: torch.Tensor) -> torch.Tensor:
     return t[:, :, None, None]
 
 
+_STATE = threading.local()  # ops_only: set by differentiable_if_needed (this thread's sweeps on tensor ops)
+
+
+@contextlib.contextmanager
+def differentiable_if_needed():
+    """Inside an autograd Function's backward: when autograd is recording it (``create_graph=True``, for a
+    gradient of a gradient), every sweep runs on tensor ops, which autograd differentiates; the kernels' results
+    carry no graph, so a second-order gradient through them would silently be zero."""
+    if not torch.is_grad_enabled():
+        yield
+        return
+    before, _STATE.ops_only = getattr(_STATE, "ops_only", False), True
+    try:
+        yield
+    finally:
+        _STATE.ops_only = before
+
+
 def _backend(x: torch.Tensor) -> tuple[str | None, str | None]:
+    if getattr(_STATE, "ops_only", False):
+        return None, None
     be = _functional.backend(x)
     return be if be else (None, None)
 
@@ -138,4 +161,4 @@ def affine(p: torch.Tensor, P: torch.Tensor, R: torch.Tensor | None = None, q: t
     return y if y.dtype == p.dtype else y.to(p.dtype)
 
 
-__all__ = ["affine", "grad_sums", "kind", "sums"]
+__all__ = ["affine", "differentiable_if_needed", "grad_sums", "kind", "sums"]

@@ -30,7 +30,7 @@ from importlib import resources
 
 from normlab.config import TrainConfig, make_config, read_yaml
 from normlab.errors import NormlabError
-from normlab.registry import NORM_NAMES
+from normlab.registry import ALL_NORMS, BATCH_STAT_NORMS, NORM_NAMES
 # what a study compares when it names no norms: the course's seven (the catalogue has its own preset)
 DEFAULT_NORMS = ("bn", "in", "bin", "ln", "gn", "nn", "torch_bn")
 ROBUSTNESS_MODES = ("auto", "on", "off")
@@ -175,9 +175,6 @@ def make_study_config(data: dict[str, Any], where: str = "study") -> StudyConfig
             value = expand_norms(value)
         values[key] = value
     return StudyConfig(**values).validate()
-
-
-ALL_NORMS, BATCH_STAT_NORMS = "all", "batch-statistics"  # keywords in a study's norms / batch_norms lists
 
 
 def expand_norms(names: list) -> list[str]:
