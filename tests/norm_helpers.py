@@ -4,6 +4,8 @@ reference layer, and BIN with random gates and its BN + IN composition."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from torch import nn
@@ -118,3 +120,86 @@ def bin_step(m, x, dy, fn):
     y.backward(dy)
     return [y.detach(), xo.grad, m.weight.grad, m.bias.grad, m.rho.grad]
 
+
+class TwoRanks:
+    """Two threads standing in for two ranks: all-reduce and broadcast exchange tensors through a barrier."""
+
+    def __init__(self) -> None:
+        self.barrier = threading.Barrier(2, timeout=60)
+        self.slots: list = [None, None]
+        self.local = threading.local()
+
+    def _exchange(self, t: torch.Tensor, combine) -> torch.Tensor:
+        self.slots[self.local.rank] = t.detach().clone()
+        self.barrier.wait()
+        out = combine(self.slots)
+        self.barrier.wait()
+        return t.copy_(out)
+
+    def all_reduce(self, t):
+        return self._exchange(t, lambda s: s[0] + s[1])
+
+    def broadcast(self, t):
+        return self._exchange(t, lambda s: s[0])
+
+    def install(self, monkeypatch) -> None:
+        """Make normlab's distributed helpers (``_functional``: active, all-reduce, broadcast) these threads'."""
+        from normlab.norms import _functional
+
+        monkeypatch.setattr(_functional, "distributed_active", lambda: True)
+        monkeypatch.setattr(_functional, "_all_reduce", self.all_reduce)
+        monkeypatch.setattr(_functional, "_broadcast", self.broadcast)
+
+    def run(self, fn) -> list:
+        out, errors = [None, None], []
+
+        def work(rank):
+            self.local.rank = rank
+            torch.set_num_threads(1)
+            try:
+                out[rank] = fn(rank)
+            except BaseException as e:  # noqa: BLE001 (re-raised below)
+                errors.append(e)
+                self.barrier.abort()
+            else:
+                self.barrier.wait()  # both ranks finish together, as a process group is torn down
+
+        threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return out
+
+
+def fused_and_unfused(fuse: bool = True, **kw):
+    """Two ResNets with the same weights: one with fused blocks (``fuse``), one unfused (keywords: ResNet's)."""
+    from normlab.models.resnet import ResNet
+
+    torch.manual_seed(0)
+    a = ResNet(1, 10, fuse=fuse, **kw)
+    b = ResNet(1, 10, fuse=False, **kw)
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def assert_train_alike(a: nn.Module, b: nn.Module, fmt: torch.memory_format) -> None:
+    """Two SGD steps of ``a`` and ``b`` on the same batches (in ``fmt``): bit-identical losses, then weights and
+    running statistics (the same float operations in the same order: equal, not merely close)."""
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (a, b)]
+    g = torch.Generator().manual_seed(4)
+    for _ in range(2):
+        x = torch.randn(16, 3, 12, 12, generator=g).contiguous(memory_format=fmt)
+        y = torch.randint(0, 10, (16,), generator=g)
+        losses = []
+        for m, opt in zip((a, b), opts):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(m(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        assert torch.equal(losses[0], losses[1])
+    for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(ta, tb), name

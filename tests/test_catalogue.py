@@ -5,7 +5,6 @@ in normlab's ResNet, timm models and ``replace_norms``."""
 
 from __future__ import annotations
 
-import threading
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from normlab.models.resnet import ResNet
 from normlab.models.swap import replace_norms
 from normlab.norms import NORMS, _functional, _kernels, has_act, make_norm, norm_layer, sweeps
 from normlab.norms.spec import RunningStats, SpecNorm
+from norm_helpers import TwoRanks, assert_train_alike, fused_and_unfused
 from norm_specs import BY_NAME, SPECS, Spec
 
 C = 8
@@ -197,50 +197,6 @@ def test_evonorm_and_frn_contain_their_activation():
 # ----------------------------------------------------------------------------------- synchronisation
 
 
-class TwoRanks:
-    """A world of two ranks in two threads of this process: torch.distributed's all-reduce and broadcast are
-    replaced by exchanges between the threads, so each rank may hold a different batch."""
-
-    def __init__(self) -> None:
-        self.barrier = threading.Barrier(2, timeout=60)
-        self.slots: list = [None, None]
-        self.local = threading.local()
-
-    def _exchange(self, t: torch.Tensor, combine) -> torch.Tensor:
-        self.slots[self.local.rank] = t.detach().clone()
-        self.barrier.wait()
-        out = combine(self.slots)
-        self.barrier.wait()
-        return t.copy_(out)
-
-    def all_reduce(self, t):
-        return self._exchange(t, lambda s: s[0] + s[1])
-
-    def broadcast(self, t):
-        return self._exchange(t, lambda s: s[0])
-
-    def run(self, fn) -> list:
-        out, errors = [None, None], []
-
-        def work(rank):
-            self.local.rank = rank
-            torch.set_num_threads(1)
-            try:
-                out[rank] = fn(rank)
-            except BaseException as e:  # noqa: BLE001 (re-raised below)
-                errors.append(e)
-                self.barrier.abort()
-
-        threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
-        return out
-
-
 @pytest.mark.parametrize("spec", [s for s in SPECS if s.sync], ids=[s.name for s in SPECS if s.sync])
 def test_synced_ranks_with_different_batches_equal_one_process(spec, norm_path, monkeypatch):
     x_full, dy_full = make_input((8, C, 3, 2), seed=6), make_input((8, C, 3, 2), seed=7, mean=0.0)
@@ -249,9 +205,7 @@ def test_synced_ranks_with_different_batches_equal_one_process(spec, norm_path, 
     for s in range(2):
         want.append(step(single, x_full + s, dy_full))
     world = TwoRanks()
-    monkeypatch.setattr(_functional, "distributed_active", lambda: True)
-    monkeypatch.setattr(_functional, "_all_reduce", world.all_reduce)
-    monkeypatch.setattr(_functional, "_broadcast", world.broadcast)
+    world.install(monkeypatch)
 
     def rank(r):
         m = randomize(spec.factory(C))
@@ -374,14 +328,6 @@ def test_forward_relu_fuses_the_residual_and_relu_into_the_affine(name, monkeypa
     assert seen == [("nc_sums", ["mask"]), ("nc_affine", [])] and res.grad is not None
 
 
-def _fused_and_unfused(norm: str, **kw):
-    torch.manual_seed(0)
-    a = ResNet(1, 10, norm=norm, fuse=True, **kw)
-    b = ResNet(1, 10, norm=norm, fuse=False, **kw)
-    b.load_state_dict(a.state_dict())
-    return a, b
-
-
 @pytest.mark.parametrize("norm,cl,kw", [("rms", False, {}), ("sn", True, {}), ("brn", False, {"shortcut": "B"}),
                                         ("gbn", True, {"norm_kwargs": {"virtual_batch": 4}})],
                          ids=["rms", "sn-channels_last", "brn-shortcut_B", "gbn-channels_last"])
@@ -389,7 +335,7 @@ def test_resnet_fuses_catalogue_norms_and_trains_as_unfused(norm, cl, kw, norm_p
     """The spec norms are hook-watched and offer ``forward_relu``: a ResNet's stem and blocks fuse norm + ReLU
     (+ residual) through them, and two SGD steps give the unfused ResNet's losses, weights and running statistics
     (bit-identical: the same float operations in the same order)."""
-    a, b = _fused_and_unfused(norm, **kw)
+    a, b = fused_and_unfused(norm=norm, **kw)
     fmt = torch.channels_last if cl else torch.contiguous_format
     a, b = a.to(memory_format=fmt), b.to(memory_format=fmt)
     blocks = [m for m in a.modules() if hasattr(m, "fused")]
@@ -399,21 +345,7 @@ def test_resnet_fuses_catalogue_norms_and_trains_as_unfused(norm, cl, kw, norm_p
     assert not a.stem.fused()
     handle.remove()
     assert a.stem.fused()
-    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (a, b)]
-    g = torch.Generator().manual_seed(4)
-    for _ in range(2):
-        x = torch.randn(16, 3, 12, 12, generator=g).contiguous(memory_format=fmt)
-        y = torch.randint(0, 10, (16,), generator=g)
-        losses = []
-        for m, opt in zip((a, b), opts):
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(m(x), y)
-            loss.backward()
-            opt.step()
-            losses.append(loss.detach())
-        assert torch.equal(losses[0], losses[1])
-    for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values()):
-        assert torch.equal(ta, tb), name
+    assert_train_alike(a, b, fmt)
 
 
 @pytest.mark.parametrize("norm", ["sn", "rms"])
@@ -421,8 +353,8 @@ def test_resnet_fused_catalogue_norms_under_bf16_autocast(norm, monkeypatch):
     """bf16 autocast on the C++ kernels: the fused ResNet's output and gradients are as close to the fp32 ones as
     the unfused ResNet's (a wrong fused path would be far off)."""
     monkeypatch.setenv("NORMLAB_KERNELS", "1")
-    a, b = _fused_and_unfused(norm)
-    ref, _ = _fused_and_unfused(norm)
+    a, b = fused_and_unfused(norm=norm)
+    ref, _ = fused_and_unfused(norm=norm)
     x = torch.randn(16, 3, 12, 12, generator=torch.Generator().manual_seed(1))
     outs, grads = [], []
     for m, bf16 in ((a, True), (b, True), (ref, False)):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import re
-import threading
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from normlab.errors import NormlabError
 from normlab.models.resnet import ResNet
 from normlab.norms import BatchNorm2d, _functional, make_norm
 from normlab.norms.override import FusedSpecNorm, override_enabled
+from norm_helpers import TwoRanks
 from norm_specs import SPECS, Spec
 
 C = 8
@@ -177,51 +177,6 @@ def test_engine_gradcheck_float64(spec, monkeypatch):
     assert torch.autograd.gradcheck(lambda x, *_: m(x), (x, *params), eps=1e-6, atol=1e-5)
 
 
-class TwoRanks:
-    """Two threads standing in for two ranks: all-reduce and broadcast exchange tensors through a barrier."""
-
-    def __init__(self) -> None:
-        self.barrier = threading.Barrier(2, timeout=60)
-        self.slots: list = [None, None]
-        self.local = threading.local()
-
-    def _exchange(self, t: torch.Tensor, combine) -> torch.Tensor:
-        self.slots[self.local.rank] = t.detach().clone()
-        self.barrier.wait()
-        out = combine(self.slots)
-        self.barrier.wait()
-        return t.copy_(out)
-
-    def all_reduce(self, t):
-        return self._exchange(t, lambda s: s[0] + s[1])
-
-    def broadcast(self, t):
-        return self._exchange(t, lambda s: s[0])
-
-    def run(self, fn) -> list:
-        out, errors = [None, None], []
-
-        def work(rank):
-            self.local.rank = rank
-            torch.set_num_threads(1)
-            try:
-                out[rank] = fn(rank)
-            except BaseException as e:  # noqa: BLE001 (re-raised below)
-                errors.append(e)
-                self.barrier.abort()
-            else:
-                self.barrier.wait()  # both ranks finish together, as a process group is torn down
-
-        threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
-        return out
-
-
 @pytest.mark.parametrize("spec", [s for s in OVERRIDDEN if s.sync], ids=[s.name for s in OVERRIDDEN if s.sync])
 def test_engine_synced_ranks_with_different_batches_equal_one_process(spec, monkeypatch):
     """Two ranks on the engine path, each with half of the batch: outputs and input gradients are one
@@ -230,9 +185,7 @@ def test_engine_synced_ranks_with_different_batches_equal_one_process(spec, monk
     single = randomize(spec.factory(C))
     want = [step(single, x_full + s, dy_full) for s in range(2)]
     world = TwoRanks()
-    monkeypatch.setattr(_functional, "distributed_active", lambda: True)
-    monkeypatch.setattr(_functional, "_all_reduce", world.all_reduce)
-    monkeypatch.setattr(_functional, "_broadcast", world.broadcast)
+    world.install(monkeypatch)
 
     def rank(r):
         m = engine(randomize(spec.factory(C)))

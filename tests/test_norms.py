@@ -21,7 +21,8 @@ from normlab.norms import (
     norm_layer,
 )
 from norm_helpers import (  # noqa: F401  (norm_path: the autouse fixture, C++ kernels and tensor ops)
-    FUSABLE, assert_same_step, bin_pair, bin_step, close, composed_bin, make_input, norm_path, randomize_affine,
+    FUSABLE, assert_same_step, assert_train_alike, bin_pair, bin_step, close, composed_bin, fused_and_unfused,
+    make_input, norm_path, randomize_affine,
     run, to_double,
 )
 
@@ -342,16 +343,6 @@ def test_gradcheck_fused_norm_relu_residual(fn, cl):
     assert torch.autograd.gradcheck(f, (x, r, w, b), eps=1e-6, atol=1e-5)
 
 
-def _fused_and_unfused(fuse: bool = True, **kw):
-    from normlab.models.resnet import ResNet
-
-    torch.manual_seed(0)
-    a = ResNet(1, 10, fuse=fuse, **kw)
-    b = ResNet(1, 10, fuse=False, **kw)
-    b.load_state_dict(a.state_dict())
-    return a, b
-
-
 @pytest.mark.parametrize("norm,cl,shortcut", [
     ("bn", False, "A"), ("bn", True, "A"), ("bn", False, "B"), ("bn", True, "B"),
     ("gn", True, "A"), ("ln", False, "B"), ("in", True, "B"), ("ln", True, "A")])
@@ -359,35 +350,20 @@ def test_resnet_fused_blocks_train_as_unfused(norm, cl, shortcut):
     """Two SGD steps of a ResNet with fused blocks and of the same ResNet unfused: bit-identical losses,
     weights and running statistics in fp32 (the option-A shortcut's zero-padded residual arrives in NCHW:
     converted)."""
-    a, b = _fused_and_unfused(shortcut=shortcut, norm=norm)
+    a, b = fused_and_unfused(shortcut=shortcut, norm=norm)
     fmt = torch.channels_last if cl else torch.contiguous_format
     a, b = a.to(memory_format=fmt), b.to(memory_format=fmt)
     blocks = [m for m in a.modules() if hasattr(m, "fused")]
     assert blocks and all(m.fused() for m in blocks)
     assert not any(m.fused() for m in b.modules() if hasattr(m, "fused"))
-    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (a, b)]
-    g = torch.Generator().manual_seed(4)
-    for _ in range(2):
-        x = torch.randn(16, 3, 12, 12, generator=g).contiguous(memory_format=fmt)
-        y = torch.randint(0, 10, (16,), generator=g)
-        losses = []
-        for m, opt in zip((a, b), opts):
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(m(x), y)
-            loss.backward()
-            opt.step()
-            losses.append(loss.detach())
-        assert torch.equal(losses[0], losses[1])
-    for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values()):
-        # the same float operations in the same order: bit-identical, not merely close
-        assert torch.equal(ta, tb), name
+    assert_train_alike(a, b, fmt)
 
 
 def test_resnet_fused_blocks_under_bf16_autocast():
     """bf16 autocast: the fused ResNet's output and gradients are as close to the fp32 ones as the unfused
     ResNet's (bf16 gradients are ~10% off either way; a wrong fused path would be far off)."""
-    a, b = _fused_and_unfused()
-    ref, _ = _fused_and_unfused(fuse=False)
+    a, b = fused_and_unfused()
+    ref, _ = fused_and_unfused(fuse=False)
     x = torch.randn(16, 3, 12, 12, generator=torch.Generator().manual_seed(1))
     outs = []
     for m, bf16 in ((a, True), (b, True), (ref, False)):
