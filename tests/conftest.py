@@ -88,3 +88,13 @@ def slurm_cluster():
     yield "slurm"
     if not was_up:  # leave the machine as we found it
         subprocess.run(script + ["stop"], capture_output=True)
+
+
+def captured_figure(monkeypatch, draw):
+    """The matplotlib figure ``draw(plots)`` saves, kept instead of written (``plots.save_figure`` patched)."""
+    from normlab import plots
+
+    got = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path, dpi=110: got.append(fig) or path)
+    draw(plots)
+    return got[0]

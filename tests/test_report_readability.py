@@ -5,25 +5,17 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+from conftest import captured_figure
 from normlab.report import build, findings, robustness, stats
 
 NORMS = ["torch_bn", "bn", "in", "bin", "ln", "gn", "nn", "frn", "evonorm_b0", "evonorm_s0", "sn", "brn", "gbn",
          "rms", "ln2d", "rms2d", "dyt"]
 
 
-def _captured_figure(monkeypatch, draw):
-    from normlab import plots
-
-    got = []
-    monkeypatch.setattr(plots, "save_figure", lambda fig, path, dpi=110: got.append(fig) or path)
-    draw(plots)
-    return got[0]
-
-
 def test_many_curves_share_one_legend_below_the_panels_and_few_keep_theirs(monkeypatch, tmp_path):
     series = {n: ([1, 2, 3], [0.1 * i, 0.2, 0.3]) for i, n in enumerate(NORMS)}
     partial = {n: series[n] for n in NORMS[:5]} | {"zz · batch 8": ([1, 2], [0.5, 0.6])}
-    fig = _captured_figure(monkeypatch, lambda p: p.plot_panels([("a", "y", series), ("b", "y", partial)],
+    fig = captured_figure(monkeypatch, lambda p: p.plot_panels([("a", "y", series), ("b", "y", partial)],
                                                                 tmp_path / "f.png"))
     assert all(ax.get_legend() is None for ax in fig.axes)  # none inside a panel, where it hid curves
     (legend,) = fig.legends
@@ -33,7 +25,7 @@ def test_many_curves_share_one_legend_below_the_panels_and_few_keep_theirs(monke
     renderer = fig.canvas.get_renderer()
     top = legend.get_window_extent(renderer).y1
     assert all(top <= ax.get_tightbbox(renderer).y0 + 1 for ax in fig.axes)  # below the panels and their labels
-    few = _captured_figure(monkeypatch, lambda p: p.plot_panels([("a", "y", {n: series[n] for n in NORMS[:3]})],
+    few = captured_figure(monkeypatch, lambda p: p.plot_panels([("a", "y", {n: series[n] for n in NORMS[:3]})],
                                                                 tmp_path / "g.png"))
     assert not few.legends and [t.get_text() for t in few.axes[0].get_legend().get_texts()] == NORMS[:3]
 
@@ -41,7 +33,7 @@ def test_many_curves_share_one_legend_below_the_panels_and_few_keep_theirs(monke
 def test_a_heatmap_runs_its_longer_list_down_the_side(monkeypatch, tmp_path):
     rows, cols = ["gaussian_noise", "contrast"], NORMS[:6]
     values = [[i + j / 10 for j in range(len(cols))] for i in range(len(rows))]
-    fig = _captured_figure(monkeypatch, lambda p: p.plot_heatmap(values, rows, cols, tmp_path / "h.png"))
+    fig = captured_figure(monkeypatch, lambda p: p.plot_heatmap(values, rows, cols, tmp_path / "h.png"))
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_yticklabels()] == cols  # 6 variants down the side, 2 corruptions across
     assert [t.get_text() for t in ax.get_xticklabels()] == rows
@@ -95,7 +87,7 @@ def test_the_batch_size_caption_names_its_norms_and_line_styles():
 
 def test_a_quantile_panel_without_data_says_why(monkeypatch, tmp_path):
     variants = {"bn": ([0.0, 1.0], [[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0]]), "nn": ([], [])}
-    fig = _captured_figure(monkeypatch, lambda p: p.plot_quantile_panels(variants, [0.01, 0.5, 0.99],
+    fig = captured_figure(monkeypatch, lambda p: p.plot_quantile_panels(variants, [0.01, 0.5, 0.99],
                                                                         tmp_path / "q.png", "last_norm"))
     bn, nn = fig.axes[:2]
     assert not bn.texts and [t.get_text() for t in nn.texts] == ["no quantiles recorded\n(the run diverged or failed)"]

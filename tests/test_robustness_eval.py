@@ -19,7 +19,7 @@ from normlab.errors import NormlabError
 from normlab.metrics import calibration_metrics, corruption_errors, ece_from_confidence
 from normlab.norms import NORMS, make_norm
 
-from conftest import make_image_folder
+from conftest import captured_figure, make_image_folder
 
 
 # --------------------------------------------------------------------------- pure formulas
@@ -565,19 +565,10 @@ def test_batches_mix_classes_even_when_the_split_is_sorted_by_class(runs, monkey
     assert res["images"] == len(run.data.test_y)
 
 
-def _captured_figure(monkeypatch, draw):
-    from normlab import plots
-
-    got = []
-    monkeypatch.setattr(plots, "save_figure", lambda fig, path, dpi=110: got.append(fig) or path)
-    draw(plots)
-    return got[0]
-
-
 def test_reliability_panels_label_the_outer_axes_also_above_an_empty_slot(monkeypatch, tmp_path):
     bins = {"confidence": [0.25, 0.75], "accuracy": [0.2, 0.8], "count": [10, 30]}
     names = ["torch_bn", "bn", "in", "bin", "ln", "gn", "nn"]  # 4 + 3 panels: the 8th slot is empty
-    fig = _captured_figure(monkeypatch, lambda p: p.plot_reliability({n: bins for n in names}, tmp_path / "r.png"))
+    fig = captured_figure(monkeypatch, lambda p: p.plot_reliability({n: bins for n in names}, tmp_path / "r.png"))
     axes = [ax for ax in fig.axes if ax.get_visible()]
 
     def numbers(ax):
@@ -591,7 +582,7 @@ def test_reliability_panels_label_the_outer_axes_also_above_an_empty_slot(monkey
 def test_severity_panels_share_one_y_scale_with_ticks_at_the_severities(monkeypatch, tmp_path):
     panels = [("as trained", "accuracy", {"bn": ([0, 1, 3, 5], [0.55, 0.5, 0.45, 0.4])}),
               ("re-estimated", "accuracy", {"bn": ([0, 1, 3, 5], [0.55, 0.52, 0.5, 0.48])})]
-    fig = _captured_figure(monkeypatch, lambda p: p.plot_panels(panels, tmp_path / "s.png", sharey=True,
+    fig = captured_figure(monkeypatch, lambda p: p.plot_panels(panels, tmp_path / "s.png", sharey=True,
                                                                 xticks=[0, 1, 3, 5]))
     left, right = fig.axes[:2]
     assert left.get_ylim() == right.get_ylim() and left.get_ylim()[0] <= 0.4
